@@ -1,0 +1,1 @@
+"""``iqa`` subcommands: each module has ``register(subparsers)``, and imports heavy code lazily."""
