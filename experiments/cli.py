@@ -15,7 +15,11 @@ import sys
 from collections.abc import Sequence
 
 #: Subcommand modules, in the order ``iqa --help`` lists them.
-COMMAND_MODULES: tuple[str, ...] = ("experiments.commands.data",)
+COMMAND_MODULES: tuple[str, ...] = (
+    "experiments.commands.data",
+    "experiments.commands.train",
+    "experiments.commands.score",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

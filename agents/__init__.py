@@ -1,0 +1,11 @@
+"""RL agents for ``TaskAmenability-v0``: per-sample policies, REINFORCE, DDPG and friends.
+
+Imports go one way: ``experiments -> agents -> iqa_env``.
+"""
+
+from agents.controller import Controller
+from agents.factory import ALGORITHMS, default_kwargs, make_agent
+from agents.noise import ProbabilityOUNoise
+from agents.reinforce import REINFORCE
+
+__all__ = ["ALGORITHMS", "REINFORCE", "Controller", "ProbabilityOUNoise", "default_kwargs", "make_agent"]

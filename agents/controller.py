@@ -1,0 +1,179 @@
+"""The trained controller as a product: score images, save, load."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from iqa_env.networks import ControllerBackbone
+
+FORMAT = "iqa-controller"
+FORMAT_VERSION = 1
+OUTPUTS: tuple[str, ...] = ("sigmoid", "clip")
+CONFIG_NAME = "controller.json"
+WEIGHTS_NAME = "controller.pt"
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    """Write through a temporary file in the same folder, then rename: readers see old or new, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+class Controller:
+    """A task-amenability scorer: ``score(images) -> (N,)`` in [0, 1], higher = more amenable.
+
+    Build it from a trained agent with :meth:`from_agent`; keep it with
+    :meth:`save` (a folder with ``controller.json`` and ``controller.pt``) and
+    :meth:`load` (weights are read with ``torch.load(weights_only=True)``: no
+    arbitrary objects are unpickled).
+
+    :param backbone: the controller network; its logit gives the score
+    :param output: ``"sigmoid"`` (score = sigmoid(logit)) or ``"clip"`` (score = clip(logit, 0, 1))
+    :param metadata: JSON-serialisable facts kept with the weights (algorithm, task, reward, ...)
+    """
+
+    def __init__(self, backbone: ControllerBackbone, output: str = "sigmoid", metadata: dict[str, Any] | None = None) -> None:
+        if output not in OUTPUTS:
+            raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+        self.backbone = backbone.eval()
+        self.output = output
+        self.metadata = dict(metadata or {})
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return self.backbone.image_shape
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.backbone.parameters()).device
+
+    def to(self, device: str | torch.device) -> Controller:
+        self.backbone.to(device)
+        return self
+
+    # ------------------------------------------------------------------ build
+    @classmethod
+    def from_agent(cls, agent: Any, metadata: dict[str, Any] | None = None) -> Controller:
+        """The controller inside a trained agent whose policy is one of :mod:`agents.policies`."""
+        policy = getattr(agent, "policy", agent)
+        if not hasattr(policy, "controller_parts"):
+            raise TypeError(
+                f"{type(policy).__name__} has no per-sample controller; train with the policies of "
+                "agents.policies (agents.make_agent does)"
+            )
+        extractor, head, scale, output = policy.controller_parts()
+        backbone = ControllerBackbone(extractor.image_shape, width=extractor.width, embed_dim=extractor.embed_dim)
+        backbone.features.load_state_dict(extractor.trunk.features.state_dict())
+        with torch.no_grad():
+            backbone.head.weight.copy_(head.weight * scale)
+            backbone.head.bias.copy_(head.bias * scale)
+        meta = {"algorithm": type(agent).__name__, **(metadata or {})}
+        return cls(backbone.to(head.weight.device), output=output, metadata=meta)
+
+    # ------------------------------------------------------------------ score
+    def _as_batch(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
+        x = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
+        if x.ndim == 3 and self.image_shape[0] == 1:
+            x = x.unsqueeze(1)  # (N, H, W) grey images
+        if x.ndim != 4 or tuple(x.shape[1:]) != self.image_shape:
+            raise ValueError(
+                f"images must have shape (N, {', '.join(map(str, self.image_shape))}) "
+                f"(or (N, H, W) for one channel), got {tuple(x.shape)}"
+            )
+        if x.dtype == torch.uint8:
+            return x
+        if not torch.is_floating_point(x):
+            raise TypeError(f"images must be uint8 in [0, 255] or float in [0, 1], got dtype {x.dtype}")
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("images contain NaN or infinite values")
+        if x.numel() and (float(x.min()) < 0.0 or float(x.max()) > 1.0):
+            raise ValueError(
+                f"float images must be scaled to [0, 1], got values in [{float(x.min()):g}, {float(x.max()):g}]; "
+                "pass uint8 images in [0, 255] as they are"
+            )
+        return x.float()
+
+    @torch.no_grad()
+    def score(self, images: np.ndarray | torch.Tensor, batch_size: int = 1024) -> np.ndarray:
+        """Amenability scores ``(N,)`` in [0, 1] of ``(N, C, H, W)`` images.
+
+        ``uint8`` images are taken in [0, 255]; float images must be in [0, 1].
+        Any number of images; they are scored in chunks of ``batch_size``.
+        """
+        x = self._as_batch(images)
+        if len(x) == 0:
+            return np.zeros(0, dtype=np.float32)
+        out = []
+        for i in range(0, len(x), batch_size):
+            logits = self.backbone(x[i : i + batch_size].to(self.device))
+            out.append(torch.sigmoid(logits) if self.output == "sigmoid" else logits.clamp(0.0, 1.0))
+        return torch.cat(out).float().cpu().numpy()
+
+    # -------------------------------------------------------------- save/load
+    def config(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "image_shape": list(self.image_shape),
+            "width": self.backbone.features[0][0].out_channels,
+            "embed_dim": self.backbone.embed_dim,
+            "output": self.output,
+            "metadata": self.metadata,
+        }
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write ``path/controller.json`` and ``path/controller.pt``, each atomically."""
+        folder = Path(path)
+        state = {k: v.detach().cpu() for k, v in self.backbone.state_dict().items()}
+        _atomic_write(folder / WEIGHTS_NAME, lambda tmp: torch.save(state, tmp))
+        text = json.dumps(self.config(), indent=2)
+        _atomic_write(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+        return folder
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], device: str | torch.device = "cpu") -> Controller:
+        """Read a controller folder written by :meth:`save` (no arbitrary unpickling)."""
+        folder = Path(path)
+        config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+        for p in (config_path, weights_path):
+            if not p.is_file():
+                raise FileNotFoundError(
+                    f"{p} not found: a controller is a folder with {CONFIG_NAME} and {WEIGHTS_NAME} "
+                    "(written by Controller.save or `iqa train`)"
+                )
+        try:
+            config = json.loads(config_path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{config_path}: not valid JSON ({e})") from e
+        if not isinstance(config, dict) or config.get("format") != FORMAT:
+            raise ValueError(f"{config_path}: expected a JSON object with \"format\": \"{FORMAT}\"")
+        if config.get("format_version") != FORMAT_VERSION:
+            raise ValueError(
+                f"{config_path}: format_version {config.get('format_version')!r} is not supported "
+                f"(this version reads {FORMAT_VERSION})"
+            )
+        try:
+            backbone = ControllerBackbone(
+                tuple(config["image_shape"]), width=int(config["width"]), embed_dim=int(config["embed_dim"])
+            )
+            state = torch.load(weights_path, map_location="cpu", weights_only=True)
+            backbone.load_state_dict(state)
+        except KeyError as e:
+            raise ValueError(f"{config_path}: missing field {e}") from e
+        except (RuntimeError, OSError, EOFError) as e:
+            raise ValueError(f"{weights_path}: not a controller weights file for {config_path} ({e})") from e
+        return cls(backbone.to(device), output=config["output"], metadata=config.get("metadata"))

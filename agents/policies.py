@@ -1,0 +1,331 @@
+"""Per-sample policies for stable-baselines3 on ``TaskAmenability-v0``.
+
+An observation is a mini-batch of ``B`` images and an action is one selection
+probability per image, so the natural policy applies the *same* controller
+CNN to every image (permutation-equivariant actor) and the natural critic
+pools per-image embeddings with their actions (permutation-invariant).
+
+- :class:`PerSampleExtractor`: the controller backbone's trunk applied to each
+  image; features ``(N, B * D)`` (SB3 wants flat features).
+- :class:`PerSampleHead`: one linear map ``D -> 1`` per image, ``(N, B * D) -> (N, B)``.
+- :class:`PooledQNetwork`: ``Q(s, a) = g(mean_i f([e_i, a_i]))``.
+- :class:`PerSampleTD3Policy` (DDPG, TD3), :class:`PerSampleSACPolicy` (SAC),
+  :class:`PerSampleActorCriticPolicy` (PPO, A2C) and
+  :class:`BernoulliSelectionPolicy` (REINFORCE).
+
+Each policy can hand its controller to :class:`agents.controller.Controller`
+through :meth:`controller_parts`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from gymnasium import spaces
+from stable_baselines3.common.policies import ActorCriticPolicy, BasePolicy, ContinuousCritic
+from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
+from stable_baselines3.sac.policies import Actor as SACActor
+from stable_baselines3.sac.policies import SACPolicy
+from stable_baselines3.td3.policies import Actor as TD3Actor
+from stable_baselines3.td3.policies import TD3Policy
+from torch import nn
+
+from iqa_env.networks import ControllerBackbone
+
+
+def _batch_shape(observation_space: spaces.Space) -> tuple[int, int, int, int]:
+    if not isinstance(observation_space, spaces.Box) or len(observation_space.shape) != 4:
+        raise ValueError(
+            "per-sample policies need observations of shape (B, C, H, W) (a mini-batch of images, "
+            f"as TaskAmenability-v0 gives), got {observation_space}"
+        )
+    return tuple(int(s) for s in observation_space.shape)  # type: ignore[return-value]
+
+
+class PerSampleExtractor(BaseFeaturesExtractor):
+    """The controller trunk applied image by image: ``(N, B, C, H, W)`` -> ``(N, B * D)``.
+
+    Observations reach SB3 extractors as floats in [0, 255] (a batch of images
+    is not an "image space" to SB3, so it does not rescale); they are scaled to
+    [0, 1] here, as :class:`~iqa_env.networks.ControllerBackbone` expects.
+    """
+
+    def __init__(self, observation_space: spaces.Box, width: int = 16, embed_dim: int = 64) -> None:
+        b, c, h, w = _batch_shape(observation_space)
+        super().__init__(observation_space, features_dim=b * embed_dim)
+        self.batch_size, self.embed_dim, self.width = b, embed_dim, width
+        self.image_shape = (c, h, w)
+        self.trunk = ControllerBackbone((c, h, w), width=width, embed_dim=embed_dim)
+        self.trunk.head = nn.Identity()  # the heads live in the actors; only the trunk is shared
+
+    def forward(self, observations: torch.Tensor) -> torch.Tensor:
+        n = observations.shape[0]
+        images = observations.reshape(n * self.batch_size, *observations.shape[2:]).float() / 255.0
+        return self.trunk.embed(images).reshape(n, self.batch_size * self.embed_dim)
+
+
+class PerSampleHead(nn.Module):
+    """The same ``Linear(D, 1)`` on each image's features: ``(N, B * D)`` -> ``(N, B)``."""
+
+    def __init__(self, embed_dim: int, bias: float = 0.0, gain: float = 1.0) -> None:
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.linear = nn.Linear(embed_dim, 1)
+        with torch.no_grad():
+            self.linear.weight.mul_(gain)
+            self.linear.bias.fill_(bias)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        n = features.shape[0]
+        return self.linear(features.reshape(n, -1, self.embed_dim)).squeeze(-1)
+
+
+class PooledQNetwork(nn.Module):
+    """``Q(s, a) = g(mean_i f([e_i, a_i]))`` on SB3's concatenated ``[features, actions]`` input."""
+
+    def __init__(self, batch_size: int, embed_dim: int, hidden: int = 64) -> None:
+        super().__init__()
+        self.batch_size, self.embed_dim = batch_size, embed_dim
+        self.per_sample = nn.Sequential(nn.Linear(embed_dim + 1, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
+        self.pooled = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+
+    def forward(self, features_and_actions: torch.Tensor) -> torch.Tensor:
+        n, b, d = features_and_actions.shape[0], self.batch_size, self.embed_dim
+        embeddings = features_and_actions[:, : b * d].reshape(n, b, d)
+        actions = features_and_actions[:, b * d :].reshape(n, b, 1)
+        return self.pooled(self.per_sample(torch.cat([embeddings, actions], dim=-1)).mean(dim=1))
+
+
+class PooledCritic(ContinuousCritic):
+    """SB3's continuous critic with :class:`PooledQNetwork` heads (permutation-invariant).
+
+    ``q1_forward`` (used only for the actor's objective in DDPG/TD3) also
+    subtracts ``saturation_penalty * mean(u_i^2)``, ``u_i`` the actor's
+    pre-activation logits: the known failure of DDPG with many action
+    dimensions is actions pinned at 0 or 1, where the squashing function has no
+    gradient left; the penalty keeps the logits in the range where it has.
+    """
+
+    def __init__(self, *args: Any, hidden: int = 64, saturation_penalty: float = 1e-3, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        extractor: PerSampleExtractor = self.features_extractor  # type: ignore[assignment]
+        self.saturation_penalty = saturation_penalty
+        self.q_networks = []
+        for idx in range(self.n_critics):
+            q_net = PooledQNetwork(extractor.batch_size, extractor.embed_dim, hidden)
+            self.add_module(f"qf{idx}", q_net)
+            self.q_networks.append(q_net)
+
+    def q1_forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        q = super().q1_forward(obs, actions)
+        if self.saturation_penalty > 0:
+            logits = 2.0 * torch.atanh(actions.clamp(-1 + 1e-6, 1 - 1e-6))
+            q = q - self.saturation_penalty * logits.pow(2).mean(dim=1, keepdim=True)
+        return q
+
+
+class PerSampleTD3Actor(TD3Actor):
+    """DDPG/TD3 actor: ``action_i = tanh(u_i / 2) = 2 h_i - 1``, ``u_i`` the controller logit.
+
+    SB3 acts in the [-1, 1] scaled space; the env's [0, 1] probability is
+    ``h_i = sigmoid(u_i)``.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["net_arch"] = []
+        super().__init__(*args, **kwargs)
+        self.mu = PerSampleHead(self.features_extractor.embed_dim)  # type: ignore[union-attr]
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(0.5 * self.mu(self.extract_features(obs, self.features_extractor)))
+
+
+def _critic_kwargs(policy: BasePolicy, hidden: int, saturation_penalty: float) -> None:
+    policy.critic_kwargs.update(hidden=hidden, saturation_penalty=saturation_penalty)  # type: ignore[attr-defined]
+
+
+class PerSampleTD3Policy(TD3Policy):
+    """TD3/DDPG policy: per-sample actor (:class:`PerSampleTD3Actor`), pooled critic."""
+
+    def __init__(
+        self,
+        *args: Any,
+        critic_hidden: int = 64,
+        saturation_penalty: float = 1e-3,
+        features_extractor_class: type[BaseFeaturesExtractor] = PerSampleExtractor,
+        **kwargs: Any,
+    ) -> None:
+        self._critic_hidden, self._saturation_penalty = critic_hidden, saturation_penalty
+        super().__init__(*args, features_extractor_class=features_extractor_class, **kwargs)
+
+    def make_actor(self, features_extractor: BaseFeaturesExtractor | None = None) -> PerSampleTD3Actor:
+        actor_kwargs = self._update_features_extractor(self.actor_kwargs, features_extractor)
+        return PerSampleTD3Actor(**actor_kwargs).to(self.device)
+
+    def make_critic(self, features_extractor: BaseFeaturesExtractor | None = None) -> PooledCritic:
+        critic_kwargs = self._update_features_extractor(self.critic_kwargs, features_extractor)
+        return PooledCritic(
+            **critic_kwargs, hidden=self._critic_hidden, saturation_penalty=self._saturation_penalty
+        ).to(self.device)
+
+    def _get_constructor_parameters(self) -> dict[str, Any]:
+        data = super()._get_constructor_parameters()
+        data.update(critic_hidden=self._critic_hidden, saturation_penalty=self._saturation_penalty)
+        return data
+
+    def controller_parts(self) -> tuple[PerSampleExtractor, nn.Linear, float, str]:
+        """(trunk owner, per-sample linear head, logit scale, output) of the controller."""
+        return self.actor.features_extractor, self.actor.mu.linear, 1.0, "sigmoid"  # type: ignore[return-value]
+
+
+class PerSampleSACActor(SACActor):
+    """SAC actor with per-sample mean and log-std heads (squashed Gaussian per image)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["net_arch"] = []
+        super().__init__(*args, **kwargs)
+        embed_dim = self.features_extractor.embed_dim  # type: ignore[union-attr]
+        self.mu = PerSampleHead(embed_dim)
+        self.log_std = PerSampleHead(embed_dim, bias=-1.0)  # type: ignore[assignment]
+
+
+class PerSampleSACPolicy(SACPolicy):
+    """SAC policy: per-sample squashed-Gaussian actor, pooled critics."""
+
+    def __init__(
+        self,
+        *args: Any,
+        critic_hidden: int = 64,
+        features_extractor_class: type[BaseFeaturesExtractor] = PerSampleExtractor,
+        **kwargs: Any,
+    ) -> None:
+        self._critic_hidden = critic_hidden
+        super().__init__(*args, features_extractor_class=features_extractor_class, **kwargs)
+
+    def make_actor(self, features_extractor: BaseFeaturesExtractor | None = None) -> PerSampleSACActor:
+        actor_kwargs = self._update_features_extractor(self.actor_kwargs, features_extractor)
+        return PerSampleSACActor(**actor_kwargs).to(self.device)
+
+    def make_critic(self, features_extractor: BaseFeaturesExtractor | None = None) -> PooledCritic:
+        critic_kwargs = self._update_features_extractor(self.critic_kwargs, features_extractor)
+        return PooledCritic(**critic_kwargs, hidden=self._critic_hidden, saturation_penalty=0.0).to(self.device)
+
+    def _get_constructor_parameters(self) -> dict[str, Any]:
+        data = super()._get_constructor_parameters()
+        data.update(critic_hidden=self._critic_hidden)
+        return data
+
+    def controller_parts(self) -> tuple[PerSampleExtractor, nn.Linear, float, str]:
+        # The squashed mean tanh(mu) in [-1, 1] is 2 h - 1, so h = sigmoid(2 mu).
+        return self.actor.features_extractor, self.actor.mu.linear, 2.0, "sigmoid"  # type: ignore[return-value]
+
+
+class PooledValueHead(nn.Module):
+    """State value from the mean of per-image embeddings: ``(N, B * D)`` -> ``(N, 1)``."""
+
+    def __init__(self, embed_dim: int) -> None:
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.linear = nn.Linear(embed_dim, 1)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.linear(features.reshape(features.shape[0], -1, self.embed_dim).mean(dim=1))
+
+
+class PerSampleActorCriticPolicy(ActorCriticPolicy):
+    """PPO/A2C policy: a Gaussian per image whose mean is the selection probability.
+
+    The mean starts at 0.5 (every image half-likely to be selected); the env
+    clips sampled actions to [0, 1].  ``log_std_init`` defaults to
+    ``log(0.2)``: exploration of 0.2 in probability units.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("features_extractor_class", PerSampleExtractor)
+        kwargs.setdefault("log_std_init", float(np.log(0.2)))
+        kwargs["net_arch"] = []
+        kwargs.setdefault("ortho_init", False)
+        super().__init__(*args, **kwargs)
+
+    def _build(self, lr_schedule: Any) -> None:
+        super()._build(lr_schedule)
+        embed_dim = self.features_extractor.embed_dim  # type: ignore[union-attr]
+        self.action_net = PerSampleHead(embed_dim, bias=0.5, gain=0.1)
+        self.value_net = PooledValueHead(embed_dim)
+        # The heads changed after SB3 built its optimiser: build it again over the real parameters.
+        self.optimizer = self.optimizer_class(self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs)
+
+    def controller_parts(self) -> tuple[PerSampleExtractor, nn.Linear, float, str]:
+        return self.pi_features_extractor, self.action_net.linear, 1.0, "clip"  # type: ignore[return-value]
+
+
+class BernoulliSelectionPolicy(BasePolicy):
+    """REINFORCE policy: ``h_i = sigmoid(u_i)``, the env draws ``a_i ~ Bernoulli(h_i)``.
+
+    The action handed to the env is the probability vector itself; the env
+    samples the selections and reports them in ``info["selection"]``, and
+    :class:`agents.reinforce.REINFORCE` scores them with :meth:`log_prob`.
+    """
+
+    def __init__(
+        self,
+        observation_space: spaces.Box,
+        action_space: spaces.Box,
+        lr_schedule: Any,
+        features_extractor_class: type[BaseFeaturesExtractor] = PerSampleExtractor,
+        features_extractor_kwargs: dict[str, Any] | None = None,
+        optimizer_class: type[torch.optim.Optimizer] = torch.optim.Adam,
+        optimizer_kwargs: dict[str, Any] | None = None,
+        initial_selection_probability: float = 0.5,
+    ) -> None:
+        super().__init__(
+            observation_space,
+            action_space,
+            features_extractor_class=features_extractor_class,
+            features_extractor_kwargs=features_extractor_kwargs,
+            optimizer_class=optimizer_class,
+            optimizer_kwargs=optimizer_kwargs,
+            normalize_images=False,
+        )
+        if not 0.0 < initial_selection_probability < 1.0:
+            raise ValueError(
+                f"initial_selection_probability must be in (0, 1), got {initial_selection_probability!r}"
+            )
+        self.initial_selection_probability = initial_selection_probability
+        self.features_extractor = self.make_features_extractor()
+        p = initial_selection_probability
+        self.head = PerSampleHead(self.features_extractor.embed_dim, bias=float(np.log(p / (1 - p))))
+        self.optimizer = self.optimizer_class(self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs)
+
+    def _get_constructor_parameters(self) -> dict[str, Any]:
+        data = super()._get_constructor_parameters()
+        data.update(
+            features_extractor_class=self.features_extractor_class,
+            features_extractor_kwargs=self.features_extractor_kwargs,
+            optimizer_class=self.optimizer_class,
+            optimizer_kwargs=self.optimizer_kwargs,
+            initial_selection_probability=self.initial_selection_probability,
+            lr_schedule=self._dummy_schedule,
+        )
+        return data
+
+    def logits(self, obs: torch.Tensor) -> torch.Tensor:
+        """Controller logits ``(N, B)``."""
+        return self.head(self.extract_features(obs, self.features_extractor))
+
+    def forward(self, obs: torch.Tensor, deterministic: bool = False) -> torch.Tensor:
+        return torch.sigmoid(self.logits(obs))
+
+    def _predict(self, observation: torch.Tensor, deterministic: bool = False) -> torch.Tensor:
+        return self(observation)
+
+    def log_prob(self, obs: torch.Tensor, selection: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean per-image ``log pi = a log h + (1 - a) log(1 - h)`` over valid images, and the entropy, ``(N,)`` each."""
+        dist = torch.distributions.Bernoulli(logits=self.logits(obs))
+        weights = valid.float() / valid.float().sum(dim=1, keepdim=True).clamp_min(1.0)
+        return (dist.log_prob(selection.float()) * weights).sum(1), (dist.entropy() * weights).sum(1)
+
+    def controller_parts(self) -> tuple[PerSampleExtractor, nn.Linear, float, str]:
+        return self.features_extractor, self.head.linear, 1.0, "sigmoid"  # type: ignore[return-value]

@@ -1,0 +1,244 @@
+"""REINFORCE with a per-sample Bernoulli controller, on stable-baselines3's base classes."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, ClassVar, TypeVar
+
+import numpy as np
+import torch
+from gymnasium import spaces
+from stable_baselines3.common.base_class import BaseAlgorithm
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedule
+from stable_baselines3.common.utils import safe_mean
+
+from agents.policies import BernoulliSelectionPolicy
+
+SelfREINFORCE = TypeVar("SelfREINFORCE", bound="REINFORCE")
+
+CREDITS: tuple[str, ...] = ("causal", "return")
+
+
+class REINFORCE(BaseAlgorithm):
+    """REINFORCE (Williams, 1992) as used by Saeed et al., IPMI 2021 (https://arxiv.org/abs/2102.07615).
+
+    The policy gives selection probabilities ``h``; the *env* draws the
+    selections ``a ~ Bernoulli(h)`` and reports them in ``info["selection"]``
+    (``TaskAmenability-v0`` does), so that the log-likelihood is that of the
+    selections that really trained the predictor:
+    ``log pi = sum_i a_i log h_i + (1 - a_i) log(1 - h_i)`` (averaged over the
+    batch's valid images, which only rescales the learning rate).
+
+    The env already subtracts its moving-average baseline from the reward;
+    the returns are further divided by their running standard deviation so
+    that the step size does not depend on the reward's scale.
+
+    Credit assignment (``credit``):
+
+    - ``"causal"`` (default): a validation step's scores affect only that
+      step's reward (the predictor does not train during validation), so its
+      return is its own reward; a training step's return is the sum of the
+      rewards after it in the episode (its selection trained the predictor that
+      all later validation steps measure).
+    - ``"return"``: the plain reward-to-go for every step.
+
+    :param policy: the policy (``"PerSamplePolicy"`` or a class)
+    :param env: the environment; must report ``info["selection"]``
+    :param learning_rate: Adam learning rate of the controller
+    :param n_steps: env steps per update and env (default: one episode, from ``env.episode_length``)
+    :param gamma: discount of the reward-to-go
+    :param credit: ``"causal"`` or ``"return"``, see above
+    :param normalize_returns: divide the returns by their running standard deviation
+    :param ent_coef: weight of the Bernoulli entropy bonus
+    :param max_grad_norm: gradient clipping norm
+    :param stats_window_size: episodes averaged for ``rollout/ep_rew_mean``
+    :param tensorboard_log: TensorBoard log folder, or None
+    :param policy_kwargs: keyword arguments of the policy (copied, never mutated)
+    :param verbose: 0 silent, 1 training information
+    :param seed: seed of the pseudo-random generators
+    :param device: ``"auto"``, ``"cpu"`` or ``"cuda"``
+    """
+
+    policy_aliases: ClassVar[dict[str, type[BernoulliSelectionPolicy]]] = {
+        "PerSamplePolicy": BernoulliSelectionPolicy,
+    }
+    policy: BernoulliSelectionPolicy
+
+    def __init__(
+        self,
+        policy: str | type[BernoulliSelectionPolicy],
+        env: GymEnv | str,
+        learning_rate: float | Schedule = 1e-3,
+        n_steps: int | None = None,
+        gamma: float = 1.0,
+        credit: str = "causal",
+        normalize_returns: bool = True,
+        ent_coef: float = 0.0,
+        max_grad_norm: float = 1.0,
+        stats_window_size: int = 100,
+        tensorboard_log: str | None = None,
+        policy_kwargs: dict[str, Any] | None = None,
+        verbose: int = 0,
+        seed: int | None = None,
+        device: torch.device | str = "auto",
+        _init_setup_model: bool = True,
+    ) -> None:
+        super().__init__(
+            policy=policy,
+            env=env,
+            learning_rate=learning_rate,
+            policy_kwargs=dict(policy_kwargs or {}),
+            stats_window_size=stats_window_size,
+            tensorboard_log=tensorboard_log,
+            verbose=verbose,
+            device=device,
+            support_multi_env=True,
+            seed=seed,
+            supported_action_spaces=(spaces.Box,),
+        )
+        if credit not in CREDITS:
+            raise ValueError(f"credit must be one of {CREDITS}, got {credit!r}")
+        if not 0.0 <= gamma <= 1.0:
+            raise ValueError(f"gamma must be in [0, 1], got {gamma!r}")
+        if n_steps is None:
+            assert self.env is not None
+            try:
+                n_steps = int(self.env.get_attr("episode_length")[0])
+            except AttributeError:
+                n_steps = 32
+        if n_steps < 1:
+            raise ValueError(f"n_steps must be >= 1, got {n_steps!r}")
+        self.n_steps = n_steps
+        self.gamma = gamma
+        self.credit = credit
+        self.normalize_returns = normalize_returns
+        self.ent_coef = ent_coef
+        self.max_grad_norm = max_grad_norm
+        self._return_sq = 1.0  # running second moment of the returns
+        if _init_setup_model:
+            self._setup_model()
+
+    def _setup_model(self) -> None:
+        self._setup_lr_schedule()
+        self.set_random_seed(self.seed)
+        self.policy = self.policy_class(  # type: ignore[assignment]
+            self.observation_space, self.action_space, self.lr_schedule, **self.policy_kwargs
+        ).to(self.device)
+
+    # ------------------------------------------------------------------ rollouts
+    def collect_rollout(self, callback: BaseCallback) -> dict[str, np.ndarray] | None:
+        """``n_steps`` steps in every env; returns the arrays :meth:`train` needs (None if stopped)."""
+        assert self.env is not None and self._last_obs is not None
+        n_envs = self.env.num_envs
+        obs_buf, sel_buf, valid_buf = [], [], []
+        rew_buf = np.zeros((self.n_steps, n_envs))
+        done_buf = np.zeros((self.n_steps, n_envs), dtype=bool)
+        validation_buf = np.zeros((self.n_steps, n_envs), dtype=bool)
+        self.policy.set_training_mode(False)
+        callback.on_rollout_start()
+        for t in range(self.n_steps):
+            obs = self._last_obs
+            with torch.no_grad():
+                probabilities = self.policy(torch.as_tensor(obs, device=self.device)).cpu().numpy()
+            new_obs, rewards, dones, infos = self.env.step(probabilities)
+            self.num_timesteps += n_envs
+            callback.update_locals(locals())
+            if not callback.on_step():
+                return None
+            self._update_info_buffer(infos, dones)
+            missing = [i for i, info in enumerate(infos) if "selection" not in info]
+            if missing:
+                raise ValueError(
+                    "REINFORCE needs the env to draw the Bernoulli selections and report them in "
+                    "info['selection'] (as TaskAmenability-v0 does); this env does not"
+                )
+            obs_buf.append(obs)
+            sel_buf.append(np.stack([info["selection"] for info in infos]))
+            valid_buf.append(np.stack([info.get("valid", np.ones_like(info["selection"])) for info in infos]))
+            validation_buf[t] = [info.get("action_phase") == "validation" for info in infos]
+            rew_buf[t], done_buf[t] = rewards, dones
+            self._last_obs = new_obs  # type: ignore[assignment]
+        callback.on_rollout_end()
+        return {
+            "observations": np.stack(obs_buf),
+            "selections": np.stack(sel_buf),
+            "valid": np.stack(valid_buf),
+            "returns": self._returns(rew_buf, done_buf, validation_buf),
+        }
+
+    def _returns(self, rewards: np.ndarray, dones: np.ndarray, validation: np.ndarray) -> np.ndarray:
+        returns = np.zeros_like(rewards)
+        running = np.zeros(rewards.shape[1])
+        for t in reversed(range(rewards.shape[0])):
+            running = rewards[t] + self.gamma * running * (~dones[t])
+            returns[t] = running
+            if self.credit == "causal":
+                returns[t] = np.where(validation[t], rewards[t], running)
+        return returns
+
+    # --------------------------------------------------------------------- train
+    def train(self, rollout: dict[str, np.ndarray]) -> None:
+        """One policy-gradient step on a rollout."""
+        self.policy.set_training_mode(True)
+        self._update_learning_rate(self.policy.optimizer)
+        returns = rollout["returns"].reshape(-1)
+        if self.normalize_returns:
+            self._return_sq = 0.99 * self._return_sq + 0.01 * float(np.mean(returns**2))
+            returns = returns / np.sqrt(self._return_sq + 1e-8)
+        obs = torch.as_tensor(rollout["observations"], device=self.device)
+        obs = obs.reshape(-1, *obs.shape[2:])
+        selections = torch.as_tensor(rollout["selections"], device=self.device).reshape(obs.shape[0], -1)
+        valid = torch.as_tensor(rollout["valid"], device=self.device).reshape(obs.shape[0], -1)
+        advantages = torch.as_tensor(returns, device=self.device, dtype=torch.float32)
+        # Score function estimator: grad E[R] = E[(R - b) grad log pi(a | s)].
+        log_prob, entropy = self.policy.log_prob(obs, selections, valid)
+        policy_loss = -(advantages * log_prob).mean()
+        entropy_loss = -entropy.mean()
+        loss = policy_loss + self.ent_coef * entropy_loss
+        self.policy.optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
+        self.policy.optimizer.step()
+        self._n_updates += 1
+        self.logger.record("train/policy_loss", float(policy_loss.detach()))
+        self.logger.record("train/entropy", float(-entropy_loss.detach()))
+        self.logger.record("train/return_std", float(np.sqrt(self._return_sq)))
+        self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
+
+    def learn(
+        self: SelfREINFORCE,
+        total_timesteps: int,
+        callback: MaybeCallback = None,
+        log_interval: int = 1,
+        tb_log_name: str = "REINFORCE",
+        reset_num_timesteps: bool = True,
+        progress_bar: bool = False,
+    ) -> SelfREINFORCE:
+        self._n_updates = getattr(self, "_n_updates", 0) if not reset_num_timesteps else 0
+        total_timesteps, callback = self._setup_learn(
+            total_timesteps, callback, reset_num_timesteps, tb_log_name, progress_bar
+        )
+        callback.on_training_start(locals(), globals())
+        iteration = 0
+        while self.num_timesteps < total_timesteps:
+            rollout = self.collect_rollout(callback)
+            if rollout is None:
+                break
+            iteration += 1
+            self._update_current_progress_remaining(self.num_timesteps, total_timesteps)
+            self.train(rollout)
+            if log_interval is not None and iteration % log_interval == 0:
+                self._log_rollout()
+        callback.on_training_end()
+        return self
+
+    def _log_rollout(self) -> None:
+        elapsed = max((time.time_ns() - self.start_time) / 1e9, sys.float_info.epsilon)
+        if self.ep_info_buffer:
+            self.logger.record("rollout/ep_rew_mean", safe_mean([ep["r"] for ep in self.ep_info_buffer]))
+            self.logger.record("rollout/ep_len_mean", safe_mean([ep["l"] for ep in self.ep_info_buffer]))
+        self.logger.record("time/fps", int((self.num_timesteps - self._num_timesteps_at_start) / elapsed))
+        self.logger.record("time/total_timesteps", self.num_timesteps, exclude="tensorboard")
+        self.logger.dump(step=self.num_timesteps)

@@ -1,0 +1,78 @@
+"""``iqa score``: score images with a trained controller and write a CSV."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from experiments.commands.data import _HelpFormatter
+
+    p = subparsers.add_parser(
+        "score",
+        help="score images with a trained controller",
+        formatter_class=_HelpFormatter,
+        description=(
+            "Score every image of an HDF5 dataset or of a folder of images with a trained controller "
+            "(a folder written by `iqa train`, or by Controller.save) and write a CSV with the columns "
+            "file (or index), score (task amenability in [0, 1], higher is better) and rejected (1 for "
+            "the lowest-scored fraction --rejection-ratio).\n\n"
+            "Example:\n\n"
+            "  iqa score --controller runs/r1/controller data.h5 --out scores.csv"
+        ),
+    )
+    p.add_argument("input", help="HDF5 dataset (.h5) or a folder of images")
+    p.add_argument("--controller", required=True, help="controller folder (controller.json + controller.pt)")
+    p.add_argument("--out", default="scores.csv", help="CSV to write")
+    p.add_argument("--rejection-ratio", type=float, default=0.05, help="fraction of images marked rejected, in [0, 1)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from agents.controller import Controller
+    from iqa_env.env import resolve_device
+    from iqa_env.rewards import check_rejection_ratio, kept_by_rejection
+
+    ratio = check_rejection_ratio(args.rejection_ratio)
+    controller = Controller.load(args.controller, device=resolve_device(args.device))
+    source = Path(args.input)
+    if source.is_dir():
+        from iqa_env.data.importers import import_folder
+
+        c, h, w = controller.image_shape
+        dataset = import_folder(source, size=(h, w), channels=c)
+        names = dataset.metadata.get("files") or [str(i) for i in range(len(dataset))]
+        key = "file"
+    elif source.is_file():
+        from iqa_env.data.io import load_dataset
+
+        dataset = load_dataset(source)
+        names = [str(i) for i in range(len(dataset))]
+        key = "index"
+    else:
+        raise FileNotFoundError(f"{source}: no such dataset file or images folder")
+    if dataset.image_shape != controller.image_shape:
+        raise ValueError(
+            f"{source}: images are {dataset.image_shape} (C, H, W) but the controller was trained on "
+            f"{controller.image_shape}"
+        )
+    scores = controller.score(dataset.images)
+    n_rejected = math.floor(ratio * len(scores) + 1e-9)
+    rejected = ~kept_by_rejection(scores, ratio) if n_rejected else np.zeros(len(scores), bool)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow([key, "score", "rejected"])
+        for name, s, r in zip(names, scores, rejected):
+            writer.writerow([name, f"{s:.6f}", int(r)])
+    tmp.replace(out)
+    print(f"scored {len(scores)} images -> {out} ({int(rejected.sum())} rejected at ratio {ratio:g})")
+    return 0

@@ -1,0 +1,541 @@
+"""The Gymnasium environment of task-amenability image quality assessment."""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium import spaces
+
+from iqa_env.data.dataset import ImageDataset
+from iqa_env.rewards import (
+    MovingAverageBaseline,
+    check_rejection_ratio,
+    check_reward,
+    fixed_reward,
+    selective_reward,
+    weighted_reward,
+)
+from iqa_env.tasks import Task, make_task
+
+PHASES: tuple[str, str] = ("train", "validation")
+REWARD_METRICS: tuple[str, str] = ("metric", "loss")
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; a missing CUDA device is a clear error."""
+    if isinstance(device, torch.device):
+        device = str(device)
+    if not isinstance(device, str):
+        raise TypeError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {type(device).__name__}")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"device {device!r} was asked for but CUDA is not available on this machine; "
+                "use device='cpu' or device='auto'"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
+    elif dev.type != "cpu":
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}")
+    return dev
+
+
+def _as_dataset(dataset: ImageDataset | str | os.PathLike[str] | None) -> ImageDataset:
+    if dataset is None:
+        from iqa_env.data.cache import default_dataset
+
+        return default_dataset()
+    if isinstance(dataset, ImageDataset):
+        return dataset
+    if isinstance(dataset, (str, os.PathLike)):
+        from iqa_env.data.io import load_dataset
+
+        return load_dataset(dataset)
+    raise TypeError(
+        f"dataset must be an ImageDataset, a path to an HDF5 dataset file or None (built-in data), "
+        f"got {type(dataset).__name__}"
+    )
+
+
+class TaskAmenabilityEnv(gym.Env):
+    """Learning which images a task predictor can use: the controller's environment.
+
+    ## Description
+
+    Saeed et al., "Image quality assessment by task amenability using
+    reinforcement learning", IPMI 2021 (https://arxiv.org/abs/2102.07615).
+    A *task predictor* (a classifier or a U-Net) lives inside the environment
+    and trains alongside the agent.  The agent is the *controller*: for each
+    image it outputs a selection probability, its task-amenability score.
+    The environment samples which images the predictor trains on, and rewards
+    the controller by the predictor's performance on validation images.  A
+    controller that learns this well scores images by how amenable they are to
+    the task; at test time the lowest-scored images are rejected.
+
+    An episode has ``train_steps`` training steps, then (for the ``weighted``
+    and ``selective`` rewards, which need the controller's scores of
+    validation images) ``validation_steps`` validation steps:
+
+    - training step: the observation is a mini-batch of training images; the
+      action is their selection probabilities ``p``; the env draws
+      ``a_i ~ Bernoulli(p_i)`` with ``self.np_random`` and takes one optimiser
+      step of the task predictor on the selected images only (none selected:
+      no update).
+    - validation step: the observation is the next mini-batch of validation
+      images (a fixed set, in a fixed order, padded at the end with repeats
+      that ``info["valid"]`` marks False); the action is the controller's
+      scores for them.  The predictor's per-sample losses on the validation
+      set are computed once when the phase starts.
+
+    So any RL algorithm, from any library, trains with any reward through
+    ``step()`` alone: the controller's validation scores are its actions.
+
+    ## Action Space
+
+    ``Box(0, 1, (batch_size,), float32)``: one selection probability per image
+    of the observed mini-batch.  Values outside [0, 1] are clipped; NaN, inf
+    or a wrong shape raise ``ValueError``.
+
+    ## Observation Space
+
+    | Num | Observation | Min | Max | Shape |
+    |-----|-------------|-----|-----|-------|
+    | 0 | the mini-batch of images, channel-first | 0 | 255 | ``(batch_size, C, H, W)``, ``uint8`` |
+
+    ## Rewards
+
+    With per-sample validation losses ``l_j`` (``1 - accuracy`` or
+    ``1 - Dice`` by default; the training loss with ``reward_metric="loss"``):
+
+    - ``fixed``: ``R~ = -mean l_j`` over the validation images labelled
+      amenable by human raters; given at the last training step.
+    - ``weighted``: ``R~_k = -sum w_j l_j / sum w_j`` over validation batch
+      ``k``, with ``w_j`` the env's Bernoulli selections
+      (``stochastic_validation=True``, the default: score-function methods
+      such as REINFORCE and PPO then get a gradient) or the scores themselves
+      (``False``: the paper's literal form, smoother for deterministic
+      policies such as DDPG).
+    - ``selective``: ``R~_k = -mean l_j`` over the images of batch ``k`` kept
+      after rejecting its ``rejection_ratio`` lowest-scored (with stochastic
+      validation, only the selected images among those kept count).
+
+    Each raw reward is baselined by its moving average,
+    ``R = R~ - Rbar``, ``Rbar <- a Rbar + (1 - a) R~`` with
+    ``a = baseline_decay`` (one average per validation batch position, so
+    that the baseline also absorbs how hard each batch is); the parts of one
+    validation phase average to the paper's whole-set reward.  Other steps
+    give 0.  When the mean selection probability of a step leaves
+    ``mean_selection_bounds = (c_low, c_high)`` the step is penalised by
+    ``mean_selection_penalty`` times the distance (the paper's constraint
+    ``E[h] >= c``, eq. 3, with an upper bound against the collapse to
+    ``h = 1``).
+
+    ## Starting State
+
+    ``reset(seed=s)`` re-seeds the env's numpy and torch generators,
+    re-initialises the task predictor (unless
+    ``reinitialise_predictor_on_seed=False``), clears the reward baselines
+    and optionally pre-trains the predictor for ``predictor_warmup_steps``
+    steps on all training images.  ``reset()`` without a seed starts the next
+    episode with the same predictor: it persists across episodes, as in the
+    paper's Algorithm 1.  ``options={"reinitialise_predictor": True}`` forces
+    a fresh predictor.
+
+    ## Episode End
+
+    Terminated after the last validation step (``fixed``: after the last
+    training step).  Never truncated by the env itself.
+
+    ## Arguments
+
+    | Argument | Default | Meaning |
+    |----------|---------|---------|
+    | ``dataset`` | ``None`` | an ``ImageDataset``, an HDF5 path, or ``None`` for the built-in synthetic ultrasound set |
+    | ``task`` | ``"classification"`` | ``"classification"`` or ``"segmentation"`` |
+    | ``reward`` | ``"weighted"`` | ``"fixed"``, ``"weighted"`` or ``"selective"`` |
+    | ``validation_dataset`` | ``None`` | explicit validation images; else ``dataset`` is split by patient 70/15/15 and the holdout part is never touched |
+    | ``rejection_ratio`` | ``0.05`` | fraction rejected by the ``selective`` reward |
+    | ``batch_size`` | ``32`` | images per step |
+    | ``train_steps`` | ``8`` | training steps per episode |
+    | ``validation_size`` | ``None`` | validation images used for rewards (``None``: all) |
+    | ``reward_metric`` | ``"metric"`` | ``"metric"`` (1 - accuracy / 1 - Dice) or ``"loss"`` |
+    | ``stochastic_validation`` | ``True`` | weight validation losses by Bernoulli selections rather than scores |
+    | ``baseline_decay`` | ``0.9`` | ``a`` of the moving-average baseline |
+    | ``mean_selection_bounds`` | ``(0.0, 1.0)`` | allowed range of the mean selection probability |
+    | ``mean_selection_penalty`` | ``1.0`` | penalty per unit outside those bounds |
+    | ``predictor_lr`` | ``1e-3`` | Adam learning rate of the task predictor |
+    | ``predictor_warmup_steps`` | ``0`` | non-selective pre-training steps after a seeded reset |
+    | ``reinitialise_predictor_on_seed`` | ``True`` | fresh predictor on ``reset(seed=...)`` |
+    | ``split_seed`` | ``0`` | seed of the patient-level split |
+    | ``device`` | ``"auto"`` | ``"auto"``, ``"cpu"`` or ``"cuda[:N]"``; data, predictor and optimiser live there |
+    | ``render_mode`` | ``None`` | ``"rgb_array"``: a grid of the batch with probabilities and selections |
+
+    ```python
+    import gymnasium as gym
+    import iqa_env  # registers TaskAmenability-v0
+
+    env = gym.make("TaskAmenability-v0", task="classification", reward="weighted", batch_size=16)
+    obs, info = env.reset(seed=0)
+    obs, reward, terminated, truncated, info = env.step(env.action_space.sample())
+    ```
+
+    ## Version History
+
+    * v0: Initial version.
+    """
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 4}
+
+    def __init__(
+        self,
+        dataset: ImageDataset | str | os.PathLike[str] | None = None,
+        task: str | Task = "classification",
+        reward: str = "weighted",
+        *,
+        validation_dataset: ImageDataset | str | os.PathLike[str] | None = None,
+        rejection_ratio: float = 0.05,
+        batch_size: int = 32,
+        train_steps: int = 8,
+        validation_size: int | None = None,
+        reward_metric: str = "metric",
+        stochastic_validation: bool = True,
+        baseline_decay: float = 0.9,
+        mean_selection_bounds: tuple[float, float] = (0.0, 1.0),
+        mean_selection_penalty: float = 1.0,
+        predictor_lr: float = 1e-3,
+        predictor_warmup_steps: int = 0,
+        reinitialise_predictor_on_seed: bool = True,
+        split_seed: int = 0,
+        device: str | torch.device = "auto",
+        render_mode: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.task = make_task(task)
+        self.reward_name = check_reward(reward)
+        self.rejection_ratio = check_rejection_ratio(rejection_ratio)
+        if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if not isinstance(train_steps, (int, np.integer)) or train_steps < 1:
+            raise ValueError(f"train_steps must be a positive integer, got {train_steps!r}")
+        if validation_size is not None and (
+            not isinstance(validation_size, (int, np.integer)) or validation_size < 1
+        ):
+            raise ValueError(f"validation_size must be a positive integer or None, got {validation_size!r}")
+        if reward_metric not in REWARD_METRICS:
+            raise ValueError(f"reward_metric must be one of {REWARD_METRICS}, got {reward_metric!r}")
+        lo, hi = (float(b) for b in mean_selection_bounds)
+        if not (0.0 <= lo <= hi <= 1.0):
+            raise ValueError(
+                f"mean_selection_bounds must be (low, high) with 0 <= low <= high <= 1, got {mean_selection_bounds!r}"
+            )
+        if mean_selection_penalty < 0:
+            raise ValueError(f"mean_selection_penalty must be >= 0, got {mean_selection_penalty!r}")
+        if predictor_lr <= 0 or not math.isfinite(predictor_lr):
+            raise ValueError(f"predictor_lr must be a positive number, got {predictor_lr!r}")
+        if predictor_warmup_steps < 0:
+            raise ValueError(f"predictor_warmup_steps must be >= 0, got {predictor_warmup_steps!r}")
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise ValueError(
+                f"render_mode must be None or one of {self.metadata['render_modes']}, got {render_mode!r}"
+            )
+        self.batch_size = int(batch_size)
+        self.train_steps = int(train_steps)
+        self.reward_metric = reward_metric
+        self.stochastic_validation = bool(stochastic_validation)
+        self.mean_selection_bounds = (lo, hi)
+        self.mean_selection_penalty = float(mean_selection_penalty)
+        self.predictor_lr = float(predictor_lr)
+        self.predictor_warmup_steps = int(predictor_warmup_steps)
+        self.reinitialise_predictor_on_seed = bool(reinitialise_predictor_on_seed)
+        self.render_mode = render_mode
+        self.device = resolve_device(device)
+
+        full = _as_dataset(dataset)
+        if validation_dataset is None:
+            from iqa_env.data.splits import split_by_group
+
+            train_set, validation_set, _holdout = split_by_group(full, seed=split_seed)
+        else:
+            train_set, validation_set = full, _as_dataset(validation_dataset)
+            if validation_set.image_shape != train_set.image_shape:
+                raise ValueError(
+                    f"validation_dataset images are {validation_set.image_shape}, training images "
+                    f"{train_set.image_shape}; expected the same (C, H, W)"
+                )
+        if len(train_set) < self.batch_size:
+            raise ValueError(
+                f"batch_size {self.batch_size} is larger than the training set ({len(train_set)} images); "
+                "use a smaller batch_size or more data"
+            )
+        if self.reward_name == "fixed":
+            clean = validation_set.require_human_amenability(self.task.name, "the fixed reward") == 1
+            if not clean.any():
+                raise ValueError(
+                    "the fixed reward needs validation images labelled amenable by humans, but none of the "
+                    f"{len(validation_set)} validation images is (human_amenability/{self.task.name} == 1)"
+                )
+            validation_set = validation_set.subset(np.flatnonzero(clean))
+        self.train_set = train_set
+        self.validation_set = validation_set
+        self._validation_size = min(validation_size or len(validation_set), len(validation_set))
+
+        # Host copies serve the observations; device copies serve the computation.
+        self._train_images = np.ascontiguousarray(train_set.images)
+        self._validation_images = np.ascontiguousarray(validation_set.images)
+        self._train_images_t = torch.from_numpy(self._train_images).to(self.device)
+        self._train_targets_t = torch.from_numpy(self.task.targets(train_set)).to(self.device)
+        self._validation_images_t = torch.from_numpy(self._validation_images).to(self.device)
+        self._validation_targets_t = torch.from_numpy(self.task.targets(validation_set)).to(self.device)
+
+        c, h, w = train_set.image_shape
+        self.observation_space = spaces.Box(0, 255, (self.batch_size, c, h, w), np.uint8)
+        self.action_space = spaces.Box(0.0, 1.0, (self.batch_size,), np.float32)
+
+        self.baseline = MovingAverageBaseline(baseline_decay)
+        self.predictor: torch.nn.Module | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self._torch_generator = torch.Generator(device="cpu")
+        self._phase = "train"
+        self._episode_step = 0
+        self._batch_indices = np.zeros(self.batch_size, dtype=np.int64)
+        self._batch_valid = np.ones(self.batch_size, dtype=bool)
+        self._validation_order = np.arange(self._validation_size)
+        self._validation_losses: np.ndarray | None = None
+        self._last_action: np.ndarray | None = None
+        self._last_selection: np.ndarray | None = None
+        self._needs_reset = True
+
+    # ------------------------------------------------------------- properties
+    @property
+    def uses_validation_phase(self) -> bool:
+        """Whether episodes have validation steps (the rewards that need validation scores)."""
+        return self.reward_name != "fixed"
+
+    @property
+    def validation_steps(self) -> int:
+        """Validation steps per episode (0 for the ``fixed`` reward)."""
+        return math.ceil(self._validation_size / self.batch_size) if self.uses_validation_phase else 0
+
+    @property
+    def episode_length(self) -> int:
+        return self.train_steps + self.validation_steps
+
+    @property
+    def phase(self) -> str:
+        """``"train"`` or ``"validation"``: the phase of the *current* observation."""
+        return self._phase
+
+    # ------------------------------------------------------------ predictor
+    def _build_predictor(self) -> None:
+        seed = int(self.np_random.integers(2**31 - 1))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            predictor = self.task.build_predictor(self.train_set)
+        self.predictor = predictor.to(self.device)
+        self.optimizer = torch.optim.Adam(self.predictor.parameters(), lr=self.predictor_lr)
+
+    def _train_predictor(self, indices: np.ndarray) -> float:
+        """One optimiser step on the training images ``indices``; returns the mean loss."""
+        assert self.predictor is not None and self.optimizer is not None
+        idx = torch.as_tensor(indices, device=self.device)
+        from iqa_env.networks import to_float
+
+        self.predictor.train()
+        outputs = self.predictor(to_float(self._train_images_t[idx]))
+        loss = self.task.per_sample_loss(outputs, self._train_targets_t[idx]).mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return float(loss.detach())
+
+    @torch.no_grad()
+    def predictor_outputs(self, images: torch.Tensor | np.ndarray, chunk: int = 512) -> torch.Tensor:
+        """The task predictor's outputs (logits) for ``(N, C, H, W)`` images, in chunks."""
+        if self.predictor is None:
+            raise RuntimeError("the task predictor does not exist before the first reset()")
+        from iqa_env.networks import to_float
+
+        images = torch.as_tensor(images, device=self.device)
+        self.predictor.eval()
+        outs = [self.predictor(to_float(images[i : i + chunk])) for i in range(0, len(images), chunk)]
+        return torch.cat(outs)
+
+    @torch.no_grad()
+    def evaluate(self, dataset: ImageDataset) -> dict[str, np.ndarray]:
+        """Per-sample ``metric``, ``loss`` and ``confidence`` of the current predictor on ``dataset``."""
+        outputs = self.predictor_outputs(dataset.images)
+        targets = torch.as_tensor(self.task.targets(dataset), device=self.device)
+        return {
+            "metric": self.task.per_sample_metric(outputs, targets).cpu().numpy(),
+            "loss": self.task.per_sample_loss(outputs, targets).cpu().numpy(),
+            "confidence": self.task.confidence(outputs).cpu().numpy(),
+        }
+
+    @torch.no_grad()
+    def _compute_validation_losses(self) -> np.ndarray:
+        idx = torch.as_tensor(self._validation_order, device=self.device)
+        outputs = self.predictor_outputs(self._validation_images_t[idx])
+        targets = self._validation_targets_t[idx]
+        if self.reward_metric == "metric":
+            values = 1.0 - self.task.per_sample_metric(outputs, targets)
+        else:
+            values = self.task.per_sample_loss(outputs, targets)
+        return values.double().cpu().numpy()
+
+    # ---------------------------------------------------------------- batches
+    def _draw_train_batch(self) -> None:
+        self._batch_indices = self.np_random.choice(len(self.train_set), self.batch_size, replace=False)
+        self._batch_valid = np.ones(self.batch_size, dtype=bool)
+
+    def _set_validation_batch(self, k: int) -> None:
+        positions = np.arange(k * self.batch_size, (k + 1) * self.batch_size)
+        self._batch_valid = positions < self._validation_size
+        self._batch_indices = self._validation_order[positions % self._validation_size]
+
+    def _observation(self) -> np.ndarray:
+        source = self._train_images if self._phase == "train" else self._validation_images
+        return source[self._batch_indices]
+
+    # -------------------------------------------------------------- gym API
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        super().reset(seed=seed)
+        options = dict(options or {})
+        unknown = set(options) - {"reinitialise_predictor"}
+        if unknown:
+            raise ValueError(f"unknown reset options {sorted(unknown)}; expected 'reinitialise_predictor'")
+        seeded = seed is not None
+        if seeded:
+            self._torch_generator.manual_seed(int(self.np_random.integers(2**63 - 1)))
+            self.baseline.reset()
+            order = self.np_random.permutation(len(self.validation_set))[: self._validation_size]
+            self._validation_order = np.sort(order)
+        fresh = (
+            self.predictor is None
+            or bool(options.get("reinitialise_predictor", False))
+            or (seeded and self.reinitialise_predictor_on_seed)
+        )
+        if fresh:
+            self._build_predictor()
+            for _ in range(self.predictor_warmup_steps):
+                self._draw_train_batch()
+                self._train_predictor(self._batch_indices)
+        self._phase = "train"
+        self._episode_step = 0
+        self._last_action = None
+        self._last_selection = None
+        self._draw_train_batch()
+        self._needs_reset = False
+        return self._observation(), self._info()
+
+    def _check_action(self, action: Any) -> np.ndarray:
+        try:
+            p = np.asarray(action, dtype=np.float64)
+        except (TypeError, ValueError) as e:
+            raise ValueError(
+                f"action must be {self.batch_size} selection probabilities, got {type(action).__name__}"
+            ) from e
+        if p.shape != (self.batch_size,):
+            raise ValueError(
+                f"action must have shape ({self.batch_size},) (one selection probability per image), "
+                f"got shape {p.shape}"
+            )
+        if not np.all(np.isfinite(p)):
+            raise ValueError(
+                f"action contains NaN or infinite values at positions {np.flatnonzero(~np.isfinite(p)).tolist()}; "
+                "expected probabilities in [0, 1]"
+            )
+        return np.clip(p, 0.0, 1.0)
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
+        if self._needs_reset:
+            raise RuntimeError("call reset() before step(), and again after an episode has ended")
+        p = self._check_action(action)
+        selection = self.np_random.random(self.batch_size) < p
+        self._last_action, self._last_selection = p, selection
+        valid = self._batch_valid
+        action_phase = self._phase
+        reward, raw, reward_ready = 0.0, 0.0, False
+        terminated = False
+
+        if self._phase == "train":
+            if selection.any():
+                self._train_predictor(self._batch_indices[selection])
+            self._episode_step += 1
+            if self._episode_step < self.train_steps:
+                self._draw_train_batch()
+            elif self.uses_validation_phase:
+                self._validation_losses = self._compute_validation_losses()
+                self._phase = "validation"
+                self._set_validation_batch(0)
+            else:
+                raw = fixed_reward(self._compute_validation_losses())
+                reward, reward_ready, terminated = self.baseline.update(raw), True, True
+        else:
+            k = self._episode_step - self.train_steps
+            assert self._validation_losses is not None
+            positions = np.arange(k * self.batch_size, (k + 1) * self.batch_size)[valid]
+            losses = self._validation_losses[positions]
+            scores, chosen = p[valid], selection[valid]
+            if self.reward_name == "weighted":
+                weights = chosen.astype(np.float64) if self.stochastic_validation else scores
+                raw = weighted_reward(losses, weights)
+            else:
+                raw = selective_reward(
+                    losses, scores, self.rejection_ratio, chosen if self.stochastic_validation else None
+                )
+            reward, reward_ready = self.baseline.update(raw, key=k), True
+            self._episode_step += 1
+            if k + 1 < self.validation_steps:
+                self._set_validation_batch(k + 1)
+            else:
+                terminated = True
+
+        mean_p = float(p[valid].mean())
+        lo, hi = self.mean_selection_bounds
+        penalty = self.mean_selection_penalty * (max(0.0, lo - mean_p) + max(0.0, mean_p - hi))
+        reward -= penalty
+        info = self._info()
+        info.update(
+            action_phase=action_phase,
+            reward_ready=reward_ready,
+            raw_reward=float(raw),
+            baseline=float(raw - (reward + penalty)) if reward_ready else 0.0,
+            penalty=float(penalty),
+            selection=selection,
+            valid=valid,
+            num_selected=int(selection[valid].sum()),
+            mean_selection_probability=mean_p,
+        )
+        self._needs_reset = terminated
+        return self._observation(), float(reward), terminated, False, info
+
+    def _info(self) -> dict[str, Any]:
+        """What every step and reset reports; ``phase`` is the phase of the returned observation."""
+        return {
+            "phase": self._phase,
+            "episode_step": self._episode_step,
+            "batch_indices": self._batch_indices.copy(),
+        }
+
+    # -------------------------------------------------------------- render
+    def render(self) -> np.ndarray | None:
+        if self.render_mode != "rgb_array":
+            return None
+        from iqa_env.render import selection_grid
+
+        return selection_grid(self._observation(), self._last_action, self._last_selection, self._batch_valid)

@@ -1,0 +1,104 @@
+"""The paper's three validation rewards and the moving-average reward baseline.
+
+Sign convention: every reward is ``-(mean per-sample loss)`` over some
+validation images, where the per-sample *loss-type* value ``l_j`` is lower
+for better predictions (``1 - accuracy``, ``1 - Dice`` or the training loss;
+see ``TaskAmenabilityEnv(reward_metric=...)``).  Higher rewards are better.
+
+- ``fixed``:     ``R = -mean_j l_j`` over a clean validation set (the images
+  that human raters labelled amenable).
+- ``weighted``:  ``R = -sum_j w_j l_j / sum_j w_j`` with ``w_j`` the
+  controller's scores (or the env's Bernoulli selections drawn from them).
+  Normalised by ``sum_j w_j``: the paper's plain mean ``-mean_j w_j l_j``
+  rewards shrinking every score, which drives the controller to ``h = 0``.
+- ``selective``: ``R = -mean`` of ``l_j`` over the validation images that
+  are kept after removing the ``rejection_ratio`` lowest-scored.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+REWARD_NAMES: tuple[str, ...] = ("fixed", "weighted", "selective")
+
+
+def check_reward(reward: str) -> str:
+    if reward not in REWARD_NAMES:
+        raise ValueError(f"reward must be one of {REWARD_NAMES}, got {reward!r}")
+    return reward
+
+
+def check_rejection_ratio(rejection_ratio: float) -> float:
+    if not (isinstance(rejection_ratio, (int, float)) and 0.0 <= rejection_ratio < 1.0):
+        raise ValueError(f"rejection_ratio must be a number in [0, 1), got {rejection_ratio!r}")
+    return float(rejection_ratio)
+
+
+def fixed_reward(losses: np.ndarray) -> float:
+    """``-mean(losses)``."""
+    return -float(np.mean(losses))
+
+
+def weighted_reward(losses: np.ndarray, weights: np.ndarray) -> float:
+    """``-sum(w * l) / sum(w)``; with all weights zero, ``-mean(l)`` (no preference)."""
+    total = float(np.sum(weights))
+    if total <= 0.0:
+        return -float(np.mean(losses))
+    return -float(np.dot(weights, losses) / total)
+
+
+def kept_by_rejection(scores: np.ndarray, rejection_ratio: float) -> np.ndarray:
+    """Boolean mask keeping ``max(1, floor((1 - s) n))`` highest-scored items (ties: lower index wins)."""
+    n = len(scores)
+    n_keep = max(1, math.floor((1.0 - rejection_ratio) * n + 1e-9))
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+    keep = np.zeros(n, dtype=bool)
+    keep[order[:n_keep]] = True
+    return keep
+
+
+def selective_reward(
+    losses: np.ndarray,
+    scores: np.ndarray,
+    rejection_ratio: float,
+    selection: np.ndarray | None = None,
+) -> float:
+    """``-mean(l)`` over the items kept after rejecting the lowest-scored fraction.
+
+    With ``selection`` (Bernoulli draws from the scores), only selected items
+    that survive the rejection count, so that score-function methods get a
+    gradient; if none survives, the reward falls back to the deterministic one.
+    """
+    keep = kept_by_rejection(scores, rejection_ratio)
+    if selection is not None and np.any(keep & selection):
+        keep = keep & selection
+    return -float(np.mean(losses[keep]))
+
+
+class MovingAverageBaseline:
+    """``Rbar_t = a * Rbar_{t-1} + (1 - a) * R_t``, kept per key.
+
+    :meth:`update` returns the baselined reward ``R_t - Rbar_t`` of the paper
+    (Rbar includes the current reward; the first reward of a key gives 0).
+    Keys let the env keep one baseline per validation mini-batch position.
+    """
+
+    def __init__(self, decay: float = 0.9) -> None:
+        if not (0.0 <= decay < 1.0):
+            raise ValueError(f"baseline decay must be in [0, 1), got {decay!r}")
+        self.decay = float(decay)
+        self.values: dict[int, float] = {}
+
+    def update(self, reward: float, key: int = 0) -> float:
+        previous = self.values.get(key, reward)
+        value = self.decay * previous + (1.0 - self.decay) * reward
+        self.values[key] = value
+        return reward - value
+
+    def value(self, key: int = 0) -> float | None:
+        return self.values.get(key)
+
+    def reset(self) -> None:
+        self.values.clear()

@@ -1,0 +1,126 @@
+"""Tasks: what the task predictor learns, its per-sample training loss and metric.
+
+A :class:`Task` ties together the predictor factory, the per-sample training
+loss (per sample, so it can be restricted to the selected samples) and the
+per-sample metric used by the rewards and the evaluation (higher is better:
+correct/incorrect for classification, binary Dice for segmentation).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from iqa_env.data.dataset import ImageDataset
+from iqa_env.networks import Classifier, UNet
+
+
+class Task:
+    """Base class; use :func:`make_task` to get one by name."""
+
+    name: str = ""
+    metric_name: str = ""
+
+    def build_predictor(self, dataset: ImageDataset) -> nn.Module:
+        """A freshly initialised task predictor sized for ``dataset``."""
+        raise NotImplementedError
+
+    def targets(self, dataset: ImageDataset) -> np.ndarray:
+        """The training targets of ``dataset`` for this task."""
+        raise NotImplementedError
+
+    def per_sample_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Training loss per sample, ``(B,)``."""
+        raise NotImplementedError
+
+    def per_sample_metric(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Task metric per sample in [0, 1], higher is better, ``(B,)``."""
+        raise NotImplementedError
+
+    def confidence(self, outputs: torch.Tensor) -> torch.Tensor:
+        """The predictor's own confidence per sample in [0, 1], ``(B,)`` (a heuristic baseline)."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class ClassificationTask(Task):
+    """Image classification: AlexNet-style predictor, cross-entropy, per-sample correct/incorrect."""
+
+    name = "classification"
+    metric_name = "accuracy"
+
+    def build_predictor(self, dataset: ImageDataset) -> nn.Module:
+        if dataset.num_classes < 2:
+            raise ValueError(
+                f"classification needs at least 2 classes, the dataset declares "
+                f"{dataset.num_classes}: {list(dataset.class_names)}"
+            )
+        return Classifier(dataset.image_shape, dataset.num_classes)
+
+    def targets(self, dataset: ImageDataset) -> np.ndarray:
+        return dataset.labels.astype(np.int64)
+
+    def per_sample_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(outputs, targets, reduction="none")
+
+    def per_sample_metric(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return (outputs.argmax(1) == targets).float()
+
+    def confidence(self, outputs: torch.Tensor) -> torch.Tensor:
+        return outputs.softmax(1).amax(1)
+
+
+class SegmentationTask(Task):
+    """Binary segmentation: U-Net, pixel-wise cross-entropy, per-sample binary Dice.
+
+    An empty prediction of an empty mask counts as Dice 1.
+    """
+
+    name = "segmentation"
+    metric_name = "dice"
+
+    def build_predictor(self, dataset: ImageDataset) -> nn.Module:
+        dataset.require_masks("the segmentation task")
+        return UNet(dataset.image_shape)
+
+    def targets(self, dataset: ImageDataset) -> np.ndarray:
+        return dataset.require_masks("the segmentation task").astype(np.int64)
+
+    def per_sample_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(outputs, targets, reduction="none").flatten(1).mean(1)
+
+    def per_sample_metric(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return dice(outputs.argmax(1), targets)
+
+    def confidence(self, outputs: torch.Tensor) -> torch.Tensor:
+        return outputs.softmax(1).amax(1).flatten(1).mean(1)
+
+
+def dice(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Binary Dice per sample of ``(B, H, W)`` masks; 1 where both are empty."""
+    p = prediction.flatten(1).bool()
+    t = target.flatten(1).bool()
+    inter = (p & t).sum(1).float()
+    total = (p.sum(1) + t.sum(1)).float()
+    return torch.where(total > 0, 2 * inter / total.clamp_min(1), torch.ones_like(total))
+
+
+_TASKS: dict[str, type[Task]] = {
+    ClassificationTask.name: ClassificationTask,
+    SegmentationTask.name: SegmentationTask,
+}
+
+TASK_NAMES: tuple[str, ...] = tuple(_TASKS)
+
+
+def make_task(task: str | Task) -> Task:
+    """A :class:`Task` from its name (``"classification"`` or ``"segmentation"``)."""
+    if isinstance(task, Task):
+        return task
+    if task not in _TASKS:
+        raise ValueError(f"task must be one of {TASK_NAMES}, got {task!r}")
+    return _TASKS[task]()

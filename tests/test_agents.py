@@ -1,0 +1,156 @@
+"""Agents: per-sample policies, every algorithm's learn(), the Controller product."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from agents import ALGORITHMS, Controller, ProbabilityOUNoise, make_agent
+from agents.policies import PerSampleActorCriticPolicy
+from iqa_env.env import TaskAmenabilityEnv
+from tests.conftest import random_dataset
+
+TINY = dict(batch_size=8, train_steps=3, validation_size=16, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    return random_dataset(n=240, size=16)
+
+
+def _env(dataset, **kwargs) -> TaskAmenabilityEnv:
+    return TaskAmenabilityEnv(dataset, **{**TINY, **kwargs})
+
+
+def _probabilities(agent, obs: torch.Tensor) -> torch.Tensor:
+    """The policy's selection probabilities for a stack of observations, in [0, 1]."""
+    policy = agent.policy
+    with torch.no_grad():
+        if isinstance(policy, PerSampleActorCriticPolicy):
+            return policy.get_distribution(obs).distribution.mean.clamp(0, 1)
+        if hasattr(policy, "actor"):
+            return (policy.actor(obs) + 1) / 2  # DDPG/TD3 tanh output, or SAC's squashed mean
+        return policy(obs)
+
+
+@pytest.mark.parametrize("name", ALGORITHMS)
+def test_every_algorithm_learns_a_few_hundred_steps(dataset, name):
+    env = _env(dataset)
+    agent = make_agent(name, env, seed=0)
+    agent.learn(200)
+    assert agent.num_timesteps >= 200
+    controller = Controller.from_agent(agent)
+    scores = controller.score(dataset.images[:20])
+    assert scores.shape == (20,) and np.all((scores >= 0) & (scores <= 1))
+
+
+@pytest.mark.parametrize("name", ALGORITHMS)
+def test_actor_is_equivariant_and_controller_matches_it(dataset, name):
+    env = _env(dataset)
+    agent = make_agent(name, env, seed=0)
+    if name == "sac":  # SAC's deterministic action is the squashed mean: compare that
+        agent.policy.actor.forward = lambda obs, deterministic=True, _f=agent.policy.actor.forward: _f(obs, True)
+    obs = torch.as_tensor(dataset.images[:16].reshape(2, 8, 1, 16, 16)).float()
+    perm = torch.randperm(8)
+    p = _probabilities(agent, obs)
+    p_perm = _probabilities(agent, obs[:, perm])
+    torch.testing.assert_close(p[:, perm], p_perm, atol=1e-5, rtol=1e-5)
+    scores = Controller.from_agent(agent).score(dataset.images[:16])
+    np.testing.assert_allclose(scores, p.reshape(-1).numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["ddpg", "td3", "sac"])
+def test_critic_is_permutation_invariant(dataset, name):
+    env = _env(dataset)
+    agent = make_agent(name, env, seed=0)
+    obs = torch.as_tensor(dataset.images[:16].reshape(2, 8, 1, 16, 16)).float()
+    actions = torch.rand(2, 8) * 2 - 1
+    perm = torch.randperm(8)
+    with torch.no_grad():
+        q = agent.policy.critic(obs, actions)[0]
+        q_perm = agent.policy.critic(obs[:, perm], actions[:, perm])[0]
+    torch.testing.assert_close(q, q_perm, atol=1e-5, rtol=1e-5)
+    # And it is not blind to which image got which action.
+    swapped = actions.clone()
+    swapped[:, [0, 1]] = actions[:, [1, 0]]
+    with torch.no_grad():
+        assert not torch.allclose(q, agent.policy.critic(obs, swapped)[0])
+
+
+def test_policy_kwargs_are_not_shared_between_models(dataset):
+    kwargs = {"features_extractor_kwargs": {"embed_dim": 32}}
+    make_agent("ddpg", _env(dataset), seed=0, policy_kwargs=kwargs)
+    make_agent("td3", _env(dataset), seed=0, policy_kwargs=kwargs)
+    assert kwargs == {"features_extractor_kwargs": {"embed_dim": 32}}
+
+
+def test_unknown_algorithm_is_a_clear_error(dataset):
+    with pytest.raises(ValueError, match="algorithm must be one of"):
+        make_agent("dqn", _env(dataset))
+
+
+def test_ou_noise_explores_in_probability_units_from_the_first_step():
+    noise = ProbabilityOUNoise(64, sigma=0.2, theta=0.15, seed=0)
+    first_steps = []
+    for _ in range(200):
+        noise.reset()
+        first_steps.append(noise())
+    first = np.concatenate(first_steps) / 2.0  # back to probability units
+    # Stationary from the first step: st.d. 0.2 probability units (SB3's scaled space is 2x).
+    assert abs(first.std() - 0.2) < 0.01
+    noise.reset()
+    long_run = np.concatenate([noise() for _ in range(2000)]) / 2.0
+    assert abs(long_run.std() - 0.2) < 0.01
+    # Mean reversion: the lag-1 autocorrelation is 1 - theta.
+    noise.reset()
+    series = np.stack([noise()[0] for _ in range(20000)])
+    assert abs(np.corrcoef(series[:-1], series[1:])[0, 1] - 0.85) < 0.02
+
+
+def test_ddpg_actions_do_not_saturate(dataset):
+    """The saturation guard keeps DDPG's actor logits in the range where they still get gradients."""
+    env = _env(dataset)
+    agent = make_agent("ddpg", env, seed=0, learning_starts=20)
+    agent.learn(300)
+    obs = torch.as_tensor(dataset.images[:64].reshape(8, 8, 1, 16, 16)).float()
+    p = _probabilities(agent, obs)
+    assert float(((p < 0.005) | (p > 0.995)).float().mean()) < 0.5
+
+
+def test_controller_save_load_round_trip(dataset, tmp_path):
+    agent = make_agent("reinforce", _env(dataset), seed=0)
+    agent.learn(60)
+    controller = Controller.from_agent(agent, metadata={"task": "classification"})
+    controller.save(tmp_path / "ctrl")
+    loaded = Controller.load(tmp_path / "ctrl")
+    np.testing.assert_array_equal(controller.score(dataset.images), loaded.score(dataset.images))
+    assert loaded.metadata["task"] == "classification" and loaded.metadata["algorithm"] == "REINFORCE"
+    # Any batch size; float input in [0, 1] scores like uint8; (N, H, W) is taken as one channel.
+    np.testing.assert_allclose(loaded.score(dataset.images[:3] / 255.0), loaded.score(dataset.images[:3]), atol=1e-6)
+    assert loaded.score(dataset.images[:5, 0]).shape == (5,)
+    assert loaded.score(dataset.images[:0]).shape == (0,)
+
+
+@pytest.mark.parametrize(
+    "images, error, message",
+    [
+        (np.zeros((2, 3, 16, 16), np.uint8), ValueError, r"shape \(N, 1, 16, 16\)"),
+        (np.full((2, 1, 16, 16), 2.0), ValueError, r"scaled to \[0, 1\]"),
+        (np.full((2, 1, 16, 16), np.nan), ValueError, "NaN"),
+        (np.zeros((2, 1, 16, 16), np.int32), TypeError, "uint8"),
+    ],
+)
+def test_controller_rejects_bad_images(dataset, images, error, message):
+    controller = Controller.from_agent(make_agent("reinforce", _env(dataset), seed=0))
+    with pytest.raises(error, match=message):
+        controller.score(images)
+
+
+def test_controller_load_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="controller.json"):
+        Controller.load(tmp_path)
+    (tmp_path / "controller.json").write_text("{not json")
+    (tmp_path / "controller.pt").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        Controller.load(tmp_path)

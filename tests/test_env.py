@@ -1,0 +1,329 @@
+"""TaskAmenabilityEnv: the Gymnasium contract, determinism, vectorisation, bad input."""
+
+from __future__ import annotations
+
+import functools
+import pickle
+import subprocess
+import sys
+import warnings
+
+import gymnasium as gym
+import numpy as np
+import pytest
+from gymnasium.utils.env_checker import check_env
+
+import iqa_env
+from iqa_env.env import TaskAmenabilityEnv
+from tests.conftest import random_dataset
+
+TASKS = ("classification", "segmentation")
+REWARDS = ("fixed", "weighted", "selective")
+TINY = dict(batch_size=8, train_steps=3, validation_size=20, device="cpu")
+
+
+def make(dataset, **kwargs) -> TaskAmenabilityEnv:
+    return gym.make("TaskAmenability-v0", dataset=dataset, **{**TINY, **kwargs}).unwrapped
+
+
+@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("reward", REWARDS)
+def test_gymnasium_check_env(tiny_synthetic, task, reward):
+    env = make(tiny_synthetic, task=task, reward=reward, render_mode="rgb_array")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning is expected from Gymnasium's checker
+        check_env(env, skip_render_check=False)
+
+
+def test_stable_baselines3_check_env(tiny_synthetic):
+    from stable_baselines3.common.env_checker import check_env as sb3_check_env
+
+    env = make(tiny_synthetic)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sb3_check_env(env, warn=True)
+    allowed = (
+        # SB3 wants image observations as (C, H, W) or (H, W, C) of one image; ours are a batch
+        # of B images, (B, C, H, W), which its CNN policies cannot take as is: the agents
+        # package brings per-sample policies for this observation.
+        "image",
+        "channel",
+        # The action space is [0, 1] (probabilities); SB3 recommends symmetric [-1, 1]
+        # spaces for its Gaussian policies, and the agents rescale.
+        "symmetric and normalized",
+    )
+    unexpected = [str(w.message) for w in caught if not any(a in str(w.message) for a in allowed)]
+    assert not unexpected, unexpected
+
+
+def _rollout(env: TaskAmenabilityEnv, seed: int, steps: int):
+    rng = np.random.default_rng(123)
+    obs, info = env.reset(seed=seed)
+    trace = [(obs.copy(), 0.0, info)]
+    for _ in range(steps):
+        obs, reward, terminated, truncated, info = env.step(rng.random(env.batch_size).astype(np.float32))
+        trace.append((obs.copy(), reward, info))
+        if terminated or truncated:
+            obs, info = env.reset()
+            trace.append((obs.copy(), 0.0, info))
+    return trace
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_same_seed_same_rollout(tiny_synthetic, task):
+    a = _rollout(make(tiny_synthetic, task=task), seed=7, steps=20)
+    b = _rollout(make(tiny_synthetic, task=task), seed=7, steps=20)
+    c = _rollout(make(tiny_synthetic, task=task), seed=8, steps=20)
+    for (oa, ra, ia), (ob, rb, ib) in zip(a, b):
+        np.testing.assert_array_equal(oa, ob)
+        assert ra == rb
+        assert ia.keys() == ib.keys()
+        for key in ia:
+            np.testing.assert_array_equal(ia[key], ib[key], err_msg=key)
+    assert any(not np.array_equal(oa, oc) for (oa, _, _), (oc, _, _) in zip(a, c))
+
+
+@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("reward", REWARDS)
+def test_every_task_and_reward_runs_episodes(tiny_synthetic, task, reward):
+    env = make(tiny_synthetic, task=task, reward=reward)
+    env.reset(seed=0)
+    ready = []
+    for _episode in range(3):
+        terminated, steps = False, 0
+        while not terminated:
+            _, reward_value, terminated, truncated, info = env.step(env.action_space.sample())
+            assert np.isfinite(reward_value) and not truncated
+            if info["reward_ready"]:
+                ready.append(info["raw_reward"])
+            steps += 1
+        assert steps == env.episode_length
+        env.reset()
+    expected = 3 * max(1, env.validation_steps)
+    assert len(ready) == expected and all(-1.0 <= r <= 0.0 for r in ready)
+
+
+def test_episode_structure_and_info(tiny_synthetic):
+    env = make(tiny_synthetic, reward="weighted")
+    obs, info = env.reset(seed=0)
+    assert info["phase"] == "train" and obs.shape == env.observation_space.shape
+    phases = []
+    terminated = False
+    while not terminated:
+        _, _, terminated, _, info = env.step(np.full(env.batch_size, 0.5, np.float32))
+        phases.append(info["action_phase"])
+        assert info["selection"].dtype == bool and info["selection"].shape == (env.batch_size,)
+        assert info["num_selected"] == int(info["selection"][info["valid"]].sum())
+    assert phases == ["train"] * env.train_steps + ["validation"] * env.validation_steps
+    # The validation images are padded up to whole batches; padding is marked invalid.
+    assert env.validation_steps == int(np.ceil(20 / env.batch_size))
+    assert int(info["valid"].sum()) == 20 - env.batch_size * (env.validation_steps - 1)
+
+
+def test_zero_selected_is_no_update(tiny_synthetic):
+    import torch
+
+    env = make(tiny_synthetic)
+    env.reset(seed=0)
+    before = [p.detach().clone() for p in env.predictor.parameters()]
+    _, _, _, _, info = env.step(np.zeros(env.batch_size, np.float32))
+    assert info["num_selected"] == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, env.predictor.parameters()))
+    env.step(np.ones(env.batch_size, np.float32))
+    assert any(not torch.equal(a, b) for a, b in zip(before, env.predictor.parameters()))
+
+
+def test_predictor_persists_across_episodes_and_reinitialises_on_seed(tiny_synthetic):
+    import torch
+
+    env = make(tiny_synthetic, reward="fixed")
+    env.reset(seed=0)
+    initial = [p.detach().clone() for p in env.predictor.parameters()]
+    for _ in range(env.train_steps):
+        env.step(np.ones(env.batch_size, np.float32))
+    trained = [p.detach().clone() for p in env.predictor.parameters()]
+    env.reset()  # next episode, same predictor
+    assert all(torch.equal(a, b) for a, b in zip(trained, env.predictor.parameters()))
+    env.reset(seed=0)  # a seeded reset starts the run over
+    assert all(torch.equal(a, b) for a, b in zip(initial, env.predictor.parameters()))
+    env.reset(options={"reinitialise_predictor": True})
+    assert any(not torch.equal(a, b) for a, b in zip(initial, env.predictor.parameters()))
+
+
+@pytest.mark.parametrize(
+    "action, message",
+    [
+        (np.full(8, np.nan, np.float32), "NaN or infinite"),
+        (np.full(8, np.inf, np.float32), "NaN or infinite"),
+        (np.zeros(7, np.float32), r"shape \(8,\)"),
+        (np.zeros((8, 1), np.float32), r"shape \(8,\)"),
+        ("abc", "selection probabilities"),
+    ],
+)
+def test_bad_actions_raise_clear_errors(tiny_synthetic, action, message):
+    env = make(tiny_synthetic)
+    env.reset(seed=0)
+    with pytest.raises(ValueError, match=message):
+        env.step(action)
+
+
+def test_out_of_range_actions_are_clipped(tiny_synthetic):
+    env = make(tiny_synthetic)
+    env.reset(seed=0)
+    _, _, _, _, info = env.step(np.full(8, 5.0, np.float32))
+    assert info["num_selected"] == 8 and info["mean_selection_probability"] == 1.0
+    _, _, _, _, info = env.step(np.full(8, -3.0, np.float32))
+    assert info["num_selected"] == 0 and info["mean_selection_probability"] == 0.0
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(task="detection"), "task must be one of"),
+        (dict(reward="best"), "reward must be one of"),
+        (dict(rejection_ratio=1.0), r"rejection_ratio must be a number in \[0, 1\)"),
+        (dict(rejection_ratio=-0.1), r"rejection_ratio must be a number in \[0, 1\)"),
+        (dict(batch_size=10_000), "larger than the training set"),
+        (dict(batch_size=0), "batch_size must be a positive integer"),
+        (dict(mean_selection_bounds=(0.8, 0.2)), "mean_selection_bounds"),
+        (dict(device="tpu"), "device must be"),
+    ],
+)
+def test_bad_settings_raise_clear_errors(tiny_synthetic, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TaskAmenabilityEnv(tiny_synthetic, **{**TINY, **kwargs})
+
+
+def test_missing_cuda_is_a_clear_error(tiny_synthetic):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        TaskAmenabilityEnv(tiny_synthetic, **{**TINY, "device": "cuda"})
+
+
+def test_segmentation_needs_masks_and_fixed_needs_human_labels():
+    no_masks = random_dataset(masks=False)
+    with pytest.raises(ValueError, match="needs segmentation masks"):
+        TaskAmenabilityEnv(no_masks, task="segmentation", **TINY)
+    ds = random_dataset()
+    ds.human_amenability = {}
+    with pytest.raises(ValueError, match="needs human amenability labels"):
+        TaskAmenabilityEnv(ds, reward="fixed", **TINY)
+
+
+def test_dataset_argument_accepts_a_path_and_rejects_other_types(tiny_synthetic_path):
+    env = make(str(tiny_synthetic_path))
+    assert env.reset(seed=0)[0].shape == env.observation_space.shape
+    with pytest.raises(TypeError, match="dataset must be an ImageDataset"):
+        TaskAmenabilityEnv(42, **TINY)
+
+
+def test_explicit_validation_dataset(tiny_synthetic):
+    train, validation = tiny_synthetic[:150], tiny_synthetic[150:]
+    env = TaskAmenabilityEnv(train, validation_dataset=validation, **TINY)
+    assert len(env.train_set) == 150 and len(env.validation_set) == len(tiny_synthetic) - 150
+
+
+def test_holdout_is_out_of_reach(tiny_synthetic):
+    from iqa_env.data import split_by_group
+
+    env = make(tiny_synthetic)
+    _, _, holdout = split_by_group(tiny_synthetic, seed=0)
+    seen = set(np.unique(env.train_set.groups)) | set(np.unique(env.validation_set.groups))
+    assert seen.isdisjoint(np.unique(holdout.groups))
+
+
+def test_render_marks_selection(tiny_synthetic):
+    env = make(tiny_synthetic, render_mode="rgb_array")
+    env.reset(seed=0)
+    before = env.render()
+    env.step(np.array([1, 0] * 4, np.float32))
+    after = env.render()
+    assert before.dtype == np.uint8 and before.ndim == 3 and before.shape[2] == 3
+    assert before.shape == after.shape
+    # Frames: green for the selected (index 0), red for the rejected (index 1).
+    assert tuple(after[0, 0]) == (40, 200, 80)
+    tile_w = env.observation_space.shape[-1] + 4
+    assert tuple(after[0, tile_w]) == (220, 50, 50)
+
+
+def test_pickle_round_trip(tiny_synthetic):
+    env = make(tiny_synthetic)
+    env.reset(seed=3)
+    clone = pickle.loads(pickle.dumps(env))
+    action = np.full(env.batch_size, 0.5, np.float32)
+    a = env.step(action)
+    b = clone.step(action)
+    np.testing.assert_array_equal(a[0], b[0])
+    assert a[1] == b[1]
+
+
+def test_async_vector_env_with_spawn(tiny_synthetic_path):
+    # Spawned workers start a fresh interpreter: the "iqa_env:" prefix imports the package there.
+    make_one = functools.partial(gym.make, "iqa_env:TaskAmenability-v0", dataset=str(tiny_synthetic_path), **TINY)
+    envs = gym.vector.AsyncVectorEnv([make_one, make_one], context="spawn")
+    try:
+        obs, _ = envs.reset(seed=[0, 1])
+        assert obs.shape == (2, *envs.single_observation_space.shape)
+        for _ in range(6):
+            obs, rewards, terminated, truncated, infos = envs.step(envs.action_space.sample())
+        assert rewards.shape == (2,)
+    finally:
+        envs.close()
+
+
+def test_sb3_subproc_vec_env(tiny_synthetic_path):
+    from stable_baselines3.common.env_util import make_vec_env
+    from stable_baselines3.common.vec_env import SubprocVecEnv
+
+    vec = make_vec_env(
+        "iqa_env:TaskAmenability-v0",  # the worker processes import iqa_env through the prefix
+        n_envs=2,
+        seed=0,
+        env_kwargs=dict(dataset=str(tiny_synthetic_path), **TINY),
+        vec_env_cls=SubprocVecEnv,
+        vec_env_kwargs=dict(start_method="spawn"),
+    )
+    try:
+        vec.reset()
+        for _ in range(6):
+            _, rewards, dones, _ = vec.step(np.stack([vec.action_space.sample() for _ in range(2)]))
+        assert rewards.shape == (2,)
+    finally:
+        vec.close()
+
+
+def test_registration_is_silent_and_idempotent():
+    import importlib
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        importlib.reload(iqa_env)
+    assert iqa_env.ENV_ID in gym.registry
+
+
+def test_make_with_module_prefix_without_prior_import(tiny_synthetic_path):
+    code = (
+        "import gymnasium as gym, sys\n"
+        "assert 'iqa_env' not in sys.modules\n"
+        f"env = gym.make('iqa_env:TaskAmenability-v0', dataset={str(tiny_synthetic_path)!r}, batch_size=8, device='cpu')\n"
+        "obs, info = env.reset(seed=0)\n"
+        "print(obs.shape)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "(8, 1, 32, 32)"
+
+
+def test_import_is_light():
+    code = "import sys, iqa_env; print(sorted(m for m in ('torch', 'matplotlib', 'stable_baselines3', 'h5py') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_make_without_arguments_uses_the_built_in_dataset():
+    env = gym.make("TaskAmenability-v0", device="cpu")
+    obs, info = env.reset(seed=0)
+    assert obs.shape[0] == 32 and obs.dtype == np.uint8
+    assert env.unwrapped.train_set.metadata.get("source") == "synthetic-ultrasound"
