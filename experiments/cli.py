@@ -19,6 +19,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "experiments.commands.data",
     "experiments.commands.train",
     "experiments.commands.score",
+    "experiments.commands.bench",
 )
 
 

@@ -36,11 +36,17 @@ def _check_image_shape(image_shape: tuple[int, ...], min_size: int = 8) -> tuple
 
 
 class ConvPool(nn.Sequential):
-    """conv3x3 -> ReLU -> 2x2 max-pool: one AlexNet-style feature block."""
+    """conv3x3 -> GroupNorm -> ReLU -> 2x2 max-pool: one AlexNet-style feature block.
+
+    The normalisation plays the part of AlexNet's local response normalisation;
+    GroupNorm rather than BatchNorm because the task predictor trains on
+    whatever few images the controller selects, down to one.
+    """
 
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__(
             nn.Conv2d(in_channels, out_channels, 3, padding=1),
+            nn.GroupNorm(math.gcd(out_channels, 4), out_channels),
             nn.ReLU(inplace=True),
             nn.MaxPool2d(2),
         )

@@ -327,3 +327,22 @@ def test_make_without_arguments_uses_the_built_in_dataset():
     obs, info = env.reset(seed=0)
     assert obs.shape[0] == 32 and obs.dtype == np.uint8
     assert env.unwrapped.train_set.metadata.get("source") == "synthetic-ultrasound"
+
+
+def test_environment_page_matches_the_docstring():
+    from experiments.docs import PAGE, environment_page
+
+    assert PAGE.read_text() == environment_page(), "docs/environment.md is stale: run python -m experiments.docs"
+
+
+def test_docstring_example_runs(tiny_synthetic_path):
+    """The runnable example of the docs, with a small dataset instead of the built-in one."""
+    import inspect
+    import re
+
+    doc = inspect.cleandoc(TaskAmenabilityEnv.__doc__)
+    code = re.search(r"```python\n(.*?)```", doc, re.S).group(1)
+    code = code.replace("batch_size=16)", f"batch_size=16, dataset={str(tiny_synthetic_path)!r}, device='cpu')")
+    namespace: dict = {}
+    exec(compile(code, "environment-doc-example", "exec"), namespace)
+    assert namespace["obs"].shape == (16, 1, 32, 32)

@@ -1,1 +1,37 @@
 """``iqa`` subcommands: each module has ``register(subparsers)``, and imports heavy code lazily."""
+
+from __future__ import annotations
+
+import argparse
+import textwrap
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Wrap prose paragraphs, keep indented example lines as written, show real defaults."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        blocks = []
+        for block in text.split("\n\n"):
+            if "\n  " in block or block.startswith("  "):
+                blocks.append("\n".join(indent + line for line in block.splitlines()))
+            else:
+                blocks.append(
+                    textwrap.fill(
+                        " ".join(block.split()),
+                        width,
+                        initial_indent=indent,
+                        subsequent_indent=indent,
+                        break_on_hyphens=False,
+                    )
+                )
+        return "\n\n".join(blocks)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        # Only defaults that tell something: not None (computed later) or off-switches.
+        default = action.default
+        if "%(default)" not in text and not any(
+            default is v for v in (None, False, argparse.SUPPRESS)
+        ):
+            text += " (default: %(default)s)"
+        return text

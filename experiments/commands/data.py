@@ -15,10 +15,11 @@ stays fast.
 from __future__ import annotations
 
 import argparse
-import textwrap
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from experiments.commands import HelpFormatter
 
 if TYPE_CHECKING:
     import numpy as np
@@ -27,37 +28,6 @@ if TYPE_CHECKING:
 
 #: Images in the preview grid by default.
 PREVIEW_IMAGES = 16
-
-
-class _HelpFormatter(argparse.HelpFormatter):
-    """Wrap prose paragraphs, keep indented example lines as written, show real defaults."""
-
-    def _fill_text(self, text: str, width: int, indent: str) -> str:
-        blocks = []
-        for block in text.split("\n\n"):
-            if "\n  " in block or block.startswith("  "):
-                blocks.append("\n".join(indent + line for line in block.splitlines()))
-            else:
-                blocks.append(
-                    textwrap.fill(
-                        " ".join(block.split()),
-                        width,
-                        initial_indent=indent,
-                        subsequent_indent=indent,
-                        break_on_hyphens=False,
-                    )
-                )
-        return "\n\n".join(blocks)
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        # Only defaults that tell something: not None (computed later) or off-switches.
-        default = action.default
-        if "%(default)" not in text and not any(
-            default is v for v in (None, False, argparse.SUPPRESS)
-        ):
-            text += " (default: %(default)s)"
-        return text
 
 
 # ------------------------------------------------------------------ helpers
@@ -387,7 +357,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
             "Make, import and inspect datasets.  Every dataset is one HDF5 file (format in "
             "docs/data-format.md) that `gymnasium.make('TaskAmenability-v0', dataset=PATH)` reads."
         ),
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
     )
     sub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
     sub.required = True
@@ -404,7 +374,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
             "built-in defaults (100 patients x 40 frames of 64 x 64)."
         ),
         epilog="example:\n  iqa data synth --out /tmp/small.h5 --patients 20 --frames 10 --size 32",
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
     )
     _add_output(p)
     p.add_argument(
@@ -429,7 +399,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
             "Needs the Debian package dataset-fashion-mnist (or --root with the idx files)."
         ),
         epilog="example:\n  iqa data fashion-mnist --out /tmp/fmnist.h5 --n-images 4000 --seed 1",
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
     )
     _add_output(p)
     p.add_argument(
@@ -490,7 +460,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
             "example:\n  iqa data import-folder scans/ --masks masks/ --labels labels.csv "
             "--size 64 --channels 1 --out mine.h5"
         ),
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("images_dir", type=Path, metavar="IMAGES_DIR", help="folder of image files")
     _add_output(p)
@@ -521,7 +491,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
             "example:\n  iqa data import-medmnist pneumoniamnist.npz --corrupt-fraction 1 "
             "--out pneu.h5"
         ),
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("npz", type=Path, metavar="FILE.npz", help="the MedMNIST file")
     _add_output(p)
@@ -559,7 +529,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
             "degradations)."
         ),
         epilog="example:\n  iqa data inspect data.h5 --preview preview.png",
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("path", type=Path, metavar="PATH", help="dataset file (.h5)")
     p.add_argument(

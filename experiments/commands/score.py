@@ -7,14 +7,14 @@ import csv
 import math
 from pathlib import Path
 
+from experiments.commands import HelpFormatter
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from experiments.commands.data import _HelpFormatter
-
     p = subparsers.add_parser(
         "score",
         help="score images with a trained controller",
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
         description=(
             "Score every image of an HDF5 dataset or of a folder of images with a trained controller "
             "(a folder written by `iqa train`, or by Controller.save) and write a CSV with the columns "

@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 
+from experiments.commands import HelpFormatter
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from experiments.commands.data import _HelpFormatter
-
     p = subparsers.add_parser(
         "train",
         help="train a controller with an RL algorithm",
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
         description=(
             "Train a task-amenability controller on TaskAmenability-v0 and save, in the run folder: "
             "config.json, the controller (controller/, for `iqa score`), the task predictor "

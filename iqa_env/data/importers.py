@@ -378,6 +378,7 @@ def import_folder(
             "images_dir": images_dir.name,
             "labels_csv": None if labels_csv is None else Path(labels_csv).name,
             "resized_to": None if size is None else list(target_hw),
+            "files": list(table.files),  # row i came from files[i] (relative to images_dir)
         },
     )
 

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 
 from iqa_env.data.dataset import ImageDataset
-from iqa_env.data.validation import DatasetError, _fail, check_array, validate_dataset_fields
+from iqa_env.data.validation import DatasetError, field_error, check_array, validate_dataset_fields
 
 if TYPE_CHECKING:
     import h5py
@@ -122,7 +122,7 @@ def save_dataset(
     try:
         metadata_json = json.dumps(ds.metadata, sort_keys=True, allow_nan=False)
     except (TypeError, ValueError) as e:
-        raise _fail(
+        raise field_error(
             str(path),
             "metadata",
             f"must be JSON-serialisable (strings, numbers, lists, dicts): {e}",
@@ -276,7 +276,7 @@ def _fields(path: Path, f: h5py.File) -> dict[str, Any]:
 
     def check(field: str, spec: str, node: Any, length: int | None) -> None:
         if not isinstance(node, h5py.Dataset):
-            raise _fail(src, field, f"is an HDF5 {type(node).__name__}, expected a dataset (array)")
+            raise field_error(src, field, f"is an HDF5 {type(node).__name__}, expected a dataset (array)")
         ndim, kinds, expected = _FIELD_SPECS[spec]
         # A stand-in with the stored rank, dtype and length (zero-filled, and
         # empty beyond the first axis) lets the shared check_array judge the
@@ -288,13 +288,13 @@ def _fields(path: Path, f: h5py.File) -> dict[str, Any]:
     nodes: dict[str, Any] = {}
     for field in ("images", "labels", "groups"):
         if field not in f:
-            raise _fail(src, field, f"missing; expected {_FIELD_SPECS[field][2]} (required field)")
+            raise field_error(src, field, f"missing; expected {_FIELD_SPECS[field][2]} (required field)")
     check("images", "images", f["images"], None)
     if f["images"].dtype != np.uint8:
-        raise _fail(src, "images", f"expected dtype uint8, got {f['images'].dtype}")
+        raise field_error(src, "images", f"expected dtype uint8, got {f['images'].dtype}")
     n = int(f["images"].shape[0])
     if n == 0:
-        raise _fail(src, "images", "the dataset is empty (0 images); expected at least one")
+        raise field_error(src, "images", "the dataset is empty (0 images); expected at least one")
     nodes["images"] = f["images"]
     for field in ("labels", "groups", "masks"):
         if field in f:
@@ -304,7 +304,7 @@ def _fields(path: Path, f: h5py.File) -> dict[str, Any]:
         if table not in f:
             continue
         if not isinstance(f[table], h5py.Group):
-            raise _fail(src, table, "expected an HDF5 group of (N,) datasets, one per name")
+            raise field_error(src, table, "expected an HDF5 group of (N,) datasets, one per name")
         for name, node in f[table].items():
             check(f"{table}/{name}", table, node, n)
             nodes[f"{table}/{name}"] = node
@@ -329,7 +329,7 @@ def _read_rows(path: Path, field: str, node: Any, rows: np.ndarray | None) -> np
             out[lo:hi] = node[int(rows[lo]) : int(rows[hi - 1]) + 1]
         return out
     except OSError as e:
-        raise _fail(
+        raise field_error(
             str(path),
             field,
             f"cannot be read ({e}); the file is truncated or corrupt, expected a complete file",

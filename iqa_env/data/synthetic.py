@@ -18,7 +18,10 @@ Degradations act where they act on a real scanner: an acoustic shadow and a
 loss of probe contact lower the transmission, reverberation adds clutter,
 noise is added at the receiver, blur widens the point-spread function, gain
 drift is an error in the receiver gain, and an out-of-view frame has the gland
-partly or wholly outside the fan.
+partly or wholly outside the fan.  As a sonographer would, the simulated
+operator turns the overall gain part of the way back when a degradation
+brightens or darkens a frame, so that the frame's brightness says little
+about its quality while the degradation stays visible locally.
 
 The ground-truth amenability of a frame is computed from what the degradations
 do to the *task*, not from their severity: the expected displayed contrast of
@@ -43,6 +46,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
+from scipy.fft import next_fast_len
 from scipy.special import ndtr
 
 from iqa_env.data.dataset import ImageDataset
@@ -50,6 +55,7 @@ from iqa_env.data.dataset import ImageDataset
 __all__ = [
     "CLASS_NAMES",
     "DEGRADATION_TYPES",
+    "GENERATOR_VERSION",
     "RAYLEIGH_MEAN_TO_STD",
     "STRONG_SEVERITY",
     "FanGeometry",
@@ -89,11 +95,13 @@ RAYLEIGH_MEAN_TO_STD: float = math.sqrt(math.pi / (4.0 - math.pi))
 _LOG_SPECKLE_MEAN_DB: float = -10.0 * 0.5772156649015329 / math.log(10.0)
 _LOG_SPECKLE_STD_DB: float = 10.0 * math.pi / (math.sqrt(6.0) * math.log(10.0))
 
-_VERSION = 1
+#: Bumped whenever the same settings start to give different data (cached files
+#: of the built-in dataset carry it in their name).
+GENERATOR_VERSION: int = 1
 _SOURCE = "synthetic-ultrasound"
 
 # The display window is [top - dynamic range, top] dB relative to the mean tissue
-# power; tying the top to the dynamic range keeps tissue mid-grey for every range,
+# power; tying the top to the dynamic range keeps tissue near mid-grey for every range,
 # so the dynamic range changes contrast and the gain changes brightness.
 _DISPLAY_TOP_FRACTION = 0.55
 
@@ -174,10 +182,10 @@ class SyntheticConfig:
     n_raters: int = 3
     """Simulated human raters whose majority vote makes ``human_amenability``; odd."""
 
-    rater_noise: float = 0.2
+    rater_noise: float = 0.25
     """Standard deviation of a rater's error when judging the amenability (scale 0-1)."""
 
-    rater_severity_weight: float = 0.3
+    rater_severity_weight: float = 0.4
     """Weight raters give to how degraded a frame *looks* (1 - severity) against its true
     amenability; humans penalise visible artefacts that the task may not mind.  0 = raters
     judge the true amenability only."""
@@ -188,15 +196,17 @@ def _validate(cfg: SyntheticConfig) -> None:
 
     def need(ok: bool, name: str, expected: str) -> None:
         if not ok:
-            raise ValueError(
-                f"SyntheticConfig.{name} must be {expected}, got {getattr(cfg, name)!r}"
-            )
+            raise ValueError(f"SyntheticConfig.{name} must be {expected}, got {getattr(cfg, name)!r}")
 
     def is_int(v: Any) -> bool:
         return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
     def is_num(v: Any) -> bool:
-        return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and math.isfinite(v)
+        return (
+            isinstance(v, (int, float, np.integer, np.floating))
+            and not isinstance(v, bool)
+            and math.isfinite(v)
+        )
 
     need(is_int(cfg.n_patients) and cfg.n_patients >= 1, "n_patients", "an integer >= 1")
     need(
@@ -206,7 +216,11 @@ def _validate(cfg: SyntheticConfig) -> None:
     )
     need(is_int(cfg.size) and 16 <= cfg.size <= 1024, "size", "an integer in [16, 1024] (pixels)")
     need(is_int(cfg.seed) and cfg.seed >= 0, "seed", "a non-negative integer")
-    need(is_num(cfg.negative_fraction) and 0 <= cfg.negative_fraction <= 0.9, "negative_fraction", "in [0, 0.9]")
+    need(
+        is_num(cfg.negative_fraction) and 0 <= cfg.negative_fraction <= 0.9,
+        "negative_fraction",
+        "in [0, 0.9]",
+    )
     need(is_num(cfg.strong_fraction) and 0 <= cfg.strong_fraction <= 1, "strong_fraction", "in [0, 1]")
     need(is_num(cfg.graded_fraction) and 0 <= cfg.graded_fraction <= 1, "graded_fraction", "in [0, 1]")
     if cfg.strong_fraction + cfg.graded_fraction > 1:
@@ -227,8 +241,16 @@ def _validate(cfg: SyntheticConfig) -> None:
         "in [0, 20] dB/cm",
     )
     need(isinstance(cfg.tgc, (bool, np.bool_)), "tgc", "True or False")
-    need(is_num(cfg.psf_axial_samples) and 0.3 <= cfg.psf_axial_samples <= 5, "psf_axial_samples", "in [0.3, 5]")
-    need(is_num(cfg.psf_lateral_lines) and 0.3 <= cfg.psf_lateral_lines <= 5, "psf_lateral_lines", "in [0.3, 5]")
+    need(
+        is_num(cfg.psf_axial_samples) and 0.3 <= cfg.psf_axial_samples <= 5,
+        "psf_axial_samples",
+        "in [0.3, 5]",
+    )
+    need(
+        is_num(cfg.psf_lateral_lines) and 0.3 <= cfg.psf_lateral_lines <= 5,
+        "psf_lateral_lines",
+        "in [0.3, 5]",
+    )
     need(is_num(cfg.gain_spread_db) and 0 <= cfg.gain_spread_db <= 20, "gain_spread_db", "in [0, 20] dB")
     need(
         is_num(cfg.dynamic_range_min_db) and 20 <= cfg.dynamic_range_min_db <= 100,
@@ -240,7 +262,11 @@ def _validate(cfg: SyntheticConfig) -> None:
         "dynamic_range_max_db",
         f"in [dynamic_range_min_db={cfg.dynamic_range_min_db}, 100] dB",
     )
-    need(is_int(cfg.n_raters) and cfg.n_raters >= 1 and cfg.n_raters % 2 == 1, "n_raters", "an odd integer >= 1")
+    need(
+        is_int(cfg.n_raters) and cfg.n_raters >= 1 and cfg.n_raters % 2 == 1,
+        "n_raters",
+        "an odd integer >= 1",
+    )
     need(is_num(cfg.rater_noise) and 0 <= cfg.rater_noise <= 1, "rater_noise", "in [0, 1]")
     need(
         is_num(cfg.rater_severity_weight) and 0 <= cfg.rater_severity_weight <= 1,
@@ -326,7 +352,7 @@ def make_fan_geometry(
     """
     if size < 16:
         raise ValueError(f"size must be at least 16 pixels, got {size}")
-    n_depth, n_lines = int(round(1.25 * size)), int(size)
+    n_depth, n_lines = round(1.25 * size), int(size)
     half = math.radians(fan_half_angle_deg)
     r0, r1 = float(probe_radius_cm), float(probe_radius_cm + max_depth_cm)
     depth = (np.arange(n_depth) + 0.5) * (max_depth_cm / n_depth)
@@ -474,7 +500,7 @@ def simulate_envelope(
     sa = per_frame(psf_axial, "psf_axial")
     sl = per_frame(psf_lateral, "psf_lateral")
     noise = np.asarray(noise_power, dtype=np.float32)
-    noise = np.broadcast_to(noise.reshape(noise.shape + (1,) * (2 - noise.ndim)) if noise.ndim else noise, (n_frames, n_depth))
+    noise = np.broadcast_to(noise[:, None] if noise.ndim == 1 else noise, (n_frames, n_depth))
     if not np.all(np.isfinite(noise)) or np.any(noise < 0):
         raise ValueError("noise_power must be finite and non-negative")
     if np.any(sa <= 0) or np.any(sl <= 0):
@@ -482,9 +508,9 @@ def simulate_envelope(
 
     # Pad by 4 PSF widths so the circular FFT convolution does not wrap echoes
     # from the bottom of the fan onto the top (and from one side onto the other).
-    pad_a = int(math.ceil(4 * float(sa.max())))
-    pad_l = int(math.ceil(4 * float(sl.max())))
-    shape = (n_depth + 2 * pad_a, n_lines + 2 * pad_l)
+    pad_a = math.ceil(4 * float(sa.max()))
+    pad_l = math.ceil(4 * float(sl.max()))
+    shape = (next_fast_len(n_depth + 2 * pad_a), next_fast_len(n_lines + 2 * pad_l))
     amp = np.sqrt(refl) * (10.0 ** (-att[:, None] * depth[None, :] / 20.0))[:, :, None]
     field = np.zeros((n_frames, *shape), dtype=np.complex64)
     field[:, pad_a : pad_a + n_depth, pad_l : pad_l + n_lines] = amp * _complex_gaussian(rng, refl.shape)
@@ -507,7 +533,7 @@ def log_compress(
 
     The window is ``[top - dynamic_range, top]`` dB with
     ``top = 0.55 * dynamic_range`` relative to unit mean tissue power, so tissue
-    sits mid-grey at every dynamic range.  ``dynamic_range_db`` and ``gain_db``
+    sits a little below mid-grey at every dynamic range.  ``dynamic_range_db`` and ``gain_db``
     are scalars or ``(F,)`` (one per frame of an ``(F, ...)`` envelope).
     """
     env = np.asarray(envelope, dtype=np.float32)
@@ -532,8 +558,12 @@ def expected_display(
     fall below the display floor (or above its top) look the same.
     ``dynamic_range_db`` and ``gain_db`` broadcast against ``power``.
     """
-    dr = np.asarray(dynamic_range_db, dtype=np.float64)
-    mean_db = 10.0 * np.log10(np.maximum(power, 1e-30)) + _LOG_SPECKLE_MEAN_DB + gain_db
+    # Single precision when the power is: plenty for a display value, and faster
+    # (numpy keeps float32 arrays float32 when combined with Python floats).
+    dtype = np.float32 if np.asarray(power).dtype == np.float32 else np.float64
+    dr: npt.NDArray[np.floating[Any]] = np.asarray(dynamic_range_db, dtype=dtype)
+    gain: npt.NDArray[np.floating[Any]] = np.asarray(gain_db, dtype=dtype)
+    mean_db = 10.0 * np.log10(np.maximum(np.asarray(power, dtype=dtype), 1e-30)) + _LOG_SPECKLE_MEAN_DB + gain
     m = (mean_db - (_DISPLAY_TOP_FRACTION - 1.0) * dr) / dr
     s = _LOG_SPECKLE_STD_DB / dr
     a, b = -m / s, (1.0 - m) / s
@@ -563,7 +593,7 @@ def shadow_loss_db(
     return (-loss[:, None, None] * axial[:, :, None] * lateral[:, None, :]).astype(np.float32)
 
 
-def _soft_step(x: np.ndarray, width: float) -> np.ndarray:
+def _soft_step(x: np.ndarray, width: float | np.ndarray) -> np.ndarray:
     """0 below -width/2, 1 above +width/2, linear between (anti-aliased edge)."""
     return np.clip(x / width + 0.5, 0.0, 1.0)
 
@@ -603,7 +633,7 @@ class _GlandShape:
         w = (cos_phi + 1j * sin_phi).astype(np.complex64)
         w2 = w * w
         out = np.ones(w.shape, dtype=np.float32)
-        for amp, phase, wk in zip(self.harmonics, self.phases, (w2, w2 * w, w2 * w2)):
+        for amp, phase, wk in zip(self.harmonics, self.phases, (w2, w2 * w, w2 * w2), strict=True):
             c = np.complex64(amp * np.exp(1j * phase))
             out += (wk * c).real
         return out
@@ -665,7 +695,9 @@ class _Patient:
     interface_db: float
     interface_curve: float
     bladder: tuple[float, float, float, float, float, float] | None  # x, depth, a, b, y centre, y half-length
-    bone: tuple[float, float, float, float, float] | None  # side, edge angle, drift per unit y, depth, loss dB
+    bone: (
+        tuple[float, float, float, float, float] | None
+    )  # side, edge angle, drift per unit y, depth, loss dB
     cysts: np.ndarray  # (C, 5): x, depth, radius, y centre, y half-length
     attenuation_db_per_cm: float
     gain_db: float
@@ -673,7 +705,18 @@ class _Patient:
     auto_gain: float  # fraction of a brightness change that the operator / auto-gain undoes
 
 
+# The gland cross-section shrinks towards the sweep ends as a super-ellipse
+# profile; it counts as present while at least this fraction of its full size.
+_MIN_SCALE = 0.45
+_PROFILE_POWER = 3.0
+_PRESENT_Y = float((1.0 - _MIN_SCALE**_PROFILE_POWER) ** (1.0 / _PROFILE_POWER))
+# A hypothetical gland of this scale stands in for the organ on organ-absent
+# frames when asking whether the frame would show an organ if there were one.
+_REFERENCE_SCALE = 0.6
+
+
 def _sample_patient(rng: np.random.Generator, cfg: SyntheticConfig, geom: FanGeometry) -> _Patient:
+    """Anatomy and scanner settings of one patient; sizes scale with the imaging depth."""
     depth = cfg.max_depth_cm
     a = rng.uniform(0.24, 0.33) * depth
     b = rng.uniform(0.16, 0.22) * depth
@@ -690,20 +733,18 @@ def _sample_patient(rng: np.random.Generator, cfg: SyntheticConfig, geom: FanGeo
     max_x = max(0.0, r_centre * math.sin(geom.half_angle) - 1.3 * a)
     gland_x = rng.uniform(-1.0, 1.0) * min(0.15 * depth, max_x)
 
-    # Sweep: the gland spans |y| < y_present; the sweep extends past it on both
-    # sides so that about `negative_fraction` of the frames miss it.
+    # Sweep: the gland shows for |y| < _PRESENT_Y; the sweep runs past it on
+    # both sides (unevenly) so that about `negative_fraction` of frames miss it.
     n = cfg.frames_per_patient
     neg = float(np.clip(cfg.negative_fraction + rng.uniform(-0.08, 0.08), 0.0, 0.95))
-    span = _PRESENT_Y / max(1.0 - neg, 0.05)
-    before = rng.uniform(0.3, 0.7)
-    start, stop = -_PRESENT_Y - before * (span - _PRESENT_Y) * 2, None
-    stop = start + 2 * span
-    y = np.linspace(start, stop, n) if n > 1 else np.array([0.0])
-    if n > 1:
-        y = y + rng.uniform(-0.25, 0.25, n) * (stop - start) / (n - 1)
+    length = 2 * _PRESENT_Y / max(1.0 - neg, 0.05)
+    start = -_PRESENT_Y - rng.uniform(0.3, 0.7) * (length - 2 * _PRESENT_Y)
+    step = length / max(n - 1, 1)
+    # Hand-held sweeps are not evenly spaced: jitter each frame by a quarter step.
+    y = start + step * np.arange(n) + rng.uniform(-0.25, 0.25, n) * step if n > 1 else np.zeros(1)
 
     k_waves = 8
-    wavelength = rng.uniform(0.8, 3.0, k_waves)
+    wavelength = rng.uniform(0.05, 0.2, k_waves) * depth
     direction = rng.uniform(0, 2 * math.pi, k_waves)
     waves = np.stack(
         [
@@ -725,16 +766,20 @@ def _sample_patient(rng: np.random.Generator, cfg: SyntheticConfig, geom: FanGeo
         side = rng.choice([-1.0, 1.0])
         bladder = (bx, bdepth, ba, bb, side * rng.uniform(0.7, 1.1), rng.uniform(0.6, 1.0))
     n_cysts = int(rng.integers(0, 4))
-    cysts = np.stack(
-        [
-            rng.uniform(-0.3, 0.3, n_cysts) * depth,
-            rng.uniform(0.15, 0.95, n_cysts) * depth,
-            rng.uniform(0.02, 0.05, n_cysts) * depth,
-            rng.uniform(-1.5, 1.5, n_cysts),
-            rng.uniform(0.15, 0.5, n_cysts),
-        ],
-        axis=1,
-    ) if n_cysts else np.zeros((0, 5))
+    cysts = (
+        np.stack(
+            [
+                rng.uniform(-0.3, 0.3, n_cysts) * depth,
+                rng.uniform(0.15, 0.95, n_cysts) * depth,
+                rng.uniform(0.02, 0.05, n_cysts) * depth,
+                rng.uniform(-1.5, 1.5, n_cysts),
+                rng.uniform(0.15, 0.5, n_cysts),
+            ],
+            axis=1,
+        )
+        if n_cysts
+        else np.zeros((0, 5))
+    )
     has_interface = rng.random() < 0.5
     # A bone (the pubic arch) at the side of the fan casts a shadow that is
     # anatomy, not a degradation: it never covers the gland.
@@ -742,19 +787,25 @@ def _sample_patient(rng: np.random.Generator, cfg: SyntheticConfig, geom: FanGeo
     side = -1.0 if gland_x > 0 else 1.0  # the side the gland leaves most room on
     gland_edge = math.atan2(1.3 * a + side * gland_x, r_centre - b)
     lo, hi = max(gland_edge + 0.05, 0.6 * geom.half_angle), 0.9 * geom.half_angle
-    u = rng.random(4)
+    u = rng.random(5)  # drawn whether or not there is a bone, to keep the stream fixed
     if u[0] < 0.5 and lo < hi:
-        bone = (side, lo + u[1] * (hi - lo), 0.05 * (2 * u[2] - 1), (0.1 + 0.3 * u[3]) * depth, 15.0 + 20.0 * u[2])
+        bone = (
+            side,
+            lo + u[1] * (hi - lo),
+            0.05 * (2 * u[2] - 1),
+            (0.1 + 0.3 * u[3]) * depth,
+            15.0 + 20.0 * u[4],
+        )
     return _Patient(
         gland=gland,
         gland_x_cm=gland_x,
         gland_depth_cm=gland_depth,
         gland_bend_cm=(rng.uniform(-0.4, 0.4), rng.uniform(-0.3, 0.3)),
-        gland_contrast_db=rng.uniform(-10.0, -4.0),
-        inner_contrast_db=rng.uniform(-3.0, 3.0),
-        capsule_db=rng.uniform(3.0, 8.0),
+        gland_contrast_db=rng.uniform(-12.0, -6.0),
+        inner_contrast_db=rng.uniform(-2.0, 2.0),
+        capsule_db=rng.uniform(4.0, 9.0),
         sweep_y=y,
-        texture_db=rng.uniform(1.0, 5.0),
+        texture_db=rng.uniform(1.0, 3.0),
         texture_waves=waves,
         texture_weights=weights,
         fat_cm=rng.uniform(0.03, 0.12) * depth,
@@ -769,16 +820,6 @@ def _sample_patient(rng: np.random.Generator, cfg: SyntheticConfig, geom: FanGeo
         dynamic_range_db=rng.uniform(cfg.dynamic_range_min_db, cfg.dynamic_range_max_db),
         auto_gain=rng.uniform(0.3, 0.9),
     )
-
-
-# The gland cross-section shrinks towards the sweep ends as a super-ellipse
-# profile; it counts as present while at least this fraction of its full size.
-_MIN_SCALE = 0.35
-_PROFILE_POWER = 3.0
-_PRESENT_Y = float((1.0 - _MIN_SCALE**_PROFILE_POWER) ** (1.0 / _PROFILE_POWER))
-# A hypothetical gland of this scale stands in for the organ on organ-absent
-# frames when asking whether the frame would show an organ if there were one.
-_REFERENCE_SCALE = 0.6
 
 
 def _gland_scale(y: np.ndarray) -> np.ndarray:
@@ -798,13 +839,11 @@ class _Frames:
     """Per-frame arrays of one patient (``F`` frames)."""
 
     present: np.ndarray  # (F,) bool
-    scale: np.ndarray  # (F,) gland scale, 0 when absent
     ref_scale: np.ndarray  # (F,) scale of the reference gland (actual or hypothetical)
     ref_x: np.ndarray  # (F,) reference gland centre after any out-of-view shift
     ref_z: np.ndarray
     severity: np.ndarray  # (F, T) severity per degradation type
     aimed: np.ndarray  # (F, T) bool: placed over the (reference) gland
-    overall: np.ndarray  # (F,)
     gain_db: np.ndarray  # (F,)
     dynamic_range_db: np.ndarray  # (F,)
 
@@ -849,7 +888,9 @@ def _draw_degradations(
     # Strong: one hiding type aimed at the gland, sometimes a milder second type.
     names = list(_HIDING_WEIGHTS)
     w = np.array([_HIDING_WEIGHTS[k] for k in names])
-    hide = np.array([DEGRADATION_TYPES.index(k) for k in names])[rng.choice(len(names), size=n, p=w / w.sum())]
+    hide = np.array([DEGRADATION_TYPES.index(k) for k in names])[
+        rng.choice(len(names), size=n, p=w / w.sum())
+    ]
     s_strong = rng.uniform(STRONG_SEVERITY, 1.0, n)
     severity[rows[strong], hide[strong]] = s_strong[strong]
     aimed[rows[strong], hide[strong]] = True
@@ -906,7 +947,6 @@ def _out_of_view_shift(
 def _degradation_fields(
     rng: np.random.Generator,
     geom: FanGeometry,
-    p: _Patient,
     fr: _Frames,
     gland_span: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
 ) -> dict[str, np.ndarray]:
@@ -919,7 +959,7 @@ def _degradation_fields(
     parameter is drawn for every frame so that the random stream does not
     depend on which degradations a frame has.
     """
-    n = fr.severity.shape[0]
+    n: int = fr.severity.shape[0]
     sev, aim = fr.severity, fr.aimed
     th_lo, th_hi, d_lo, d_hi = gland_span
     half, depth, theta = geom.half_angle, geom.depth_cm, geom.theta
@@ -953,12 +993,15 @@ def _degradation_fields(
     t1 = np.where(a, span_hi, centre + width)
     start = np.where(a, np.maximum(d_lo - rng.uniform(0.3, 1.2, n), 0.3), rng.uniform(0.15, 0.7, n) * d_max)
     loss_db += shadow_loss_db(geom, t0, t1, start, 60.0 * s) * (s > 0)[:, None, None]
-    calc = _soft_interval(theta[None, :], t0[:, None], t1[:, None], geom.line_step)[:, None, :] * np.exp(
-        -0.5 * ((depth[None, :] - start[:, None]) / (0.7 * geom.depth_step_cm)) ** 2
-    )[:, :, None]
-    specular += (10 ** (rng.uniform(0.8, 1.4, n) * np.minimum(s * 4, 1.0)) - 1)[:, None, None] * calc * (s > 0)[
-        :, None, None
-    ]
+    calc = (
+        _soft_interval(theta[None, :], t0[:, None], t1[:, None], geom.line_step)[:, None, :]
+        * np.exp(-0.5 * ((depth[None, :] - start[:, None]) / (0.7 * geom.depth_step_cm)) ** 2)[:, :, None]
+    )
+    specular += (
+        (10 ** (rng.uniform(0.8, 1.4, n) * np.minimum(s * 4, 1.0)) - 1)[:, None, None]
+        * calc
+        * (s > 0)[:, None, None]
+    )
 
     # Probe-contact loss: a dark sector from the skin down, with ring-down echoes of the air gap.
     s = sev[:, _T["contact_loss"]]
@@ -972,7 +1015,9 @@ def _degradation_fields(
     loss_db -= ((60.0 * s)[:, None] * sector)[:, None, :]
     spacing = rng.uniform(0.04, 0.07, n) * d_max
     ring = _bands(depth, spacing, np.full(n, 0.35 * d_max), decay_db=4.0)
-    clutter += (10 ** ((-8.0 + 10.0 * s) / 10) * (s > 0))[:, None, None] * ring[:, :, None] * sector[:, None, :]
+    clutter += (
+        (10 ** ((-8.0 + 10.0 * s) / 10) * (s > 0))[:, None, None] * ring[:, :, None] * sector[:, None, :]
+    )
 
     # Reverberation: bright bands at multiples of a shallow interface over a haze of clutter.
     s = sev[:, _T["reverberation"]]
@@ -1012,7 +1057,7 @@ def _degradation_fields(
     level_db = np.where(s > 0, np.where(a, -30.0 + 50.0 * s, -30.0 + 60.0 * s), -np.inf)
     thermal = rng.uniform(0.0, 1.0, n)
 
-    # Blur / defocus: wider lateral beam and longer pulse.
+    # Blur / defocus: a wider lateral beam (up to 6x) and a longer pulse (up to 3x).
     s = sev[:, _T["blur"]]
     return {
         "loss_db": loss_db,
@@ -1051,7 +1096,9 @@ def _tissue_db(p: _Patient, geom: FanGeometry, y: np.ndarray, x: np.ndarray, z: 
     r = np.hypot(x, z)
     d = r - geom.probe_radius_cm
     skin = 0.08 * geom.max_depth_cm / 7.0
-    out += (6.0 * _soft_step(skin - d, 0.05) - 4.0 * _soft_step(d - skin, 0.1) * _soft_step(p.fat_cm - d, 0.2))[None]
+    out += (
+        6.0 * _soft_step(skin - d, 0.05) - 4.0 * _soft_step(d - skin, 0.1) * _soft_step(p.fat_cm - d, 0.2)
+    )[None]
     if p.interface_depth_cm is not None:
         zi = geom.probe_radius_cm + p.interface_depth_cm + p.interface_curve * x**2
         out += p.interface_db * np.exp(-0.5 * ((z - zi) / (0.6 * geom.depth_step_cm)) ** 2)[None]
@@ -1061,14 +1108,17 @@ def _tissue_db(p: _Patient, geom: FanGeometry, y: np.ndarray, x: np.ndarray, z: 
         rho = np.hypot((x[None] - bx) / ba, (z[None] - geom.probe_radius_cm - bdepth) / bb)
         with np.errstate(divide="ignore"):
             rho = rho / np.where(sb > 0, sb, 0.0)[:, None]
-        edge = geom.depth_step_cm / (min(ba, bb) * np.maximum(sb, 1e-3))[:, None]
-        out -= 35.0 * _soft_step(1.0 - rho, edge)
+        edge_width = geom.depth_step_cm / (min(ba, bb) * np.maximum(sb, 1e-3))[:, None]
+        out -= 35.0 * _soft_step(1.0 - rho, edge_width)
     if p.bone is not None:
         side, edge, drift, bone_depth, loss = p.bone
         theta = np.arctan2(x, z)
         beyond = _soft_step(side * theta[None, :] - (edge + drift * y)[:, None], 0.02)
         below = d[None, :] - bone_depth
-        out += beyond * (12.0 * np.exp(-0.5 * (below / (0.7 * geom.depth_step_cm)) ** 2) - loss * _soft_step(below, geom.depth_step_cm))
+        out += beyond * (
+            12.0 * np.exp(-0.5 * (below / (0.7 * geom.depth_step_cm)) ** 2)
+            - loss * _soft_step(below, geom.depth_step_cm)
+        )
     for cx, cdepth, cr, cy, ch in p.cysts:
         sc = np.sqrt(np.clip(1.0 - ((y - cy) / ch) ** 2, 0.0, None))
         dist = np.hypot(x - cx, z - geom.probe_radius_cm - cdepth)[None] - cr * sc[:, None]
@@ -1082,7 +1132,7 @@ def _gland_db(p: _Patient, rho: np.ndarray, size_cm: np.ndarray, step_cm: float)
     dist = np.where(np.isfinite(dist), dist, 1e3)
     inside = _soft_step(-dist, step_cm)
     inner = _soft_step(0.55 - rho, step_cm / np.maximum(size_cm, 1e-3)[:, None])
-    capsule = np.clip(1.0 - np.abs(dist) / (0.9 * step_cm), 0.0, 1.0)
+    capsule = np.clip(1.0 - np.abs(dist) / (1.5 * step_cm), 0.0, 1.0)
     return p.gland_contrast_db * inside + p.inner_contrast_db * inner + p.capsule_db * capsule
 
 
@@ -1106,7 +1156,9 @@ class _ReceiveChain:
     baseline_pre: np.ndarray  # (F, D) receiver noise of the undegraded scanner
 
     @classmethod
-    def build(cls, geom: FanGeometry, cfg: SyntheticConfig, p: _Patient, deg: dict[str, np.ndarray]) -> _ReceiveChain:
+    def build(
+        cls, geom: FanGeometry, cfg: SyntheticConfig, p: _Patient, deg: dict[str, np.ndarray]
+    ) -> _ReceiveChain:
         tgc = cfg.attenuation_db_per_cm if cfg.tgc else 0.0
         # Noise is specified at display level at a reference depth; the thermal
         # receiver noise before the TGC is that level divided by the TGC gain
@@ -1114,9 +1166,12 @@ class _ReceiveChain:
         depth = geom.depth_cm[None, :]
         level = 10 ** (deg["noise_db"] / 10)[:, None]
         thermal = deg["noise_thermal_fraction"][:, None]
-        baseline = 10 ** ((deg["baseline_noise_db"][:, None] - tgc * geom.max_depth_cm) / 10) * np.ones_like(depth)
+        baseline = 10 ** ((deg["baseline_noise_db"][:, None] - tgc * geom.max_depth_cm) / 10) * np.ones_like(
+            depth
+        )
         degraded = level * (
-            thermal * 10 ** (-tgc * deg["noise_ref_depth"][:, None] / 10) + (1.0 - thermal) * 10 ** (-tgc * depth / 10)
+            thermal * 10 ** (-tgc * deg["noise_ref_depth"][:, None] / 10)
+            + (1.0 - thermal) * 10 ** (-tgc * depth / 10)
         )
         return cls(
             depth_cm=geom.depth_cm[None, :, None],
@@ -1145,9 +1200,12 @@ class _ReceiveChain:
         def pick(a: Any) -> np.ndarray:
             return np.broadcast_to(np.asarray(a, dtype=np.float32), shape)[index]
 
+        gain_err: np.ndarray | np.float32
         if degraded:
             gain_err = pick(self.gain_error_db)
-            obj = (pick(echogenicity) + pick(self.specular)) * 10 ** (pick(self.loss_db) / 10) + pick(self.clutter)
+            obj = (pick(echogenicity) + pick(self.specular)) * 10 ** (pick(self.loss_db) / 10) + pick(
+                self.clutter
+            )
             noise = pick(self.noise_pre[:, :, None])
         else:
             gain_err = np.float32(0.0)
@@ -1195,14 +1253,16 @@ def _simulate_patient(
     oov = severity[:, _T["out_of_view"]]
     fraction_out = np.clip(1.3 * oov - 0.15, 0.0, 1.0)
     rx, rz = _out_of_view_shift(rng, geom, p.gland, rx, rz, ref_scale, fraction_out)
-    fr = _Frames(present, scale, ref_scale, rx, rz, severity, aimed, overall, gain_db, dr_db)
+    fr = _Frames(present, ref_scale, rx, rz, severity, aimed, gain_db, dr_db)
 
     # Polar extent of the reference gland, for degradations aimed at it.
-    bx, bz = p.gland.points(np.ones(_EDGE_POINTS), np.linspace(0, 2 * math.pi, _EDGE_POINTS, endpoint=False), rx, rz, ref_scale)
+    bx, bz = p.gland.points(
+        np.ones(_EDGE_POINTS), np.linspace(0, 2 * math.pi, _EDGE_POINTS, endpoint=False), rx, rz, ref_scale
+    )
     b_theta = np.arctan2(bx, bz)
     b_depth = np.hypot(bx, bz) - geom.probe_radius_cm
     span = (b_theta.min(1), b_theta.max(1), b_depth.min(1), b_depth.max(1))
-    deg = _degradation_fields(rng, geom, p, fr, span)
+    deg = _degradation_fields(rng, geom, fr, span)
 
     # Echogenicity on the polar grid.
     xs, zs = geom.x_cm.ravel(), geom.z_cm.ravel()
@@ -1225,7 +1285,9 @@ def _simulate_patient(
     weight = (geom.probe_radius_cm + geom.depth_cm)[::2, None]  # polar area element ~ r
 
     def mean_display(degraded: bool, offset_db: np.ndarray) -> np.ndarray:
-        level = expected_display(chain.power(e_image, degraded, sub), dr_db[:, None, None], (gain_db + offset_db)[:, None, None])
+        level = expected_display(
+            chain.power(e_image, degraded, sub), dr_db[:, None, None], (gain_db + offset_db)[:, None, None]
+        )
         return _weighted_mean(level, weight)
 
     clean = mean_display(False, np.zeros(n))
@@ -1233,7 +1295,7 @@ def _simulate_patient(
     offset = np.zeros(n)
     # Fixed-point steps with the unclipped slope (1 / dynamic range); clipping
     # only flattens the slope, so the steps approach the target from one side.
-    for _ in range(4):
+    for _ in range(3):
         offset -= (mean_display(True, offset) - target) * dr_db
     chain.gain_error_db += offset[:, None, None].astype(np.float32)
 
@@ -1322,7 +1384,9 @@ def _amenability(
     radius, angle = _unit_disc_points(_DISC_POINTS)
     f_area = geom.contains(*p.gland.points(radius, angle, fr.ref_x, fr.ref_z, fr.ref_scale)).mean(1)
     edge_angle = np.linspace(0, 2 * math.pi, _EDGE_POINTS, endpoint=False)
-    f_edge = geom.contains(*p.gland.points(np.ones(_EDGE_POINTS), edge_angle, fr.ref_x, fr.ref_z, fr.ref_scale)).mean(1)
+    f_edge = geom.contains(
+        *p.gland.points(np.ones(_EDGE_POINTS), edge_angle, fr.ref_x, fr.ref_z, fr.ref_scale)
+    ).mean(1)
 
     # Blur: the extra PSF width relative to the gland size blurs its outline
     # (boundary error ~ width, Dice loss ~ width / radius) but barely hides it.
@@ -1395,21 +1459,19 @@ def generate_synthetic(config: SyntheticConfig | None = None, **overrides: Any) 
         known = {f.name for f in dataclasses.fields(SyntheticConfig)}
         unknown = sorted(set(overrides) - known)
         if unknown:
-            raise ValueError(
-                f"unknown SyntheticConfig field(s) {unknown}; valid names are {sorted(known)}"
-            )
+            raise ValueError(f"unknown SyntheticConfig field(s) {unknown}; valid names are {sorted(known)}")
         config = dataclasses.replace(config, **overrides)
     _validate(config)
 
-    geom = make_fan_geometry(config.size, config.max_depth_cm, config.probe_radius_cm, config.fan_half_angle_deg)
+    geom = make_fan_geometry(
+        config.size, config.max_depth_cm, config.probe_radius_cm, config.fan_half_angle_deg
+    )
     seeds = np.random.SeedSequence(config.seed).spawn(config.n_patients + 1)
     parts = [_simulate_patient(np.random.default_rng(s), config, geom) for s in seeds[:-1]]
     joined = {k: np.concatenate([part[k] for part in parts]) for k in parts[0]}
-    amenability = {
-        task: joined[f"amenability/{task}"] for task in ("classification", "segmentation")
-    }
+    amenability = {task: joined[f"amenability/{task}"] for task in ("classification", "segmentation")}
     metadata: dict[str, Any] = dataclasses.asdict(config)
-    metadata.update({"source": _SOURCE, "version": _VERSION})
+    metadata.update({"source": _SOURCE, "version": GENERATOR_VERSION})
     return ImageDataset(
         images=joined["images"][:, None],
         labels=joined["labels"],
@@ -1420,7 +1482,9 @@ def generate_synthetic(config: SyntheticConfig | None = None, **overrides: Any) 
             np.random.default_rng(seeds[-1]), amenability, joined["degradations/severity"], config
         ),
         degradations={
-            k.split("/", 1)[1]: v.astype(np.float32) for k, v in joined.items() if k.startswith("degradations/")
+            k.split("/", 1)[1]: v.astype(np.float32)
+            for k, v in joined.items()
+            if k.startswith("degradations/")
         },
         class_names=CLASS_NAMES,
         metadata=metadata,

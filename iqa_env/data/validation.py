@@ -18,7 +18,7 @@ class DatasetError(ValueError):
     """A dataset (in memory or on disk) does not follow the format."""
 
 
-def _fail(source: str, field: str, message: str) -> DatasetError:
+def field_error(source: str, field: str, message: str) -> DatasetError:
     return DatasetError(f"{source}: field '{field}': {message}")
 
 
@@ -34,15 +34,15 @@ def check_array(
 ) -> None:
     """Check rank, dtype kind (numpy ``dtype.kind`` letters) and length of one field."""
     if not isinstance(array, np.ndarray):
-        raise _fail(source, field, f"expected a numpy array ({expected}), got {type(array).__name__}")
+        raise field_error(source, field, f"expected a numpy array ({expected}), got {type(array).__name__}")
     if array.ndim != ndim:
-        raise _fail(
+        raise field_error(
             source, field, f"expected {ndim} dimensions ({expected}), got shape {tuple(array.shape)}"
         )
     if array.dtype.kind not in kinds:
-        raise _fail(source, field, f"expected dtype {expected}, got {array.dtype}")
+        raise field_error(source, field, f"expected dtype {expected}, got {array.dtype}")
     if length is not None and array.shape[0] != length:
-        raise _fail(
+        raise field_error(
             source,
             field,
             f"has {array.shape[0]} entries but 'images' has {length}; every per-image field "
@@ -50,28 +50,28 @@ def check_array(
         )
     if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
         bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
-        raise _fail(source, field, f"contains {bad} NaN or infinite value(s); expected finite numbers")
+        raise field_error(source, field, f"contains {bad} NaN or infinite value(s); expected finite numbers")
 
 
 def validate_dataset_fields(ds: ImageDataset, source: str) -> None:
     """Raise :class:`DatasetError` unless ``ds`` follows ``docs/data-format.md``."""
     check_array(source, "images", ds.images, ndim=4, kinds="u", expected="uint8 (N, C, H, W)")
     if ds.images.dtype != np.uint8:
-        raise _fail(source, "images", f"expected dtype uint8, got {ds.images.dtype}")
+        raise field_error(source, "images", f"expected dtype uint8, got {ds.images.dtype}")
     n = ds.images.shape[0]
     if n == 0:
-        raise _fail(source, "images", "the dataset is empty (0 images); expected at least one")
+        raise field_error(source, "images", "the dataset is empty (0 images); expected at least one")
     if ds.images.shape[1] not in (1, 3):
-        raise _fail(
+        raise field_error(
             source, "images", f"expected 1 or 3 channels (N, C, H, W), got shape {ds.images.shape}"
         )
     check_array(source, "labels", ds.labels, ndim=1, kinds="iu", length=n, expected="integer (N,)")
     n_classes = len(ds.class_names)
     if n_classes < 1:
-        raise _fail(source, "class_names", "expected at least one class name")
+        raise field_error(source, "class_names", "expected at least one class name")
     lo, hi = int(ds.labels.min()), int(ds.labels.max())
     if lo < 0 or hi >= n_classes:
-        raise _fail(
+        raise field_error(
             source,
             "labels",
             f"values must lie in [0, {n_classes - 1}] for the {n_classes} declared classes "
@@ -81,14 +81,14 @@ def validate_dataset_fields(ds: ImageDataset, source: str) -> None:
     if ds.masks is not None:
         check_array(source, "masks", ds.masks, ndim=3, kinds="ub", length=n, expected="uint8 (N, H, W)")
         if ds.masks.shape[1:] != ds.images.shape[2:]:
-            raise _fail(
+            raise field_error(
                 source,
                 "masks",
                 f"mask size {tuple(ds.masks.shape[1:])} does not match image size "
                 f"{tuple(ds.images.shape[2:])}; expected (N, H, W) with the images' H and W",
             )
         if ds.masks.size and int(ds.masks.max()) > 1:
-            raise _fail(source, "masks", f"expected binary values {{0, 1}}, got maximum {int(ds.masks.max())}")
+            raise field_error(source, "masks", f"expected binary values {{0, 1}}, got maximum {int(ds.masks.max())}")
     from iqa_env.data.dataset import TASKS
 
     for group_name, table, kinds, expected in (
@@ -98,10 +98,10 @@ def validate_dataset_fields(ds: ImageDataset, source: str) -> None:
         for task, values in table.items():
             field = f"{group_name}/{task}"
             if task not in TASKS:
-                raise _fail(source, field, f"unknown task {task!r}; expected one of {TASKS}")
+                raise field_error(source, field, f"unknown task {task!r}; expected one of {TASKS}")
             check_array(source, field, values, ndim=1, kinds=kinds, length=n, expected=expected)
             if values.size and (float(values.min()) < 0 or float(values.max()) > 1):
-                raise _fail(
+                raise field_error(
                     source, field, f"values must lie in [0, 1], got [{values.min()}, {values.max()}]"
                 )
     for name, values in ds.degradations.items():

@@ -1,0 +1,635 @@
+"""The performance benchmark behind ``iqa bench``: one JSON record, measured side by side in one run.
+
+What it measures (see ``docs/performance.md`` for the figures and targets):
+
+- **env**: steps per second of ``TaskAmenabilityEnv`` under random actions,
+  per task, and the *overhead ratio* = env time / bare torch compute.  The
+  bare compute replays, on a copy of the env's predictor and optimiser and on
+  the env's own image tensors, exactly the work the steps had to do: one
+  forward + backward + optimiser step on each training step's selected
+  images, and the validation forward passes (once per episode).  Env and bare
+  blocks alternate, so machine load hits both alike; the ratio is the median
+  over repeats.
+- **controller**: single-frame latency (median, p99) and batch throughput of
+  :class:`agents.Controller` on uint8 frames, the path a scanner would use.
+- **rl**: env steps per second inside ``learn()`` for DDPG and REINFORCE at
+  :func:`agents.make_agent`'s defaults, timed over whole episodes after the
+  warm-up (DDPG's ``learning_starts``, REINFORCE's first rollout).
+- **replay_buffer**: bytes per stored transition of DDPG's default SB3
+  buffer and of :class:`agents.index_buffer.IndexReplayBuffer`.
+- **memory**: peak resident memory of the process (``ru_maxrss``).
+- the torch thread count, device, versions and the targets each figure is
+  held against.
+
+Timings never go into tests; ``run_bench(quick=True)`` only checks that
+everything runs and every field is there.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import os
+import platform
+import resource
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+#: Version of the record's layout; bump it when a field changes meaning.
+SCHEMA = "iqa-bench/1"
+BENCH_TASKS: tuple[str, ...] = ("classification", "segmentation", "both")
+BENCH_ALGORITHMS: tuple[str, ...] = ("ddpg", "reinforce")
+
+#: Targets of the performance protocol (docs/performance.md); CPU-only ones say so.
+OVERHEAD_RATIO_MAX = 1.15
+CONTROLLER_P99_MS_MAX = 5.0
+CONTROLLER_IMAGES_PER_S_MIN = 2000.0
+INDEX_BUFFER_BYTES_MAX = 1024.0
+PEAK_MEMORY_BYTES_MAX = 4 * 1024**3
+
+
+@dataclass(frozen=True)
+class BenchBudget:
+    """How much of each measurement to take (``FULL`` or ``QUICK``)."""
+
+    env_repeats: int
+    """Alternating (env block, bare block) pairs; figures are medians over them."""
+    env_episodes_per_repeat: int
+    """Whole episodes per env block."""
+    env_warmup_episodes: int
+    """Untimed episodes (and bare replays) before the first repeat."""
+    controller_frames: int
+    """Timed single-frame scoring calls (latency median and p99)."""
+    controller_warmup_frames: int
+    """Untimed single-frame calls first."""
+    controller_batch: int
+    """Images per batch-throughput call."""
+    controller_batch_repeats: int
+    """Timed batch calls (throughput is their median)."""
+    rl_episodes: int
+    """Whole episodes timed inside ``learn()`` after each algorithm's warm-up."""
+
+
+FULL = BenchBudget(
+    env_repeats=5,
+    env_episodes_per_repeat=2,
+    env_warmup_episodes=1,
+    controller_frames=1000,
+    controller_warmup_frames=50,
+    controller_batch=1024,
+    controller_batch_repeats=7,
+    rl_episodes=2,
+)
+QUICK = BenchBudget(
+    env_repeats=2,
+    env_episodes_per_repeat=1,
+    env_warmup_episodes=1,
+    controller_frames=30,
+    controller_warmup_frames=3,
+    controller_batch=64,
+    controller_batch_repeats=2,
+    rl_episodes=1,
+)
+
+
+# ---------------------------------------------------------------- helpers
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
+
+
+def _synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so that wall-clock timings include it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextmanager
+def _torch_threads(threads: int) -> Iterator[None]:
+    """Run with ``threads`` intra-op threads, then restore the caller's setting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process so far (``getrusage``; KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _median(values: list[float]) -> float:
+    return float(np.median(values))
+
+
+def _load_dataset(dataset: str | os.PathLike[str] | Any | None) -> Any:
+    """An ``ImageDataset`` from a path, an object, or None (the built-in synthetic set)."""
+    from iqa_env.data import ImageDataset, default_dataset, load_dataset
+
+    if dataset is None:
+        return default_dataset()
+    if isinstance(dataset, ImageDataset):
+        return dataset
+    if isinstance(dataset, (str, os.PathLike)):
+        return load_dataset(dataset)
+    raise ValueError(f"dataset must be an HDF5 path, an ImageDataset or None, got {type(dataset).__name__}")
+
+
+def _dataset_source(dataset: str | os.PathLike[str] | Any | None) -> str:
+    if dataset is None:
+        return "built-in synthetic"
+    if isinstance(dataset, (str, os.PathLike)):
+        return os.path.basename(os.fspath(dataset))
+    return "ImageDataset object"
+
+
+# ------------------------------------------------------------------- env
+def _bare_tensors(env: Any) -> dict[str, torch.Tensor]:
+    """The env's own device tensors: the bare compute must read the very same memory."""
+    names = {
+        "train_images": "_train_images_t",
+        "train_targets": "_train_targets_t",
+        "validation_images": "_validation_images_t",
+        "validation_targets": "_validation_targets_t",
+    }
+    try:
+        tensors = {key: getattr(env, attr) for key, attr in names.items()}
+        order = torch.as_tensor(env._validation_order, device=env.device)
+    except AttributeError as e:
+        raise RuntimeError(f"TaskAmenabilityEnv no longer has the tensors the benchmark replays on ({e})") from e
+    tensors["validation_order"] = order
+    return tensors
+
+
+def _run_env_block(
+    env: Any, episodes: int, rng: np.random.Generator
+) -> tuple[float, int, list[list[np.ndarray]]]:
+    """``episodes`` whole episodes under random actions: (seconds, steps, selected indices per training step)."""
+    batch = env.batch_size
+    actions = rng.random((episodes * env.episode_length, batch), dtype=np.float32)
+    selected: list[list[np.ndarray]] = []
+    steps = 0
+    _synchronize(env.device)
+    start = time.perf_counter()
+    for _ in range(episodes):
+        _, info = env.reset()
+        episode: list[np.ndarray] = []
+        terminated = False
+        while not terminated:
+            shown = info["batch_indices"]
+            _, _, terminated, _, info = env.step(actions[steps])
+            if info["action_phase"] == "train":
+                episode.append(shown[info["selection"]])
+            steps += 1
+        selected.append(episode)
+    _synchronize(env.device)
+    return time.perf_counter() - start, steps, selected
+
+
+def _run_bare_block(env: Any, tensors: dict[str, torch.Tensor], selected: list[list[np.ndarray]]) -> float:
+    """The torch work of the episodes ``selected`` came from, alone; returns seconds.
+
+    Runs on a copy of the env's predictor and optimiser (the env is left as it
+    was): per training step with a selection, forward + loss + backward +
+    optimiser step on the selected images; per episode, the validation forward
+    passes over the reward's validation images, in the env's chunks of 512.
+    """
+    from iqa_env.networks import to_float
+
+    predictor = copy.deepcopy(env.predictor)
+    optimizer = type(env.optimizer)(predictor.parameters(), **env.optimizer.defaults)
+    optimizer.load_state_dict(env.optimizer.state_dict())
+    task, device = env.task, env.device
+    validation_images = tensors["validation_images"]
+    order = tensors["validation_order"]
+    _synchronize(device)
+    start = time.perf_counter()
+    for episode in selected:
+        predictor.train()
+        for indices in episode:
+            if len(indices) == 0:
+                continue
+            idx = torch.as_tensor(indices, device=device)
+            outputs = predictor(to_float(tensors["train_images"][idx]))
+            loss = task.per_sample_loss(outputs, tensors["train_targets"][idx]).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        predictor.eval()
+        with torch.no_grad():
+            images = validation_images[order]
+            for i in range(0, len(images), 512):
+                predictor(to_float(images[i : i + 512]))
+    _synchronize(device)
+    return time.perf_counter() - start
+
+
+def bench_env(env: Any, budget: BenchBudget, seed: int = 0) -> dict[str, Any]:
+    """Env steps/s under random actions and the overhead ratio over the bare torch compute."""
+    rng = np.random.default_rng(seed)
+    env.reset(seed=seed)
+    tensors = _bare_tensors(env)
+    for _ in range(budget.env_warmup_episodes):
+        _, _, selected = _run_env_block(env, 1, rng)
+        _run_bare_block(env, tensors, selected)
+    env_s, bare_s, ratios, steps_list, selections = [], [], [], [], []
+    for _ in range(budget.env_repeats):
+        seconds, steps, selected = _run_env_block(env, budget.env_episodes_per_repeat, rng)
+        bare = _run_bare_block(env, tensors, selected)
+        env_s.append(seconds / steps)
+        bare_s.append(bare / steps)
+        ratios.append(seconds / bare)
+        steps_list.append(steps)
+        selections.extend(len(ix) for episode in selected for ix in episode)
+    return {
+        "steps_per_s": 1.0 / _median(env_s),
+        "step_ms": 1e3 * _median(env_s),
+        "bare_compute_ms_per_step": 1e3 * _median(bare_s),
+        "overhead_ratio": _median(ratios),
+        "overhead_ratio_min": float(min(ratios)),
+        "overhead_ratio_max": float(max(ratios)),
+        "repeats": budget.env_repeats,
+        "steps_per_repeat": int(steps_list[0]),
+        "episode_length": int(env.episode_length),
+        "train_steps": int(env.train_steps),
+        "batch_size": int(env.batch_size),
+        "validation_images": int(len(tensors["validation_order"])),
+        "mean_selected_per_train_step": float(np.mean(selections)) if selections else 0.0,
+    }
+
+
+# ------------------------------------------------------------ controller
+def bench_controller(
+    image_shape: tuple[int, int, int], frames: np.ndarray, device: torch.device, budget: BenchBudget
+) -> dict[str, Any]:
+    """Single-frame latency and batch throughput of :class:`agents.Controller` on uint8 frames."""
+    from agents.controller import Controller
+    from iqa_env.networks import ControllerBackbone
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        controller = Controller(ControllerBackbone(image_shape)).to(device)
+    n = len(frames)
+    for i in range(budget.controller_warmup_frames):
+        controller.score(frames[i % n : i % n + 1])
+    latencies = []
+    for i in range(budget.controller_frames):
+        frame = frames[i % n : i % n + 1]
+        start = time.perf_counter()
+        controller.score(frame)  # returns numpy: includes the device round trip
+        latencies.append(time.perf_counter() - start)
+    reps = -(-budget.controller_batch // n)
+    batch = np.ascontiguousarray(np.concatenate([frames] * reps)[: budget.controller_batch])
+    controller.score(batch)
+    rates = []
+    for _ in range(budget.controller_batch_repeats):
+        start = time.perf_counter()
+        controller.score(batch)
+        rates.append(len(batch) / (time.perf_counter() - start))
+    ms = 1e3 * np.asarray(latencies)
+    return {
+        "single_frame_ms_median": float(np.median(ms)),
+        "single_frame_ms_p99": float(np.percentile(ms, 99)),
+        "single_frame_ms_max": float(ms.max()),
+        "single_frame_calls": int(len(ms)),
+        "batch_images_per_s": _median(rates),
+        "batch_size": int(len(batch)),
+        "batch_repeats": budget.controller_batch_repeats,
+    }
+
+
+# ------------------------------------------------------------------- RL
+def bench_learn(
+    algorithm: str, make_env: Callable[[], Any], device: torch.device, budget: BenchBudget, seed: int = 0
+) -> tuple[dict[str, Any], Any]:
+    """Env steps/s inside ``learn()`` at :func:`agents.make_agent`'s defaults; returns (figures, agent).
+
+    Timed from the end of the warm-up (DDPG: ``learning_starts`` steps of
+    random exploration without gradient steps; REINFORCE: its first rollout)
+    to the end of ``learn()``, over ``budget.rl_episodes`` whole episodes.
+    """
+    from stable_baselines3.common.callbacks import BaseCallback
+
+    from agents import make_agent
+
+    env = make_env()
+    agent = make_agent(algorithm, env, seed=seed, device=device)
+    episode = int(env.episode_length)
+    warmup = int(getattr(agent, "learning_starts", 0)) or int(getattr(agent, "n_steps", episode))
+    warmup = -(-warmup // episode) * episode  # start the clock on an episode boundary
+    total = warmup + budget.rl_episodes * episode
+    marks: dict[str, float] = {}
+
+    class _Clock(BaseCallback):
+        def _on_step(self) -> bool:
+            if self.num_timesteps == warmup:
+                _synchronize(device)
+                marks["start"] = time.perf_counter()
+            return True
+
+    begin = time.perf_counter()
+    agent.learn(total, callback=_Clock())
+    _synchronize(device)
+    end = time.perf_counter()
+    timed = int(agent.num_timesteps) - warmup
+    return {
+        "steps_per_s": timed / (end - marks["start"]),
+        "timed_steps": timed,
+        "warmup_steps": warmup,
+        "warmup_s": marks["start"] - begin,
+        "episode_length": episode,
+    }, agent
+
+
+def bench_replay_buffer(agent: Any) -> dict[str, Any]:
+    """Bytes per transition of an off-policy agent's buffer, and of :class:`IndexReplayBuffer` beside it."""
+    from agents.index_buffer import IndexReplayBuffer, index_buffer_kwargs, replay_buffer_nbytes
+
+    default = replay_buffer_nbytes(agent.replay_buffer)
+    buffer_size = int(agent.replay_buffer.buffer_size)
+    index = IndexReplayBuffer(
+        buffer_size,
+        agent.observation_space,
+        agent.action_space,
+        device="cpu",
+        **index_buffer_kwargs(agent.get_env()),
+    )
+    indexed = replay_buffer_nbytes(index)
+    return {
+        "buffer_size": buffer_size,
+        "default_class": type(agent.replay_buffer).__name__,
+        "default_bytes_per_transition": default["per_transition"],
+        "default_full_buffer_bytes": default["per_transition"] * default["capacity"],
+        "index_class": "agents.index_buffer.IndexReplayBuffer",
+        "index_bytes_per_transition": indexed["per_transition"],
+        "index_fixed_bytes": indexed["fixed"],
+        "index_full_buffer_bytes": indexed["per_transition"] * indexed["capacity"] + indexed["fixed"],
+    }
+
+
+# ------------------------------------------------------------------ main
+def _target(name: str, value: float | None, bound: float, kind: str, unit: str, applies: bool = True) -> dict[str, Any]:
+    met = None if value is None or not applies else (value <= bound if kind == "<=" else value >= bound)
+    return {"figure": name, "value": value, "target": f"{kind} {bound:g} {unit}".strip(), "met": met}
+
+
+def _targets(record: dict[str, Any]) -> list[dict[str, Any]]:
+    on_cpu = record["device"] == "cpu"
+    rows = [
+        _target(f"env overhead ratio ({task})", fig["overhead_ratio"], OVERHEAD_RATIO_MAX, "<=", "")
+        for task, fig in record["env"].items()
+    ]
+    c = record["controller"]
+    rows.append(_target("controller single-frame p99 latency", c["single_frame_ms_p99"], CONTROLLER_P99_MS_MAX, "<=", "ms", on_cpu))
+    rows.append(_target("controller batch throughput", c["batch_images_per_s"], CONTROLLER_IMAGES_PER_S_MIN, ">=", "images/s", on_cpu))
+    rb = record["replay_buffer"] or {}
+    rows.append(
+        _target("replay buffer, index option", rb.get("index_bytes_per_transition"), INDEX_BUFFER_BYTES_MAX, "<=", "bytes/transition")
+    )
+    mem = record["memory"]
+    rows.append(_target("peak resident memory", mem["peak_rss_bytes"], PEAK_MEMORY_BYTES_MAX, "<=", "bytes"))
+    rows.append(
+        _target(
+            "peak resident memory + full default DDPG buffer",
+            mem["peak_rss_plus_full_default_buffer_bytes"] if rb else None,
+            PEAK_MEMORY_BYTES_MAX,
+            "<=",
+            "bytes",
+        )
+    )
+    rows.append({"figure": "iqa reproduce --quick wall time", "value": None, "target": "reported", "met": None})
+    return rows
+
+
+def run_bench(
+    task: str = "both",
+    device: str = "cpu",
+    quick: bool = False,
+    *,
+    dataset: str | os.PathLike[str] | Any | None = None,
+    threads: int | None = None,
+    seed: int = 0,
+    algorithms: tuple[str, ...] = BENCH_ALGORITHMS,
+) -> dict[str, Any]:
+    """Measure everything ``iqa bench`` reports; returns the JSON-serialisable record.
+
+    :param task: ``"classification"``, ``"segmentation"`` or ``"both"``
+    :param device: ``"cpu"``, ``"cuda[:N]"`` or ``"auto"``
+    :param quick: a tiny budget (:data:`QUICK`): checks that everything runs, figures are rough
+    :param dataset: an HDF5 path or an ``ImageDataset``; None for the built-in synthetic set
+    :param threads: torch intra-op threads for the whole run (None: keep the current setting)
+    :param seed: seed of the envs, the agents and the random actions
+    :param algorithms: the RL algorithms timed inside ``learn()``
+    """
+    from iqa_env.env import TaskAmenabilityEnv, resolve_device
+
+    _check_choice("task", task, BENCH_TASKS)
+    for name in algorithms:
+        _check_choice("algorithm", name, BENCH_ALGORITHMS)
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
+    dev = resolve_device(device)
+    budget = QUICK if quick else FULL
+    tasks = ("classification", "segmentation") if task == "both" else (task,)
+    n_threads = threads or torch.get_num_threads()
+    started = time.perf_counter()
+
+    with _torch_threads(n_threads):
+        data = _load_dataset(dataset)
+        record: dict[str, Any] = {
+            "schema": SCHEMA,
+            "quick": bool(quick),
+            "budget": dataclasses.asdict(budget),
+            "device": dev.type,
+            "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name(),
+            "torch_threads": torch.get_num_threads(),
+            "torch_interop_threads": torch.get_num_interop_threads(),
+            "cpu_count": os.cpu_count(),
+            "versions": {
+                "python": platform.python_version(),
+                "torch": torch.__version__,
+                "numpy": np.__version__,
+                "stable_baselines3": _version("stable_baselines3"),
+            },
+            "dataset": {
+                "source": _dataset_source(dataset),
+                "images": len(data),
+                "image_shape": list(data.image_shape),
+            },
+            "env": {},
+            "rl": {},
+        }
+
+        def make_env(name: str) -> Callable[[], Any]:
+            return lambda: TaskAmenabilityEnv(data, task=name, device=dev)
+
+        for name in tasks:
+            logger.info("env throughput and overhead: %s", name)
+            env = make_env(name)()
+            record["env"][name] = bench_env(env, budget, seed)
+            frames = env.validation_set.images
+            env.close()
+
+        logger.info("controller scoring")
+        record["controller"] = bench_controller(data.image_shape, frames, dev, budget)
+
+        for name in tasks:
+            record["rl"][name] = {}
+            for algorithm in algorithms:
+                logger.info("RL throughput inside learn(): %s, %s", algorithm, name)
+                figures, agent = bench_learn(algorithm, make_env(name), dev, budget, seed)
+                # What share of the env's own speed survives inside learn().
+                figures["speed_vs_env_alone"] = figures["steps_per_s"] / record["env"][name]["steps_per_s"]
+                record["rl"][name][algorithm] = figures
+                if algorithm == "ddpg" and "replay_buffer" not in record:
+                    record["replay_buffer"] = bench_replay_buffer(agent)
+                del agent
+        record.setdefault("replay_buffer", None)
+
+        peak = peak_rss_bytes()
+        full_buffer = (record["replay_buffer"] or {}).get("default_full_buffer_bytes", 0.0)
+        record["memory"] = {
+            "peak_rss_bytes": peak,
+            "peak_rss_mib": peak / 2**20,
+            "source": "resource.getrusage(RUSAGE_SELF).ru_maxrss (the whole process, this run included)",
+            # SB3 allocates the buffer up front but the OS commits pages only as they fill:
+            # a long DDPG run adds the untouched rest on top of the peak measured here.
+            "peak_rss_plus_full_default_buffer_bytes": peak + full_buffer,
+        }
+        record["reproduce_quick_wall_s"] = None
+        record["reproduce_quick_note"] = (
+            "`iqa reproduce --quick` does not exist yet; its wall time on 2 CPU cores will be reported here"
+        )
+        record["targets"] = _targets(record)
+        record["wall_s"] = time.perf_counter() - started
+    return record
+
+
+def _version(module: str) -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version(module.replace("_", "-"))
+    except Exception:  # noqa: BLE001 - a missing version is not worth failing a benchmark
+        return None
+
+
+# ------------------------------------------------------------- reporting
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        if abs(value) >= 1e4:
+            return f"{value:,.0f}"
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def format_table(record: dict[str, Any]) -> str:
+    """A readable table of a :func:`run_bench` record, with each figure's target and status."""
+    status = {True: "met", False: "MISSED", None: ""}
+    targets = {t["figure"]: t for t in record["targets"]}
+    rows: list[tuple[str, str, str, str]] = []
+
+    def add(figure: str, value: Any, unit: str = "", target_key: str | None = None) -> None:
+        t = targets.get(target_key or figure)
+        shown = f"{_fmt(value)} {unit}".strip()
+        rows.append((figure, shown, t["target"] if t else "", status[t["met"]] if t else ""))
+
+    for task, fig in record["env"].items():
+        add(f"env steps/s ({task})", fig["steps_per_s"])
+        add(f"env step / bare compute ({task})", fig["bare_compute_ms_per_step"], "ms bare per step")
+        add(
+            f"env overhead ratio ({task})",
+            fig["overhead_ratio"],
+            f"[{_fmt(fig['overhead_ratio_min'])}, {_fmt(fig['overhead_ratio_max'])}]",
+        )
+    c = record["controller"]
+    add("controller single-frame median latency", c["single_frame_ms_median"], "ms")
+    add("controller single-frame p99 latency", c["single_frame_ms_p99"], "ms")
+    add("controller batch throughput", c["batch_images_per_s"], "images/s")
+    for task, algos in record["rl"].items():
+        for algo, fig in algos.items():
+            add(f"{algo} steps/s inside learn() ({task})", fig["steps_per_s"])
+    rb = record["replay_buffer"]
+    if rb:
+        add("replay buffer, SB3 default", rb["default_bytes_per_transition"], "bytes/transition")
+        add("replay buffer, index option", rb["index_bytes_per_transition"], "bytes/transition")
+    mem = record["memory"]
+    add("peak resident memory", mem["peak_rss_mib"], "MiB")
+    add("iqa reproduce --quick wall time", record["reproduce_quick_wall_s"], "s")
+
+    header = ("figure", "measured", "target", "status")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
+    lines = [
+        f"iqa bench: {record['device']} ({record['device_name']}), {record['torch_threads']} torch thread(s), "
+        f"dataset {record['dataset']['source']} {record['dataset']['images']} x {tuple(record['dataset']['image_shape'])}"
+        + (", QUICK budget (rough figures)" if record["quick"] else ""),
+        "  ".join(h.ljust(w) for h, w in zip(header, widths)),
+        "  ".join("-" * w for w in widths),
+    ]
+    lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    return "\n".join(lines)
+
+
+def command_line(args: Any) -> str:
+    """The ``iqa bench`` command that reproduces a run with these parsed arguments."""
+    parts = ["iqa bench", f"--task {args.task}", f"--device {args.device}"]
+    if args.quick:
+        parts.append("--quick")
+    if args.dataset is not None:
+        parts.append(f"--dataset {os.path.basename(os.fspath(args.dataset))}")
+    if args.threads is not None:
+        parts.append(f"--threads {args.threads}")
+    if args.seed:
+        parts.append(f"--seed {args.seed}")
+    return " ".join(parts)
+
+
+def main(args: Any) -> dict[str, Any]:
+    """Run the benchmark for parsed ``iqa bench`` arguments; writes ``args.out`` if set; returns the record."""
+    import json
+    from pathlib import Path
+
+    record = {"command": command_line(args)}
+    record.update(
+        run_bench(args.task, args.device, args.quick, dataset=args.dataset, threads=args.threads, seed=args.seed)
+    )
+    if args.out is not None:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(out.suffix + ".tmp")
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+        os.replace(tmp, out)
+    return record
+
+
+if __name__ == "__main__":
+    from experiments.cli import main as cli_main
+
+    sys.exit(cli_main(["bench", *sys.argv[1:]]))
