@@ -267,6 +267,17 @@ class BernoulliSelectionPolicy(BasePolicy):
     The action handed to the env is the probability vector itself; the env
     samples the selections and reports them in ``info["selection"]``, and
     :class:`agents.reinforce.REINFORCE` scores them with :meth:`log_prob`.
+
+    With ``centre_logits`` (the default) the selection logits are centred on
+    their batch mean and shifted to ``logit(initial_selection_probability)``:
+    the mean selection probability of a batch stays near that value and the
+    controller learns only the *ranking* of the images, which is all that the
+    normalised weighted reward, the selective reward and the evaluation by
+    rejection depend on.  Without it, the common-mode part of the gradient (the
+    same for every image) is pure noise for those rewards and random-walks the
+    mean score into 0 or 1, where the sigmoid has no gradient left; see
+    ``docs/design-decisions.md``.  The exported :class:`~agents.Controller`
+    scores with the uncentred logit: the same ranking, per image.
     """
 
     def __init__(
@@ -279,6 +290,7 @@ class BernoulliSelectionPolicy(BasePolicy):
         optimizer_class: type[torch.optim.Optimizer] = torch.optim.Adam,
         optimizer_kwargs: dict[str, Any] | None = None,
         initial_selection_probability: float = 0.5,
+        centre_logits: bool = True,
     ) -> None:
         super().__init__(
             observation_space,
@@ -294,6 +306,7 @@ class BernoulliSelectionPolicy(BasePolicy):
                 f"initial_selection_probability must be in (0, 1), got {initial_selection_probability!r}"
             )
         self.initial_selection_probability = initial_selection_probability
+        self.centre_logits = centre_logits
         self.features_extractor = self.make_features_extractor()
         p = initial_selection_probability
         self.head = PerSampleHead(self.features_extractor.embed_dim, bias=float(np.log(p / (1 - p))))
@@ -307,13 +320,17 @@ class BernoulliSelectionPolicy(BasePolicy):
             optimizer_class=self.optimizer_class,
             optimizer_kwargs=self.optimizer_kwargs,
             initial_selection_probability=self.initial_selection_probability,
+            centre_logits=self.centre_logits,
             lr_schedule=self._dummy_schedule,
         )
         return data
 
     def logits(self, obs: torch.Tensor) -> torch.Tensor:
-        """Controller logits ``(N, B)``."""
-        return self.head(self.extract_features(obs, self.features_extractor))
+        """Selection logits ``(N, B)``; centred on the batch when ``centre_logits``."""
+        logits = self.head(self.extract_features(obs, self.features_extractor))
+        if self.centre_logits:
+            logits = logits - logits.mean(dim=1, keepdim=True) + self.head.linear.bias
+        return logits
 
     def forward(self, obs: torch.Tensor, deterministic: bool = False) -> torch.Tensor:
         return torch.sigmoid(self.logits(obs))

@@ -18,7 +18,7 @@ from agents.policies import BernoulliSelectionPolicy
 
 SelfREINFORCE = TypeVar("SelfREINFORCE", bound="REINFORCE")
 
-CREDITS: tuple[str, ...] = ("causal", "return")
+CREDITS: tuple[str, ...] = ("causal", "validation", "return")
 
 
 class REINFORCE(BaseAlgorithm):
@@ -42,14 +42,21 @@ class REINFORCE(BaseAlgorithm):
       return is its own reward; a training step's return is the sum of the
       rewards after it in the episode (its selection trained the predictor that
       all later validation steps measure).
+      Its return is the *mean* of those per-batch rewards, i.e. the paper's
+      ``R - Rbar`` for the whole validation set.
+    - ``"validation"``: only validation steps are reinforced (training-step
+      selections get no credit; the predictor still trains on them).
     - ``"return"``: the plain reward-to-go for every step.
 
     :param policy: the policy (``"PerSamplePolicy"`` or a class)
     :param env: the environment; must report ``info["selection"]``
     :param learning_rate: Adam learning rate of the controller
     :param n_steps: env steps per update and env (default: one episode, from ``env.episode_length``)
+    :param minibatch_steps: env steps per gradient step (None: one gradient step per rollout).
+        The rollout's steps are shuffled and taken in mini-batches, so that the
+        controller gets many small updates per episode rather than one.
     :param gamma: discount of the reward-to-go
-    :param credit: ``"causal"`` or ``"return"``, see above
+    :param credit: ``"causal"``, ``"validation"`` or ``"return"``, see above
     :param normalize_returns: divide the returns by their running standard deviation
     :param ent_coef: weight of the Bernoulli entropy bonus
     :param max_grad_norm: gradient clipping norm
@@ -72,6 +79,7 @@ class REINFORCE(BaseAlgorithm):
         env: GymEnv | str,
         learning_rate: float | Schedule = 1e-3,
         n_steps: int | None = None,
+        minibatch_steps: int | None = None,
         gamma: float = 1.0,
         credit: str = "causal",
         normalize_returns: bool = True,
@@ -110,7 +118,10 @@ class REINFORCE(BaseAlgorithm):
                 n_steps = 32
         if n_steps < 1:
             raise ValueError(f"n_steps must be >= 1, got {n_steps!r}")
+        if minibatch_steps is not None and minibatch_steps < 1:
+            raise ValueError(f"minibatch_steps must be >= 1 or None, got {minibatch_steps!r}")
         self.n_steps = n_steps
+        self.minibatch_steps = minibatch_steps
         self.gamma = gamma
         self.credit = credit
         self.normalize_returns = normalize_returns
@@ -171,16 +182,25 @@ class REINFORCE(BaseAlgorithm):
     def _returns(self, rewards: np.ndarray, dones: np.ndarray, validation: np.ndarray) -> np.ndarray:
         returns = np.zeros_like(rewards)
         running = np.zeros(rewards.shape[1])
+        parts = np.zeros(rewards.shape[1])  # validation steps ahead in the episode
         for t in reversed(range(rewards.shape[0])):
-            running = rewards[t] + self.gamma * running * (~dones[t])
-            returns[t] = running
-            if self.credit == "causal":
-                returns[t] = np.where(validation[t], rewards[t], running)
+            keep = ~dones[t]
+            running = rewards[t] + self.gamma * running * keep
+            parts = validation[t] + parts * keep
+            if self.credit == "return":
+                returns[t] = running
+            elif self.credit == "causal":
+                # A training step is credited with the episode's validation reward, the mean of
+                # its per-batch parts (the paper's R - Rbar), not their sum, which would weigh
+                # the noisy training-selection signal V times the validation one.
+                returns[t] = np.where(validation[t], rewards[t], running / np.maximum(parts, 1))
+            else:  # "validation": only the validation scores are reinforced
+                returns[t] = np.where(validation[t], rewards[t], 0.0)
         return returns
 
     # --------------------------------------------------------------------- train
     def train(self, rollout: dict[str, np.ndarray]) -> None:
-        """One policy-gradient step on a rollout."""
+        """Policy-gradient steps on a rollout, ``minibatch_steps`` env steps per gradient step."""
         self.policy.set_training_mode(True)
         self._update_learning_rate(self.policy.optimizer)
         returns = rollout["returns"].reshape(-1)
@@ -192,16 +212,20 @@ class REINFORCE(BaseAlgorithm):
         selections = torch.as_tensor(rollout["selections"], device=self.device).reshape(obs.shape[0], -1)
         valid = torch.as_tensor(rollout["valid"], device=self.device).reshape(obs.shape[0], -1)
         advantages = torch.as_tensor(returns, device=self.device, dtype=torch.float32)
-        # Score function estimator: grad E[R] = E[(R - b) grad log pi(a | s)].
-        log_prob, entropy = self.policy.log_prob(obs, selections, valid)
-        policy_loss = -(advantages * log_prob).mean()
-        entropy_loss = -entropy.mean()
-        loss = policy_loss + self.ent_coef * entropy_loss
-        self.policy.optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
-        self.policy.optimizer.step()
-        self._n_updates += 1
+        size = self.minibatch_steps or obs.shape[0]
+        order = np.random.permutation(obs.shape[0])
+        for start in range(0, obs.shape[0], size):
+            idx = torch.as_tensor(order[start : start + size], device=self.device)
+            # Score function estimator: grad E[R] = E[(R - b) grad log pi(a | s)].
+            log_prob, entropy = self.policy.log_prob(obs[idx], selections[idx], valid[idx])
+            policy_loss = -(advantages[idx] * log_prob).mean()
+            entropy_loss = -entropy.mean()
+            loss = policy_loss + self.ent_coef * entropy_loss
+            self.policy.optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
+            self.policy.optimizer.step()
+            self._n_updates += 1
         self.logger.record("train/policy_loss", float(policy_loss.detach()))
         self.logger.record("train/entropy", float(-entropy_loss.detach()))
         self.logger.record("train/return_std", float(np.sqrt(self._return_sq)))

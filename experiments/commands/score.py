@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import math
 from pathlib import Path
 
 from experiments.commands import HelpFormatter
@@ -63,8 +62,8 @@ def run(args: argparse.Namespace) -> int:
             f"{controller.image_shape}"
         )
     scores = controller.score(dataset.images)
-    n_rejected = math.floor(ratio * len(scores) + 1e-9)
-    rejected = ~kept_by_rejection(scores, ratio) if n_rejected else np.zeros(len(scores), bool)
+    # As the paper: keep the floor((1 - ratio) * N) highest-scored images.
+    rejected = ~kept_by_rejection(scores, ratio) if ratio > 0 else np.zeros(len(scores), bool)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(out.suffix + ".tmp")

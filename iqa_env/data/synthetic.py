@@ -179,6 +179,12 @@ class SyntheticConfig:
     dynamic_range_max_db: float = 75.0
     """Largest per-patient dynamic range of the log compression."""
 
+    gland_contrast_min_db: float = -20.0
+    """Darkest per-patient gland echogenicity relative to the tissue around it (the gland is hypoechoic)."""
+
+    gland_contrast_max_db: float = -14.0
+    """Least dark per-patient gland echogenicity relative to the tissue around it."""
+
     n_raters: int = 3
     """Simulated human raters whose majority vote makes ``human_amenability``; odd."""
 
@@ -261,6 +267,16 @@ def _validate(cfg: SyntheticConfig) -> None:
         is_num(cfg.dynamic_range_max_db) and cfg.dynamic_range_min_db <= cfg.dynamic_range_max_db <= 100,
         "dynamic_range_max_db",
         f"in [dynamic_range_min_db={cfg.dynamic_range_min_db}, 100] dB",
+    )
+    need(
+        is_num(cfg.gland_contrast_min_db) and -40 <= cfg.gland_contrast_min_db <= 0,
+        "gland_contrast_min_db",
+        "in [-40, 0] dB",
+    )
+    need(
+        is_num(cfg.gland_contrast_max_db) and cfg.gland_contrast_min_db <= cfg.gland_contrast_max_db <= 0,
+        "gland_contrast_max_db",
+        f"in [gland_contrast_min_db={cfg.gland_contrast_min_db}, 0] dB",
     )
     need(
         is_int(cfg.n_raters) and cfg.n_raters >= 1 and cfg.n_raters % 2 == 1,
@@ -801,7 +817,7 @@ def _sample_patient(rng: np.random.Generator, cfg: SyntheticConfig, geom: FanGeo
         gland_x_cm=gland_x,
         gland_depth_cm=gland_depth,
         gland_bend_cm=(rng.uniform(-0.4, 0.4), rng.uniform(-0.3, 0.3)),
-        gland_contrast_db=rng.uniform(-12.0, -6.0),
+        gland_contrast_db=rng.uniform(cfg.gland_contrast_min_db, cfg.gland_contrast_max_db),
         inner_contrast_db=rng.uniform(-2.0, 2.0),
         capsule_db=rng.uniform(4.0, 9.0),
         sweep_y=y,
