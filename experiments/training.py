@@ -55,7 +55,7 @@ class TrainConfig:
     eval_every: int = 500
     """Env steps between holdout evaluations of the controller (logged to TensorBoard)."""
     env_kwargs: dict[str, Any] = field(default_factory=dict)
-    """Further TaskAmenabilityEnv arguments."""
+    """Further TaskAmenabilityEnv arguments (they override the fields above)."""
     agent_kwargs: dict[str, Any] = field(default_factory=dict)
     """Further arguments of the algorithm (see agents.default_kwargs)."""
 
@@ -90,20 +90,20 @@ def load_splits(dataset: str | None, split_seed: int = 0):
 
 
 def make_env(config: TrainConfig, train_set, validation_set):
+    """The env of ``config`` on explicit train / validation parts (``env_kwargs`` override the fields)."""
     from iqa_env.env import TaskAmenabilityEnv
 
-    return TaskAmenabilityEnv(
-        train_set,
+    settings = dict(
         task=config.task,
         reward=config.reward,
-        validation_dataset=validation_set,
         rejection_ratio=config.rejection_ratio,
         batch_size=config.batch_size,
         train_steps=config.train_steps,
         validation_size=config.validation_size,
         device=config.device,
-        **config.env_kwargs,
     )
+    settings.update(config.env_kwargs)
+    return TaskAmenabilityEnv(train_set, validation_dataset=validation_set, **settings)
 
 
 def controller_auroc(controller, holdout, task: str) -> float | None:

@@ -24,6 +24,7 @@ from iqa_env.tasks import Task, make_task
 
 PHASES: tuple[str, str] = ("train", "validation")
 REWARD_METRICS: tuple[str, str] = ("metric", "loss")
+REWARD_BASELINES: tuple[str, str] = ("moving_average", "non_selective")
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -136,8 +137,13 @@ class TaskAmenabilityEnv(gym.Env):
     ``R = R~ - Rbar``, ``Rbar <- a Rbar + (1 - a) R~`` with
     ``a = baseline_decay`` (one average per validation batch position, so
     that the baseline also absorbs how hard each batch is); the parts of one
-    validation phase average to the paper's whole-set reward.  Other steps
-    give 0.  When the mean selection probability of a step leaves
+    validation phase average to the paper's whole-set reward.  With
+    ``reward_baseline="non_selective"`` a validation step's baseline is
+    instead the reward of the same batch without any selection
+    (``-mean l_j`` over the batch): a control variate with no lag, which
+    removes the variation of the predictor between episodes and of the
+    batches' difficulty, and leaves what the controller's selection adds.
+    Other steps give 0.  When the mean selection probability of a step leaves
     ``mean_selection_bounds = (c_low, c_high)`` the step is penalised by
     ``mean_selection_penalty`` times the distance (the paper's constraint
     ``E[h] >= c``, eq. 3, with an upper bound against the collapse to
@@ -174,6 +180,7 @@ class TaskAmenabilityEnv(gym.Env):
     | ``reward_metric`` | ``"metric"`` | ``"metric"`` (1 - accuracy / 1 - Dice) or ``"loss"`` |
     | ``stochastic_validation`` | ``True`` | weight validation losses by Bernoulli selections rather than scores |
     | ``baseline_decay`` | ``0.9`` | ``a`` of the moving-average baseline |
+    | ``reward_baseline`` | ``"moving_average"`` | ``"moving_average"`` (the paper) or ``"non_selective"`` (validation steps) |
     | ``mean_selection_bounds`` | ``(0.0, 1.0)`` | allowed range of the mean selection probability |
     | ``mean_selection_penalty`` | ``1.0`` | penalty per unit outside those bounds |
     | ``predictor_lr`` | ``1e-3`` | Adam learning rate of the task predictor |
@@ -213,6 +220,7 @@ class TaskAmenabilityEnv(gym.Env):
         reward_metric: str = "metric",
         stochastic_validation: bool = True,
         baseline_decay: float = 0.9,
+        reward_baseline: str = "moving_average",
         mean_selection_bounds: tuple[float, float] = (0.0, 1.0),
         mean_selection_penalty: float = 1.0,
         predictor_lr: float = 1e-3,
@@ -234,6 +242,8 @@ class TaskAmenabilityEnv(gym.Env):
             not isinstance(validation_size, (int, np.integer)) or validation_size < 1
         ):
             raise ValueError(f"validation_size must be a positive integer or None, got {validation_size!r}")
+        if reward_baseline not in REWARD_BASELINES:
+            raise ValueError(f"reward_baseline must be one of {REWARD_BASELINES}, got {reward_baseline!r}")
         if reward_metric not in REWARD_METRICS:
             raise ValueError(f"reward_metric must be one of {REWARD_METRICS}, got {reward_metric!r}")
         lo, hi = (float(b) for b in mean_selection_bounds)
@@ -254,6 +264,7 @@ class TaskAmenabilityEnv(gym.Env):
         self.batch_size = int(batch_size)
         self.train_steps = int(train_steps)
         self.reward_metric = reward_metric
+        self.reward_baseline = reward_baseline
         self.stochastic_validation = bool(stochastic_validation)
         self.mean_selection_bounds = (lo, hi)
         self.mean_selection_penalty = float(mean_selection_penalty)
@@ -498,7 +509,12 @@ class TaskAmenabilityEnv(gym.Env):
                 raw = selective_reward(
                     losses, scores, self.rejection_ratio, chosen if self.stochastic_validation else None
                 )
-            reward, reward_ready = self.baseline.update(raw, key=k), True
+            if self.reward_baseline == "non_selective":
+                # Zero-lag control variate: the same batch's reward without any selection.
+                reward = raw - fixed_reward(losses)
+            else:
+                reward = self.baseline.update(raw, key=k)
+            reward_ready = True
             self._episode_step += 1
             if k + 1 < self.validation_steps:
                 self._set_validation_batch(k + 1)

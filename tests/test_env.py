@@ -389,3 +389,20 @@ def test_reward_prefers_the_oracle_policy(small_synthetic, reward, seed):
     assert oracle_reward > inverse_reward
     if reward == "fixed":
         assert oracle_clean > inverse_clean
+
+
+def test_non_selective_baseline_measures_what_selection_adds(tiny_synthetic):
+    """With reward_baseline="non_selective", a validation step's reward is its raw reward minus the
+    same batch's reward without selection: selecting every image earns exactly 0."""
+    env = make(tiny_synthetic, reward="weighted", reward_baseline="non_selective")
+    env.reset(seed=0)
+    for _ in range(env.train_steps):
+        env.step(np.full(env.batch_size, 0.5, np.float32))
+    rewards = []
+    for _ in range(env.validation_steps):
+        _, reward, _, _, info = env.step(np.ones(env.batch_size, np.float32))
+        assert info["action_phase"] == "validation" and info["reward_ready"]
+        rewards.append(reward)
+    assert rewards == [0.0] * env.validation_steps
+    with pytest.raises(ValueError, match="reward_baseline must be one of"):
+        make(tiny_synthetic, reward_baseline="median")
