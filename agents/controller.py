@@ -108,11 +108,13 @@ class Controller:
         return x.float()
 
     @torch.no_grad()
-    def score(self, images: np.ndarray | torch.Tensor, batch_size: int = 1024) -> np.ndarray:
+    def score(self, images: np.ndarray | torch.Tensor, batch_size: int = 32) -> np.ndarray:
         """Amenability scores ``(N,)`` in [0, 1] of ``(N, C, H, W)`` images.
 
         ``uint8`` images are taken in [0, 255]; float images must be in [0, 1].
-        Any number of images; they are scored in chunks of ``batch_size``.
+        Any number of images; they are scored in chunks of ``batch_size`` (small
+        chunks stay in cache: on 2 CPU cores 16-image chunks scored about 2,850
+        images/s against 1,380 for 1,024-image chunks).
         """
         x = self._as_batch(images)
         if len(x) == 0:

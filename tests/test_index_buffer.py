@@ -11,7 +11,11 @@ from gymnasium import spaces
 from stable_baselines3.common.buffers import ReplayBuffer
 
 from agents import make_agent
-from agents.index_buffer import IndexReplayBuffer, index_buffer_kwargs, replay_buffer_nbytes
+from agents.index_buffer import (
+    IndexReplayBuffer,
+    index_buffer_kwargs,
+    replay_buffer_nbytes,
+)
 from iqa_env.env import TaskAmenabilityEnv
 from tests.conftest import random_dataset
 
@@ -90,7 +94,9 @@ def test_index_buffer_rejects_unknown_images_and_bad_arguments() -> None:
     buffer.add(known, images[None, [0, 2]], np.zeros((1, 2)), np.zeros(1), np.zeros(1), [{}])
     np.testing.assert_array_equal(buffer.observation_indices[0, 0], [1, 3])
     with pytest.raises(ValueError, match="optimize_memory_usage"):
-        IndexReplayBuffer(10, obs_space, act_space, optimize_memory_usage=True, handle_timeout_termination=False, images=images)
+        IndexReplayBuffer(
+            10, obs_space, act_space, optimize_memory_usage=True, handle_timeout_termination=False, images=images
+        )
     with pytest.raises(ValueError, match="images="):
         IndexReplayBuffer(10, obs_space, act_space)
     with pytest.raises(ValueError, match=r"images\[0\] must be an \(N, 1, 8, 8\) uint8"):
