@@ -187,19 +187,6 @@ def _median(values: list[float]) -> float:
     return float(np.median(values))
 
 
-def _load_dataset(dataset: str | os.PathLike[str] | Any | None) -> Any:
-    """An ``ImageDataset`` from a path, an object, or None (the built-in synthetic set)."""
-    from iqa_env.data import ImageDataset, default_dataset, load_dataset
-
-    if dataset is None:
-        return default_dataset()
-    if isinstance(dataset, ImageDataset):
-        return dataset
-    if isinstance(dataset, (str, os.PathLike)):
-        return load_dataset(dataset)
-    raise ValueError(f"dataset must be an HDF5 path, an ImageDataset or None, got {type(dataset).__name__}")
-
-
 def _dataset_source(dataset: str | os.PathLike[str] | Any | None) -> str:
     if dataset is None:
         return "built-in synthetic"
@@ -572,7 +559,9 @@ def run_bench(
     load_start = _load_average()
 
     with _torch_threads(n_threads):
-        data = _load_dataset(dataset)
+        from iqa_env.env import as_dataset
+
+        data = as_dataset(dataset)
         record: dict[str, Any] = {
             "schema": SCHEMA,
             "quick": bool(quick),

@@ -54,7 +54,8 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return dev
 
 
-def _as_dataset(dataset: ImageDataset | str | os.PathLike[str] | None) -> ImageDataset:
+def as_dataset(dataset: ImageDataset | str | os.PathLike[str] | None) -> ImageDataset:
+    """An ``ImageDataset`` from itself, an HDF5 path, or None (the built-in synthetic set)."""
     if dataset is None:
         from iqa_env.data.cache import default_dataset
 
@@ -274,13 +275,13 @@ class TaskAmenabilityEnv(gym.Env):
         self.render_mode = render_mode
         self.device = resolve_device(device)
 
-        full = _as_dataset(dataset)
+        full = as_dataset(dataset)
         if validation_dataset is None:
             from iqa_env.data.splits import split_by_group
 
             train_set, validation_set, _holdout = split_by_group(full, seed=split_seed)
         else:
-            train_set, validation_set = full, _as_dataset(validation_dataset)
+            train_set, validation_set = full, as_dataset(validation_dataset)
             if validation_set.image_shape != train_set.image_shape:
                 raise ValueError(
                     f"validation_dataset images are {validation_set.image_shape}, training images "
