@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from iqa_env.files import atomic_write, atomic_write_text
 from iqa_env.networks import ControllerBackbone
 
 FORMAT = "iqa-controller"
@@ -18,19 +18,6 @@ FORMAT_VERSION = 1
 OUTPUTS: tuple[str, ...] = ("sigmoid", "clip")
 CONFIG_NAME = "controller.json"
 WEIGHTS_NAME = "controller.pt"
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write through a temporary file in the same folder, then rename: readers see old or new, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 class Controller:
@@ -141,9 +128,8 @@ class Controller:
         """Write ``path/controller.json`` and ``path/controller.pt``, each atomically."""
         folder = Path(path)
         state = {k: v.detach().cpu() for k, v in self.backbone.state_dict().items()}
-        _atomic_write(folder / WEIGHTS_NAME, lambda tmp: torch.save(state, tmp))
-        text = json.dumps(self.config(), indent=2)
-        _atomic_write(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+        atomic_write(folder / WEIGHTS_NAME, lambda tmp: torch.save(state, tmp))
+        atomic_write_text(folder / CONFIG_NAME, json.dumps(self.config(), indent=2))
         return folder
 
     @classmethod

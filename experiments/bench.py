@@ -750,11 +750,9 @@ def main(args: Any) -> dict[str, Any]:
         run_bench(args.task, args.device, args.quick, dataset=args.dataset, threads=args.threads, seed=args.seed)
     )
     if args.out is not None:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(out.suffix + ".tmp")
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
-        os.replace(tmp, out)
+        from iqa_env.files import atomic_write_text
+
+        atomic_write_text(Path(args.out), json.dumps(record, indent=2) + "\n")
     return record
 
 

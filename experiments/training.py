@@ -119,9 +119,9 @@ def controller_auroc(controller, holdout, task: str) -> float | None:
 
 
 def _atomic_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=float))
-    os.replace(tmp, path)
+    from iqa_env.files import atomic_write_text
+
+    atomic_write_text(path, json.dumps(data, indent=2, default=float))
 
 
 def train(config: TrainConfig, out_dir: str | os.PathLike[str] | None = None, progress: bool = False) -> dict[str, Any]:
@@ -185,8 +185,9 @@ def train(config: TrainConfig, out_dir: str | os.PathLike[str] | None = None, pr
     if out is not None:
         controller.save(out / "controller")
         state = {k: v.detach().cpu() for k, v in env.predictor.state_dict().items()}
-        torch.save(state, out / "predictor.pt.tmp")
-        os.replace(out / "predictor.pt.tmp", out / "predictor.pt")
+        from iqa_env.files import atomic_write
+
+        atomic_write(out / "predictor.pt", lambda tmp: torch.save(state, tmp))
         _atomic_json(out / "summary.json", summary)
     env.close()
     return summary

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 from pathlib import Path
 
 from experiments.commands import HelpFormatter
@@ -36,6 +37,7 @@ def run(args: argparse.Namespace) -> int:
 
     from agents.controller import Controller
     from iqa_env.env import resolve_device
+    from iqa_env.files import atomic_write_text
     from iqa_env.rewards import check_rejection_ratio, kept_by_rejection
 
     ratio = check_rejection_ratio(args.rejection_ratio)
@@ -65,13 +67,11 @@ def run(args: argparse.Namespace) -> int:
     # As the paper: keep the floor((1 - ratio) * N) highest-scored images.
     rejected = ~kept_by_rejection(scores, ratio) if ratio > 0 else np.zeros(len(scores), bool)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    with tmp.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow([key, "score", "rejected"])
-        for name, s, r in zip(names, scores, rejected):
-            writer.writerow([name, f"{s:.6f}", int(r)])
-    tmp.replace(out)
+    lines = io.StringIO()
+    writer = csv.writer(lines)
+    writer.writerow([key, "score", "rejected"])
+    for name, s, r in zip(names, scores, rejected):
+        writer.writerow([name, f"{s:.6f}", int(r)])
+    atomic_write_text(out, lines.getvalue(), newline="")
     print(f"scored {len(scores)} images -> {out} ({int(rejected.sum())} rejected at ratio {ratio:g})")
     return 0
