@@ -4,8 +4,8 @@ Imports go one way: ``experiments -> agents -> iqa_env``.
 """
 
 from agents.controller import Controller
-from agents.factory import ALGORITHMS, default_kwargs, make_agent
+from agents.factory import ALGORITHMS, default_kwargs, make_agent, recommended_env_kwargs
 from agents.noise import ProbabilityOUNoise
 from agents.reinforce import REINFORCE
 
-__all__ = ["ALGORITHMS", "REINFORCE", "Controller", "ProbabilityOUNoise", "default_kwargs", "make_agent"]
+__all__ = ["ALGORITHMS", "REINFORCE", "Controller", "ProbabilityOUNoise", "default_kwargs", "make_agent", "recommended_env_kwargs"]

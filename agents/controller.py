@@ -143,25 +143,39 @@ class Controller:
                     f"{p} not found: a controller is a folder with {CONFIG_NAME} and {WEIGHTS_NAME} "
                     "(written by Controller.save or `iqa train`)"
                 )
-        try:
-            config = json.loads(config_path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{config_path}: not valid JSON ({e})") from e
-        if not isinstance(config, dict) or config.get("format") != FORMAT:
-            raise ValueError(f"{config_path}: expected a JSON object with \"format\": \"{FORMAT}\"")
-        if config.get("format_version") != FORMAT_VERSION:
-            raise ValueError(
-                f"{config_path}: format_version {config.get('format_version')!r} is not supported "
-                f"(this version reads {FORMAT_VERSION})"
-            )
+        from iqa_env.files import read_versioned_json
+
+        config = read_versioned_json(config_path, FORMAT, FORMAT_VERSION, "a controller configuration")
+        from iqa_env.env import resolve_device
+
+        target = resolve_device(device)
         try:
             backbone = ControllerBackbone(
                 tuple(config["image_shape"]), width=int(config["width"]), embed_dim=int(config["embed_dim"])
             )
+            output = config["output"]
+        except KeyError as e:
+            raise ValueError(
+                f"{config_path}: missing field {e}; expected the fields written by Controller.save"
+            ) from e
+        except (TypeError, ValueError) as e:
+            raise ValueError(
+                f"{config_path}: malformed controller settings ({e}); expected the fields written by "
+                "Controller.save"
+            ) from e
+        if output not in OUTPUTS:
+            raise ValueError(f"{config_path}: field 'output' must be one of {OUTPUTS}, got {output!r}")
+        metadata = config.get("metadata")
+        if metadata is not None and not isinstance(metadata, dict):
+            raise ValueError(f"{config_path}: field 'metadata' must be a JSON object, got {type(metadata).__name__}")
+        try:
             state = torch.load(weights_path, map_location="cpu", weights_only=True)
             backbone.load_state_dict(state)
-        except KeyError as e:
-            raise ValueError(f"{config_path}: missing field {e}") from e
-        except (RuntimeError, OSError, EOFError) as e:
-            raise ValueError(f"{weights_path}: not a controller weights file for {config_path} ({e})") from e
-        return cls(backbone.to(device), output=config["output"], metadata=config.get("metadata"))
+        except Exception as e:  # noqa: BLE001 - torch's unpickler fails in many ways on a bad file
+            # One line, not too long: torch's messages span many lines.
+            reason = " ".join(str(e).split())[:200] or type(e).__name__
+            raise ValueError(
+                f"{weights_path}: not a controller weights file for {config_path} ({reason}); expected "
+                "the controller.pt written with it by Controller.save"
+            ) from e
+        return cls(backbone.to(target), output=output, metadata=metadata)

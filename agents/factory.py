@@ -7,8 +7,11 @@ from typing import Any
 
 from stable_baselines3 import A2C, DDPG, PPO, SAC, TD3
 from stable_baselines3.common.base_class import BaseAlgorithm
+from stable_baselines3.common.buffers import ReplayBuffer
 from stable_baselines3.common.type_aliases import GymEnv
 
+from agents.buffers import RewardReadyIndexReplayBuffer, RewardReadyReplayBuffer
+from agents.index_buffer import IndexReplayBuffer, index_buffer_kwargs
 from agents.noise import ProbabilityOUNoise
 from agents.policies import PerSampleActorCriticPolicy, PerSampleSACPolicy, PerSampleTD3Policy
 from agents.reinforce import REINFORCE
@@ -16,33 +19,61 @@ from agents.reinforce import REINFORCE
 ALGORITHMS: tuple[str, ...] = ("ddpg", "reinforce", "ppo", "a2c", "sac", "td3")
 
 
-def _episode_length(env: GymEnv) -> int:
+def _env_attr(env: GymEnv, name: str, default: Any) -> Any:
     try:
-        return int(env.get_attr("episode_length")[0])  # type: ignore[union-attr]
+        return env.get_attr(name)[0]  # type: ignore[union-attr]
     except AttributeError:
-        return int(getattr(getattr(env, "unwrapped", env), "episode_length", 32))
+        return getattr(getattr(env, "unwrapped", env), name, default)
+
+
+def _episode_length(env: GymEnv) -> int:
+    return int(_env_attr(env, "episode_length", 32))
+
+
+#: Replay buffers by name, for ``replay_buffer_class="..."`` (JSON-friendly settings).
+REPLAY_BUFFERS: dict[str, type[ReplayBuffer]] = {
+    "default": ReplayBuffer,
+    "reward_ready": RewardReadyReplayBuffer,
+    "index": IndexReplayBuffer,
+    "reward_ready_index": RewardReadyIndexReplayBuffer,
+}
 
 
 def default_kwargs(name: str, env: GymEnv, seed: int | None = None) -> dict[str, Any]:
-    """The defaults :func:`make_agent` uses for ``name`` (a fresh dict on every call)."""
+    """The defaults :func:`make_agent` uses for ``name`` (a fresh dict on every call).
+
+    DDPG and TD3 on an env whose reward comes from validation steps (the
+    weighted and selective rewards) default to the *validation bandit*
+    set-up: ``gamma = 0``, a replay buffer that keeps only the steps that
+    return a reward (:class:`~agents.buffers.RewardReadyReplayBuffer`), and
+    the critic head that has the weighted reward's form
+    (:class:`~agents.policies.RatioQNetwork`).  With the fixed reward (one
+    reward at the end of the training steps) they keep ``gamma = 0.9``, every
+    transition and the pooled critic.  ``docs/design-decisions.md`` says why.
+    """
     batch = int(env.action_space.shape[0])  # type: ignore[index]
     episode = _episode_length(env)
+    bandit = bool(_env_attr(env, "uses_validation_phase", False))
     off_policy = dict(buffer_size=5_000, learning_starts=2 * episode, batch_size=16, train_freq=1, gradient_steps=1)
+    deterministic = dict(
+        learning_rate=1e-3,
+        action_noise=ProbabilityOUNoise(batch, sigma=0.2, theta=0.15, seed=seed),
+        **off_policy,
+    )
+    if bandit:
+        deterministic.update(
+            gamma=0.0,
+            batch_size=16,
+            gradient_steps=4,
+            replay_buffer_class="reward_ready",
+            policy_kwargs=dict(critic_head="ratio", centre_logits=True),
+        )
+    else:
+        deterministic.update(gamma=0.9)
     table: dict[str, dict[str, Any]] = {
         # The paper's DDPG: tau = 0.001, OU noise (0.2, 0.15) in probability units.
-        "ddpg": dict(
-            learning_rate=1e-3,
-            tau=0.001,
-            gamma=0.9,
-            action_noise=ProbabilityOUNoise(batch, sigma=0.2, theta=0.15, seed=seed),
-            **off_policy,
-        ),
-        "td3": dict(
-            learning_rate=1e-3,
-            gamma=0.9,
-            action_noise=ProbabilityOUNoise(batch, sigma=0.2, theta=0.15, seed=seed),
-            **off_policy,
-        ),
+        "ddpg": dict(tau=0.001, **deterministic),
+        "td3": dict(**copy.deepcopy(deterministic)),
         "sac": dict(learning_rate=1e-3, gamma=0.9, **off_policy),
         "ppo": dict(learning_rate=3e-4, n_steps=max(episode, 16), batch_size=max(episode, 16), n_epochs=4, gamma=0.9),
         "a2c": dict(learning_rate=7e-4, n_steps=max(episode, 16), gamma=0.9),
@@ -51,6 +82,34 @@ def default_kwargs(name: str, env: GymEnv, seed: int | None = None) -> dict[str,
     if name not in table:
         raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {name!r}")
     return table[name]
+
+
+def recommended_env_kwargs(name: str, reward: str) -> dict[str, Any]:
+    """The ``TaskAmenabilityEnv`` settings that algorithm ``name`` learns best with (measured).
+
+    ``docs/learning-status.md`` has the measurements behind each choice:
+
+    - every algorithm: ``reward_metric="loss"`` (the per-sample cross-entropy
+      ranks images by amenability far better than the 0/1 error) and 400
+      non-selective predictor warm-up steps (a reward measured on an
+      untrained predictor says nothing about the images);
+    - DDPG and TD3 with the weighted or selective reward: deterministic
+      validation weights (the paper's literal reward), the *raw* reward
+      (``reward_baseline="none"``: the critic is the baseline; a lagging
+      moving average rewards weighting the images whose loss is *falling*
+      fastest, which are the hard ones) and a new validation subset every
+      episode (``validation_refresh``), so that the critic sees each reward
+      as a sum over a random set of images, which identifies each image's
+      share;
+    - REINFORCE keeps the paper's moving-average baseline and Bernoulli
+      selections on validation images (its log-likelihood needs them).
+    """
+    if name not in ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {name!r}")
+    kwargs: dict[str, Any] = dict(reward_metric="loss", predictor_warmup_steps=400)
+    if name in ("ddpg", "td3") and reward != "fixed":
+        kwargs.update(stochastic_validation=False, reward_baseline="none", validation_refresh=True)
+    return kwargs
 
 
 _CLASSES: dict[str, tuple[type[BaseAlgorithm], Any]] = {
@@ -69,11 +128,29 @@ def make_agent(name: str, env: GymEnv, seed: int | None = None, **kwargs: Any) -
     Every algorithm gets a per-sample policy from :mod:`agents.policies`, so
     its controller can be exported with :meth:`agents.Controller.from_agent`.
     ``kwargs`` override the defaults of :func:`default_kwargs`; ``policy_kwargs``
-    is deep-copied (SB3 mutates the dict it is given).
+    is merged into the defaults' and deep-copied (SB3 mutates the dict it is
+    given); ``replay_buffer_class`` may be a name from :data:`REPLAY_BUFFERS`.
     """
     name = name.lower()
     options = default_kwargs(name, env, seed)
+    default_policy_kwargs = options.get("policy_kwargs") or {}
     options.update(kwargs)
-    options["policy_kwargs"] = copy.deepcopy(options.get("policy_kwargs") or {})
+    # Policy settings given add to the defaults' (e.g. the critic head) rather than replace them.
+    options["policy_kwargs"] = copy.deepcopy({**default_policy_kwargs, **(kwargs.get("policy_kwargs") or {})})
+    buffer = options.get("replay_buffer_class")
+    if isinstance(buffer, str):
+        if buffer not in REPLAY_BUFFERS:
+            raise ValueError(f"replay_buffer_class must be a class or one of {tuple(REPLAY_BUFFERS)}, got {buffer!r}")
+        options["replay_buffer_class"] = REPLAY_BUFFERS[buffer]
+        if "index" in buffer and "replay_buffer_kwargs" not in options:
+            options["replay_buffer_kwargs"] = index_buffer_kwargs(env)
     algorithm, policy = _CLASSES[name]
     return algorithm(policy, env, seed=seed, **options)
+
+
+def agent_class(name: str) -> type[BaseAlgorithm]:
+    """The algorithm class :func:`make_agent` builds for ``name`` (e.g. to ``load`` a saved agent)."""
+    name = name.lower()
+    if name not in _CLASSES:
+        raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {name!r}")
+    return _CLASSES[name][0]

@@ -38,7 +38,7 @@ from stable_baselines3.common.type_aliases import ReplayBufferSamples
 from stable_baselines3.common.vec_env import VecEnv, VecNormalize
 
 #: Per-transition arrays of SB3's ReplayBuffer and of IndexReplayBuffer (those present are counted).
-_TRANSITION_ARRAYS: tuple[str, ...] = (
+TRANSITION_ARRAYS: tuple[str, ...] = (
     "observations",
     "next_observations",
     "observation_indices",
@@ -237,7 +237,7 @@ def replay_buffer_nbytes(buffer: ReplayBuffer) -> dict[str, float]:
     capacity = int(buffer.buffer_size) * int(buffer.n_envs)
     total = sum(
         int(array.nbytes)
-        for name in _TRANSITION_ARRAYS
+        for name in TRANSITION_ARRAYS
         if isinstance(array := getattr(buffer, name, None), np.ndarray)
     )
     fixed = buffer.fixed_nbytes if isinstance(buffer, IndexReplayBuffer) else 0

@@ -98,6 +98,45 @@ class PooledQNetwork(nn.Module):
         return self.pooled(self.per_sample(torch.cat([embeddings, actions], dim=-1)).mean(dim=1))
 
 
+class RatioQNetwork(nn.Module):
+    """``Q(s, a) = b + w mean_i c_i - sum_i h_i c_i / sum_i h_i``: the weighted reward's own form.
+
+    ``h_i = (a_i + 1) / 2`` is image ``i``'s selection probability (SB3 hands
+    the critic actions in the [-1, 1] scaled space) and ``c_i = c(e_i)`` a
+    per-image MLP on the critic's embedding: the critic's estimate of image
+    ``i``'s validation loss.  The weighted reward of a validation batch is
+    ``-sum_i h_i l_i / sum_i h_i`` minus a baseline: the batch's unweighted
+    mean loss with ``reward_baseline="non_selective"`` (``w = 1``) or a
+    slowly moving average (``w = 0``; the bias ``b`` absorbs it); ``w`` is
+    learnt.  Fitting this critic is a regression of each validation reward on
+    per-image losses with the aggregation known, instead of asking a generic
+    pooled MLP to discover a ratio.  Its action gradient
+    ``dQ/dh_j = -(c_j - Q_w) / sum_i h_i`` (``Q_w`` the weighted mean of
+    ``c``) raises the scores of images whose loss is below the batch's, and
+    is unchanged when every ``h`` is scaled: no drift towards all-0 or all-1.
+    See ``docs/design-decisions.md``.
+    """
+
+    def __init__(self, batch_size: int, embed_dim: int, hidden: int = 64, eps: float = 1e-3) -> None:
+        super().__init__()
+        self.batch_size, self.embed_dim, self.eps = batch_size, embed_dim, eps
+        self.per_sample = nn.Sequential(nn.Linear(embed_dim, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+        self.bias = nn.Parameter(torch.zeros(1))
+        self.mean_weight = nn.Parameter(torch.full((1,), 0.5))
+
+    def forward(self, features_and_actions: torch.Tensor) -> torch.Tensor:
+        n, b, d = features_and_actions.shape[0], self.batch_size, self.embed_dim
+        embeddings = features_and_actions[:, : b * d].reshape(n, b, d)
+        h = 0.5 * (features_and_actions[:, b * d :].reshape(n, b) + 1.0)
+        c = self.per_sample(embeddings).squeeze(-1)
+        q = self.bias + self.mean_weight * c.mean(1) - (h * c).sum(1) / (h.sum(1) + self.eps)
+        return q.unsqueeze(-1)
+
+
+#: Critic heads of the DDPG/TD3/SAC policies, by name.
+CRITIC_HEADS: dict[str, type[nn.Module]] = {"pooled": PooledQNetwork, "ratio": RatioQNetwork}
+
+
 class PooledCritic(ContinuousCritic):
     """SB3's continuous critic with :class:`PooledQNetwork` heads (permutation-invariant).
 
@@ -108,13 +147,17 @@ class PooledCritic(ContinuousCritic):
     gradient left; the penalty keeps the logits in the range where it has.
     """
 
-    def __init__(self, *args: Any, hidden: int = 64, saturation_penalty: float = 1e-3, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, hidden: int = 64, saturation_penalty: float = 1e-3, head: str = "pooled", **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
+        if head not in CRITIC_HEADS:
+            raise ValueError(f"critic head must be one of {tuple(CRITIC_HEADS)}, got {head!r}")
         extractor: PerSampleExtractor = self.features_extractor  # type: ignore[assignment]
         self.saturation_penalty = saturation_penalty
         self.q_networks = []
         for idx in range(self.n_critics):
-            q_net = PooledQNetwork(extractor.batch_size, extractor.embed_dim, hidden)
+            q_net = CRITIC_HEADS[head](extractor.batch_size, extractor.embed_dim, hidden)
             self.add_module(f"qf{idx}", q_net)
             self.q_networks.append(q_net)
 
@@ -130,20 +173,25 @@ class PerSampleTD3Actor(TD3Actor):
     """DDPG/TD3 actor: ``action_i = tanh(u_i / 2) = 2 h_i - 1``, ``u_i`` the controller logit.
 
     SB3 acts in the [-1, 1] scaled space; the env's [0, 1] probability is
-    ``h_i = sigmoid(u_i)``.
+    ``h_i = sigmoid(u_i)``.  With ``centre_logits`` the logits are centred on
+    the batch first (``u_i - mean_j u_j``), as :class:`BernoulliSelectionPolicy`
+    does: the batch's selection rate stays near one half whatever the scores'
+    offset, so the task predictor keeps training on a broad part of every
+    batch (the paper's constraint ``E[h] >= c``), and the exported controller
+    (uncentred logits) ranks images the same way.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, centre_logits: bool = False, **kwargs: Any) -> None:
         kwargs["net_arch"] = []
         super().__init__(*args, **kwargs)
+        self.centre_logits = centre_logits
         self.mu = PerSampleHead(self.features_extractor.embed_dim)  # type: ignore[union-attr]
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(0.5 * self.mu(self.extract_features(obs, self.features_extractor)))
-
-
-def _critic_kwargs(policy: BasePolicy, hidden: int, saturation_penalty: float) -> None:
-    policy.critic_kwargs.update(hidden=hidden, saturation_penalty=saturation_penalty)  # type: ignore[attr-defined]
+        logits = self.mu(self.extract_features(obs, self.features_extractor))
+        if self.centre_logits:
+            logits = logits - logits.mean(dim=1, keepdim=True)
+        return torch.tanh(0.5 * logits)
 
 
 class PerSampleTD3Policy(TD3Policy):
@@ -154,25 +202,36 @@ class PerSampleTD3Policy(TD3Policy):
         *args: Any,
         critic_hidden: int = 64,
         saturation_penalty: float = 1e-3,
+        critic_head: str = "pooled",
+        centre_logits: bool = False,
         features_extractor_class: type[BaseFeaturesExtractor] = PerSampleExtractor,
         **kwargs: Any,
     ) -> None:
         self._critic_hidden, self._saturation_penalty = critic_hidden, saturation_penalty
+        self._critic_head, self._centre_logits = critic_head, centre_logits
         super().__init__(*args, features_extractor_class=features_extractor_class, **kwargs)
 
     def make_actor(self, features_extractor: BaseFeaturesExtractor | None = None) -> PerSampleTD3Actor:
         actor_kwargs = self._update_features_extractor(self.actor_kwargs, features_extractor)
-        return PerSampleTD3Actor(**actor_kwargs).to(self.device)
+        return PerSampleTD3Actor(**actor_kwargs, centre_logits=self._centre_logits).to(self.device)
 
     def make_critic(self, features_extractor: BaseFeaturesExtractor | None = None) -> PooledCritic:
         critic_kwargs = self._update_features_extractor(self.critic_kwargs, features_extractor)
         return PooledCritic(
-            **critic_kwargs, hidden=self._critic_hidden, saturation_penalty=self._saturation_penalty
+            **critic_kwargs,
+            hidden=self._critic_hidden,
+            saturation_penalty=self._saturation_penalty,
+            head=self._critic_head,
         ).to(self.device)
 
     def _get_constructor_parameters(self) -> dict[str, Any]:
         data = super()._get_constructor_parameters()
-        data.update(critic_hidden=self._critic_hidden, saturation_penalty=self._saturation_penalty)
+        data.update(
+            critic_hidden=self._critic_hidden,
+            saturation_penalty=self._saturation_penalty,
+            critic_head=self._critic_head,
+            centre_logits=self._centre_logits,
+        )
         return data
 
     def controller_parts(self) -> tuple[PerSampleExtractor, nn.Linear, float, str]:
@@ -198,10 +257,11 @@ class PerSampleSACPolicy(SACPolicy):
         self,
         *args: Any,
         critic_hidden: int = 64,
+        critic_head: str = "pooled",
         features_extractor_class: type[BaseFeaturesExtractor] = PerSampleExtractor,
         **kwargs: Any,
     ) -> None:
-        self._critic_hidden = critic_hidden
+        self._critic_hidden, self._critic_head = critic_hidden, critic_head
         super().__init__(*args, features_extractor_class=features_extractor_class, **kwargs)
 
     def make_actor(self, features_extractor: BaseFeaturesExtractor | None = None) -> PerSampleSACActor:
@@ -210,11 +270,13 @@ class PerSampleSACPolicy(SACPolicy):
 
     def make_critic(self, features_extractor: BaseFeaturesExtractor | None = None) -> PooledCritic:
         critic_kwargs = self._update_features_extractor(self.critic_kwargs, features_extractor)
-        return PooledCritic(**critic_kwargs, hidden=self._critic_hidden, saturation_penalty=0.0).to(self.device)
+        return PooledCritic(
+            **critic_kwargs, hidden=self._critic_hidden, saturation_penalty=0.0, head=self._critic_head
+        ).to(self.device)
 
     def _get_constructor_parameters(self) -> dict[str, Any]:
         data = super()._get_constructor_parameters()
-        data.update(critic_hidden=self._critic_hidden)
+        data.update(critic_hidden=self._critic_hidden, critic_head=self._critic_head)
         return data
 
     def controller_parts(self) -> tuple[PerSampleExtractor, nn.Linear, float, str]:

@@ -138,6 +138,10 @@ class REINFORCE(BaseAlgorithm):
             self.observation_space, self.action_space, self.lr_schedule, **self.policy_kwargs
         ).to(self.device)
 
+    def _get_torch_save_params(self) -> tuple[list[str], list[str]]:
+        # The optimiser's state (Adam moments) too, so that a saved agent resumes training exactly.
+        return ["policy", "policy.optimizer"], []
+
     # ------------------------------------------------------------------ rollouts
     def collect_rollout(self, callback: BaseCallback) -> dict[str, np.ndarray] | None:
         """``n_steps`` steps in every env; returns the arrays :meth:`train` needs (None if stopped)."""

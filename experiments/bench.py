@@ -524,6 +524,37 @@ def _targets(record: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def reproduce_quick_record(path: str | os.PathLike[str] | None) -> dict[str, Any]:
+    """``reproduce_quick_wall_s`` and a note on where it comes from, read from a reproduce ``results.json``."""
+    if path is None:
+        return {
+            "reproduce_quick_wall_s": None,
+            "reproduce_quick_note": "not measured in this run: pass --reproduce-results RUN/results.json of "
+            "an `iqa reproduce --quick` run to report its wall time",
+        }
+    import json
+    from pathlib import Path
+
+    try:
+        results = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file; expected the results.json of an `iqa reproduce` run") from None
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable results.json of `iqa reproduce` ({e})") from None
+    settings = results.get("settings", {}) if isinstance(results, dict) else {}
+    if not isinstance(results, dict) or results.get("kind") != "reproduce" or "wall_s" not in results:
+        raise ValueError(f"{path}: not the results.json of an `iqa reproduce` run (no 'kind'/'wall_s' fields)")
+    if not settings.get("quick"):
+        raise ValueError(f"{path}: that run was not made with --quick; expected a quick reproduction")
+    return {
+        "reproduce_quick_wall_s": float(results["wall_s"]),
+        "reproduce_quick_note": (
+            f"from {Path(path).name} of `{results.get('command', 'iqa reproduce --quick')}` "
+            f"(tasks {settings.get('tasks')}, seeds {settings.get('seeds')}, {results.get('workers')} worker(s))"
+        ),
+    }
+
+
 def run_bench(
     task: str = "both",
     device: str = "cpu",
@@ -533,6 +564,7 @@ def run_bench(
     threads: int | None = None,
     seed: int = 0,
     algorithms: tuple[str, ...] = BENCH_ALGORITHMS,
+    reproduce_results: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Measure everything ``iqa bench`` reports; returns the JSON-serialisable record.
 
@@ -543,6 +575,8 @@ def run_bench(
     :param threads: torch intra-op threads for the whole run (None: keep the current setting)
     :param seed: seed of the envs, the agents and the random actions
     :param algorithms: the RL algorithms timed inside ``learn()``
+    :param reproduce_results: ``results.json`` of an ``iqa reproduce --quick`` run whose wall time
+        the record reports (a quick reproduction takes minutes, so the bench does not run one itself)
     """
     from iqa_env.env import TaskAmenabilityEnv, resolve_device
 
@@ -628,10 +662,7 @@ def run_bench(
             "peak_rss_plus_full_default_buffer_bytes": peak + full_buffer,
             "peak_rss_mib_after": peak_after,
         }
-        record["reproduce_quick_wall_s"] = None
-        record["reproduce_quick_note"] = (
-            "`iqa reproduce --quick` does not exist yet; its wall time on 2 CPU cores will be reported here"
-        )
+        record.update(reproduce_quick_record(reproduce_results))
         record["targets"] = _targets(record)
         record["load_average"] = {"start": load_start, "end": _load_average()}
         record["wall_s"] = time.perf_counter() - started
@@ -737,6 +768,8 @@ def command_line(args: Any) -> str:
         parts.append(f"--threads {args.threads}")
     if args.seed:
         parts.append(f"--seed {args.seed}")
+    if getattr(args, "reproduce_results", None):
+        parts.append(f"--reproduce-results {args.reproduce_results}")
     return " ".join(parts)
 
 
@@ -747,7 +780,10 @@ def main(args: Any) -> dict[str, Any]:
 
     record = {"command": command_line(args)}
     record.update(
-        run_bench(args.task, args.device, args.quick, dataset=args.dataset, threads=args.threads, seed=args.seed)
+        run_bench(
+            args.task, args.device, args.quick, dataset=args.dataset, threads=args.threads, seed=args.seed,
+            reproduce_results=getattr(args, "reproduce_results", None),
+        )
     )
     if args.out is not None:
         from iqa_env.files import atomic_write_text

@@ -3,7 +3,8 @@
 Each subcommand lives in :mod:`experiments.commands`; a module there defines
 ``register(subparsers)`` which adds its parser and sets ``func(args) -> int``.
 Errors a user can act on (``ValueError``, ``TypeError``, ``FileNotFoundError``)
-are printed as one line, without a traceback, and exit with status 2.
+are printed as one line, without a traceback, and exit with status 2; so are
+the options argparse refuses (one ``error:`` line, no usage block).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import importlib
 import logging
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 #: Subcommand modules, in the order ``iqa --help`` lists them.
 COMMAND_MODULES: tuple[str, ...] = (
@@ -20,11 +22,21 @@ COMMAND_MODULES: tuple[str, ...] = (
     "experiments.commands.train",
     "experiments.commands.score",
     "experiments.commands.bench",
+    "experiments.commands.reproduce",
+    "experiments.commands.benchmark_algorithms",
 )
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's refusals as one line, like every other error (no usage block)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    # Subparsers are built with the parser's class, so every subcommand refuses the same way.
+    parser = _Parser(
         prog="iqa",
         description=(
             "Task-amenability image quality assessment with reinforcement learning "

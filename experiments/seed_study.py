@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dataset", default=None, help="HDF5 dataset (default: the built-in synthetic set)")
     p.add_argument("--task", default="classification")
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
     p.add_argument("--env-kwargs", default="{}", help="JSON of extra TaskAmenabilityEnv arguments")
     p.add_argument("--agent-kwargs", default="{}", help="JSON of extra algorithm arguments")
     p.add_argument("--json", default=None, help="also write the summaries to this JSON file")
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         task=args.task,
         dataset=args.dataset,
         steps=args.steps,
-        device="cpu",
+        device=args.device,
         env_kwargs=json.loads(args.env_kwargs),
         agent_kwargs=json.loads(args.agent_kwargs),
     )

@@ -13,6 +13,8 @@ import dataclasses
 import json
 import logging
 import os
+import pickle
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +56,8 @@ class TrainConfig:
     """auto, cpu or cuda."""
     eval_every: int = 500
     """Env steps between holdout evaluations of the controller (logged to TensorBoard)."""
+    checkpoint_every: int = 500
+    """Env steps between checkpoints of the run folder (0: none); see docs/reliability.md."""
     env_kwargs: dict[str, Any] = field(default_factory=dict)
     """Further TaskAmenabilityEnv arguments (they override the fields above)."""
     agent_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -72,6 +76,27 @@ class TrainConfig:
             raise ValueError(f"reward must be one of {REWARD_NAMES}, got {self.reward!r}")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
+        from iqa_env.env import resolve_device
+        from iqa_env.rewards import check_rejection_ratio
+
+        for name in ("batch_size", "train_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.validation_size is not None and (
+            isinstance(self.validation_size, bool)
+            or not isinstance(self.validation_size, (int, np.integer))
+            or self.validation_size < 1
+        ):
+            raise ValueError(f"validation_size must be a positive integer or None, got {self.validation_size!r}")
+        check_rejection_ratio(self.rejection_ratio)
+        resolve_device(self.device)
+        if not isinstance(self.checkpoint_every, (int, np.integer)) or self.checkpoint_every < 0:
+            raise ValueError(
+                f"checkpoint_every must be an integer >= 0 (0: no checkpoints), got {self.checkpoint_every!r}"
+            )
+        if not isinstance(self.eval_every, (int, np.integer)) or self.eval_every < 1:
+            raise ValueError(f"eval_every must be a positive integer, got {self.eval_every!r}")
         if self.dataset is not None and not Path(self.dataset).exists():
             raise FileNotFoundError(f"dataset file {self.dataset} does not exist")
         return self
@@ -90,10 +115,17 @@ def load_splits(dataset: str | None, split_seed: int = 0):
 
 
 def make_env(config: TrainConfig, train_set, validation_set):
-    """The env of ``config`` on explicit train / validation parts (``env_kwargs`` override the fields)."""
+    """The env of ``config`` on explicit train / validation parts.
+
+    Settings, each overriding the one before: the algorithm's recommended env
+    settings (:func:`agents.recommended_env_kwargs`), the fields of
+    ``config``, then ``config.env_kwargs``.
+    """
+    from agents import recommended_env_kwargs
     from iqa_env.env import TaskAmenabilityEnv
 
-    settings = dict(
+    settings = recommended_env_kwargs(config.algo, config.reward)
+    settings.update(
         task=config.task,
         reward=config.reward,
         rejection_ratio=config.rejection_ratio,
@@ -124,35 +156,235 @@ def _atomic_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, default=float))
 
 
-def train(config: TrainConfig, out_dir: str | os.PathLike[str] | None = None, progress: bool = False) -> dict[str, Any]:
+#: TrainConfig fields that may differ when a run is resumed: they say how or where it runs, not what it trains.
+#: (``dataset`` may differ too, if the file's content is the one the run recorded: see :func:`dataset_fingerprint`.)
+RUN_MANAGEMENT_FIELDS: tuple[str, ...] = ("checkpoint_every", "device")
+
+#: What ``train`` writes in a run folder (``overwrite=True`` removes these, and nothing else).
+RUN_ARTEFACTS: tuple[str, ...] = ("summary.json", "controller", "predictor.pt", "tensorboard")
+
+
+def _json_config(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
+    data = dataclasses.asdict(config) if isinstance(config, TrainConfig) else config
+    return json.loads(json.dumps(data, default=float))
+
+
+def config_differences(saved: dict[str, Any], config: TrainConfig) -> list[str]:
+    """``"field: saved X, now Y"`` for every training setting of ``config`` that differs from ``saved``.
+
+    Fields missing from ``saved`` (written by an older version) count as their
+    defaults; :data:`RUN_MANAGEMENT_FIELDS` are not compared.
+    """
+    defaults = _json_config(TrainConfig())
+    now = _json_config(config)
+    before = {**defaults, **saved}
+    return [
+        f"{name}: saved {before.get(name)!r}, now {value!r}"
+        for name, value in now.items()
+        if name not in RUN_MANAGEMENT_FIELDS and before.get(name) != value
+    ]
+
+
+def dataset_fingerprint(dataset: str | os.PathLike[str] | None) -> str:
+    """``"builtin"`` for the built-in set, else ``"sha256:..."`` of the dataset file's bytes."""
+    import hashlib
+
+    if dataset is None:
+        return "builtin"
+    digest = hashlib.sha256()
+    with open(dataset, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return f"sha256:{digest.hexdigest()}"
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def finished_summary(out: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The summary of the finished run in ``out`` (``summary.json``, written last), or None."""
+    summary = _read_json(Path(out) / "summary.json")
+    if isinstance(summary, dict) and isinstance(summary.get("config"), dict) and "steps" in summary:
+        return summary
+    return None
+
+
+def _prepare_run_dir(config: TrainConfig, out: Path, overwrite: bool) -> tuple[str, Any]:
+    """``("finished", summary)``, ``("resume", checkpoint folder)`` or ``("fresh", None)`` for ``out``."""
+    from experiments import checkpoint as ckpt
+
+    if overwrite:
+        ckpt.remove_checkpoints(out)
+        for name in RUN_ARTEFACTS:
+            path = out / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+        return "fresh", None
+    ckpt.remove_stale(out)
+    summary = finished_summary(out)
+    folder = ckpt.find_checkpoint(out)
+    saved = summary["config"] if summary is not None else _read_json(out / "config.json")
+    if not isinstance(saved, dict) and folder is not None:
+        saved = ckpt.read_meta(folder).get("config")
+    if isinstance(saved, dict):
+        differ = config_differences(saved, config)
+        moved = [d for d in differ if d.startswith("dataset: ")]
+        if moved:
+            # The same file under another path (moved, or named relative to another folder) is the same run.
+            recorded = (summary or {}).get("dataset_fingerprint")
+            if recorded is None and folder is not None:
+                recorded = ckpt.read_meta(folder).get("dataset_fingerprint")
+            if recorded is not None and recorded == dataset_fingerprint(config.dataset):
+                logger.info("%s: the dataset is now at %s (same content as the run's)", out, config.dataset)
+                differ = [d for d in differ if d not in moved]
+        if differ:
+            raise ValueError(
+                f"{out} holds a run with other settings ({'; '.join(differ)}); rerun with the same settings "
+                "to resume or keep it, choose another output folder, or overwrite it "
+                "(train(..., overwrite=True), iqa train --overwrite)"
+            )
+    if summary is not None:
+        return "finished", summary
+    if folder is not None:
+        return "resume", folder
+    return "fresh", None
+
+
+def train(
+    config: TrainConfig,
+    out_dir: str | os.PathLike[str] | None = None,
+    progress: bool = False,
+    *,
+    overwrite: bool = False,
+) -> dict[str, Any]:
     """Train one controller; returns (and, with ``out_dir``, saves) the run's summary.
 
     The summary has the holdout AUROC of the controller against ground-truth
     amenability at initialisation and at the end, and the AUROC curve over
     training (``auroc_curve``: ``[[step, auroc], ...]``).
+
+    With ``out_dir``, a checkpoint (``out_dir/checkpoint/``, see
+    :mod:`experiments.checkpoint`) is written atomically at the first rollout
+    boundary after every ``config.checkpoint_every`` env steps, and the same
+    call on the same folder picks the run up again:
+
+    - a checkpoint there: the run resumes from it (the step counter goes on;
+      only the steps after the checkpoint are redone); the summary's
+      ``resumed_from`` lists the steps it resumed at;
+    - a finished run there (``summary.json``): nothing is trained, and its
+      summary is returned with ``"already_finished": True`` added;
+    - a run with other settings there: ``ValueError`` naming the fields
+      that differ, unless ``overwrite=True``, which removes the folder's run
+      files and starts again.  :data:`RUN_MANAGEMENT_FIELDS` may differ, and
+      so may ``dataset`` when the file has the content the run recorded
+      (``dataset_fingerprint`` in its checkpoint or summary).
+
+    Settings, datasets and envs that are refused (``TrainConfig.validate``,
+    a bad dataset file, a dataset the task or reward cannot use, a batch
+    larger than the training set) raise before ``out_dir`` is created or
+    changed, so a corrected call on the same folder starts cleanly.
+
+    The checkpoint is removed once the run has finished (the summary is
+    written last).  Checkpoints hold a stable-baselines3 ``.zip``, which
+    unpickles on loading: resume only from run folders you trust.
     """
-    from stable_baselines3.common.callbacks import BaseCallback
+    from stable_baselines3.common.callbacks import BaseCallback, CallbackList
 
     from agents import Controller, make_agent
+    from agents.factory import agent_class
+    from experiments import checkpoint as ckpt
 
     config.validate()
-    out = Path(out_dir) if out_dir is not None else None
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        _atomic_json(out / "config.json", dataclasses.asdict(config))
-    logger.info("training %s: %s", config.run_name, dataclasses.asdict(config))
+    # The data and the env first: a dataset or setting they refuse (a bad file, one class, too few
+    # patients, a batch larger than the training set) fails before the run folder is touched.
     _, (train_set, validation_set, holdout) = load_splits(config.dataset, config.split_seed)
     env = make_env(config, train_set, validation_set)
+    out = Path(out_dir) if out_dir is not None else None
+    mode, found = "fresh", None
+    if out is not None:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            mode, found = _prepare_run_dir(config, out, overwrite)
+        except BaseException:
+            env.close()
+            raise
+        if mode == "finished":
+            env.close()
+            logger.info(
+                "%s: run %s already finished (%d steps, summary.json); nothing to do (overwrite to train again)",
+                out, found["run"], found["steps"],
+            )
+            return {**found, "already_finished": True}
+        _atomic_json(out / "config.json", dataclasses.asdict(config))
+    logger.info("training %s: %s", config.run_name, dataclasses.asdict(config))
     agent_kwargs = dict(config.agent_kwargs)
     if out is not None:
         agent_kwargs.setdefault("tensorboard_log", str(out / "tensorboard"))
-    agent = make_agent(config.algo, env, seed=config.seed, **agent_kwargs)
-    env.reset(seed=config.seed)
+    checkpointing = out is not None and config.checkpoint_every > 0
+    fingerprint = dataset_fingerprint(config.dataset) if out is not None else None
+    pool = ckpt.env_image_pool(env) if checkpointing else None
+
+    resumed_from: list[int] = []
+    prior_wall = 0.0
+    callbacks: list[BaseCallback] = []
+    if mode == "resume":
+        assert out is not None and found is not None
+        meta = ckpt.read_meta(found)
+        if meta.get("algo", config.algo) != config.algo:
+            raise ValueError(f"{found}: checkpoint of algorithm {meta.get('algo')!r}, not {config.algo!r}")
+        if pool is None:
+            pool = ckpt.env_image_pool(env)
+        agent = ckpt.restore(
+            found,
+            agent_class(config.algo),
+            env,
+            pool=pool,
+            device=agent_kwargs.get("device", "auto"),
+            tensorboard_log=agent_kwargs.get("tensorboard_log"),
+        )
+        callbacks.append(ckpt.action_noise_restorer(agent))
+        curve: list[tuple[int, float | None]] = [(int(s), a) for s, a in meta["auroc_curve"]]
+        resumed_from = [int(s) for s in meta.get("resumed_from", [])] + [int(agent.num_timesteps)]
+        prior_wall = float(meta.get("wall_time_s", 0.0))
+        logger.info(
+            "resuming %s from the checkpoint at step %d of %d (%s)",
+            config.run_name, agent.num_timesteps, config.steps, found,
+        )
+    else:
+        agent = make_agent(config.algo, env, seed=config.seed, **agent_kwargs)
+        env.reset(seed=config.seed)
 
     def current_auroc() -> float | None:
         return controller_auroc(Controller.from_agent(agent), holdout, config.task)
 
-    curve: list[tuple[int, float | None]] = [(0, current_auroc())]
+    if mode != "resume":
+        curve = [(0, current_auroc())]
+    start = time.perf_counter()
+
+    def save_checkpoint() -> None:
+        assert out is not None
+        ckpt.write_checkpoint(
+            out,
+            agent,
+            env,
+            {
+                "algo": config.algo,
+                "num_timesteps": int(agent.num_timesteps),
+                "auroc_curve": [[s, a] for s, a in curve],
+                "wall_time_s": prior_wall + time.perf_counter() - start,
+                "resumed_from": resumed_from,
+                "config": dataclasses.asdict(config),
+                "dataset_fingerprint": fingerprint,
+            },
+            pool,
+        )
+        logger.info("checkpoint at step %d written to %s", agent.num_timesteps, out / ckpt.CHECKPOINT_DIR)
 
     class Evaluate(BaseCallback):
         def _on_step(self) -> bool:
@@ -163,9 +395,56 @@ def train(config: TrainConfig, out_dir: str | os.PathLike[str] | None = None, pr
                     self.logger.record("eval/holdout_auroc", value)
             return True
 
-    start = time.perf_counter()
-    agent.learn(config.steps, callback=Evaluate(), tb_log_name=config.run_name, progress_bar=progress)
-    wall = time.perf_counter() - start
+    class Checkpoint(BaseCallback):
+        """Checkpoints at rollout starts: everything collected so far has been learnt from."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.last = int(agent.num_timesteps)
+
+        def _on_rollout_start(self) -> None:
+            now = int(self.model.num_timesteps)
+            if now // config.checkpoint_every > self.last // config.checkpoint_every:
+                save_checkpoint()
+                self.last = now
+
+        def _on_step(self) -> bool:
+            return True
+
+    class Progress(BaseCallback):
+        """A tqdm bar over env steps with the last holdout AUROC (SB3's own bar needs ``rich``)."""
+
+        def _on_training_start(self) -> None:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=config.steps, initial=int(self.model.num_timesteps), unit="step",
+                            desc=config.run_name, dynamic_ncols=True)
+
+        def _on_step(self) -> bool:
+            now = int(self.model.num_timesteps)
+            if now > self.bar.total:  # on-policy algorithms finish their last rollout
+                self.bar.total = now
+            self.bar.update(now - self.bar.n)
+            if curve[-1][1] is not None:
+                self.bar.set_postfix(holdout_auroc=f"{curve[-1][1]:.3f}", refresh=False)
+            return True
+
+        def _on_training_end(self) -> None:
+            self.bar.close()
+
+    callbacks.append(Evaluate())
+    if checkpointing:
+        callbacks.append(Checkpoint())
+    if progress:
+        callbacks.append(Progress())
+    remaining = max(config.steps - int(agent.num_timesteps), 0)
+    agent.learn(
+        remaining,
+        callback=CallbackList(callbacks),
+        tb_log_name=config.run_name,
+        reset_num_timesteps=mode != "resume",
+    )
+    wall = prior_wall + time.perf_counter() - start
     controller = Controller.from_agent(
         agent, metadata={"task": config.task, "reward": config.reward, "seed": config.seed}
     )
@@ -181,25 +460,55 @@ def train(config: TrainConfig, out_dir: str | os.PathLike[str] | None = None, pr
         "initial_auroc": curve[0][1],
         "final_auroc": final,
         "auroc_curve": [[s, a] for s, a in curve],
+        "resumed_from": resumed_from,
     }
+    if fingerprint is not None:
+        summary["dataset_fingerprint"] = fingerprint
     if out is not None:
         controller.save(out / "controller")
         state = {k: v.detach().cpu() for k, v in env.predictor.state_dict().items()}
         from iqa_env.files import atomic_write
 
         atomic_write(out / "predictor.pt", lambda tmp: torch.save(state, tmp))
-        _atomic_json(out / "summary.json", summary)
+        _atomic_json(out / "summary.json", summary)  # last: its presence marks a finished run
+        ckpt.remove_checkpoints(out)
     env.close()
     return summary
 
 
+def load_predictor(run_dir: str | os.PathLike[str], dataset: Any = None, device: str = "cpu") -> torch.nn.Module:
+    """The task predictor ``iqa train`` saved in ``run_dir/predictor.pt``, in eval mode.
+
+    Its architecture is rebuilt from ``run_dir/config.json`` and the dataset
+    (``dataset``: an ``ImageDataset`` or path; default: the one in the
+    config); the weights are read with ``torch.load(weights_only=True)``, so
+    no arbitrary objects are unpickled.
+    """
+    from iqa_env.env import as_dataset
+    from iqa_env.tasks import make_task
+
+    run = Path(run_dir)
+    weights = run / "predictor.pt"
+    config = _read_json(run / "config.json")
+    if not isinstance(config, dict):
+        raise FileNotFoundError(f"{run / 'config.json'} not found or not valid JSON: not an `iqa train` run folder")
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights} not found: the run has not finished")
+    data = as_dataset(dataset if dataset is not None else config.get("dataset"))
+    predictor = make_task(config.get("task", "classification")).build_predictor(data)
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        predictor.load_state_dict(state)
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as e:
+        reason = " ".join(str(e).split())[:200]
+        raise ValueError(f"{weights}: not a predictor weights file for this task and dataset ({reason})") from e
+    return predictor.to(device).eval()
+
+
 def holdout_heuristics(holdout, task: str) -> dict[str, float]:
     """AUROC of simple image statistics against ground-truth amenability: what the RL must beat."""
+    from experiments.evaluation import heuristic_scores
     from iqa_env.metrics import auroc
 
     amenable = holdout.amenable(task)
-    flat = holdout.images.reshape(len(holdout), -1).astype(np.float64)
-    return {
-        "mean_intensity": auroc(flat.mean(1), amenable),
-        "intensity_std": auroc(flat.std(1), amenable),
-    }
+    return {name: auroc(scores, amenable) for name, scores in heuristic_scores(holdout.images).items()}

@@ -24,7 +24,7 @@ from iqa_env.tasks import Task, make_task
 
 PHASES: tuple[str, str] = ("train", "validation")
 REWARD_METRICS: tuple[str, str] = ("metric", "loss")
-REWARD_BASELINES: tuple[str, str] = ("moving_average", "non_selective")
+REWARD_BASELINES: tuple[str, ...] = ("moving_average", "non_selective", "none")
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -144,6 +144,8 @@ class TaskAmenabilityEnv(gym.Env):
     (``-mean l_j`` over the batch): a control variate with no lag, which
     removes the variation of the predictor between episodes and of the
     batches' difficulty, and leaves what the controller's selection adds.
+    ``reward_baseline="none"`` returns the raw validation rewards, for agents
+    with a learnt critic (the critic is their baseline).
     Other steps give 0.  When the mean selection probability of a step leaves
     ``mean_selection_bounds = (c_low, c_high)`` the step is penalised by
     ``mean_selection_penalty`` times the distance (the paper's constraint
@@ -181,7 +183,8 @@ class TaskAmenabilityEnv(gym.Env):
     | ``reward_metric`` | ``"metric"`` | ``"metric"`` (1 - accuracy / 1 - Dice) or ``"loss"`` |
     | ``stochastic_validation`` | ``True`` | weight validation losses by Bernoulli selections rather than scores |
     | ``baseline_decay`` | ``0.9`` | ``a`` of the moving-average baseline |
-    | ``reward_baseline`` | ``"moving_average"`` | ``"moving_average"`` (the paper) or ``"non_selective"`` (validation steps) |
+    | ``reward_baseline`` | ``"moving_average"`` | ``"moving_average"`` (the paper), ``"non_selective"`` (validation steps) or ``"none"`` |
+    | ``validation_refresh`` | ``False`` | draw a new validation subset (of ``validation_size``) for every episode |
     | ``mean_selection_bounds`` | ``(0.0, 1.0)`` | allowed range of the mean selection probability |
     | ``mean_selection_penalty`` | ``1.0`` | penalty per unit outside those bounds |
     | ``predictor_lr`` | ``1e-3`` | Adam learning rate of the task predictor |
@@ -222,6 +225,7 @@ class TaskAmenabilityEnv(gym.Env):
         stochastic_validation: bool = True,
         baseline_decay: float = 0.9,
         reward_baseline: str = "moving_average",
+        validation_refresh: bool = False,
         mean_selection_bounds: tuple[float, float] = (0.0, 1.0),
         mean_selection_penalty: float = 1.0,
         predictor_lr: float = 1e-3,
@@ -266,6 +270,7 @@ class TaskAmenabilityEnv(gym.Env):
         self.train_steps = int(train_steps)
         self.reward_metric = reward_metric
         self.reward_baseline = reward_baseline
+        self.validation_refresh = bool(validation_refresh)
         self.stochastic_validation = bool(stochastic_validation)
         self.mean_selection_bounds = (lo, hi)
         self.mean_selection_penalty = float(mean_selection_penalty)
@@ -292,12 +297,14 @@ class TaskAmenabilityEnv(gym.Env):
                 f"batch_size {self.batch_size} is larger than the training set ({len(train_set)} images); "
                 "use a smaller batch_size or more data"
             )
+        self.task.check_dataset(train_set, "training")
         if self.reward_name == "fixed":
             clean = validation_set.require_human_amenability(self.task.name, "the fixed reward") == 1
             if not clean.any():
                 raise ValueError(
                     "the fixed reward needs validation images labelled amenable by humans, but none of the "
-                    f"{len(validation_set)} validation images is (human_amenability/{self.task.name} == 1)"
+                    f"{len(validation_set)} validation images is (human_amenability/{self.task.name} == 1); "
+                    "expected at least one: check the rater labels, or use reward='weighted' or 'selective'"
                 )
             validation_set = validation_set.subset(np.flatnonzero(clean))
         self.train_set = train_set
@@ -438,8 +445,9 @@ class TaskAmenabilityEnv(gym.Env):
         if seeded:
             self._torch_generator.manual_seed(int(self.np_random.integers(2**63 - 1)))
             self.baseline.reset()
+        if seeded or self.validation_refresh:
             order = self.np_random.permutation(len(self.validation_set))[: self._validation_size]
-            self._validation_order = np.sort(order)
+            self._validation_order = np.sort(order) if not self.validation_refresh else order
         fresh = (
             self.predictor is None
             or bool(options.get("reinitialise_predictor", False))
@@ -500,7 +508,8 @@ class TaskAmenabilityEnv(gym.Env):
                 self._set_validation_batch(0)
             else:
                 raw = fixed_reward(self._compute_validation_losses())
-                reward, reward_ready, terminated = self.baseline.update(raw), True, True
+                reward = raw if self.reward_baseline == "none" else self.baseline.update(raw)
+                reward_ready, terminated = True, True
         else:
             k = self._episode_step - self.train_steps
             assert self._validation_losses is not None
@@ -517,6 +526,8 @@ class TaskAmenabilityEnv(gym.Env):
             if self.reward_baseline == "non_selective":
                 # Zero-lag control variate: the same batch's reward without any selection.
                 reward = raw - fixed_reward(losses)
+            elif self.reward_baseline == "none":
+                reward = raw
             else:
                 reward = self.baseline.update(raw, key=k)
             reward_ready = True
@@ -560,3 +571,128 @@ class TaskAmenabilityEnv(gym.Env):
         from iqa_env.render import selection_grid
 
         return selection_grid(self._observation(), self._last_action, self._last_selection, self._batch_valid)
+
+    # ------------------------------------------------------------- checkpoint
+    def state_dict(self) -> dict[str, Any]:
+        """The env's whole mutable state, to resume a run exactly where it stopped.
+
+        The task predictor's weights and optimiser state, the env's numpy and
+        torch generators, every moving-average reward baseline, and the
+        position in the episode (phase, step, current batch, validation order
+        and losses, whether a reset is due).  Not the data or the settings:
+        load it into an env built with the same arguments.  It holds tensors
+        and plain Python values only, so ``torch.save`` writes it and
+        ``torch.load(path, weights_only=True)`` reads it back without
+        unpickling arbitrary objects.
+        """
+        import copy
+
+        from iqa_env.rewards import MovingAverageBaseline
+
+        def tensor(a: np.ndarray | None) -> torch.Tensor | None:
+            return None if a is None else torch.from_numpy(np.array(a, copy=True))
+
+        def to_cpu(value: Any) -> Any:
+            if isinstance(value, torch.Tensor):
+                return value.detach().cpu().clone()
+            if isinstance(value, dict):
+                return {k: to_cpu(v) for k, v in value.items()}
+            if isinstance(value, (list, tuple)):
+                return type(value)(to_cpu(v) for v in value)
+            return copy.deepcopy(value)
+
+        rng = self._np_random
+        return {
+            "format_version": 1,
+            "settings": self._state_settings(),
+            "np_random": None if rng is None else copy.deepcopy(rng.bit_generator.state),
+            "np_random_seed": getattr(self, "_np_random_seed", None),
+            "torch_generator": self._torch_generator.get_state().clone(),
+            "predictor": None if self.predictor is None else to_cpu(self.predictor.state_dict()),
+            "optimizer": None if self.optimizer is None else to_cpu(self.optimizer.state_dict()),
+            "baselines": {
+                name: {"decay": float(b.decay), "values": {int(k): float(v) for k, v in b.values.items()}}
+                for name, b in vars(self).items()
+                if isinstance(b, MovingAverageBaseline)
+            },
+            "phase": self._phase,
+            "episode_step": int(self._episode_step),
+            "needs_reset": bool(self._needs_reset),
+            "batch_indices": tensor(self._batch_indices),
+            "batch_valid": tensor(self._batch_valid),
+            "validation_order": tensor(self._validation_order),
+            "validation_losses": tensor(self._validation_losses),
+            "last_action": tensor(self._last_action),
+            "last_selection": tensor(self._last_selection),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict` taken from an env built with the same arguments.
+
+        The next ``step()`` (or ``reset()``) then does exactly what it would
+        have done in the env the state was taken from.  A state from an env
+        with other data sizes or settings raises ``ValueError``.
+        """
+        import copy
+
+        from iqa_env.rewards import MovingAverageBaseline
+
+        if not isinstance(state, dict) or state.get("format_version") != 1:
+            raise ValueError("not a TaskAmenabilityEnv state (expected a dict from state_dict() with format_version 1)")
+        saved, mine = state.get("settings", {}), self._state_settings()
+        differ = [f"{k}: saved {saved.get(k)!r}, this env {v!r}" for k, v in mine.items() if saved.get(k) != v]
+        if differ:
+            raise ValueError(
+                "the env state was taken from an env with other settings or data (" + "; ".join(differ) + "); "
+                "build the env with the same arguments as the one that wrote it"
+            )
+
+        def array(t: torch.Tensor | None) -> np.ndarray | None:
+            return None if t is None else t.detach().cpu().numpy().copy()
+
+        if state["predictor"] is None:
+            self.predictor, self.optimizer = None, None
+        else:
+            if self.predictor is None:
+                self._build_predictor()  # the architecture; its weights and the generators are overwritten below
+            assert self.predictor is not None and self.optimizer is not None
+            self.predictor.load_state_dict(state["predictor"])
+            # A copy: the optimiser keeps the given tensors as its state and updates them in place.
+            self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
+        if state["np_random"] is None:
+            self._np_random = None
+        else:
+            bit_generator = getattr(np.random, state["np_random"]["bit_generator"])()
+            bit_generator.state = state["np_random"]
+            self._np_random = np.random.Generator(bit_generator)
+        if hasattr(self, "_np_random_seed"):
+            self._np_random_seed = state["np_random_seed"]
+        self._torch_generator.set_state(state["torch_generator"])
+        for name, saved_baseline in state["baselines"].items():
+            baseline = getattr(self, name, None)
+            if not isinstance(baseline, MovingAverageBaseline):
+                raise ValueError(f"the env state has a reward baseline {name!r} that this env does not have")
+            baseline.decay = float(saved_baseline["decay"])
+            baseline.values = {int(k): float(v) for k, v in saved_baseline["values"].items()}
+        self._phase = str(state["phase"])
+        self._episode_step = int(state["episode_step"])
+        self._needs_reset = bool(state["needs_reset"])
+        self._batch_indices = array(state["batch_indices"])
+        self._batch_valid = array(state["batch_valid"])
+        self._validation_order = array(state["validation_order"])
+        self._validation_losses = array(state["validation_losses"])
+        self._last_action = array(state["last_action"])
+        self._last_selection = array(state["last_selection"])
+
+    def _state_settings(self) -> dict[str, Any]:
+        """What a :meth:`state_dict` must agree on with the env that loads it."""
+        return {
+            "task": self.task.name,
+            "reward": self.reward_name,
+            "batch_size": self.batch_size,
+            "train_steps": self.train_steps,
+            "validation_size": self._validation_size,
+            "train_images": len(self.train_set),
+            "validation_images": len(self.validation_set),
+            "image_shape": [int(s) for s in self.train_set.image_shape],
+        }

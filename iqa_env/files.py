@@ -1,11 +1,13 @@
-"""Atomic file writes: a reader sees the old file or the new one, never half of one."""
+"""Atomic file writes (a reader sees the old file or the new one, never half of one), and versioned JSON reads."""
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[str], object]) -> Path:
@@ -35,3 +37,25 @@ def atomic_write_text(path: str | os.PathLike[str], text: str, newline: str | No
             f.write(text)
 
     return atomic_write(path, write)
+
+
+def read_versioned_json(path: str | os.PathLike[str], fmt: str, version: int, what: str, remedy: str = "") -> dict[str, Any]:
+    """The JSON object at ``path`` whose ``"format"`` is ``fmt`` and ``"format_version"`` is ``version``.
+
+    Anything else is a ``ValueError`` naming the file, what was expected
+    (``what``, e.g. "a training checkpoint") and ``remedy`` when given.
+    """
+    path = Path(path)
+    tail = f"; {remedy}" if remedy else ""
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e}){tail}") from e
+    if not isinstance(data, dict) or data.get("format") != fmt:
+        raise ValueError(f"{path}: not {what} (expected a JSON object with \"format\": \"{fmt}\"){tail}")
+    if data.get("format_version") != version:
+        raise ValueError(
+            f"{path}: format_version {data.get('format_version')!r} is not supported "
+            f"(this version reads {version}){tail}"
+        )
+    return data

@@ -18,6 +18,7 @@ see ``TaskAmenabilityEnv(reward_metric=...)``).  Higher rewards are better.
 from __future__ import annotations
 
 import math
+import numbers
 
 import numpy as np
 
@@ -25,15 +26,28 @@ REWARD_NAMES: tuple[str, ...] = ("fixed", "weighted", "selective")
 
 
 def check_reward(reward: str) -> str:
+    """``reward`` itself if it names one of :data:`REWARD_NAMES`; else ``TypeError`` / ``ValueError``."""
+    if not isinstance(reward, str):
+        raise TypeError(f"reward must be one of the names {REWARD_NAMES}, got {type(reward).__name__}")
     if reward not in REWARD_NAMES:
         raise ValueError(f"reward must be one of {REWARD_NAMES}, got {reward!r}")
     return reward
 
 
 def check_rejection_ratio(rejection_ratio: float) -> float:
-    if not (isinstance(rejection_ratio, (int, float)) and 0.0 <= rejection_ratio < 1.0):
-        raise ValueError(f"rejection_ratio must be a number in [0, 1), got {rejection_ratio!r}")
-    return float(rejection_ratio)
+    """``rejection_ratio`` as a float in [0, 1): the fraction of images rejected (1 would reject all)."""
+    if isinstance(rejection_ratio, bool) or not isinstance(rejection_ratio, numbers.Real):
+        raise TypeError(
+            f"rejection_ratio must be a number in [0, 1) (the fraction of images rejected), "
+            f"got {type(rejection_ratio).__name__} {rejection_ratio!r}"
+        )
+    value = float(rejection_ratio)
+    if not 0.0 <= value < 1.0:
+        raise ValueError(
+            f"rejection_ratio must be a number in [0, 1) (the fraction of images rejected; 1 would "
+            f"reject every image), got {value!r}; use e.g. 0.05 to reject the lowest-scored 5 %"
+        )
+    return value
 
 
 def fixed_reward(losses: np.ndarray) -> float:

@@ -23,6 +23,13 @@ class Task:
     name: str = ""
     metric_name: str = ""
 
+    def check_dataset(self, dataset: ImageDataset, part: str = "training") -> None:
+        """Raise ``ValueError`` unless ``dataset`` (the ``part`` images) can train this task.
+
+        Called by the environment when it is built, so that a dataset the task
+        cannot learn from is refused before any training step.
+        """
+
     def build_predictor(self, dataset: ImageDataset) -> nn.Module:
         """A freshly initialised task predictor sized for ``dataset``."""
         raise NotImplementedError
@@ -53,12 +60,26 @@ class ClassificationTask(Task):
     name = "classification"
     metric_name = "accuracy"
 
-    def build_predictor(self, dataset: ImageDataset) -> nn.Module:
+    def check_dataset(self, dataset: ImageDataset, part: str = "training") -> None:
         if dataset.num_classes < 2:
             raise ValueError(
-                f"classification needs at least 2 classes, the dataset declares "
-                f"{dataset.num_classes}: {list(dataset.class_names)}"
+                f"the classification task needs at least 2 classes, but the dataset declares "
+                f"{dataset.num_classes}: {list(dataset.class_names)}; give the images their class "
+                "labels (e.g. iqa data import-folder --labels labels.csv), or use task='segmentation'"
             )
+        present = np.unique(dataset.labels)
+        if present.size < 2:
+            label = int(present[0])
+            raise ValueError(
+                f"the classification task needs {part} images of at least 2 classes, but all "
+                f"{len(dataset)} {part} images have label {label} ({dataset.class_names[label]!r}); "
+                f"expected labels of at least two of the classes {list(dataset.class_names)}: add "
+                "images of the other class(es), or use task='segmentation'"
+            )
+
+    def build_predictor(self, dataset: ImageDataset) -> nn.Module:
+        if dataset.num_classes < 2:
+            self.check_dataset(dataset)
         return Classifier(dataset.image_shape, dataset.num_classes)
 
     def targets(self, dataset: ImageDataset) -> np.ndarray:
@@ -82,6 +103,16 @@ class SegmentationTask(Task):
 
     name = "segmentation"
     metric_name = "dice"
+
+    def check_dataset(self, dataset: ImageDataset, part: str = "training") -> None:
+        masks = dataset.require_masks("the segmentation task")
+        if not masks.any() or masks.all():
+            value = int(masks.flat[0])
+            raise ValueError(
+                f"the segmentation task needs {part} masks with both foreground (1) and background "
+                f"(0) pixels, but every pixel of the {len(dataset)} {part} masks is {value}; "
+                "expected masks that mark the structure to segment"
+            )
 
     def build_predictor(self, dataset: ImageDataset) -> nn.Module:
         dataset.require_masks("the segmentation task")
@@ -122,6 +153,8 @@ def make_task(task: str | Task) -> Task:
     """A :class:`Task` from its name (``"classification"`` or ``"segmentation"``)."""
     if isinstance(task, Task):
         return task
+    if not isinstance(task, str):
+        raise TypeError(f"task must be a task name {TASK_NAMES} or a Task, got {type(task).__name__}")
     if task not in _TASKS:
         raise ValueError(f"task must be one of {TASK_NAMES}, got {task!r}")
     return _TASKS[task]()

@@ -9,6 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+#: The repository root (subprocesses run `python -m experiments.cli` from there).
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
 # Two cores: one torch thread per process keeps parallel workers from fighting.
 torch.set_num_threads(1)
 
@@ -61,3 +64,69 @@ def random_dataset(n: int = 120, size: int = 16, seed: int = 0, masks: bool = Tr
         amenability={"classification": amenability, "segmentation": amenability},
         human_amenability={"classification": human, "segmentation": human},
     )
+
+
+def occluded_dataset(n: int = 800, size: int = 16, seed: int = 0, frac_bad: float = 0.4):
+    """Data whose amenability is known and visible, for tests that an agent *learns*.
+
+    The class is a bright square at the centre (present or not).  In a
+    non-amenable image (``frac_bad``) a band of coarser noise covers the
+    centre columns and hides the square, so the label cannot be read there
+    and the task predictor's loss on it stays high; the band is visible to a
+    controller.  The mean intensity is the same for both kinds; the band's
+    extra texture makes the intensity st.d. a clue (AUROC about 0.19, i.e.
+    0.81 inverted): this data tests whether the agents learn a ranking from
+    the reward, not whether the method beats heuristics (the synthetic
+    ultrasound set is the benchmark for that).
+    """
+    from iqa_env.data import ImageDataset
+
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, n)
+    bad = rng.random(n) < frac_bad
+    img = rng.normal(110, 25, (n, size, size))
+    c = size // 2
+    img[labels == 1, c - 2 : c + 2, c - 2 : c + 2] += 70
+    img[bad, :, c - 4 : c + 4] = rng.normal(110, 36, (int(bad.sum()), size, 8))
+    amenable = (~bad).astype(np.float32)
+    return ImageDataset(
+        images=np.clip(img, 0, 255).astype(np.uint8)[:, None],
+        labels=labels,
+        groups=np.arange(n) // 20,
+        amenability={"classification": amenable},
+        human_amenability={"classification": (~bad).astype(np.uint8)},
+    )
+
+
+def run_iqa_and_kill(argv: list[str], ready, log, timeout: float = 300.0) -> None:
+    """Start ``python -m experiments.cli *argv`` and SIGKILL it as soon as ``ready()`` is true.
+
+    Fails the test if the command exits first or ``ready()`` stays false for
+    ``timeout`` seconds; its output goes to the file ``log``.
+    """
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "experiments.cli", *argv], cwd=REPO_ROOT, env=env,
+            stdout=out, stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + timeout
+        try:
+            while not ready():
+                if proc.poll() is not None:
+                    pytest.fail(f"iqa {argv[0]} exited ({proc.returncode}) before it could be killed:\n{log.read_text()}")
+                if time.monotonic() > deadline:
+                    pytest.fail(f"not ready to kill within {timeout} s:\n{log.read_text()}")
+                time.sleep(0.01)
+            os.kill(proc.pid, signal.SIGKILL)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL, f"iqa {argv[0]} finished before it could be killed:\n{log.read_text()}"

@@ -109,3 +109,24 @@ def test_iqa_bench_quick_reports_every_field(
 def test_run_bench_rejects_bad_arguments(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         run_bench(**kwargs)
+
+
+def test_bench_reports_the_wall_time_of_a_quick_reproduction(tmp_path):
+    import json
+
+    import pytest
+
+    from experiments.bench import reproduce_quick_record
+
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"kind": "reproduce", "wall_s": 812.5, "workers": 2,
+                                "settings": {"quick": True, "tasks": ["classification"], "seeds": [0, 1]}}))
+    record = reproduce_quick_record(path)
+    assert record["reproduce_quick_wall_s"] == 812.5
+    assert "2 worker(s)" in record["reproduce_quick_note"]
+    path.write_text(json.dumps({"kind": "reproduce", "wall_s": 1.0, "settings": {"quick": False}}))
+    with pytest.raises(ValueError, match="--quick"):
+        reproduce_quick_record(path)
+    with pytest.raises(FileNotFoundError, match="results.json"):
+        reproduce_quick_record(tmp_path / "missing.json")
+    assert reproduce_quick_record(None)["reproduce_quick_wall_s"] is None

@@ -15,10 +15,12 @@ def test_train_then_score(tiny_synthetic_path, tmp_path, capsys):
     run = tmp_path / "run"
     code = main(
         ["train", "--algo", "reinforce", "--dataset", str(tiny_synthetic_path), "--steps", "48",
-         "--batch-size", "8", "--device", "cpu", "--out", str(run), "--no-progress"]
+         "--batch-size", "8", "--device", "cpu", "--out", str(run)]
     )
     assert code == 0
     summary = json.loads((run / "summary.json").read_text())
+    # The progress bar (on by default) runs without extra packages and reaches the last step.
+    assert f"{summary['steps']}/{summary['steps']}" in capsys.readouterr().err
     assert summary["steps"] >= 48 and 0.0 <= summary["initial_auroc"] <= 1.0
     for name in ("config.json", "predictor.pt", "controller/controller.json", "controller/controller.pt"):
         assert (run / name).is_file(), name

@@ -5,17 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from experiments.commands import HelpFormatter
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+from experiments.commands import HelpFormatter, positive_int
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -46,9 +36,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, help="also write the JSON record to this file")
     p.add_argument("--dataset", default=None, help="HDF5 dataset (default: the built-in synthetic set)")
     p.add_argument(
-        "--threads", type=_positive_int, default=None, help="torch intra-op threads (default: torch's own choice)"
+        "--threads", type=positive_int, default=None, help="torch intra-op threads (default: torch's own choice)"
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the envs, agents and random actions")
+    p.add_argument(
+        "--reproduce-results",
+        default=None,
+        metavar="RESULTS_JSON",
+        help="results.json of an `iqa reproduce --quick` run: its wall time goes into the record",
+    )
     p.set_defaults(func=run)
 
 

@@ -15,6 +15,7 @@ stays fast.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -84,11 +85,30 @@ def _add_output(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _check_target(path: Path | None, option: str, example: str) -> None:
+    """Refuse an output path that is a folder before any work is done (not after minutes of it)."""
+    if path is not None and path.is_dir():
+        raise IsADirectoryError(
+            f"{option} {path}: is a folder; expected the path of the file to write "
+            f"(e.g. {path / example})"
+        )
+
+
 def _save_and_report(ds: ImageDataset, args: argparse.Namespace, what: str, seconds: float) -> int:
     from iqa_env.data.io import save_dataset
 
     start = time.perf_counter()
-    path = save_dataset(ds, args.out, compression=not args.no_compression)
+    try:
+        path = save_dataset(ds, args.out, compression=not args.no_compression)
+    except OSError as e:
+        # Disk full, no permission, ...: one line, like every other error.  The
+        # write is atomic, so a file already at --out is still there, unchanged.
+        print(
+            f"iqa {args.command}: error: cannot write {args.out} ({e.strerror or e}); nothing was "
+            "changed there: check the folder's free space and permissions, or choose another --out",
+            file=sys.stderr,
+        )
+        return 2
     write_seconds = time.perf_counter() - start
     c, h, w = ds.image_shape
     print(
@@ -101,6 +121,7 @@ def _save_and_report(ds: ImageDataset, args: argparse.Namespace, what: str, seco
 
 # ---------------------------------------------------------------- handlers
 def _synth(args: argparse.Namespace) -> int:
+    _check_target(args.out, "--out", "data.h5")
     from iqa_env.data.synthetic import generate_synthetic
 
     overrides = {
@@ -119,6 +140,7 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _fashion_mnist(args: argparse.Namespace) -> int:
+    _check_target(args.out, "--out", "data.h5")
     from iqa_env.data.fashion_mnist import DEFAULT_ROOT, load_fashion_mnist
 
     start = time.perf_counter()
@@ -139,6 +161,7 @@ def _fashion_mnist(args: argparse.Namespace) -> int:
 
 
 def _import_folder(args: argparse.Namespace) -> int:
+    _check_target(args.out, "--out", "data.h5")
     from iqa_env.data.importers import import_folder
 
     start = time.perf_counter()
@@ -154,6 +177,7 @@ def _import_folder(args: argparse.Namespace) -> int:
 
 
 def _import_medmnist(args: argparse.Namespace) -> int:
+    _check_target(args.out, "--out", "data.h5")
     from iqa_env.data.importers import import_medmnist
 
     start = time.perf_counter()
@@ -290,14 +314,20 @@ def write_preview(ds: ImageDataset, path: Path, n_images: int = PREVIEW_IMAGES) 
     if ds.amenability:
         title += f"; spread over {next(iter(ds.amenability))} amenability, low to high"
     fig.suptitle(title, fontsize=9)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    from iqa_env.files import atomic_write
+
+    # Atomic: an existing preview is replaced whole or not at all.
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format=path.suffix[1:] or "png"))
+    finally:
+        plt.close(fig)
     return path
 
 
 def _inspect(args: argparse.Namespace) -> int:
     from iqa_env.data.io import load_dataset, read_header
+
+    _check_target(args.preview, "--preview", "preview.png")
 
     header = read_header(args.path)
     ds = load_dataset(args.path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import sys
 from pathlib import Path
 
 from experiments.commands import HelpFormatter
@@ -20,6 +21,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "(a folder written by `iqa train`, or by Controller.save) and write a CSV with the columns "
             "file (or index), score (task amenability in [0, 1], higher is better) and rejected (1 for "
             "the lowest-scored fraction --rejection-ratio).\n\n"
+            "A folder's images are read as the controller needs them: each is resized (bilinear) to "
+            "the controller's input size and converted to its channels (grey or RGB), so a folder "
+            "may mix sizes and channels.  An HDF5 dataset is scored as stored and must have the "
+            "controller's (C, H, W).  Files that are not images (by extension) are ignored; an "
+            "unreadable image, or a folder without images, is an error.  On any error the CSV "
+            "--out is left as it was.\n\n"
             "Example:\n\n"
             "  iqa score --controller runs/r1/controller data.h5 --out scores.csv"
         ),
@@ -28,7 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--controller", required=True, help="controller folder (controller.json + controller.pt)")
     p.add_argument("--out", default="scores.csv", help="CSV to write")
     p.add_argument("--rejection-ratio", type=float, default=0.05, help="fraction of images marked rejected, in [0, 1)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--device", default="cpu", help="cpu, cuda[:N] or auto")
     p.set_defaults(func=run)
 
 
@@ -41,6 +48,11 @@ def run(args: argparse.Namespace) -> int:
     from iqa_env.rewards import check_rejection_ratio, kept_by_rejection
 
     ratio = check_rejection_ratio(args.rejection_ratio)
+    out = Path(args.out)
+    if out.is_dir():
+        raise IsADirectoryError(
+            f"--out {out}: is a folder; expected the path of the CSV file to write (e.g. {out / 'scores.csv'})"
+        )
     controller = Controller.load(args.controller, device=resolve_device(args.device))
     source = Path(args.input)
     if source.is_dir():
@@ -61,17 +73,28 @@ def run(args: argparse.Namespace) -> int:
     if dataset.image_shape != controller.image_shape:
         raise ValueError(
             f"{source}: images are {dataset.image_shape} (C, H, W) but the controller was trained on "
-            f"{controller.image_shape}"
+            f"{controller.image_shape}; expected a dataset of the controller's image shape (or a "
+            "folder of images, which is resized to it)"
         )
     scores = controller.score(dataset.images)
     # As the paper: keep the floor((1 - ratio) * N) highest-scored images.
     rejected = ~kept_by_rejection(scores, ratio) if ratio > 0 else np.zeros(len(scores), bool)
-    out = Path(args.out)
     lines = io.StringIO()
     writer = csv.writer(lines)
     writer.writerow([key, "score", "rejected"])
     for name, s, r in zip(names, scores, rejected):
         writer.writerow([name, f"{s:.6f}", int(r)])
-    atomic_write_text(out, lines.getvalue(), newline="")
+    try:
+        atomic_write_text(out, lines.getvalue(), newline="")
+    except OSError as e:
+        # Disk full, no permission, ...: one line, like every other error; the
+        # write is atomic, so a previous CSV is still there, unchanged.
+        reason = e.strerror or str(e)
+        print(
+            f"iqa {args.command}: error: cannot write {out} ({reason}); nothing was changed there: "
+            "check the folder's free space and permissions, or choose another --out",
+            file=sys.stderr,
+        )
+        return 2
     print(f"scored {len(scores)} images -> {out} ({int(rejected.sum())} rejected at ratio {ratio:g})")
     return 0

@@ -18,6 +18,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "config.json, the controller (controller/, for `iqa score`), the task predictor "
             "(predictor.pt), summary.json (holdout AUROC of the controller against ground-truth "
             "amenability at initialisation and at the end) and TensorBoard logs (tensorboard/).\n\n"
+            "Interrupted runs resume: every --checkpoint-every env steps the run is checkpointed "
+            "(checkpoint/, written atomically), and the same command on the same --out goes on from "
+            "the last checkpoint; on a finished run it does nothing. Other settings on the same --out "
+            "are an error unless --overwrite (see docs/reliability.md).\n\n"
             "Example:\n\n"
             "  iqa train --algo reinforce --task classification --reward weighted --steps 4000 --out runs/r1"
         ),
@@ -33,6 +37,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=4000, help="env steps to train for")
     p.add_argument("--seed", type=int, default=0, help="seed of the agent and the env")
     p.add_argument("--batch-size", type=int, default=32, help="images per env step")
+    p.add_argument("--train-steps", type=int, default=8, help="predictor training steps per episode")
+    p.add_argument(
+        "--validation-size", type=int, default=256, help="validation images per reward (0: all)"
+    )
+    p.add_argument("--eval-every", type=int, default=500, help="env steps between holdout AUROC evaluations")
+    p.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=500,
+        help="env steps between checkpoints in OUT/checkpoint/ (0: none); rerun the command to resume",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="discard a run already in --out (checkpoint, summary, controller) and train from the start",
+    )
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--out", required=True, help="run folder (created)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -50,9 +70,20 @@ def run(args: argparse.Namespace) -> int:
         steps=args.steps,
         seed=args.seed,
         batch_size=args.batch_size,
+        train_steps=args.train_steps,
+        validation_size=args.validation_size or None,
+        eval_every=args.eval_every,
+        checkpoint_every=args.checkpoint_every,
         device=args.device,
     )
-    summary = train(config, args.out, progress=not args.no_progress)
+    summary = train(config, args.out, progress=not args.no_progress, overwrite=args.overwrite)
+    if summary.get("already_finished"):
+        print(
+            f"{args.out} holds a finished run ({summary['steps']} steps); nothing to do "
+            "(--overwrite trains it again)"
+        )
+    elif summary.get("resumed_from"):
+        print(f"resumed from the checkpoint at step {summary['resumed_from'][-1]}")
     print(
         json.dumps(
             {k: summary[k] for k in ("run", "steps", "wall_time_s", "initial_auroc", "final_auroc")},

@@ -153,7 +153,9 @@ class ImageDataset:
             raise ValueError(
                 f"{purpose} needs human amenability labels for task {task!r}, but this dataset "
                 f"has none (field 'human_amenability/{task}' is absent; it has: "
-                f"{sorted(self.human_amenability) or 'none'})"
+                f"{sorted(self.human_amenability) or 'none'}); expected 0/1 rater labels per image: "
+                f"add them (e.g. a human_amenability_{task} column in the labels CSV of "
+                f"`iqa data import-folder`), or do without {purpose}"
             )
         return self.human_amenability[task]
 

@@ -200,7 +200,8 @@ def _open_header(path: Path, *, mask: bool = False) -> tuple[int, int, int]:
         raise FileNotFoundError(f"{path}: image file not found") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise ValueError(
-            f"{path}: cannot be read as an image ({e}); expected a readable image file"
+            f"{path}: cannot be read as an image ({e}); expected a readable image file "
+            f"({', '.join(IMAGE_EXTENSIONS)}): replace it or move it out of the folder"
         ) from e
 
 
@@ -223,7 +224,10 @@ def _read_pixels(
                 img = img.resize((size[1], size[0]), resample=resample)
             pixels = np.asarray(img)
     except (OSError, SyntaxError, ValueError) as e:
-        raise ValueError(f"{path}: cannot be decoded ({e}); expected a complete image file") from e
+        raise ValueError(
+            f"{path}: cannot be decoded ({e}); expected a complete image file (it is truncated or "
+            "corrupt): replace it or move it out of the folder"
+        ) from e
     if mask:
         return (pixels > 0).astype(np.uint8)
     pixels = pixels.astype(np.uint8, copy=False)

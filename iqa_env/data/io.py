@@ -110,6 +110,7 @@ def save_dataset(
             JSON-serialisable.
         TypeError: ``ds`` is not an :class:`ImageDataset`.
         ValueError: ``compression_level`` outside 0-9.
+        IsADirectoryError: ``path`` is an existing folder.
         OSError: the file cannot be written (the previous file, if any, is
             left as it was).
     """
@@ -118,6 +119,10 @@ def save_dataset(
     if not 0 <= compression_level <= 9:
         raise ValueError(f"compression_level must be in 0..9, got {compression_level}")
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(
+            f"{path}: is a folder; expected the path of the HDF5 file to write (e.g. {path / 'data.h5'})"
+        )
     validate_dataset_fields(ds, source=str(path))
     try:
         metadata_json = json.dumps(ds.metadata, sort_keys=True, allow_nan=False)
@@ -283,7 +288,10 @@ def _fields(path: Path, f: h5py.File) -> dict[str, Any]:
         # field from metadata alone; values are checked once rows are read.
         proxy_shape = tuple(node.shape[:1]) + (0,) * max(len(node.shape) - 1, 0)
         proxy = np.zeros(proxy_shape, node.dtype)
-        check_array(src, field, proxy, ndim=ndim, kinds=kinds, length=length, expected=expected)
+        check_array(
+            src, field, proxy, ndim=ndim, kinds=kinds, length=length, expected=expected,
+            shape=tuple(node.shape),
+        )
 
     nodes: dict[str, Any] = {}
     for field in ("images", "labels", "groups"):

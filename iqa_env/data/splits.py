@@ -30,7 +30,8 @@ def split_indices_by_group(
     if unique.size < fr.size:
         raise ValueError(
             f"a {fr.size}-way split needs at least {fr.size} groups (patients), but the dataset has "
-            f"{unique.size}; give each patient its own group id, or use fewer parts"
+            f"{unique.size}; expected at least one patient per part: give each patient its own group "
+            "id (field 'groups'), add patients, or use fewer parts"
         )
     order = np.random.default_rng(seed).permutation(unique.size)
     # Deal groups in shuffled order; the cut points follow the cumulative image count.

@@ -31,14 +31,18 @@ def check_array(
     kinds: str,
     length: int | None = None,
     expected: str,
+    shape: tuple[int, ...] | None = None,
 ) -> None:
-    """Check rank, dtype kind (numpy ``dtype.kind`` letters) and length of one field."""
+    """Check rank, dtype kind (numpy ``dtype.kind`` letters) and length of one field.
+
+    ``shape``: the field's real shape, for messages, when ``array`` stands in
+    for it (the HDF5 loader checks a field from its metadata alone).
+    """
     if not isinstance(array, np.ndarray):
         raise field_error(source, field, f"expected a numpy array ({expected}), got {type(array).__name__}")
     if array.ndim != ndim:
-        raise field_error(
-            source, field, f"expected {ndim} dimensions ({expected}), got shape {tuple(array.shape)}"
-        )
+        shown = tuple(array.shape) if shape is None else tuple(shape)
+        raise field_error(source, field, f"expected {ndim} dimensions ({expected}), got shape {shown}")
     if array.dtype.kind not in kinds:
         raise field_error(source, field, f"expected dtype {expected}, got {array.dtype}")
     if length is not None and array.shape[0] != length:

@@ -1,0 +1,1120 @@
+"""The paper's experiment end to end: ``iqa reproduce`` (Table 1, Figures 3 and 4, and what the RL adds).
+
+For each task, and each seed:
+
+1. stage ``baseline``: the non-selective task predictor, the paper's
+   baseline.  It is the env's own predictor trained by the env's own
+   training step, driven with an all-ones action (every image of every
+   mini-batch selected) for ``steps`` predictor updates: the same network,
+   optimiser, batch size, warm-up and data as the reward runs, and as many
+   predictor updates as the ``fixed``-reward run makes (the most of any
+   reward: ``weighted`` and ``selective`` spend part of their env steps on
+   validation steps, which do not train the predictor).
+2. stages ``fixed``, ``weighted``, ``selective``: one
+   :func:`experiments.training.train` run each (the project's one training
+   loop), which saves the controller, the predictor and TensorBoard logs.
+
+Every stage then scores the (untouched) holdout patients: its predictor is
+loaded into a fresh env (``weights_only``) and evaluated per image, the
+controller scores every image; the arrays go to ``evaluation.npz``.  Finished
+stages write ``stage.done`` last (atomically), so a run interrupted and
+started again with the same ``out`` resumes at the first unfinished stage.
+The statistics (:mod:`experiments.evaluation`), ``results.json``,
+``report.md`` and the figures are recomputed from the stages' files at the
+end of every run.  See ``docs/reproduce.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import logging
+import math
+import multiprocessing
+import os
+import platform
+import shlex
+import time
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from experiments.evaluation import (
+    PAPER_REJECTION_RATIO,
+    RANDOM_BAND_QUANTILES,
+    REJECTION_RATIOS,
+    contingency,
+    heuristic_scores,
+    kept_images,
+    mean_and_std,
+    metric_across_patients,
+    paired_ttest,
+    random_rejection_band,
+    ranking_agreement,
+    rejection_curve,
+)
+from experiments.training import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+#: Version of the layout of ``results.json``; bump it when a field changes meaning.
+SCHEMA = "iqa-reproduce/1"
+
+# Budgets: the one place they live.  ``seeds`` is the number of seeds; every
+# other key is a TrainConfig field.  Only budget fields are set here: the
+# learning configuration (algorithm, env and agent settings) is TrainConfig's
+# and agents.default_kwargs' defaults.
+#: ``--quick``: a reduced budget (classification on 2 CPU cores: see docs/reproduce.md for the measured time).
+QUICK: dict[str, Any] = {"seeds": 4, "steps": 600, "eval_every": 100}
+#: The default budget: TrainConfig's default ``steps`` and ``eval_every``, eight seeds.
+FULL: dict[str, Any] = {"seeds": 8}
+
+REWARDS: tuple[str, ...] = ("fixed", "weighted", "selective")
+#: Random rejections per ratio behind the random-rejection band.
+RANDOM_DRAWS = 1000
+#: The paper's Table 1 (means only; the paper's clinical data are not public).
+PAPER_TABLE1: dict[str, dict[str, float]] = {
+    "classification": {"baseline": 0.897, "fixed": 0.935, "weighted": 0.926, "selective": 0.913},
+    "segmentation": {"baseline": 0.815, "fixed": 0.890, "weighted": 0.893, "selective": 0.865},
+}
+METRIC_NAMES: dict[str, str] = {"classification": "accuracy", "segmentation": "Dice"}
+
+STAGE_MARKER = "stage.done"
+SETTINGS_FILE = "settings.json"
+EVALUATION_FILE = "evaluation.npz"
+BASELINE_OUTPUTS: tuple[str, ...] = ("predictor.pt", EVALUATION_FILE)
+TRAIN_OUTPUTS: tuple[str, ...] = (
+    "summary.json",
+    "predictor.pt",
+    "controller/controller.json",
+    "controller/controller.pt",
+    EVALUATION_FILE,
+)
+#: TrainConfig fields that say *where* or *how* a run happens, not *what* it computes: they may change on
+#: resume (the dataset is compared by its fingerprint instead of its path).
+_LOCATION_FIELDS: tuple[str, ...] = ("device", "dataset")
+
+
+# ----------------------------------------------------------------- settings
+def budget_config(
+    quick: bool = False,
+    dataset: str | os.PathLike[str] | None = None,
+    algo: str | None = None,
+    steps: int | None = None,
+    device: str = "auto",
+    overrides: dict[str, Any] | None = None,
+) -> tuple[TrainConfig, int]:
+    """The base TrainConfig (task, reward and seed set per stage) and the number of seeds of a budget.
+
+    ``overrides`` replaces preset fields (any TrainConfig field, or ``seeds``);
+    ``algo`` and ``steps`` are the command line's overrides.
+    """
+    fields = {**(QUICK if quick else FULL), **(overrides or {})}
+    seeds = int(fields.pop("seeds"))
+    if algo is not None:
+        fields["algo"] = algo
+    if steps is not None:
+        fields["steps"] = steps
+    config = TrainConfig(dataset=None if dataset is None else str(dataset), device=device, **fields)
+    return config.validate(), seeds
+
+
+def dataset_fingerprint(dataset: str | os.PathLike[str] | None) -> str:
+    """What identifies the data: the built-in set's cache name (version + settings hash) or a file's SHA-256."""
+    from iqa_env.data import default_dataset_path
+
+    if dataset is None:
+        return f"built-in:{default_dataset_path().name}"
+    digest = hashlib.sha256()
+    with open(dataset, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return f"sha256:{digest.hexdigest()}"
+
+
+def _identity(config: TrainConfig, drop: Iterable[str] = ()) -> dict[str, Any]:
+    """The fields of ``config`` that decide a stage's results (JSON-normalised, so it compares with a loaded one)."""
+    from experiments import training
+
+    fields = dataclasses.asdict(config)
+    for name in (*_LOCATION_FIELDS, *getattr(training, "RUN_MANAGEMENT_FIELDS", ()), *drop):
+        fields.pop(name, None)
+    return json.loads(json.dumps(fields, default=repr))
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, "<unset>"), new.get(key, "<unset>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} there, {b!r} now")
+    return out
+
+
+def check_settings(out: Path, settings: dict[str, Any]) -> None:
+    """Write ``out/settings.json``, or check that the run already in ``out`` has the same settings.
+
+    Seeds and tasks may differ (stages are per task and seed: new ones run,
+    finished ones are reused); anything else that changes results is an error.
+    """
+    from iqa_env.files import atomic_write_text
+
+    path = out / SETTINGS_FILE
+    settings = json.loads(json.dumps(settings, default=repr))
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON ({e}); use a new --out") from e
+        diffs = _differences(old, settings)
+        if diffs:
+            raise ValueError(
+                f"{out} holds a run with other settings ({'; '.join(diffs)}); use a new --out, "
+                "or the same settings to resume it"
+            )
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(settings, indent=2))
+
+
+# ------------------------------------------------------------------- stages
+@dataclass(frozen=True)
+class Stage:
+    """One unit of work that can be resumed: a baseline predictor or a train() run, then its holdout evaluation."""
+
+    kind: str
+    """``"baseline"`` or ``"train"``."""
+    config: TrainConfig
+    folder: Path
+    name: str
+    """Its path under the output folder, e.g. ``classification/weighted/seed0``."""
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        return BASELINE_OUTPUTS if self.kind == "baseline" else TRAIN_OUTPUTS
+
+    def identity(self) -> dict[str, Any]:
+        # The baseline ignores the reward and the algorithm: it has neither.
+        return {"kind": self.kind, **_identity(self.config, ("reward", "algo") if self.kind == "baseline" else ())}
+
+
+def make_stage(out: Path, kind: str, config: TrainConfig, label: str) -> Stage:
+    name = f"{config.task}/{label}/seed{config.seed}"
+    return Stage(kind, config, out / name, name)
+
+
+def plan_stages(out: Path, base: TrainConfig, tasks: Sequence[str], seeds: Sequence[int], runs: Sequence[dict[str, str]]) -> list[Stage]:
+    """The baseline of every (task, seed) and a train() run for every (task, run, seed).
+
+    ``runs`` are TrainConfig field overrides, each with a ``label`` (the
+    folder name): ``{"label": "weighted", "reward": "weighted"}``.
+    """
+    stages = []
+    for task in tasks:
+        for seed in seeds:
+            stages.append(make_stage(out, "baseline", dataclasses.replace(base, task=task, seed=seed), "baseline"))
+            for run in runs:
+                fields = {k: v for k, v in run.items() if k != "label"}
+                config = dataclasses.replace(base, task=task, seed=seed, **fields)
+                stages.append(make_stage(out, "train", config, run["label"]))
+    return stages
+
+
+def stage_marker(stage: Stage) -> dict[str, Any] | None:
+    """The stage's ``stage.done`` record if it finished with all its outputs, else None.
+
+    A finished stage whose settings differ from ``stage``'s is an error.
+    """
+    path = stage.folder / STAGE_MARKER
+    if not path.is_file():
+        return None
+    try:
+        marker = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+    diffs = _differences(marker.get("identity", {}), stage.identity())
+    if diffs:
+        raise ValueError(
+            f"stage {stage.folder} was finished with other settings ({'; '.join(diffs)}); use a new --out"
+        )
+    if not all((stage.folder / name).is_file() for name in stage.outputs):
+        return None
+    return marker
+
+
+def train_baseline(config: TrainConfig, folder: Path, train_set: Any, validation_set: Any) -> int:
+    """Train the non-selective predictor with the env's own training step; save ``folder/predictor.pt``.
+
+    It runs one env episode of ``config.steps`` training steps with every
+    image selected (the reward is irrelevant: no controller learns), after
+    the env's own predictor warm-up, if any.  Returns the predictor updates.
+    """
+    import torch
+
+    from experiments.training import make_env
+    from iqa_env.files import atomic_write
+
+    steps = config.steps
+    env = make_env(
+        dataclasses.replace(config, env_kwargs={**config.env_kwargs, "reward": "weighted", "train_steps": steps}),
+        train_set,
+        validation_set,
+    )
+    env.reset(seed=config.seed)
+    select_all = np.ones(env.action_space.shape, dtype=np.float32)
+    for _ in range(steps):
+        env.step(select_all)
+    state = {k: v.detach().cpu() for k, v in env.predictor.state_dict().items()}
+    atomic_write(folder / "predictor.pt", lambda tmp: torch.save(state, tmp))
+    env.close()
+    return steps
+
+
+def evaluate_stage(config: TrainConfig, folder: Path, splits: tuple[Any, Any, Any], controller: bool) -> dict[str, np.ndarray]:
+    """Per-image holdout arrays of a stage's saved predictor (and controller); saved to ``evaluation.npz``.
+
+    The predictor is loaded (``weights_only``) into a fresh env built from
+    ``config``: ``metric``, ``loss`` and ``confidence`` come from
+    ``env.evaluate``; ``scores`` from the saved controller.
+    """
+    import torch
+
+    from agents import Controller
+    from experiments.training import make_env
+    from iqa_env.files import atomic_write
+
+    train_set, validation_set, holdout = splits
+    # No warm-up: the fresh predictor only gives its architecture; the saved weights replace it.
+    env = make_env(
+        dataclasses.replace(config, env_kwargs={**config.env_kwargs, "predictor_warmup_steps": 0}),
+        train_set,
+        validation_set,
+    )
+    env.reset(seed=config.seed)
+    env.predictor.load_state_dict(torch.load(folder / "predictor.pt", map_location=env.device, weights_only=True))
+    arrays = env.evaluate(holdout)
+    if controller:
+        arrays["scores"] = Controller.load(folder / "controller", device=env.device).score(holdout.images)
+    env.close()
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+    atomic_write(folder / EVALUATION_FILE, write)
+    return arrays
+
+
+def run_stage(stage: Stage, threads: int | None = None) -> dict[str, Any]:
+    """Run one stage to completion and write its ``stage.done`` record last; returns the record."""
+    import torch
+
+    from experiments.training import load_splits, train
+    from iqa_env.files import atomic_write_text
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    start = time.perf_counter()
+    config = stage.config
+    stage.folder.mkdir(parents=True, exist_ok=True)
+    _, splits = load_splits(config.dataset, config.split_seed)
+    record: dict[str, Any] = {"identity": stage.identity()}
+    if stage.kind == "baseline":
+        record["predictor_updates"] = train_baseline(config, stage.folder, splits[0], splits[1])
+        evaluate_stage(config, stage.folder, splits, controller=False)
+    else:
+        summary = train(config, stage.folder)
+        evaluate_stage(config, stage.folder, splits, controller=True)
+        record.update(initial_auroc=summary["initial_auroc"], final_auroc=summary["final_auroc"])
+    record["elapsed_s"] = time.perf_counter() - start
+    record["finished"] = datetime.datetime.now().isoformat(timespec="seconds")
+    atomic_write_text(stage.folder / STAGE_MARKER, json.dumps(record, indent=2))
+    return record
+
+
+def _describe(record: dict[str, Any]) -> str:
+    if "final_auroc" in record:
+        a, b = record["initial_auroc"], record["final_auroc"]
+        return f"controller holdout AUROC {format_number(a)} -> {format_number(b)}"
+    return f"{record.get('predictor_updates')} predictor updates"
+
+
+def run_stages(stages: Sequence[Stage], workers: int = 1) -> None:
+    """Run every unfinished stage (finished ones are skipped), one log line per stage.
+
+    With ``workers > 1`` stages run in that many processes (spawned, one
+    torch thread each), longest first.
+    """
+    start = time.perf_counter()
+    total = len(stages)
+    index = {s.name: i + 1 for i, s in enumerate(stages)}
+    todo = []
+    for stage in stages:
+        if stage_marker(stage) is not None:
+            logger.info("stage %d/%d %s: already done, skipped", index[stage.name], total, stage.name)
+        else:
+            todo.append(stage)
+    if not todo:
+        return
+
+    def done(stage: Stage, record: dict[str, Any]) -> None:
+        logger.info(
+            "stage %d/%d %s: done in %.1f s (%s; %.1f min elapsed)",
+            index[stage.name], total, stage.name, record["elapsed_s"], _describe(record),
+            (time.perf_counter() - start) / 60,
+        )
+
+    if workers <= 1 or len(todo) == 1:
+        for stage in todo:
+            logger.info("stage %d/%d %s: running (%d steps)", index[stage.name], total, stage.name, stage.config.steps)
+            done(stage, run_stage(stage))
+        return
+    todo.sort(key=lambda s: s.kind == "baseline")  # train() runs first: they are the long ones
+    logger.info("running %d stages in %d processes", len(todo), workers)
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(run_stage, stage, 1): stage for stage in todo}
+        try:
+            for future in as_completed(futures):
+                done(futures[future], future.result())
+        except BaseException:
+            # Finished stages keep their stage.done: the next run resumes after them.
+            for future in futures:
+                future.cancel()
+            raise
+
+
+# --------------------------------------------------------------- statistics
+def load_arrays(folder: Path) -> dict[str, np.ndarray]:
+    with np.load(folder / EVALUATION_FILE) as data:
+        return {k: data[k] for k in data.files}
+
+
+def summarise_baseline(task: str, holdout: Any, arrays: dict[str, np.ndarray], seed: int, draws: int = RANDOM_DRAWS) -> dict[str, Any]:
+    """The baseline predictor of one seed: its holdout metric, the random-rejection band, and the heuristics."""
+    metric, groups = arrays["metric"], holdout.groups
+    out: dict[str, Any] = {
+        "seed": seed,
+        "metric": metric_across_patients(metric, groups),
+        "random_band": random_rejection_band(metric, groups, draws=draws, seed=seed),
+        # The baseline predictor rejecting by its own confidence: the cheapest quality filter there is.
+        "confidence_curve": rejection_curve(metric, arrays["confidence"], groups),
+        "heuristics": {},
+    }
+    if task in holdout.amenability:
+        for name, scores in heuristic_scores(holdout.images, arrays["confidence"]).items():
+            ranking = ranking_agreement(scores, holdout.amenability[task])
+            a = ranking["auroc"]
+            out["heuristics"][name] = {**ranking, "auroc_either_sign": None if a is None else max(a, 1.0 - a)}
+    return out
+
+
+def summarise_run(
+    task: str,
+    holdout: Any,
+    arrays: dict[str, np.ndarray],
+    baseline: dict[str, np.ndarray],
+    seed: int,
+    draws: int = RANDOM_DRAWS,
+    heuristics: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Every holdout figure of one run (its predictor and controller) against the baseline of the same seed."""
+    metric, scores, groups = arrays["metric"], arrays["scores"], holdout.groups
+    ratio = PAPER_REJECTION_RATIO[task]
+    curve = rejection_curve(metric, scores, groups)
+    tests = [{"ratio": float(r), **paired_ttest(metric, kept_images(scores, r), baseline["metric"], groups)} for r in REJECTION_RATIOS]
+    at = next(c for c in curve if math.isclose(c["ratio"], ratio))
+    test = next(t for t in tests if math.isclose(t["ratio"], ratio))
+    run: dict[str, Any] = {
+        "seed": seed,
+        "mean_score": float(np.mean(scores)),
+        "curve": curve,
+        "ttest": tests,
+        "at_paper_ratio": {
+            "ratio": ratio,
+            "mean": at["mean"],
+            "std": at["std"],
+            "p": test["p"],
+            "t": test["t"],
+            "mean_difference": test["mean_difference"],
+            "better_with_p_below_0.05": bool(
+                test["p"] is not None and test["p"] < 0.05 and (test["mean_difference"] or 0) > 0
+            ),
+        },
+        "random_band": random_rejection_band(metric, groups, draws=draws, seed=seed),
+        "contingency": None,
+        "controller": None,
+        "beats_heuristics": None,
+    }
+    if task in holdout.human_amenability:
+        run["contingency"] = contingency(scores, holdout.human_amenability[task], ratio)
+    if task in holdout.amenability:
+        run["controller"] = ranking_agreement(scores, holdout.amenability[task])
+        best = [h["auroc_either_sign"] for h in (heuristics or {}).values() if h["auroc_either_sign"] is not None]
+        final = run["controller"]["auroc"]
+        if final is not None and best:
+            run["beats_heuristics"] = bool(final > max(best))
+    return run
+
+
+def summarise_seeds(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Headline figures of one method across seeds: means +- st.d. (every seed's value listed)."""
+    summary: dict[str, Any] = {
+        "metric_at_paper_ratio": mean_and_std([r["at_paper_ratio"]["mean"] for r in runs]),
+        "patient_std_at_paper_ratio": mean_and_std([r["at_paper_ratio"]["std"] for r in runs]),
+        "p_value": mean_and_std([r["at_paper_ratio"]["p"] for r in runs]),
+        "seeds_better_with_p_below_0.05": sum(r["at_paper_ratio"]["better_with_p_below_0.05"] for r in runs),
+        "initial_auroc": mean_and_std([r.get("initial_auroc") for r in runs]),
+        "final_auroc": mean_and_std([(r["controller"] or {}).get("auroc") for r in runs]),
+        "spearman": mean_and_std([(r["controller"] or {}).get("spearman") for r in runs]),
+        "seeds_beating_heuristics": sum(bool(r["beats_heuristics"]) for r in runs),
+        "wall_time_s": mean_and_std([r.get("wall_time_s") for r in runs]),
+        "curve": [
+            {"ratio": float(ratio), **mean_and_std([r["curve"][i]["mean"] for r in runs])}
+            for i, ratio in enumerate(REJECTION_RATIOS)
+        ],
+        "kappa": None,
+        "contingency_summed": None,
+    }
+    p_values = [v for v in summary["p_value"]["values"] if v is not None]
+    summary["p_value"]["median"] = float(np.median(p_values)) if p_values else None
+    tables = [r["contingency"] for r in runs if r["contingency"] is not None]
+    if tables:
+        summary["kappa"] = mean_and_std([t["kappa"] for t in tables])
+        summary["contingency_summed"] = np.sum([t["table"] for t in tables], axis=0).astype(int).tolist()
+    return summary
+
+
+def summarise_heuristics(baselines: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    names = baselines[0]["heuristics"] if baselines else {}
+    return {
+        name: {key: mean_and_std([b["heuristics"][name][key] for b in baselines]) for key in ("auroc", "auroc_either_sign", "spearman")}
+        for name in names
+    }
+
+
+def holdout_facts(task: str, holdout: Any) -> dict[str, Any]:
+    facts: dict[str, Any] = {"images": len(holdout), "patients": int(np.unique(holdout.groups).size)}
+    if task in holdout.amenability:
+        facts["amenable_fraction"] = float(np.mean(holdout.amenable(task)))
+    if task in holdout.human_amenability:
+        facts["human_amenable_fraction"] = float(np.mean(holdout.human_amenability[task]))
+    return facts
+
+
+def human_label_agreement(task: str, holdout: Any) -> dict[str, Any] | None:
+    """AUROC and Spearman of the human labels against the ground truth: the bar the controller should pass."""
+    if task not in holdout.amenability or task not in holdout.human_amenability:
+        return None
+    return ranking_agreement(holdout.human_amenability[task].astype(np.float64), holdout.amenability[task])
+
+
+def read_train_run(stage: Stage) -> dict[str, Any]:
+    """What train() recorded for a stage: steps, wall time, initial / final AUROC and the AUROC curve."""
+    summary = json.loads((stage.folder / "summary.json").read_text())
+    return {k: summary[k] for k in ("steps", "wall_time_s", "initial_auroc", "final_auroc", "auroc_curve")}
+
+
+def collect_task(
+    task: str,
+    holdout: Any,
+    stages: Sequence[Stage],
+    labels: Sequence[str],
+    draws: int = RANDOM_DRAWS,
+) -> dict[str, Any]:
+    """Every figure of one task from its finished stages: the baseline, and each run label (reward or algorithm)."""
+    by_name = {s.name: s for s in stages if s.config.task == task}
+    seeds = sorted({s.config.seed for s in by_name.values()})
+    baselines, baseline_arrays = [], {}
+    for seed in seeds:
+        stage = by_name[f"{task}/baseline/seed{seed}"]
+        baseline_arrays[seed] = load_arrays(stage.folder)
+        entry = summarise_baseline(task, holdout, baseline_arrays[seed], seed, draws)
+        marker = stage_marker(stage) or {}
+        entry.update(folder=stage.name, predictor_updates=marker.get("predictor_updates"))
+        baselines.append(entry)
+    runs: dict[str, Any] = {}
+    for label in labels:
+        per_seed = []
+        for seed, baseline in zip(seeds, baselines):
+            stage = by_name[f"{task}/{label}/seed{seed}"]
+            run = summarise_run(task, holdout, load_arrays(stage.folder), baseline_arrays[seed], seed, draws, baseline["heuristics"])
+            run.update(folder=stage.name, algo=stage.config.algo, reward=stage.config.reward, **read_train_run(stage))
+            per_seed.append(run)
+        runs[label] = {"runs": per_seed, "summary": summarise_seeds(per_seed)}
+    ratio = PAPER_REJECTION_RATIO[task]
+    return {
+        "metric": METRIC_NAMES[task],
+        "paper_rejection_ratio": ratio,
+        "holdout": holdout_facts(task, holdout),
+        "human_labels": human_label_agreement(task, holdout),
+        "heuristics": summarise_heuristics(baselines),
+        "baseline": {
+            "runs": baselines,
+            "summary": {
+                "metric": mean_and_std([b["metric"]["mean"] for b in baselines]),
+                "patient_std": mean_and_std([b["metric"]["std"] for b in baselines]),
+                "random_band": [
+                    {
+                        "ratio": float(r),
+                        **{k: float(np.mean([b["random_band"][i][k] for b in baselines])) for k in ("low", "median", "high")},
+                    }
+                    for i, r in enumerate(REJECTION_RATIOS)
+                ],
+                "confidence_curve": [
+                    {"ratio": float(r), **mean_and_std([b["confidence_curve"][i]["mean"] for b in baselines])}
+                    for i, r in enumerate(REJECTION_RATIOS)
+                ],
+            },
+        },
+        "runs": runs,
+    }
+
+
+def table1(task_result: dict[str, Any], task: str) -> list[dict[str, Any]]:
+    """Table 1's rows: the baseline (no rejection) and each reward at the paper's rejection ratio."""
+    paper = PAPER_TABLE1.get(task, {})
+    base = task_result["baseline"]["summary"]
+    rows = [
+        {
+            "method": "baseline",
+            "rejection_ratio": 0.0,
+            "metric_mean": base["metric"]["mean"],
+            "metric_std_across_seeds": base["metric"]["std"],
+            "metric_std_across_patients": base["patient_std"]["mean"],
+            "p_value_median": None,
+            "seeds_better_with_p_below_0.05": None,
+            "seeds": base["metric"]["n"],
+            "paper": paper.get("baseline"),
+        }
+    ]
+    for label, entry in task_result["runs"].items():
+        s = entry["summary"]
+        rows.append(
+            {
+                "method": label,
+                "rejection_ratio": task_result["paper_rejection_ratio"],
+                "metric_mean": s["metric_at_paper_ratio"]["mean"],
+                "metric_std_across_seeds": s["metric_at_paper_ratio"]["std"],
+                "metric_std_across_patients": s["patient_std_at_paper_ratio"]["mean"],
+                "p_value_median": s["p_value"]["median"],
+                "seeds_better_with_p_below_0.05": s["seeds_better_with_p_below_0.05"],
+                "seeds": s["metric_at_paper_ratio"]["n"],
+                "paper": paper.get(label),
+            }
+        )
+    return rows
+
+
+def to_json(value: Any) -> Any:
+    """Plain JSON: numpy scalars to Python, NaN / inf to None, paths to strings."""
+    if isinstance(value, dict):
+        return {str(k): to_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_json(v) for v in value]
+    if isinstance(value, (np.bool_, bool)):
+        return bool(value)
+    if isinstance(value, (np.integer, int)):
+        return int(value)
+    if isinstance(value, (np.floating, float)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.ndarray):
+        return to_json(value.tolist())
+    if isinstance(value, Path):
+        return value.as_posix()
+    return value
+
+
+def versions() -> dict[str, str]:
+    import scipy
+    import stable_baselines3
+    import torch
+
+    return {
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "scipy": scipy.__version__,
+        "torch": torch.__version__,
+        "stable_baselines3": stable_baselines3.__version__,
+    }
+
+
+def command_line(name: str, options: dict[str, Any]) -> str:
+    """``iqa NAME --opt value ...`` of the options given (None and False left out)."""
+    argv = ["iqa", name]
+    for key, value in options.items():
+        flag = "--" + key.replace("_", "-")
+        if value is None or value is False:
+            continue
+        if value is True:
+            argv.append(flag)
+        elif isinstance(value, (list, tuple)):
+            argv += [flag, *map(str, value)]
+        else:
+            argv += [flag, str(value)]
+    return shlex.join(argv)
+
+
+def format_number(value: float | None, digits: int = 3) -> str:
+    """``0.123`` (``n/a`` for an undefined figure)."""
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def format_stats(stats: dict[str, Any], digits: int = 3) -> str:
+    """``mean ± std`` of a :func:`~experiments.evaluation.mean_and_std` record (the std only where defined)."""
+    if stats["mean"] is None:
+        return "n/a"
+    return format_number(stats["mean"], digits) + ("" if stats["std"] is None else f" ± {format_number(stats['std'], digits)}")
+
+
+# ------------------------------------------------------------------ outputs
+def new_figure(width: float, height: float) -> Any:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=120)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save_figure(fig: Any, path: Path) -> Path:
+    from iqa_env.files import atomic_write
+
+    fig.tight_layout()
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+
+
+def plot_contingency(task_result: dict[str, Any], path: Path) -> Path:
+    """Figure 3: a 2x2 table per method (counts summed over seeds), with Cohen's kappa."""
+    entries = [(label, e["summary"]) for label, e in task_result["runs"].items() if e["summary"]["contingency_summed"]]
+    fig = new_figure(3.2 * max(1, len(entries)), 3.2)
+    for i, (label, s) in enumerate(entries):
+        ax = fig.add_subplot(1, len(entries), i + 1)
+        table = np.array(s["contingency_summed"])
+        ax.imshow(table, cmap="Blues")
+        for (r, c), n in np.ndenumerate(table):
+            ax.text(c, r, str(n), ha="center", va="center", color="black", fontsize=11)
+        ax.set_xticks([0, 1], ["human:\nnot amenable", "human:\namenable"], fontsize=8)
+        ax.set_yticks([0, 1], ["controller:\nlow", "controller:\nhigh"], fontsize=8)
+        ax.set_title(f"{label}\nkappa {format_stats(s['kappa'], 2)}", fontsize=9)
+    if not entries:
+        fig.text(0.5, 0.5, "no human amenability labels in the holdout set", ha="center")
+    ratio = task_result["paper_rejection_ratio"]
+    fig.suptitle(f"{task_result['metric']}: controller low = lowest {ratio:.0%} (summed over seeds)", fontsize=9)
+    return save_figure(fig, path)
+
+
+def plot_rejection(task_result: dict[str, Any], path: Path) -> Path:
+    """Figure 4: holdout metric against rejection ratio, one curve per method, the baseline, the random band."""
+    fig = new_figure(6.0, 4.2)
+    ax = fig.add_subplot(1, 1, 1)
+    x = 100 * np.array(REJECTION_RATIOS)
+    base = task_result["baseline"]["summary"]
+    band = base["random_band"]
+    ax.fill_between(x, [b["low"] for b in band], [b["high"] for b in band], color="0.85",
+                    label=f"baseline, random rejection ({RANDOM_BAND_QUANTILES[0]:.0%}-{RANDOM_BAND_QUANTILES[1]:.0%})")
+    if base["metric"]["mean"] is not None:
+        ax.axhline(base["metric"]["mean"], color="black", lw=1.5, label="baseline (non-selective, all images)")
+    conf = [c["mean"] for c in base["confidence_curve"]]
+    ax.plot(x, [np.nan if v is None else v for v in conf], color="0.4", ls=":", label="baseline, rejecting by its own confidence")
+    for label, entry in task_result["runs"].items():
+        curve = entry["summary"]["curve"]
+        mean = np.array([np.nan if c["mean"] is None else c["mean"] for c in curve])
+        std = np.array([0.0 if c["std"] is None else c["std"] for c in curve])
+        ax.errorbar(x, mean, yerr=std, marker="o", ms=4, capsize=3, label=label)
+    ax.set_xlabel("rejection ratio (%)")
+    ax.set_ylabel(f"holdout {task_result['metric']} (mean over patients)")
+    ax.set_title("mean ± st.d. across seeds", fontsize=9)
+    ax.legend(fontsize=7)
+    return save_figure(fig, path)
+
+
+def draw_heuristics(ax: Any, task_result: dict[str, Any]) -> None:
+    """The heuristics' either-sign AUROC (mean over seeds) as horizontal lines, one style each."""
+    styles = iter(["--", "-.", ":", (0, (5, 1))])
+    for name, h in task_result["heuristics"].items():
+        if h["auroc_either_sign"]["mean"] is not None:
+            ax.axhline(h["auroc_either_sign"]["mean"], color="C3", ls=next(styles, "--"), lw=1, label=f"{name} (either sign)")
+
+
+def plot_auroc(task_result: dict[str, Any], path: Path) -> Path:
+    """Controller AUROC against the ground truth per seed, at initialisation and at the end, beside the heuristics."""
+    fig = new_figure(6.0, 4.2)
+    ax = fig.add_subplot(1, 1, 1)
+    labels = list(task_result["runs"])
+    for i, label in enumerate(labels):
+        for run in task_result["runs"][label]["runs"]:
+            initial = run.get("initial_auroc")
+            final = (run["controller"] or {}).get("auroc")
+            if initial is None or final is None:
+                continue
+            ax.plot([i - 0.15, i + 0.15], [initial, final], color="0.6", lw=0.8)
+            ax.plot(i - 0.15, initial, "o", mfc="white", mec="C0", ms=5)
+            ax.plot(i + 0.15, final, "o", color="C0", ms=5)
+    ax.plot([], [], "o", mfc="white", mec="C0", label="controller at initialisation")
+    ax.plot([], [], "o", color="C0", label="controller at the end")
+    draw_heuristics(ax, task_result)
+    human = task_result["human_labels"]
+    if human and human["auroc"] is not None:
+        ax.axhline(human["auroc"], color="C2", lw=1.2, label="human labels")
+    ax.axhline(0.5, color="black", lw=0.5)
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("holdout AUROC vs ground-truth amenable")
+    ax.legend(fontsize=7, loc="lower right")
+    return save_figure(fig, path)
+
+
+def figure_names(task: str) -> dict[str, str]:
+    return {
+        "figure3": f"figure3_{task}.png",
+        "figure4": f"figure4_{task}.png",
+        "auroc": f"auroc_{task}.png",
+    }
+
+
+def write_figures(results: dict[str, Any], out: Path) -> list[Path]:
+    paths = []
+    for task, task_result in results["tasks"].items():
+        names = figure_names(task)
+        paths.append(plot_contingency(task_result, out / names["figure3"]))
+        paths.append(plot_rejection(task_result, out / names["figure4"]))
+        paths.append(plot_auroc(task_result, out / names["auroc"]))
+    return paths
+
+
+def _table1_markdown(task_result: dict[str, Any]) -> list[str]:
+    metric = task_result["metric"]
+    lines = [
+        (f"| method | rejection | {metric}: mean ± st.d. across seeds | st.d. across patients (mean over seeds) "
+        f"| paired t-test p (median over seeds) | seeds better with p < 0.05 | paper |"),
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in task_result["table1"]:
+        stats = {"mean": row["metric_mean"], "std": row["metric_std_across_seeds"]}
+        better = row["seeds_better_with_p_below_0.05"]
+        lines.append(
+            f"| {row['method']} | {row['rejection_ratio']:.0%} | {format_stats(stats)} | {format_number(row['metric_std_across_patients'])} "
+            f"| {format_number(row['p_value_median'], 4)} | {'—' if better is None else str(better) + ' of ' + str(row['seeds'])} "
+            f"| {format_number(row['paper'])} |"
+        )
+    return lines
+
+
+def _auroc_markdown(task_result: dict[str, Any]) -> list[str]:
+    lines = [
+        "| scorer | AUROC at initialisation | AUROC at the end | Spearman at the end | seeds beating every heuristic |",
+        "|---|---|---|---|---|",
+    ]
+    for label, entry in task_result["runs"].items():
+        s = entry["summary"]
+        lines.append(
+            f"| controller, {label} | {format_stats(s['initial_auroc'])} | {format_stats(s['final_auroc'])} | {format_stats(s['spearman'])} "
+            f"| {s['seeds_beating_heuristics']} of {s['final_auroc']['n']} |"
+        )
+    for name, h in task_result["heuristics"].items():
+        lines.append(f"| {name} (either sign: {format_stats(h['auroc_either_sign'])}) | — | {format_stats(h['auroc'])} | {format_stats(h['spearman'])} | — |")
+    human = task_result["human_labels"]
+    if human:
+        lines.append(f"| human labels | — | {format_number(human['auroc'])} | {format_number(human['spearman'])} | — |")
+    return lines
+
+
+def per_seed_markdown(task_result: dict[str, Any]) -> list[str]:
+    metric = task_result["metric"]
+    lines = [
+        (f"| method | seed | {metric} at {task_result['paper_rejection_ratio']:.0%} (± across patients) | p | kappa "
+        "| AUROC initial | AUROC final | mean score | env steps | wall time (s) |"),
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for b in task_result["baseline"]["runs"]:
+        lines.append(f"| baseline | {b['seed']} | {format_stats(b['metric'])} | — | — | — | — | — | {b['predictor_updates']} predictor updates | — |")
+    for label, entry in task_result["runs"].items():
+        for r in entry["runs"]:
+            kappa = (r["contingency"] or {}).get("kappa")
+            lines.append(
+                f"| {label} | {r['seed']} | {format_stats(r['at_paper_ratio'])} | {format_number(r['at_paper_ratio']['p'], 4)} "
+                f"| {format_number(kappa, 2)} | {format_number(r.get('initial_auroc'))} | {format_number((r['controller'] or {}).get('auroc'))} "
+                f"| {format_number(r['mean_score'])} | {r.get('steps')} | {format_number(r.get('wall_time_s'), 0)} |"
+            )
+    return lines
+
+
+def _contingency_markdown(task_result: dict[str, Any]) -> list[str]:
+    lines = []
+    for label, entry in task_result["runs"].items():
+        s = entry["summary"]
+        if not s["contingency_summed"]:
+            continue
+        (a, b), (c, d) = s["contingency_summed"]
+        lines += [
+            f"**{label}** (kappa {format_stats(s['kappa'], 2)}; counts summed over {s['kappa']['n']} seeds)",
+            "",
+            "| | human: not amenable | human: amenable |",
+            "|---|---|---|",
+            f"| controller: low | {a} | {b} |",
+            f"| controller: high | {c} | {d} |",
+            "",
+        ]
+    return lines or ["(the holdout set has no human amenability labels)", ""]
+
+
+def write_report(results: dict[str, Any], out: Path) -> Path:
+    """``report.md``: Table 1 as in the paper, Figure 3's tables, the figures, every seed, the settings."""
+    s = results["settings"]
+    lines = [
+        "# Reproduction of Saeed et al., IPMI 2021 (task-amenability IQA)",
+        "",
+        f"Made by `{results['command']}` on {results['created']}.",
+        "",
+        (f"Data: {s['dataset'] or 'the built-in synthetic ultrasound set'} ({s['dataset_fingerprint']}); "
+        f"seeds {s['seeds']}; algorithm {s['config']['algo']}; {s['config']['steps']} env steps per run. "
+        "Every seed is reported; headline figures are means ± st.d. across seeds; "
+        "the paper's column is its Table 1 on its (non-public) clinical data."),
+        "",
+    ]
+    for task, t in results["tasks"].items():
+        names = figure_names(task)
+        h = t["holdout"]
+        lines += [
+            f"## {task.capitalize()}",
+            "",
+            (f"Holdout: {h['images']} images of {h['patients']} patients. Table 1: {t['metric']} on the holdout images "
+            f"kept after rejecting the {t['paper_rejection_ratio']:.0%} lowest-scored (the baseline keeps all), "
+            "mean over patients; the p-value is a paired t-test across patients against the baseline of the same seed."),
+            "",
+            *_table1_markdown(t),
+            "",
+            f"### Figure 3: controller against human labels at {t['paper_rejection_ratio']:.0%} rejection",
+            "",
+            *_contingency_markdown(t),
+            f"![Figure 3]({names['figure3']})",
+            "",
+            "### Figure 4: holdout metric against rejection ratio",
+            "",
+            f"![Figure 4]({names['figure4']})",
+            "",
+            "### What the RL adds: AUROC against the ground-truth amenability",
+            "",
+            *_auroc_markdown(t),
+            "",
+            f"![AUROC]({names['auroc']})",
+            "",
+            "### Every seed",
+            "",
+            *per_seed_markdown(t),
+            "",
+        ]
+    return write_markdown(out, lines, s)
+
+
+def write_markdown(out: Path, lines: list[str], settings: dict[str, Any]) -> Path:
+    """``out/report.md``: ``lines``, then the settings as JSON."""
+    from iqa_env.files import atomic_write_text
+
+    lines = [*lines, "## Settings", "", "```json", json.dumps(settings, indent=2), "```", ""]
+    return atomic_write_text(out / "report.md", "\n".join(lines))
+
+
+def write_results(results: dict[str, Any], out: Path) -> Path:
+    from iqa_env.files import atomic_write_text
+
+    return atomic_write_text(out / "results.json", json.dumps(to_json(results), indent=2, allow_nan=False))
+
+
+# --------------------------------------------------------------------- main
+def check_tasks(tasks: str | Sequence[str]) -> tuple[str, ...]:
+    from iqa_env.tasks import TASK_NAMES
+
+    if isinstance(tasks, str):
+        tasks = TASK_NAMES if tasks == "both" else (tasks,)
+    tasks = tuple(dict.fromkeys(tasks))
+    for task in tasks:
+        if task not in TASK_NAMES:
+            raise ValueError(f"task must be one of {TASK_NAMES} or 'both', got {task!r}")
+    if not tasks:
+        raise ValueError("give at least one task")
+    return tasks
+
+
+def check_seeds(seeds: int) -> list[int]:
+    if not isinstance(seeds, (int, np.integer)) or seeds < 1:
+        raise ValueError(f"seeds must be a positive integer, got {seeds!r}")
+    return list(range(int(seeds)))
+
+
+def check_dataset(base: TrainConfig, tasks: Sequence[str], rewards: Sequence[str]) -> None:
+    """Fail before any training when the data lack what a task or reward needs (masks, human labels)."""
+    from experiments.training import load_splits
+
+    if base.dataset is not None and not Path(base.dataset).is_file():
+        raise FileNotFoundError(f"dataset file {base.dataset} does not exist")
+    full, _ = load_splits(base.dataset, base.split_seed)
+    for task in tasks:
+        if task == "segmentation":
+            full.require_masks("the segmentation task")
+        if "fixed" in rewards:
+            full.require_human_amenability(task, "the fixed reward")
+
+
+def prepare(
+    out: str | os.PathLike[str], kind: str, base: TrainConfig, drop: Sequence[str], tasks: Sequence[str], rewards: Sequence[str]
+) -> tuple[Path, str]:
+    """Check the data and the output folder; returns the folder and the data's fingerprint."""
+    check_dataset(base, tasks, rewards)
+    fingerprint = dataset_fingerprint(base.dataset)
+    folder = Path(out)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"--out {folder} is a file; give a folder")
+    check_settings(folder, {"kind": kind, "dataset": fingerprint, "config": _identity(base, drop)})
+    return folder, fingerprint
+
+
+def reproduce(
+    out: str | os.PathLike[str],
+    dataset: str | os.PathLike[str] | None = None,
+    tasks: str | Sequence[str] = ("classification",),
+    quick: bool = False,
+    seeds: int | None = None,
+    algo: str | None = None,
+    steps: int | None = None,
+    workers: int = 1,
+    device: str = "auto",
+    overrides: dict[str, Any] | None = None,
+    random_draws: int = RANDOM_DRAWS,
+) -> dict[str, Any]:
+    """Run (or resume) the paper's experiment into ``out``; returns what it writes to ``out/results.json``.
+
+    :param out: output folder; a folder holding a run with the same settings is resumed
+    :param dataset: HDF5 dataset (None: the built-in synthetic ultrasound set)
+    :param tasks: ``"classification"``, ``"segmentation"``, ``"both"`` or a sequence of task names
+    :param quick: the ``QUICK`` budget instead of ``FULL``
+    :param seeds: seeds ``0 .. seeds-1`` (default: the budget's)
+    :param algo: RL algorithm (default: TrainConfig's)
+    :param steps: env steps per run (default: the budget's)
+    :param workers: stages run in this many processes at once
+    :param device: ``auto``, ``cpu`` or ``cuda[:N]``
+    :param overrides: further TrainConfig fields (or ``seeds``) over the budget (tests use it for tiny runs)
+    :param random_draws: random rejections per ratio behind the random band
+    """
+    task_names = check_tasks(tasks)
+    base, default_seeds = budget_config(quick, dataset, algo, steps, device, overrides)
+    seed_list = check_seeds(default_seeds if seeds is None else seeds)
+    options = {
+        "dataset": dataset,
+        "task": "both" if len(task_names) == 2 else task_names[0],
+        "quick": quick,
+        "seeds": seeds,
+        "algo": algo,
+        "steps": steps,
+    }
+    runs = [{"label": r, "reward": r} for r in REWARDS]
+    started = time.perf_counter()
+    folder, results = run_experiment(
+        "reproduce", out, base, task_names, seed_list, runs, ("task", "reward", "seed"), options, overrides,
+        workers, random_draws, quick=quick,
+    )
+    # Wall time of this invocation (a resumed run counts only the stages it ran).
+    results["wall_s"] = time.perf_counter() - started
+    results["workers"] = workers
+    for task, task_result in results["tasks"].items():
+        task_result["table1"] = table1(task_result, task)
+    write_figures(results, folder)
+    write_report(results, folder)
+    write_results(results, folder)
+    logger.info("wrote %s, %s and the figures", folder / "results.json", folder / "report.md")
+    return results
+
+
+def run_experiment(
+    kind: str,
+    out: str | os.PathLike[str],
+    base: TrainConfig,
+    tasks: Sequence[str],
+    seeds: Sequence[int],
+    runs: Sequence[dict[str, str]],
+    drop: Sequence[str],
+    options: dict[str, Any],
+    overrides: dict[str, Any] | None,
+    workers: int,
+    random_draws: int,
+    **settings: Any,
+) -> tuple[Path, dict[str, Any]]:
+    """What ``iqa reproduce`` and ``iqa benchmark-algorithms`` share: check the data and ``out``, run or
+    resume every stage, and collect every figure.
+
+    ``runs`` are the trained runs' TrainConfig overrides with their labels
+    (see :func:`plan_stages`); ``drop`` the fields that vary between stages;
+    ``options`` the command-line options that made the call (for the
+    ``command`` recorded in the results).
+    """
+    check_workers(workers)
+    rewards = sorted({run.get("reward", base.reward) for run in runs})
+    folder, fingerprint = prepare(out, kind, base, drop, tasks, rewards)
+    command = command_line(kind, {**options, "workers": workers if workers != 1 else None, "out": out})
+    if overrides:
+        command += f"  # with overrides {json.dumps(overrides, sort_keys=True)} (Python API)"
+    stages = plan_stages(folder, base, tasks, seeds, runs)
+    logger.info("%s: %d stages into %s", kind, len(stages), folder)
+    run_stages(stages, workers)
+    labels = [run["label"] for run in runs]
+    results = collect(folder, kind, command, base, fingerprint, tasks, seeds, stages, labels, drop, random_draws, **settings)
+    return folder, results
+
+
+def check_workers(workers: int) -> int:
+    if not isinstance(workers, (int, np.integer)) or workers < 1:
+        raise ValueError(f"workers must be a positive integer, got {workers!r}")
+    return int(workers)
+
+
+def collect(
+    folder: Path,
+    kind: str,
+    command: str,
+    base: TrainConfig,
+    fingerprint: str,
+    tasks: Sequence[str],
+    seeds: Sequence[int],
+    stages: Sequence[Stage],
+    labels: Sequence[str],
+    drop: Sequence[str],
+    random_draws: int = RANDOM_DRAWS,
+    **settings: Any,
+) -> dict[str, Any]:
+    """Every figure of the finished stages, with the settings (JSON-ready; ``results.json``'s content)."""
+    from experiments.training import load_splits
+
+    _, (_, _, holdout) = load_splits(base.dataset, base.split_seed)
+    results: dict[str, Any] = {
+        "schema": SCHEMA,
+        "kind": kind,
+        "command": command,
+        "created": datetime.datetime.now().isoformat(timespec="seconds"),
+        "settings": {
+            "dataset": base.dataset,
+            "dataset_fingerprint": fingerprint,
+            "tasks": list(tasks),
+            "seeds": list(seeds),
+            "config": {**_identity(base, drop), "device": base.device},
+            "rejection_ratios": list(REJECTION_RATIOS),
+            "paper_rejection_ratio": {t: PAPER_REJECTION_RATIO[t] for t in tasks},
+            "random_draws": random_draws,
+            "random_band_quantiles": list(RANDOM_BAND_QUANTILES),
+            "versions": versions(),
+            **settings,
+        },
+        "tasks": {},
+    }
+    for task in tasks:
+        task_result = collect_task(task, holdout, stages, labels, random_draws)
+        task_result["figures"] = figure_names(task)
+        results["tasks"][task] = task_result
+    return to_json(results)

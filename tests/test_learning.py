@@ -1,0 +1,71 @@
+"""The agents *learn*: on data whose amenability is known, a controller that starts
+with an inverted ranking (holdout AUROC < 0.5) ends with AUROC >= 0.8.
+
+The data (``conftest.occluded_dataset``) is easy on purpose: these tests check
+that each algorithm turns the env's scalar rewards into a per-image ranking,
+with fixed seeds, in seconds to a minute on 2 CPU cores.  Whether the method
+learns on the harder synthetic ultrasound set is measured by
+``experiments/seed_study.py`` and reported in ``docs/learning-status.md``.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from agents import Controller, make_agent, recommended_env_kwargs
+from iqa_env.data import split_by_group
+from iqa_env.env import TaskAmenabilityEnv
+from iqa_env.metrics import auroc
+from tests.conftest import occluded_dataset
+
+
+@pytest.fixture(scope="module")
+def occluded_splits():
+    return split_by_group(occluded_dataset(), seed=0)
+
+
+def _learn(splits, algo: str, reward: str, seed: int, steps: int) -> tuple[float, float]:
+    """(initial, final) holdout AUROC of the controller against the known amenability."""
+    train, validation, holdout = splits
+    settings = recommended_env_kwargs(algo, reward)
+    settings.update(predictor_warmup_steps=100)
+    env = TaskAmenabilityEnv(
+        train, validation_dataset=validation, reward=reward, batch_size=16, train_steps=4,
+        validation_size=64, device="cpu", **settings,
+    )
+    agent = make_agent(algo, env, seed=seed, **({} if algo == "reinforce" else {"learning_starts": 16}))
+    env.reset(seed=seed)
+    amenable = holdout.amenable("classification")
+
+    def holdout_auroc() -> float:
+        return auroc(Controller.from_agent(agent).score(holdout.images), amenable)
+
+    initial = holdout_auroc()
+    agent.learn(steps)
+    return initial, holdout_auroc()
+
+
+@pytest.mark.parametrize(("reward", "seed"), [("weighted", 0), ("weighted", 1), ("selective", 0)])
+def test_reinforce_learns_the_ranking(occluded_splits, reward, seed):
+    initial, final = _learn(occluded_splits, "reinforce", reward, seed, steps=400)
+    assert initial < 0.5, f"seed {seed} should start inverted, started at {initial:.3f}"
+    assert final >= 0.8, f"REINFORCE ({reward}, seed {seed}): {initial:.3f} -> {final:.3f}"
+
+
+def test_reinforce_with_the_fixed_reward_moves_towards_the_ranking(occluded_splits):
+    # The fixed reward only sees the training selection's effect on clean validation
+    # images, a weaker signal (as the paper's follow-up and our prototype found):
+    # it learns, but not to 0.8 in this budget (measured: 0.273 -> 0.651).
+    initial, final = _learn(occluded_splits, "reinforce", "fixed", 0, steps=400)
+    assert initial < 0.5
+    assert final - initial >= 0.25, f"REINFORCE (fixed): {initial:.3f} -> {final:.3f}"
+
+
+def test_ddpg_learns_the_ranking(occluded_splits):
+    # DDPG learns fast and then wobbles: measured every 50 steps, seed 0 went 0.423 -> 0.944
+    # (step 50) -> 0.78 (steps 100-300) -> 0.843 (step 500); seed 1 0.888 -> 0.75-0.83.
+    # So this asserts a clear rise from an inverted start, not the 0.8 that REINFORCE
+    # holds here (docs/learning-status.md, section 1).
+    initial, final = _learn(occluded_splits, "ddpg", "weighted", 0, steps=200)
+    assert initial < 0.5, f"seed 0 should start inverted, started at {initial:.3f}"
+    assert final >= 0.7, f"DDPG (weighted, seed 0): {initial:.3f} -> {final:.3f}"

@@ -1,0 +1,295 @@
+"""`iqa reproduce` and `iqa benchmark-algorithms` end to end on a tiny budget, and the evaluation statistics.
+
+The pipeline tests check that every output exists and that results.json has
+every field; they hold no figure to a threshold (a tiny budget learns nothing).
+The statistics are checked on hand-made inputs whose answers are known.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from experiments import evaluation as ev
+from experiments.cli import main
+
+# ------------------------------------------------------------------ statistics
+
+
+def test_kept_images_rejects_the_lowest_fraction_globally():
+    scores = np.array([0.9, 0.1, 0.5, 0.3, 0.7, 0.2, 0.8, 0.6, 0.4, 0.0])
+    keep = ev.kept_images(scores, 0.3)
+    assert keep.sum() == 7  # floor((1 - 0.3) * 10)
+    assert set(np.flatnonzero(~keep)) == {1, 5, 9}
+    assert ev.kept_images(scores, 0.0).all()
+
+
+def test_metric_across_patients_uses_each_patients_kept_images():
+    metric = np.array([1.0, 0.0, 1.0, 1.0, 0.5, 0.5])
+    groups = np.array([0, 0, 1, 1, 2, 2])
+    keep = np.array([True, True, True, False, False, False])
+    assert ev.patient_means(metric, groups, keep) == {0: 0.5, 1: 1.0}
+    out = ev.metric_across_patients(metric, groups, keep)
+    assert out["mean"] == pytest.approx(0.75)
+    assert out["std"] == pytest.approx(np.std([0.5, 1.0], ddof=1))
+    assert out["patients"] == 2 and out["patients_without_images"] == 1 and out["images_kept"] == 3
+    assert out["image_mean"] == pytest.approx(2 / 3)
+
+
+def test_rejection_curve_of_a_perfect_ranking_rises():
+    rng = np.random.default_rng(0)
+    metric = np.ones(200)
+    metric[rng.choice(200, 60, replace=False)] = 0.0
+    groups = np.arange(200) // 20
+    curve = ev.rejection_curve(metric, metric + 1e-3 * rng.random(200), groups)
+    assert [c["ratio"] for c in curve] == list(ev.REJECTION_RATIOS)
+    assert curve[0]["mean"] == pytest.approx(np.mean([metric[groups == g].mean() for g in range(10)]))
+    assert curve[0]["images_kept"] == 200 and curve[-1]["images_kept"] == 140
+    means = [c["mean"] for c in curve]
+    assert means == sorted(means) and means[-1] == 1.0  # 30 % rejection removes all 60 failures
+
+
+def test_paired_ttest_pairs_patients_and_drops_those_with_nothing_kept():
+    metric = np.array([1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0])
+    baseline = np.array([1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 1.0])
+    groups = np.array([0, 0, 1, 1, 2, 2, 3, 3])
+    keep = np.array([True, True, False, True, True, True, False, False])
+    out = ev.paired_ttest(metric, keep, baseline, groups)
+    # Patient 3 has nothing kept: pairs are patients 0, 1, 2 (kept mean vs baseline mean over all images).
+    expected = stats.ttest_rel([1.0, 1.0, 1.0], [0.5, 0.0, 0.5])
+    assert out["patients"] == 3 and out["patients_dropped"] == 1
+    assert out["p"] == pytest.approx(expected.pvalue) and out["t"] == pytest.approx(expected.statistic)
+    assert out["mean_difference"] == pytest.approx(2 / 3)
+    same = ev.paired_ttest(baseline, np.ones(8, bool), baseline, groups)
+    assert same["p"] is None and same["mean_difference"] == 0.0
+
+
+def test_random_rejection_band():
+    groups = np.arange(100) // 10
+    flat = ev.random_rejection_band(np.full(100, 0.8), groups, draws=50)
+    assert all(b["low"] == pytest.approx(0.8) and b["high"] == pytest.approx(0.8) for b in flat)
+    metric = np.random.default_rng(1).random(100)
+    band = ev.random_rejection_band(metric, groups, draws=200, seed=3)
+    full = ev.metric_across_patients(metric, groups)["mean"]
+    assert band[0]["low"] == pytest.approx(full) and band[0]["high"] == pytest.approx(full)
+    assert all(b["low"] <= b["median"] <= b["high"] for b in band) and band[-1]["high"] > band[-1]["low"]
+    assert band == ev.random_rejection_band(metric, groups, draws=200, seed=3)  # seeded
+
+
+def test_cohen_kappa_and_contingency():
+    assert ev.cohen_kappa([1, 1, 0, 0], [1, 1, 0, 0]) == pytest.approx(1.0)
+    # observed 0.75, chance 0.5 * 0.25 + 0.5 * 0.75 = 0.5 -> kappa 0.5
+    assert ev.cohen_kappa([1, 1, 0, 0], [1, 0, 0, 0]) == pytest.approx(0.5)
+    assert ev.cohen_kappa([1, 1], [1, 1]) is None
+    scores = np.array([0.1, 0.2, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.95])
+    human = np.array([0, 1, 1, 1, 0, 1, 1, 1, 1, 1])
+    table = ev.contingency(scores, human, 0.2)  # controller low: images 0 and 1
+    assert table["table"] == [[1, 1], [1, 7]]
+    assert table["kappa"] == pytest.approx(ev.cohen_kappa(scores <= 0.2, human == 0))
+    assert table["agreement"] == pytest.approx(0.8)
+
+
+def test_ranking_agreement_and_heuristics():
+    amenability = np.array([0.1, 0.2, 0.4, 0.6, 0.8, 0.9])
+    assert ev.ranking_agreement(amenability, amenability) == {"auroc": 1.0, "spearman": pytest.approx(1.0)}
+    assert ev.ranking_agreement(-amenability, amenability) == {"auroc": 0.0, "spearman": pytest.approx(-1.0)}
+    assert ev.ranking_agreement(np.ones(6), amenability) == {"auroc": 0.5, "spearman": None}
+    assert ev.ranking_agreement(amenability, np.full(6, 0.9))["auroc"] is None
+    images = np.zeros((2, 1, 2, 2), np.uint8)
+    images[1] = [[[0, 10], [20, 30]]]
+    h = ev.heuristic_scores(images, confidence=np.array([0.6, 0.9]))
+    assert h["mean_intensity"].tolist() == [0.0, 15.0]
+    assert h["intensity_std"][1] == pytest.approx(np.std([0, 10, 20, 30]))
+    assert h["predictor_confidence"].tolist() == [0.6, 0.9]
+
+
+def test_mean_and_std_skips_undefined_values():
+    out = ev.mean_and_std([0.2, None, 0.4, float("nan")])
+    assert out["mean"] == pytest.approx(0.3) and out["n"] == 2 and out["values"] == [0.2, None, 0.4, None]
+    assert ev.mean_and_std([0.5])["std"] is None and ev.mean_and_std([])["mean"] is None
+
+
+# ------------------------------------------------------------------ pipeline
+SUMMARY_KEYS = {
+    "metric_at_paper_ratio", "patient_std_at_paper_ratio", "p_value", "seeds_better_with_p_below_0.05",
+    "initial_auroc", "final_auroc", "spearman", "seeds_beating_heuristics", "wall_time_s", "curve", "kappa",
+    "contingency_summed",
+}
+RUN_KEYS = {
+    "seed", "folder", "algo", "reward", "steps", "wall_time_s", "initial_auroc", "final_auroc", "auroc_curve",
+    "mean_score", "curve", "ttest", "at_paper_ratio", "random_band", "contingency", "controller", "beats_heuristics",
+}
+TASK_KEYS = {"metric", "paper_rejection_ratio", "holdout", "human_labels", "heuristics", "baseline", "runs", "figures"}
+
+
+def check_task_result(t, labels, seeds):
+    assert TASK_KEYS <= set(t)
+    assert set(t["heuristics"]) == {"mean_intensity", "intensity_std", "predictor_confidence"}
+    for h in t["heuristics"].values():
+        assert {"auroc", "auroc_either_sign", "spearman"} <= set(h)
+    assert set(t["human_labels"]) == {"auroc", "spearman"}
+    baseline = t["baseline"]
+    assert [b["seed"] for b in baseline["runs"]] == seeds
+    assert {"metric", "random_band", "confidence_curve", "heuristics", "predictor_updates", "folder"} <= set(baseline["runs"][0])
+    assert {"metric", "patient_std", "random_band", "confidence_curve"} <= set(baseline["summary"])
+    assert list(t["runs"]) == labels
+    for entry in t["runs"].values():
+        assert SUMMARY_KEYS <= set(entry["summary"])
+        assert [r["seed"] for r in entry["runs"]] == seeds  # every seed reported
+        for run in entry["runs"]:
+            assert RUN_KEYS <= set(run)
+            assert len(run["curve"]) == len(ev.REJECTION_RATIOS) == len(run["ttest"]) == len(run["random_band"])
+            assert {"ratio", "mean", "std", "p", "t", "mean_difference"} <= set(run["at_paper_ratio"])
+            assert {"table", "kappa", "ratio"} <= set(run["contingency"])
+            assert set(run["controller"]) == {"auroc", "spearman"}
+            assert 0.0 <= run["initial_auroc"] <= 1.0 and 0.0 <= run["final_auroc"] <= 1.0
+
+
+def markers(out):
+    return {p.relative_to(out).as_posix(): p.stat().st_mtime_ns for p in out.rglob("stage.done")}
+
+
+def test_reproduce_end_to_end_then_resume(tiny_synthetic_path, tmp_path, caplog, capsys):
+    out = tmp_path / "rep"
+    argv = ["reproduce", "--quick", "--task", "both", "--seeds", "1", "--steps", "16", "--workers", "1",
+            "--device", "cpu", "--dataset", str(tiny_synthetic_path), "--out", str(out)]
+    assert main(argv) == 0
+    assert "baseline" in capsys.readouterr().out
+
+    names = ["results.json", "report.md", "settings.json"] + [
+        f"{kind}_{task}.png" for kind in ("figure3", "figure4", "auroc") for task in ("classification", "segmentation")
+    ]
+    for name in names:
+        assert (out / name).is_file(), name
+    for task in ("classification", "segmentation"):
+        stage = out / task / "baseline" / "seed0"
+        assert all((stage / f).is_file() for f in ("predictor.pt", "evaluation.npz", "stage.done"))
+        for reward in ("fixed", "weighted", "selective"):
+            stage = out / task / reward / "seed0"
+            for f in ("config.json", "summary.json", "predictor.pt", "controller/controller.json",
+                      "controller/controller.pt", "evaluation.npz", "stage.done"):
+                assert (stage / f).is_file(), f"{stage}/{f}"
+            assert any((stage / "tensorboard").iterdir())
+
+    results = json.loads((out / "results.json").read_text())
+    assert results["schema"] == "iqa-reproduce/1" and results["command"].startswith("iqa reproduce --dataset")
+    settings = results["settings"]
+    assert settings["seeds"] == [0] and settings["tasks"] == ["classification", "segmentation"]
+    assert settings["config"]["steps"] == 16 and settings["config"]["algo"] == "reinforce"
+    assert {"dataset_fingerprint", "rejection_ratios", "random_draws", "versions", "quick"} <= set(settings)
+    for task, t in results["tasks"].items():
+        check_task_result(t, ["fixed", "weighted", "selective"], [0])
+        assert [r["method"] for r in t["table1"]] == ["baseline", "fixed", "weighted", "selective"]
+        assert {"metric_mean", "metric_std_across_seeds", "metric_std_across_patients", "p_value_median",
+                "paper"} <= set(t["table1"][1])
+    report = (out / "report.md").read_text()
+    assert "| baseline |" in report and "figure4_classification.png" in report and results["command"] in report
+
+    # The same command again: every stage is skipped, the summaries are rewritten.
+    before = markers(out)
+    assert len(before) == 8
+    caplog.set_level(logging.INFO, logger="experiments.reproduce")
+    assert main(argv) == 0
+    assert markers(out) == before
+    assert sum("already done, skipped" in r.getMessage() for r in caplog.records) == 8
+
+    # An interrupted stage (no stage.done) is run again, and only that one.
+    (out / "classification" / "weighted" / "seed0" / "stage.done").unlink()
+    assert main(argv) == 0
+    after = markers(out)
+    assert {k for k in after if after[k] != before.get(k)} == {"classification/weighted/seed0/stage.done"}
+
+    # Other settings in the same folder: a one-line error.
+    capsys.readouterr()
+    assert main([*argv[:-2], "--steps", "17", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "other settings" in err and "steps" in err and len(err.splitlines()) == 1
+
+
+def test_reproduce_killed_mid_run_resumes_from_the_last_finished_stage(tiny_synthetic_path, tmp_path):
+    """SIGKILL `iqa reproduce` once a stage has finished; the rerun keeps that stage and completes the rest."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT, run_iqa_and_kill
+
+    out = tmp_path / "rep"
+    argv = ["reproduce", "--task", "classification", "--seeds", "1", "--steps", "16", "--workers", "1",
+            "--device", "cpu", "--dataset", str(tiny_synthetic_path), "--out", str(out)]
+    run_iqa_and_kill(argv, lambda: out.exists() and bool(markers(out)), tmp_path / "killed.log")
+    before = markers(out)
+    assert 1 <= len(before) < 4 and not (out / "results.json").exists()
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "experiments.cli", *argv], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    after = markers(out)
+    assert len(after) == 4
+    assert all(after[k] == v for k, v in before.items()), "a finished stage was run again"
+    assert sum("already done, skipped" in line for line in done.stderr.splitlines()) == len(before)
+    results = json.loads((out / "results.json").read_text())
+    check_task_result(results["tasks"]["classification"], ["fixed", "weighted", "selective"], [0])
+
+
+def test_benchmark_algorithms_smoke(tiny_synthetic_path, tmp_path, capsys):
+    from experiments.benchmark_algorithms import main as bench_main
+
+    out = tmp_path / "bench"
+    code = bench_main(["--algos", "reinforce", "a2c", "--seeds", "1", "--steps", "16", "--workers", "1",
+                       "--device", "cpu", "--dataset", str(tiny_synthetic_path), "--out", str(out)])
+    assert code == 0
+    assert "reinforce" in capsys.readouterr().out
+    for name in ("results.json", "report.md", "learning_curves_classification.png", "rejection_classification.png"):
+        assert (out / name).is_file(), name
+    results = json.loads((out / "results.json").read_text())
+    assert results["schema"] == "iqa-benchmark-algorithms/1"
+    t = results["tasks"]["classification"]
+    check_task_result(t, ["reinforce", "a2c"], [0])
+    assert [r["algorithm"] for r in t["table"]] == ["reinforce", "a2c"]
+    assert {"metric_mean", "p_value_median", "initial_auroc", "final_auroc", "wall_time_s", "env_steps_per_s"} <= set(t["table"][0])
+    assert "| reinforce |" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["reproduce", "--dataset", "missing.h5", "--out", "x"], "does not exist"),
+        (["benchmark-algorithms", "--dataset", "missing.h5", "--out", "x"], "does not exist"),
+    ],
+)
+def test_cli_errors_are_one_line(tmp_path, monkeypatch, capsys, argv, message):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_missing_masks_fail_before_any_training(tmp_path, capsys):
+    from iqa_env.data import save_dataset
+    from tests.conftest import random_dataset
+
+    path = tmp_path / "nomasks.h5"
+    save_dataset(random_dataset(masks=False), path)
+    out = tmp_path / "rep"
+    assert main(["reproduce", "--task", "both", "--dataset", str(path), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "masks" in err and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
+def test_budgets_live_in_one_place():
+    from experiments.reproduce import FULL, QUICK, budget_config
+    from experiments.training import TrainConfig
+
+    fields = set(TrainConfig.__dataclass_fields__)
+    assert set(QUICK) - {"seeds"} <= fields and set(FULL) - {"seeds"} <= fields
+    config, seeds = budget_config(quick=True, steps=7, algo="ddpg")
+    assert (config.steps, config.algo, seeds) == (7, "ddpg", QUICK["seeds"])
+    with pytest.raises(TypeError):
+        budget_config(overrides={"no_such_field": 1})

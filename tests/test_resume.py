@@ -1,0 +1,257 @@
+"""Interrupted runs: checkpoints, kill-and-resume of `iqa train`, env state, replay buffers; memory script."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from experiments import checkpoint as ckpt
+from tests.conftest import run_iqa_and_kill
+
+REPO = Path(__file__).resolve().parents[1]
+
+#: Tiny runs: 8-image batches, 2 training steps and one 8-image validation step per episode.
+TINY = ["--batch-size", "8", "--train-steps", "2", "--validation-size", "8", "--device", "cpu", "--no-progress"]
+
+
+def _train_args(algo: str, dataset: Path, steps: int, every: int, out: Path, seed: int = 0) -> list[str]:
+    return [
+        "train", "--algo", algo, "--dataset", str(dataset), "--steps", str(steps), "--seed", str(seed),
+        "--checkpoint-every", str(every), "--eval-every", str(every), "--out", str(out), *TINY,
+    ]
+
+
+def _config(algo: str, dataset: Path, steps: int, every: int, seed: int = 0, checkpoints: bool = True):
+    from experiments.training import TrainConfig
+
+    return TrainConfig(
+        algo=algo, dataset=str(dataset), steps=steps, seed=seed, batch_size=8, train_steps=2,
+        validation_size=8, device="cpu", eval_every=every, checkpoint_every=every if checkpoints else 0,
+    )
+
+
+def _subprocess_env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def _kill_after_checkpoint(argv: list[str], run: Path, log: Path, timeout: float = 120.0) -> int:
+    """Start `iqa train`, SIGKILL it as soon as a checkpoint exists; the checkpoint's step."""
+    run_iqa_and_kill(argv, lambda: ckpt.find_checkpoint(run) is not None, log, timeout)
+    assert not (run / "summary.json").exists()
+    folder = ckpt.find_checkpoint(run)
+    assert folder is not None
+    return int(ckpt.read_meta(folder)["num_timesteps"])
+
+
+def _resume(argv: list[str], timeout: float = 180.0) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(
+        [sys.executable, "-m", "experiments.cli", *argv], cwd=REPO, env=_subprocess_env(),
+        capture_output=True, text=True, timeout=timeout, check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done
+
+
+def _check_resumed_run(run: Path, reference: dict, steps: int, every: int, resumed_at: int, dataset) -> dict:
+    from agents import Controller
+
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == steps
+    assert summary["resumed_from"] == [resumed_at]
+    curve_steps = [s for s, _ in summary["auroc_curve"]]
+    assert curve_steps == sorted(set(curve_steps)) and curve_steps[0] == 0 and curve_steps[-1] == steps
+    assert every in curve_steps  # evaluated before the kill, kept through the checkpoint
+    # Nothing lost: the resumed run is the uninterrupted one, step for step.
+    assert summary["auroc_curve"] == reference["auroc_curve"]
+    controller = Controller.load(run / "controller")
+    scores = controller.score(dataset.images)
+    assert scores.shape == (len(dataset),) and np.all((scores >= 0) & (scores <= 1))
+    reference_weights = torch.load(Path(reference["dir"]) / "controller" / "controller.pt", weights_only=True)
+    weights = torch.load(run / "controller" / "controller.pt", weights_only=True)
+    assert all(torch.equal(weights[k], reference_weights[k]) for k in reference_weights)
+    assert ckpt.find_checkpoint(run) is None  # removed once the run has finished
+    from experiments.training import load_predictor
+
+    predictor = load_predictor(run)  # weights_only
+    saved = torch.load(run / "predictor.pt", weights_only=True)
+    assert all(torch.equal(v, saved[k]) for k, v in predictor.state_dict().items())
+    return summary
+
+
+@pytest.mark.parametrize(
+    "algo, steps, every",
+    [
+        ("reinforce", 150, 30),  # episodes of 3 steps; a checkpoint at every 30th step
+        ("ddpg", 18, 9),  # learning starts after 6 steps: the checkpoint holds trained networks and a buffer
+    ],
+)
+def test_kill_and_resume_iqa_train(algo, steps, every, tiny_synthetic, tiny_synthetic_path, tmp_path, capsys):
+    from experiments.cli import main
+    from experiments.training import train
+
+    reference = train(_config(algo, tiny_synthetic_path, steps, every, checkpoints=False), tmp_path / "reference")
+    reference["dir"] = str(tmp_path / "reference")
+
+    run = tmp_path / "run"
+    argv = _train_args(algo, tiny_synthetic_path, steps, every, run)
+    resumed_at = _kill_after_checkpoint(argv, run, tmp_path / "killed.log")
+    assert every <= resumed_at < steps and resumed_at % every == 0
+    if algo == "ddpg":
+        assert (ckpt.find_checkpoint(run) / ckpt.BUFFER_NAME).is_file()
+
+    done = _resume(argv)
+    assert f"resumed from the checkpoint at step {resumed_at}" in done.stdout
+    assert f"resuming classification-weighted-{algo}-seed0 from the checkpoint at step {resumed_at}" in done.stderr
+    _check_resumed_run(run, reference, steps, every, resumed_at, tiny_synthetic)
+
+    # A finished run: the same command does nothing; other settings are an error naming the field.
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert main(_train_args(algo, tiny_synthetic_path, steps, every, run, seed=1)) == 2
+    err = capsys.readouterr().err.strip()
+    assert "seed: saved 0, now 1" in err and "--overwrite" in err and len(err.splitlines()) == 1
+    with pytest.raises(ValueError, match="steps: saved"):
+        train(_config(algo, tiny_synthetic_path, steps + 3, every), run)
+    # The same data under another path is the same run; other data is not.
+    moved = tmp_path / "moved.h5"
+    moved.write_bytes(tiny_synthetic_path.read_bytes())
+    assert train(_config(algo, moved, steps, every), run)["already_finished"]
+    moved.write_bytes(tiny_synthetic_path.read_bytes() + b"\0")
+    with pytest.raises(ValueError, match="dataset: saved"):
+        train(_config(algo, moved, steps, every), run)
+
+
+def test_other_settings_need_overwrite_even_before_a_checkpoint(tiny_synthetic_path, tmp_path):
+    from experiments.training import train
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"algo": "ddpg", "steps": 4000}))  # killed before any checkpoint
+    with pytest.raises(ValueError, match="algo: saved 'ddpg', now 'reinforce'"):
+        train(_config("reinforce", tiny_synthetic_path, 6, 3), run)
+    summary = train(_config("reinforce", tiny_synthetic_path, 6, 3), run, overwrite=True)
+    assert summary["steps"] == 6 and summary["resumed_from"] == []
+    assert json.loads((run / "config.json").read_text())["algo"] == "reinforce"
+
+
+def _tiny_env(dataset, **kw):
+    from iqa_env.env import TaskAmenabilityEnv
+
+    return TaskAmenabilityEnv(dataset, batch_size=8, train_steps=3, validation_size=20, device="cpu", **kw)
+
+
+def test_env_state_dict_round_trip(tiny_synthetic):
+    """An env loaded from another's state makes the same next steps (through a weights-only file)."""
+    rng = np.random.default_rng(1)
+    a = _tiny_env(tiny_synthetic)
+    a.reset(seed=0)
+    for _ in range(7):  # two episodes in: mid-validation, baselines and predictor trained
+        if a.step(rng.random(8))[2]:
+            a.reset()
+    buf = io.BytesIO()
+    torch.save(a.state_dict(), buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+
+    never_reset = _tiny_env(tiny_synthetic)
+    other_seed = _tiny_env(tiny_synthetic)
+    other_seed.reset(seed=5)
+    for b in (never_reset, other_seed):
+        b.load_state_dict(state)
+    envs = [a, never_reset, other_seed]
+    for _ in range(12):
+        action = rng.random(8)
+        results = [env.step(action) for env in envs]
+        for obs, reward, terminated, _, info in results[1:]:
+            assert np.array_equal(obs, results[0][0]) and reward == results[0][1] and terminated == results[0][2]
+            assert np.array_equal(info["selection"], results[0][4]["selection"])
+        if results[0][2]:
+            for env in envs:
+                env.reset()
+    for env in envs[1:]:
+        for key, value in a.predictor.state_dict().items():
+            assert torch.equal(env.predictor.state_dict()[key], value)
+    assert a.baseline.values == never_reset.baseline.values != {}
+
+
+def test_env_state_dict_refuses_other_settings(tiny_synthetic):
+    a = _tiny_env(tiny_synthetic)
+    a.reset(seed=0)
+    b = _tiny_env(tiny_synthetic, reward="selective")
+    with pytest.raises(ValueError, match="reward: saved 'weighted', this env 'selective'"):
+        b.load_state_dict(a.state_dict())
+
+
+@pytest.mark.parametrize("index_buffer", [False, True])
+def test_replay_buffer_round_trip(index_buffer, tmp_path):
+    from gymnasium import spaces
+    from stable_baselines3.common.buffers import ReplayBuffer
+
+    from agents.index_buffer import IndexReplayBuffer
+
+    rng = np.random.default_rng(0)
+    pool = rng.integers(0, 256, (30, 1, 6, 6), dtype=np.uint8)
+    obs_space = spaces.Box(0, 255, (4, 1, 6, 6), np.uint8)
+    act_space = spaces.Box(0.0, 1.0, (4,), np.float32)
+
+    def make():
+        if index_buffer:
+            return IndexReplayBuffer(10, obs_space, act_space, "cpu", images=pool)
+        return ReplayBuffer(10, obs_space, act_space, "cpu")
+
+    buffer = make()
+    for _ in range(13):  # wraps around: full
+        obs, nxt = pool[rng.integers(0, 30, 4)], pool[rng.integers(0, 30, 4)]
+        buffer.add(obs[None], nxt[None], rng.random((1, 4)), rng.random(1), np.array([0.0]), [{}])
+    path = tmp_path / "buffer.npz"
+    ckpt.save_replay_buffer(buffer, path, ckpt.ImagePool(pool))
+    with np.load(path, allow_pickle=False) as saved:
+        assert "observations" not in saved.files  # pixels stored as pool indices
+    loaded = make()
+    ckpt.load_replay_buffer(loaded, path, ckpt.ImagePool(pool))
+    assert (loaded.pos, loaded.full) == (buffer.pos, buffer.full) == (3, True)
+    for name in ("observations", "next_observations", "observation_indices", "actions", "rewards", "dones"):
+        if isinstance(getattr(buffer, name, None), np.ndarray):
+            assert np.array_equal(getattr(loaded, name), getattr(buffer, name)), name
+
+    if not index_buffer:  # an image outside the pool: pixels are kept as they are
+        partial = make()
+        odd = rng.integers(0, 256, (1, 4, 1, 6, 6), dtype=np.uint8)
+        partial.add(odd, odd, rng.random((1, 4)), rng.random(1), np.array([1.0]), [{}])
+        ckpt.save_replay_buffer(partial, path, ckpt.ImagePool(pool))
+        again = make()
+        ckpt.load_replay_buffer(again, path, ckpt.ImagePool(pool))
+        assert again.pos == 1 and np.array_equal(again.observations[0], odd)
+
+
+def test_find_checkpoint_takes_only_whole_ones(tmp_path):
+    (tmp_path / ckpt.CHECKPOINT_DIR).mkdir()  # no checkpoint.json: never a whole checkpoint
+    assert ckpt.find_checkpoint(tmp_path) is None
+    (tmp_path / ckpt.OLD_DIR).mkdir()
+    (tmp_path / ckpt.OLD_DIR / ckpt.META_NAME).write_text("{}")
+    assert ckpt.find_checkpoint(tmp_path) == tmp_path / ckpt.OLD_DIR  # killed between the two renames
+    stale = tmp_path / f"{ckpt.TMP_PREFIX}x{ckpt.TMP_SUFFIX}"
+    stale.mkdir()
+    ckpt.remove_stale(tmp_path)
+    assert not stale.exists()
+
+
+def test_memory_growth_smoke(tiny_synthetic_path):
+    from experiments.memory_growth import measure
+
+    result = measure(steps=50, warmup=10, every=10, dataset=str(tiny_synthetic_path), batch_size=8,
+                     train_steps=2, validation_size=8)
+    assert [s["step"] for s in result["samples"]] == [10, 20, 30, 40, 50]
+    assert all(s["rss_mib"] > 0 for s in result["samples"])
+    for key in ("baseline_mib", "final_mib", "max_mib", "growth_pct", "max_growth_pct", "steps_per_s"):
+        assert np.isfinite(result[key]), key
+    assert result["rss_source"] in ("statm", "getrusage-peak")
