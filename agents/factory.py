@@ -47,7 +47,9 @@ def default_kwargs(name: str, env: GymEnv, seed: int | None = None) -> dict[str,
     set-up: ``gamma = 0``, a replay buffer that keeps only the steps that
     return a reward (:class:`~agents.buffers.RewardReadyReplayBuffer`), and
     the critic head that has the weighted reward's form
-    (:class:`~agents.policies.RatioQNetwork`).  With the fixed reward (one
+    (:class:`~agents.policies.RatioQNetwork`), batch-centred actor logits and
+    a saturation penalty of 0.1 on them (1e-3 let the logits spread to
+    +-50, where the critic's gradient vanishes and the ranking decays).  With the fixed reward (one
     reward at the end of the training steps) they keep ``gamma = 0.9``, every
     transition and the pooled critic.  ``docs/design-decisions.md`` says why.
     """
@@ -66,7 +68,7 @@ def default_kwargs(name: str, env: GymEnv, seed: int | None = None) -> dict[str,
             batch_size=16,
             gradient_steps=4,
             replay_buffer_class="reward_ready",
-            policy_kwargs=dict(critic_head="ratio", centre_logits=True),
+            policy_kwargs=dict(critic_head="ratio", centre_logits=True, saturation_penalty=0.1),
         )
     else:
         deterministic.update(gamma=0.9)

@@ -62,10 +62,6 @@ def test_reinforce_with_the_fixed_reward_moves_towards_the_ranking(occluded_spli
 
 
 def test_ddpg_learns_the_ranking(occluded_splits):
-    # DDPG learns fast and then wobbles: measured every 50 steps, seed 0 went 0.423 -> 0.944
-    # (step 50) -> 0.78 (steps 100-300) -> 0.843 (step 500); seed 1 0.888 -> 0.75-0.83.
-    # So this asserts a clear rise from an inverted start, not the 0.8 that REINFORCE
-    # holds here (docs/learning-status.md, section 1).
     initial, final = _learn(occluded_splits, "ddpg", "weighted", 0, steps=200)
     assert initial < 0.5, f"seed 0 should start inverted, started at {initial:.3f}"
-    assert final >= 0.7, f"DDPG (weighted, seed 0): {initial:.3f} -> {final:.3f}"
+    assert final >= 0.8, f"DDPG (weighted, seed 0): {initial:.3f} -> {final:.3f}"
