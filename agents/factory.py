@@ -49,9 +49,10 @@ def default_kwargs(name: str, env: GymEnv, seed: int | None = None) -> dict[str,
     the critic head that has the weighted reward's form
     (:class:`~agents.policies.RatioQNetwork`), batch-centred actor logits and
     a saturation penalty of 0.1 on them (1e-3 let the logits spread to
-    +-50, where the critic's gradient vanishes and the ranking decays).  With the fixed reward (one
-    reward at the end of the training steps) they keep ``gamma = 0.9``, every
-    transition and the pooled critic.  ``docs/design-decisions.md`` says why.
+    +-50, where the critic's gradient vanishes and the ranking decays).
+    With the fixed reward (one reward at the end of the training steps) they
+    keep ``gamma = 0.9``, every transition and the pooled critic.
+    ``docs/design-decisions.md`` says why.
     """
     batch = int(env.action_space.shape[0])  # type: ignore[index]
     episode = _episode_length(env)
