@@ -82,6 +82,14 @@ class PerSampleHead(nn.Module):
         return self.linear(features.reshape(n, -1, self.embed_dim)).squeeze(-1)
 
 
+def _split(features_and_actions: torch.Tensor, batch_size: int, embed_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """SB3's concatenated critic input ``(N, B * D + B)`` -> embeddings ``(N, B, D)``, actions ``(N, B)``."""
+    n = features_and_actions.shape[0]
+    split = batch_size * embed_dim
+    embeddings = features_and_actions[:, :split].reshape(n, batch_size, embed_dim)
+    return embeddings, features_and_actions[:, split:].reshape(n, batch_size)
+
+
 class PooledQNetwork(nn.Module):
     """``Q(s, a) = g(mean_i f([e_i, a_i]))`` on SB3's concatenated ``[features, actions]`` input."""
 
@@ -92,10 +100,8 @@ class PooledQNetwork(nn.Module):
         self.pooled = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 1))
 
     def forward(self, features_and_actions: torch.Tensor) -> torch.Tensor:
-        n, b, d = features_and_actions.shape[0], self.batch_size, self.embed_dim
-        embeddings = features_and_actions[:, : b * d].reshape(n, b, d)
-        actions = features_and_actions[:, b * d :].reshape(n, b, 1)
-        return self.pooled(self.per_sample(torch.cat([embeddings, actions], dim=-1)).mean(dim=1))
+        embeddings, actions = _split(features_and_actions, self.batch_size, self.embed_dim)
+        return self.pooled(self.per_sample(torch.cat([embeddings, actions.unsqueeze(-1)], dim=-1)).mean(dim=1))
 
 
 class RatioQNetwork(nn.Module):
@@ -125,9 +131,8 @@ class RatioQNetwork(nn.Module):
         self.mean_weight = nn.Parameter(torch.full((1,), 0.5))
 
     def forward(self, features_and_actions: torch.Tensor) -> torch.Tensor:
-        n, b, d = features_and_actions.shape[0], self.batch_size, self.embed_dim
-        embeddings = features_and_actions[:, : b * d].reshape(n, b, d)
-        h = 0.5 * (features_and_actions[:, b * d :].reshape(n, b) + 1.0)
+        embeddings, actions = _split(features_and_actions, self.batch_size, self.embed_dim)
+        h = 0.5 * (actions + 1.0)
         c = self.per_sample(embeddings).squeeze(-1)
         q = self.bias + self.mean_weight * c.mean(1) - (h * c).sum(1) / (h.sum(1) + self.eps)
         return q.unsqueeze(-1)

@@ -1016,14 +1016,10 @@ def reproduce(
         "steps": steps,
     }
     runs = [{"label": r, "reward": r} for r in REWARDS]
-    started = time.perf_counter()
     folder, results = run_experiment(
         "reproduce", out, base, task_names, seed_list, runs, ("task", "reward", "seed"), options, overrides,
         workers, random_draws, quick=quick,
     )
-    # Wall time of this invocation (a resumed run counts only the stages it ran).
-    results["wall_s"] = time.perf_counter() - started
-    results["workers"] = workers
     for task, task_result in results["tasks"].items():
         task_result["table1"] = table1(task_result, task)
     write_figures(results, folder)
@@ -1056,6 +1052,7 @@ def run_experiment(
     ``command`` recorded in the results).
     """
     check_workers(workers)
+    started = time.perf_counter()
     rewards = sorted({run.get("reward", base.reward) for run in runs})
     folder, fingerprint = prepare(out, kind, base, drop, tasks, rewards)
     command = command_line(kind, {**options, "workers": workers if workers != 1 else None, "out": out})
@@ -1066,6 +1063,9 @@ def run_experiment(
     run_stages(stages, workers)
     labels = [run["label"] for run in runs]
     results = collect(folder, kind, command, base, fingerprint, tasks, seeds, stages, labels, drop, random_draws, **settings)
+    # Wall time of this invocation (a resumed run counts only the stages it ran).
+    results["wall_s"] = time.perf_counter() - started
+    results["workers"] = workers
     return folder, results
 
 

@@ -177,6 +177,7 @@ def test_reproduce_end_to_end_then_resume(tiny_synthetic_path, tmp_path, caplog,
 
     results = json.loads((out / "results.json").read_text())
     assert results["schema"] == "iqa-reproduce/1" and results["command"].startswith("iqa reproduce --dataset")
+    assert results["wall_s"] > 0 and results["workers"] == 1
     settings = results["settings"]
     assert settings["seeds"] == [0] and settings["tasks"] == ["classification", "segmentation"]
     assert settings["config"]["steps"] == 16 and settings["config"]["algo"] == "reinforce"
