@@ -7,6 +7,15 @@ beside the AUROC of simple heuristics (mean intensity, intensity st.d.).
 Every seed is reported; none is chosen.  Runs go in parallel processes with
 one torch thread each (on 2 cores, two runs at once double the throughput of
 one run with two threads).
+
+``--eval-every N`` also prints each run's AUROC every N env steps (a learning
+curve says more than two points), and ``--time-limit S`` stops every run after
+S seconds of training, for studies that must fit a fixed machine time; the
+table then says how many steps each run reached.  The seed studies of
+``docs/learning-status.md`` ran as, for example::
+
+    python -m experiments.seed_study --algos reinforce --rewards weighted --seeds 8 \
+        --steps 20000 --device cuda --workers 16 --eval-every 500 --time-limit 290
 """
 
 from __future__ import annotations
@@ -46,6 +55,10 @@ def seed_study(
         return list(pool.map(_run, configs))
 
 
+def _fmt(value: float | None) -> str:
+    return f"{'-':>8}" if value is None else f"{value:8.3f}"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--algos", nargs="+", default=["reinforce", "ddpg"])
@@ -58,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
     p.add_argument("--env-kwargs", default="{}", help="JSON of extra TaskAmenabilityEnv arguments")
     p.add_argument("--agent-kwargs", default="{}", help="JSON of extra algorithm arguments")
+    p.add_argument("--eval-every", type=int, default=500, help="env steps between holdout AUROCs (default: 500)")
+    p.add_argument("--time-limit", type=float, default=None, metavar="S",
+                   help="stop each run after S seconds of training (default: none)")
     p.add_argument("--json", default=None, help="also write the summaries to this JSON file")
     args = p.parse_args(argv)
     base = TrainConfig(
@@ -67,21 +83,32 @@ def main(argv: list[str] | None = None) -> int:
         device=args.device,
         env_kwargs=json.loads(args.env_kwargs),
         agent_kwargs=json.loads(args.agent_kwargs),
+        eval_every=args.eval_every,
+        time_limit_s=args.time_limit,
     )
+    try:
+        base.validate()
+    except (ValueError, FileNotFoundError) as error:
+        p.error(str(error))
     from experiments.training import holdout_heuristics, load_splits
 
     _, (_, _, holdout) = load_splits(args.dataset)
     heuristics = holdout_heuristics(holdout, args.task)
     print("heuristics (holdout AUROC vs ground-truth amenable): " + ", ".join(f"{k} {v:.3f}" for k, v in heuristics.items()))
     summaries = seed_study(args.algos, args.rewards, list(range(args.seeds)), base, args.workers)
-    print(f"{'algo':10} {'reward':10} {'seed':>4} {'initial':>8} {'final':>8} {'steps/s':>8}")
+    print(f"{'algo':10} {'reward':10} {'seed':>4} {'initial':>8} {'final':>8} {'steps':>6} {'steps/s':>8}  curve")
     for s in summaries:
         c = s["config"]
-        print(f"{c['algo']:10} {c['reward']:10} {c['seed']:>4} {s['initial_auroc']:8.3f} {s['final_auroc']:8.3f} {s['steps_per_s']:8.1f}")
+        curve = " ".join(f"{step}:{'-' if a is None else f'{a:.3f}'}" for step, a in s["auroc_curve"])
+        print(
+            f"{c['algo']:10} {c['reward']:10} {c['seed']:>4} {_fmt(s['initial_auroc'])} {_fmt(s['final_auroc'])} "
+            f"{s['steps']:>6} {s['steps_per_s']:8.1f}  {curve}"
+        )
     for a in args.algos:
         for r in args.rewards:
             finals = [s["final_auroc"] for s in summaries if s["config"]["algo"] == a and s["config"]["reward"] == r]
-            print(f"{a} {r}: {sum(f >= 0.8 for f in finals)} of {len(finals)} seeds reach AUROC >= 0.8")
+            reached = sum(f is not None and f >= 0.8 for f in finals)
+            print(f"{a} {r}: {reached} of {len(finals)} seeds reach AUROC >= 0.8")
     if args.json:
         Path(args.json).write_text(json.dumps({"heuristics": heuristics, "runs": summaries}, indent=2))
     return 0

@@ -58,6 +58,9 @@ class TrainConfig:
     """Env steps between holdout evaluations of the controller (logged to TensorBoard)."""
     checkpoint_every: int = 500
     """Env steps between checkpoints of the run folder (0: none); see docs/reliability.md."""
+    time_limit_s: float | None = None
+    """Wall-clock limit of the training in seconds (None: none): the run stops at the first env step
+    past it and is then finished, with fewer than ``steps`` steps (its summary says ``time_limited``)."""
     env_kwargs: dict[str, Any] = field(default_factory=dict)
     """Further TaskAmenabilityEnv arguments (they override the fields above)."""
     agent_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -97,6 +100,15 @@ class TrainConfig:
             )
         if not isinstance(self.eval_every, (int, np.integer)) or self.eval_every < 1:
             raise ValueError(f"eval_every must be a positive integer, got {self.eval_every!r}")
+        if self.time_limit_s is not None and (
+            isinstance(self.time_limit_s, bool)
+            or not isinstance(self.time_limit_s, (int, float, np.integer, np.floating))
+            or not np.isfinite(self.time_limit_s)
+            or self.time_limit_s <= 0
+        ):
+            raise ValueError(
+                f"time_limit_s must be a positive number of seconds or None (no limit), got {self.time_limit_s!r}"
+            )
         if self.dataset is not None and not Path(self.dataset).exists():
             raise FileNotFoundError(f"dataset file {self.dataset} does not exist")
         return self
@@ -158,7 +170,7 @@ def _atomic_json(path: Path, data: Any) -> None:
 
 #: TrainConfig fields that may differ when a run is resumed: they say how or where it runs, not what it trains.
 #: (``dataset`` may differ too, if the file's content is the one the run recorded: see :func:`dataset_fingerprint`.)
-RUN_MANAGEMENT_FIELDS: tuple[str, ...] = ("checkpoint_every", "device")
+RUN_MANAGEMENT_FIELDS: tuple[str, ...] = ("checkpoint_every", "device", "time_limit_s")
 
 #: What ``train`` writes in a run folder (``overwrite=True`` removes these, and nothing else).
 RUN_ARTEFACTS: tuple[str, ...] = ("summary.json", "controller", "predictor.pt", "tensorboard")
@@ -395,6 +407,12 @@ def train(
                     self.logger.record("eval/holdout_auroc", value)
             return True
 
+    class TimeLimit(BaseCallback):
+        """Stops ``learn`` at the first env step after ``config.time_limit_s`` seconds of this call."""
+
+        def _on_step(self) -> bool:
+            return time.perf_counter() - start < float(config.time_limit_s)  # type: ignore[arg-type]
+
     class Checkpoint(BaseCallback):
         """Checkpoints at rollout starts: everything collected so far has been learnt from."""
 
@@ -437,6 +455,8 @@ def train(
         callbacks.append(Checkpoint())
     if progress:
         callbacks.append(Progress())
+    if config.time_limit_s is not None:
+        callbacks.append(TimeLimit())
     remaining = max(config.steps - int(agent.num_timesteps), 0)
     agent.learn(
         remaining,
@@ -461,6 +481,7 @@ def train(
         "final_auroc": final,
         "auroc_curve": [[s, a] for s, a in curve],
         "resumed_from": resumed_from,
+        "time_limited": int(agent.num_timesteps) < config.steps,
     }
     if fingerprint is not None:
         summary["dataset_fingerprint"] = fingerprint

@@ -125,6 +125,35 @@ def test_ddpg_actions_do_not_saturate(dataset):
     assert float(((p < 0.005) | (p > 0.995)).float().mean()) < 0.5
 
 
+def test_reinforce_selection_rate_cannot_drift_through_the_head_bias(dataset):
+    """Centred REINFORCE logits: the mean selection logit is the constant logit(p0), whatever the head's bias.
+
+    Before, the centred logits were shifted by the head's learnable bias, and the training-step
+    credit ("select more, the predictor trains more") pushed it until every image was selected
+    (h = 1), where the ranking no longer changes the selections and learning stops.
+    """
+    agent = make_agent("reinforce", _env(dataset), seed=0, policy_kwargs=dict(initial_selection_probability=0.3))
+    obs = torch.as_tensor(dataset.images[:64].reshape(8, 8, 1, 16, 16)).float()
+    policy = agent.policy
+    with torch.no_grad():
+        before = policy.logits(obs)
+        policy.head.linear.bias.add_(25.0)
+        after = policy.logits(obs)
+    torch.testing.assert_close(after, before)
+    torch.testing.assert_close(before.mean(dim=1), torch.full((8,), float(np.log(0.3 / 0.7))))
+
+
+def test_controller_scores_keep_the_ranking_of_large_logits(dataset):
+    """Scores near 1 still rank the images: float32 would round every logit above about 17 to exactly 1.0."""
+    controller = Controller.from_agent(make_agent("reinforce", _env(dataset), seed=0))
+    with torch.no_grad():
+        controller.backbone.head.bias.add_(25.0)
+    scores = controller.score(dataset.images[:32])
+    logits = controller.backbone(torch.as_tensor(dataset.images[:32]).float() / 255.0).detach().numpy()
+    assert scores.dtype == np.float64 and np.all(scores < 1.0)
+    np.testing.assert_array_equal(np.argsort(scores, kind="stable"), np.argsort(logits, kind="stable"))
+
+
 def test_controller_save_load_round_trip(dataset, tmp_path):
     agent = make_agent("reinforce", _env(dataset), seed=0)
     agent.learn(60)

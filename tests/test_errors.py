@@ -689,6 +689,14 @@ def test_steps_not_positive(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("value", [0, -5.0, math.nan, math.inf, True])
+def test_time_limit_not_positive(value: Any) -> None:
+    from experiments.training import TrainConfig
+
+    message = api_error(ValueError, lambda: TrainConfig(time_limit_s=value).validate())
+    assert message == f"time_limit_s must be a positive number of seconds or None (no limit), got {value!r}"
+
+
 # ================================================================== actions
 @pytest.mark.parametrize(
     "action, words",

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+
+import pytest
+
 from experiments.seed_study import main
 
 
@@ -19,3 +23,27 @@ def test_seed_study_reports_every_seed(tiny_synthetic_path, tmp_path, capsys):
     assert len(lines) == 4 + 2  # one row per run, one tally per reward
     assert "seeds reach AUROC >= 0.8" in text
     assert out.is_file()
+
+
+def test_seed_study_time_limit_stops_every_run_and_says_so(tiny_synthetic_path, tmp_path, capsys):
+    out = tmp_path / "study.json"
+    code = main(
+        ["--algos", "reinforce", "--rewards", "weighted", "--seeds", "2", "--steps", "5000",
+         "--dataset", str(tiny_synthetic_path), "--workers", "1", "--json", str(out), "--eval-every", "4",
+         "--time-limit", "0.5", "--env-kwargs", '{"batch_size": 8, "train_steps": 2, "validation_size": 16}']
+    )
+    assert code == 0
+    runs = json.loads(out.read_text())["runs"]
+    assert len(runs) == 2
+    for run in runs:
+        assert run["time_limited"] and 0 < run["steps"] < 5000
+        steps = [step for step, _ in run["auroc_curve"]]
+        assert steps[0] == 0 and steps[-1] == run["steps"]
+    assert "curve" in capsys.readouterr().out
+
+
+def test_seed_study_refuses_a_bad_time_limit(capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(["--time-limit", "0"])
+    assert stopped.value.code == 2
+    assert "time_limit_s must be a positive number of seconds" in capsys.readouterr().err
