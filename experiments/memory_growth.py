@@ -113,8 +113,7 @@ def measure(
 
         from agents import make_agent
 
-        agent = make_agent("reinforce", env, seed=seed)
-        env.reset(seed=seed)
+        agent = make_agent("reinforce", env, seed=seed)  # learn() makes the seeded reset
         pending = list(marks)
 
         class Sample(BaseCallback):

@@ -71,9 +71,10 @@ SCHEMA = "iqa-reproduce/1"
 # learning configuration (algorithm, env and agent settings) is TrainConfig's
 # and agents.default_kwargs' defaults.
 #: ``--quick``: a reduced budget (classification on 2 CPU cores: see docs/reproduce.md for the measured time).
-QUICK: dict[str, Any] = {"seeds": 4, "steps": 600, "eval_every": 100}
-#: The default budget: TrainConfig's default ``steps`` and ``eval_every``, eight seeds.
-FULL: dict[str, Any] = {"seeds": 8}
+QUICK: dict[str, Any] = {"seeds": 4, "steps": 500, "eval_every": 100}
+#: The default budget: eight seeds of 12,000 env steps, about where REINFORCE's holdout AUROC stops rising on the
+#: built-in set (docs/learning-status.md, sweep 4); hours on a CPU, minutes on a GPU with one worker per seed.
+FULL: dict[str, Any] = {"seeds": 8, "steps": 12_000}
 
 REWARDS: tuple[str, ...] = ("fixed", "weighted", "selective")
 #: Random rejections per ratio behind the random-rejection band.
@@ -416,6 +417,19 @@ def summarise_baseline(task: str, holdout: Any, arrays: dict[str, np.ndarray], s
     return out
 
 
+def _at_ratio(ratio: float, point: dict[str, Any], test: dict[str, Any]) -> dict[str, Any]:
+    """One rejection curve's point and its paired t-test against the baseline, as ``at_paper_ratio``."""
+    return {
+        "ratio": ratio,
+        "mean": point["mean"],
+        "std": point["std"],
+        "p": test["p"],
+        "t": test["t"],
+        "mean_difference": test["mean_difference"],
+        "better_with_p_below_0.05": bool(test["p"] is not None and test["p"] < 0.05 and (test["mean_difference"] or 0) > 0),
+    }
+
+
 def summarise_run(
     task: str,
     holdout: Any,
@@ -432,21 +446,21 @@ def summarise_run(
     tests = [{"ratio": float(r), **paired_ttest(metric, kept_images(scores, r), baseline["metric"], groups)} for r in REJECTION_RATIOS]
     at = next(c for c in curve if math.isclose(c["ratio"], ratio))
     test = next(t for t in tests if math.isclose(t["ratio"], ratio))
+    # The same seed's baseline predictor on the images this controller keeps: what the score alone adds,
+    # apart from how well the co-trained predictor was trained (it makes fewer updates than the baseline
+    # with the weighted and selective rewards, and sees only the images the controller selects).
+    base_curve = rejection_curve(baseline["metric"], scores, groups)
+    base_at = next(c for c in base_curve if math.isclose(c["ratio"], ratio))
+    base_test = paired_ttest(baseline["metric"], kept_images(scores, ratio), baseline["metric"], groups)
     run: dict[str, Any] = {
         "seed": seed,
         "mean_score": float(np.mean(scores)),
         "curve": curve,
         "ttest": tests,
-        "at_paper_ratio": {
-            "ratio": ratio,
-            "mean": at["mean"],
-            "std": at["std"],
-            "p": test["p"],
-            "t": test["t"],
-            "mean_difference": test["mean_difference"],
-            "better_with_p_below_0.05": bool(
-                test["p"] is not None and test["p"] < 0.05 and (test["mean_difference"] or 0) > 0
-            ),
+        "at_paper_ratio": _at_ratio(ratio, at, test),
+        "baseline_predictor": {
+            "curve": base_curve,
+            "at_paper_ratio": _at_ratio(ratio, base_at, base_test),
         },
         "random_band": random_rejection_band(metric, groups, draws=draws, seed=seed),
         "contingency": None,
@@ -471,6 +485,11 @@ def summarise_seeds(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "patient_std_at_paper_ratio": mean_and_std([r["at_paper_ratio"]["std"] for r in runs]),
         "p_value": mean_and_std([r["at_paper_ratio"]["p"] for r in runs]),
         "seeds_better_with_p_below_0.05": sum(r["at_paper_ratio"]["better_with_p_below_0.05"] for r in runs),
+        "baseline_predictor_at_paper_ratio": mean_and_std([r["baseline_predictor"]["at_paper_ratio"]["mean"] for r in runs]),
+        "baseline_predictor_p_value": mean_and_std([r["baseline_predictor"]["at_paper_ratio"]["p"] for r in runs]),
+        "baseline_predictor_seeds_better_with_p_below_0.05": sum(
+            r["baseline_predictor"]["at_paper_ratio"]["better_with_p_below_0.05"] for r in runs
+        ),
         "initial_auroc": mean_and_std([r.get("initial_auroc") for r in runs]),
         "final_auroc": mean_and_std([(r["controller"] or {}).get("auroc") for r in runs]),
         "spearman": mean_and_std([(r["controller"] or {}).get("spearman") for r in runs]),
@@ -483,8 +502,9 @@ def summarise_seeds(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "kappa": None,
         "contingency_summed": None,
     }
-    p_values = [v for v in summary["p_value"]["values"] if v is not None]
-    summary["p_value"]["median"] = float(np.median(p_values)) if p_values else None
+    for key in ("p_value", "baseline_predictor_p_value"):
+        p_values = [v for v in summary[key]["values"] if v is not None]
+        summary[key]["median"] = float(np.median(p_values)) if p_values else None
     tables = [r["contingency"] for r in runs if r["contingency"] is not None]
     if tables:
         summary["kappa"] = mean_and_std([t["kappa"] for t in tables])
@@ -808,6 +828,23 @@ def _table1_markdown(task_result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _baseline_predictor_markdown(task_result: dict[str, Any]) -> list[str]:
+    metric = task_result["metric"]
+    lines = [
+        f"| rejecting by | {metric}: mean ± st.d. across seeds | paired t-test p (median over seeds) | seeds better with p < 0.05 |",
+        "|---|---|---|---|",
+        f"| nothing (baseline) | {format_stats(task_result['baseline']['summary']['metric'])} | n/a | — |",
+    ]
+    for label, entry in task_result["runs"].items():
+        s = entry["summary"]
+        lines.append(
+            f"| controller, {label} | {format_stats(s['baseline_predictor_at_paper_ratio'])} "
+            f"| {format_number(s['baseline_predictor_p_value']['median'], 4)} "
+            f"| {s['baseline_predictor_seeds_better_with_p_below_0.05']} of {s['baseline_predictor_at_paper_ratio']['n']} |"
+        )
+    return lines
+
+
 def _auroc_markdown(task_result: dict[str, Any]) -> list[str]:
     lines = [
         "| scorer | AUROC at initialisation | AUROC at the end | Spearman at the end | seeds beating every heuristic |",
@@ -891,6 +928,12 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
             "mean over patients; the p-value is a paired t-test across patients against the baseline of the same seed."),
             "",
             *_table1_markdown(t),
+            "",
+            (f"The same seed's *baseline* predictor on the images each controller keeps at {t['paper_rejection_ratio']:.0%} "
+            "rejection: what the controller's score adds on its own, whatever the co-trained predictor learnt "
+            "(p: paired t-test across patients against the baseline predictor on all images)."),
+            "",
+            *_baseline_predictor_markdown(t),
             "",
             f"### Figure 3: controller against human labels at {t['paper_rejection_ratio']:.0%} rejection",
             "",

@@ -369,8 +369,9 @@ def train(
             config.run_name, agent.num_timesteps, config.steps, found,
         )
     else:
+        # No env.reset(seed) here: learn() makes the seeded reset (make_agent's seed reaches the env
+        # through SB3's VecEnv.seed), and a second one would rebuild and warm up the predictor again.
         agent = make_agent(config.algo, env, seed=config.seed, **agent_kwargs)
-        env.reset(seed=config.seed)
 
     def current_auroc() -> float | None:
         return controller_auroc(Controller.from_agent(agent), holdout, config.task)

@@ -33,8 +33,8 @@ def _learn(splits, algo: str, reward: str, seed: int, steps: int) -> tuple[float
         train, validation_dataset=validation, reward=reward, batch_size=16, train_steps=4,
         validation_size=64, device="cpu", **settings,
     )
+    # learn() makes the seeded reset (and the predictor's warm-up) once.
     agent = make_agent(algo, env, seed=seed, **({} if algo == "reinforce" else {"learning_starts": 16}))
-    env.reset(seed=seed)
     amenable = holdout.amenable("classification")
 
     def holdout_auroc() -> float:

@@ -117,11 +117,13 @@ def test_mean_and_std_skips_undefined_values():
 SUMMARY_KEYS = {
     "metric_at_paper_ratio", "patient_std_at_paper_ratio", "p_value", "seeds_better_with_p_below_0.05",
     "initial_auroc", "final_auroc", "spearman", "seeds_beating_heuristics", "wall_time_s", "curve", "kappa",
-    "contingency_summed",
+    "contingency_summed", "baseline_predictor_at_paper_ratio", "baseline_predictor_p_value",
+    "baseline_predictor_seeds_better_with_p_below_0.05",
 }
 RUN_KEYS = {
     "seed", "folder", "algo", "reward", "steps", "wall_time_s", "initial_auroc", "final_auroc", "auroc_curve",
-    "mean_score", "curve", "ttest", "at_paper_ratio", "random_band", "contingency", "controller", "beats_heuristics",
+    "mean_score", "curve", "ttest", "at_paper_ratio", "baseline_predictor", "random_band", "contingency", "controller",
+    "beats_heuristics",
 }
 TASK_KEYS = {"metric", "paper_rejection_ratio", "holdout", "human_labels", "heuristics", "baseline", "runs", "figures"}
 
@@ -144,6 +146,8 @@ def check_task_result(t, labels, seeds):
             assert RUN_KEYS <= set(run)
             assert len(run["curve"]) == len(ev.REJECTION_RATIOS) == len(run["ttest"]) == len(run["random_band"])
             assert {"ratio", "mean", "std", "p", "t", "mean_difference"} <= set(run["at_paper_ratio"])
+            assert {"ratio", "mean", "std", "p", "t", "mean_difference"} <= set(run["baseline_predictor"]["at_paper_ratio"])
+            assert len(run["baseline_predictor"]["curve"]) == len(ev.REJECTION_RATIOS)
             assert {"table", "kappa", "ratio"} <= set(run["contingency"])
             assert set(run["controller"]) == {"auroc", "spearman"}
             assert 0.0 <= run["initial_auroc"] <= 1.0 and 0.0 <= run["final_auroc"] <= 1.0

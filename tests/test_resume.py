@@ -255,3 +255,22 @@ def test_memory_growth_smoke(tiny_synthetic_path):
     for key in ("baseline_mib", "final_mib", "max_mib", "growth_pct", "max_growth_pct", "steps_per_s"):
         assert np.isfinite(result[key]), key
     assert result["rss_source"] in ("statm", "getrusage-peak")
+
+
+@pytest.mark.parametrize("algo", ["reinforce", "ddpg"])
+def test_a_fresh_run_builds_and_warms_up_its_predictor_once(tiny_synthetic_path, monkeypatch, algo):
+    """train() leaves the seeded reset to learn(): an extra env.reset(seed) rebuilt and re-warmed the predictor."""
+    from experiments.training import train
+    from iqa_env.env import TaskAmenabilityEnv
+
+    builds = []
+    original = TaskAmenabilityEnv._build_predictor
+
+    def counting(self):
+        builds.append(self.predictor_warmup_steps)
+        return original(self)
+
+    monkeypatch.setattr(TaskAmenabilityEnv, "_build_predictor", counting)
+    summary = train(_config(algo, tiny_synthetic_path, steps=24, every=12, checkpoints=False))
+    assert summary["steps"] >= 24
+    assert builds == [400]  # the algorithm's recommended warm-up, once

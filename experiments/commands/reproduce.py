@@ -79,6 +79,13 @@ def run(args: argparse.Namespace) -> int:
             mean, std = row["metric_mean"], row["metric_std_across_seeds"]
             text = "n/a" if mean is None else f"{mean:.3f}" + ("" if std is None else f" ± {std:.3f}")
             p = row["p_value_median"]
-            print(f"  {row['method']:10} {text}" + ("" if p is None else f"  (median p {p:.3g})"))
+            line = f"  {row['method']:10} {text}" + ("" if p is None else f"  (median p {p:.3g})")
+            if row["method"] in t["runs"]:
+                s = t["runs"][row["method"]]["summary"]
+                base, base_p = s["baseline_predictor_at_paper_ratio"]["mean"], s["baseline_predictor_p_value"]["median"]
+                if base is not None:
+                    line += f"; baseline predictor on the images it keeps: {base:.3f}"
+                    line += "" if base_p is None else f" (median p {base_p:.3g})"
+            print(line)
     print(f"report: {args.out}/report.md, figures and results.json in {args.out}")
     return 0
