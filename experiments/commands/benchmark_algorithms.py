@@ -51,6 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from experiments.benchmark_algorithms import benchmark_algorithms
+    from experiments.reproduce import format_number
 
     results = benchmark_algorithms(
         args.out,
@@ -67,11 +68,9 @@ def run(args: argparse.Namespace) -> int:
     for task, t in results["tasks"].items():
         print(f"{task}: {t['metric']} at {t['paper_rejection_ratio']:.0%} rejection, holdout AUROC initial -> final")
         for row in t["table"]:
-            mean, final = row["metric_mean"], row["final_auroc"]["mean"]
-            initial = row["initial_auroc"]["mean"]
             print(
-                f"  {row['algorithm']:10} {'n/a' if mean is None else f'{mean:.3f}'}  "
-                f"AUROC {'n/a' if initial is None else f'{initial:.3f}'} -> {'n/a' if final is None else f'{final:.3f}'}  "
+                f"  {row['algorithm']:10} {format_number(row['metric_mean'])}  "
+                f"AUROC {format_number(row['initial_auroc']['mean'])} -> {format_number(row['final_auroc']['mean'])}  "
                 f"{row['wall_time_s']['mean'] or 0:.0f} s"
             )
     print(f"report: {args.out}/report.md")

@@ -60,7 +60,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from experiments.reproduce import reproduce
+    from experiments.reproduce import format_number, format_stats, reproduce
 
     results = reproduce(
         args.out,
@@ -76,15 +76,14 @@ def run(args: argparse.Namespace) -> int:
     for task, t in results["tasks"].items():
         print(f"{task} ({t['metric']} at {t['paper_rejection_ratio']:.0%} rejection, mean ± st.d. across seeds):")
         for row in t["table1"]:
-            mean, std = row["metric_mean"], row["metric_std_across_seeds"]
-            text = "n/a" if mean is None else f"{mean:.3f}" + ("" if std is None else f" ± {std:.3f}")
+            text = format_stats({"mean": row["metric_mean"], "std": row["metric_std_across_seeds"]})
             p = row["p_value_median"]
             line = f"  {row['method']:10} {text}" + ("" if p is None else f"  (median p {p:.3g})")
             if row["method"] in t["runs"]:
                 s = t["runs"][row["method"]]["summary"]
                 base, base_p = s["baseline_predictor_at_paper_ratio"]["mean"], s["baseline_predictor_p_value"]["median"]
                 if base is not None:
-                    line += f"; baseline predictor on the images it keeps: {base:.3f}"
+                    line += f"; baseline predictor on the images it keeps: {format_number(base)}"
                     line += "" if base_p is None else f" (median p {base_p:.3g})"
             print(line)
     print(f"report: {args.out}/report.md, figures and results.json in {args.out}")
