@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import multiprocessing
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -51,7 +52,8 @@ def seed_study(
     configs = [
         dataclasses.replace(base, algo=a, reward=r, seed=s) for a in algos for r in rewards for s in seeds
     ]
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    # spawn, not fork: a forked worker cannot use CUDA once the parent has touched it (--device cuda).
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         return list(pool.map(_run, configs))
 
 

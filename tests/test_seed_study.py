@@ -47,3 +47,28 @@ def test_seed_study_refuses_a_bad_time_limit(capsys):
         main(["--time-limit", "0"])
     assert stopped.value.code == 2
     assert "time_limit_s must be a positive number of seconds" in capsys.readouterr().err
+
+
+def test_seed_study_workers_are_spawned_not_forked(monkeypatch):
+    """A forked worker cannot use CUDA once the parent process has (``--device cuda`` failed so)."""
+    import experiments.seed_study as study
+
+    seen = {}
+
+    class Recorder:
+        def __init__(self, max_workers, mp_context=None):
+            seen["context"] = mp_context
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def map(self, fn, configs):
+            return [{"seed": c.seed} for c in configs]
+
+    monkeypatch.setattr(study, "ProcessPoolExecutor", Recorder)
+    out = study.seed_study(["reinforce"], ["weighted"], [0, 1], study.TrainConfig(steps=1), workers=2)
+    assert out == [{"seed": 0}, {"seed": 1}]
+    assert seen["context"] is not None and seen["context"].get_start_method() == "spawn"
