@@ -92,7 +92,7 @@ def recommended_env_kwargs(name: str, reward: str) -> dict[str, Any]:
 
     ``docs/learning-status.md`` has the measurements behind each choice:
 
-    - every algorithm: ``reward_metric="loss"`` (the per-sample cross-entropy
+    - every algorithm: ``reward_metric="loss"`` (the per-sample training loss
       ranks images by amenability far better than the 0/1 error) and 400
       non-selective predictor warm-up steps (a reward measured on an
       untrained predictor says nothing about the images);

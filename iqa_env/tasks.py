@@ -96,9 +96,19 @@ class ClassificationTask(Task):
 
 
 class SegmentationTask(Task):
-    """Binary segmentation: U-Net, pixel-wise cross-entropy, per-sample binary Dice.
+    """Binary segmentation: U-Net, pixel-wise cross-entropy plus soft Dice, per-sample binary Dice.
 
-    An empty prediction of an empty mask counts as Dice 1.
+    The per-sample loss is the image's mean pixel cross-entropy plus its soft
+    Dice loss on the foreground probability (:func:`soft_dice_loss`). With
+    cross-entropy alone a U-Net could settle on "background everywhere" (on
+    the built-in set about a third of the frames have an empty mask and the
+    gland covers about 6 % of the others' pixels); the Dice term weighs the
+    foreground of each image as a whole, whatever its size, so that collapse
+    costs about 1 per image with foreground. docs/design-decisions.md has the
+    measurements.
+
+    An empty prediction of an empty mask counts as Dice 1 (and has a soft
+    Dice loss near 0).
     """
 
     name = "segmentation"
@@ -122,7 +132,10 @@ class SegmentationTask(Task):
         return dataset.require_masks("the segmentation task").astype(np.int64)
 
     def per_sample_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(outputs, targets, reduction="none").flatten(1).mean(1)
+        """Mean pixel cross-entropy plus soft Dice loss of the foreground, per sample, ``(B,)``."""
+        cross_entropy = F.cross_entropy(outputs, targets, reduction="none").flatten(1).mean(1)
+        foreground = outputs.float().softmax(1)[:, 1]
+        return cross_entropy + soft_dice_loss(foreground, targets)
 
     def per_sample_metric(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         # max(1).indices is the same tensor as argmax(1), measured 50x faster on (600, 2, 64, 64) CPU logits.
@@ -139,6 +152,19 @@ def dice(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     inter = (p & t).sum(1).float()
     total = (p.sum(1) + t.sum(1)).float()
     return torch.where(total > 0, 2 * inter / total.clamp_min(1), torch.ones_like(total))
+
+
+def soft_dice_loss(probability: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """Soft Dice loss per sample of ``(B, H, W)`` foreground probabilities against binary masks, ``(B,)``.
+
+    ``1 - (2 sum(p t) + eps) / (sum p + sum t + eps)``: 0 for a perfect
+    prediction; ``sum p / (sum p + eps)``, near 0, for an empty mask predicted
+    empty; ``1 - eps / (sum t + eps)``, near 1 but for masks of a few pixels,
+    for a mask with foreground predicted all background.
+    """
+    p = probability.flatten(1)
+    t = target.flatten(1).to(p.dtype)
+    return 1.0 - (2.0 * (p * t).sum(1) + eps) / (p.sum(1) + t.sum(1) + eps)
 
 
 _TASKS: dict[str, type[Task]] = {
