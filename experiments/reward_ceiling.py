@@ -1,0 +1,231 @@
+"""How much can the reward tell?  ``python -m experiments.reward_ceiling``.
+
+The controller learns from one thing only: how the task predictor's
+per-sample validation loss responds to the images it selects.  Its ranking
+can therefore not be much better than the ranking of the images by that loss.
+This script measures that ceiling on a dataset whose ground-truth amenability
+is known, before any RL is run: it trains the task predictor *inside*
+``TaskAmenabilityEnv`` (same network, optimiser and loss as in training)
+under two fixed controllers,
+
+- ``all``: every image selected (the non-selective predictor, i.e. the
+  predictor a controller starts from, and the one it keeps while its ranking
+  is poor);
+- ``oracle``: exactly the ground-truth amenable images selected (the predictor
+  that a perfect controller would train),
+
+and prints, every ``--eval-every`` predictor updates, the holdout AUROC of the
+predictor's ``-loss`` (low loss = amenable) and of its confidence against the
+ground-truth amenable label, and its holdout metric.  A learnt controller's
+predictor lies between the two rows: its training set is enriched in amenable
+images only as far as its ranking is already good.
+
+With ``--fit-controller`` it also fits the controller network by supervised
+ranking to the ``all`` predictor's final validation losses (a pairwise logistic
+loss, ``--fit-steps`` Adam steps) and reports that controller's holdout AUROC:
+what a controller could reach if it learnt the loss ranking *perfectly* from a
+non-selective predictor.  For scale it fits the same network, the same way,
+to the validation images' ground-truth labels: whether the controller network
+can represent the ranking at all.  ``docs/learning-status.md`` (section 2) has the
+figures for the built-in set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+CONTROLLERS: tuple[str, ...] = ("all", "oracle")
+
+
+def _auroc_or_none(scores: np.ndarray, amenable: np.ndarray) -> float | None:
+    from iqa_env.metrics import auroc
+
+    if amenable.all() or not amenable.any():
+        return None
+    return auroc(scores, amenable)
+
+
+def _check_steps(steps: int, eval_every: int) -> None:
+    for name, value in (("steps", steps), ("eval_every", eval_every)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} must be a positive integer (predictor updates), got {value!r}")
+
+
+def predictor_ceiling(
+    dataset: Any = None,
+    task: str = "classification",
+    controller: str = "all",
+    steps: int = 1600,
+    eval_every: int = 200,
+    seed: int = 0,
+    split_seed: int = 0,
+    batch_size: int = 32,
+    device: str = "cpu",
+    env_kwargs: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train one predictor under a fixed controller and return its holdout ranking curve.
+
+    ``dataset``: an ``ImageDataset``, an HDF5 path or ``None`` (the built-in set).
+    Returns ``{"controller", "seed", "curve": [{"updates", "auroc_neg_loss",
+    "auroc_confidence", "metric"}], "env"}`` (``env`` is the env, for
+    :func:`fit_controller`).
+    """
+    from iqa_env.data import ImageDataset, default_dataset, load_dataset, split_by_group
+    from iqa_env.env import TaskAmenabilityEnv
+
+    if controller not in CONTROLLERS:
+        raise ValueError(f"controller must be one of {CONTROLLERS}, got {controller!r}")
+    _check_steps(steps, eval_every)
+    if dataset is None:
+        dataset = default_dataset()
+    elif not isinstance(dataset, ImageDataset):
+        dataset = load_dataset(dataset)
+    if task not in dataset.amenability:
+        raise ValueError(
+            f"the reward ceiling needs the ground-truth amenability for task {task!r}, but the dataset "
+            f"has it for {sorted(dataset.amenability) or 'no task'}; it is known for synthetic data "
+            "(iqa data synth) and for data made with a known degradation"
+        )
+    train_set, validation_set, holdout = split_by_group(dataset, seed=split_seed)
+    # The weighted reward needs no human labels; its validation steps only cost a forward pass.
+    settings = {"reward_metric": "loss", "predictor_warmup_steps": 0, "validation_size": batch_size}
+    settings.update(env_kwargs or {})
+    env = TaskAmenabilityEnv(
+        train_set,
+        task=task,
+        reward="weighted",
+        validation_dataset=validation_set,
+        batch_size=batch_size,
+        device=device,
+        **settings,
+    )
+    train_amenable = train_set.amenable(task)
+    holdout_amenable = holdout.amenable(task)
+    _, info = env.reset(seed=seed)
+    curve: list[dict[str, Any]] = []
+    updates = 0
+    while updates < steps:
+        training = info["phase"] == "train"
+        if controller == "all" or not training:
+            action = np.ones(batch_size)
+        else:
+            action = train_amenable[info["batch_indices"]].astype(np.float64)
+        _, _, terminated, _, info = env.step(action)
+        if terminated:
+            _, info = env.reset()
+        if not (training and action.any()):
+            continue  # no predictor update this step
+        updates += 1
+        if updates % eval_every == 0 or updates >= steps:
+            out = env.evaluate(holdout)
+            curve.append(
+                {
+                    "updates": updates,
+                    "auroc_neg_loss": _auroc_or_none(-out["loss"], holdout_amenable),
+                    "auroc_confidence": _auroc_or_none(out["confidence"], holdout_amenable),
+                    "metric": float(np.mean(out["metric"])),
+                }
+            )
+    return {"controller": controller, "seed": seed, "curve": curve, "env": env, "holdout": holdout}
+
+
+FIT_TARGETS: tuple[str, ...] = ("loss", "ground_truth")
+
+
+def fit_controller(
+    env: Any, holdout: Any, task: str, steps: int = 700, seed: int = 0, target: str = "loss"
+) -> float | None:
+    """Holdout AUROC of a controller fitted (supervised) to rank ``env``'s validation images.
+
+    ``target="loss"``: by the predictor's ``-loss`` (the most a controller can
+    learn from that predictor's reward); ``"ground_truth"``: by the
+    ground-truth amenable label (whether the controller network can represent
+    the ranking at all, from as many images).
+    """
+    from iqa_env.networks import ControllerBackbone
+
+    if target not in FIT_TARGETS:
+        raise ValueError(f"target must be one of {FIT_TARGETS}, got {target!r}")
+    if target == "loss":
+        ranking = -env.evaluate(env.validation_set)["loss"]
+    else:
+        ranking = env.validation_set.amenable(task).astype(np.float64)
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    net = ControllerBackbone(env.validation_set.image_shape)
+    opt = torch.optim.Adam(net.parameters(), 1e-3)
+    images = torch.as_tensor(env.validation_set.images)
+    target = torch.as_tensor(ranking, dtype=torch.float32)
+    n = len(images)
+    for _ in range(steps):
+        idx = torch.randperm(n, generator=gen)[: min(32, n)]
+        out = net(images[idx])
+        wins = (target[idx][:, None] > target[idx][None, :]).float()
+        loss = F.binary_cross_entropy_with_logits(out[:, None] - out[None, :], wins)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        scores = net(torch.as_tensor(holdout.images)).numpy()
+    return _auroc_or_none(scores, holdout.amenable(task))
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default=None, help="HDF5 dataset (default: the built-in synthetic set)")
+    p.add_argument("--task", default="classification")
+    p.add_argument("--seeds", type=int, default=1, help="seeds 0 .. N-1")
+    p.add_argument("--steps", type=int, default=1600, help="predictor updates (default: 1600)")
+    p.add_argument("--eval-every", type=int, default=200, help="updates between evaluations (default: 200)")
+    p.add_argument("--fit-controller", action="store_true", help="also fit a controller to the losses")
+    p.add_argument("--fit-steps", type=int, default=700)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    args = p.parse_args(argv)
+    if args.seeds < 1:
+        p.error(f"--seeds must be a positive integer, got {args.seeds}")
+    try:
+        _check_steps(args.steps, args.eval_every)
+    except ValueError as e:
+        p.error(str(e))
+    results = []
+    print(f"{'controller':10} {'seed':>4}  updates: AUROC(-loss) / AUROC(confidence) / holdout metric")
+    for seed in range(args.seeds):
+        for controller in CONTROLLERS:
+            r = predictor_ceiling(
+                args.dataset, args.task, controller, args.steps, args.eval_every, seed, device=args.device
+            )
+            row = {"controller": controller, "seed": seed, "curve": r["curve"]}
+            points = " ".join(
+                f"{c['updates']}:{_fmt(c['auroc_neg_loss'])}/{_fmt(c['auroc_confidence'])}/{c['metric']:.3f}"
+                for c in r["curve"]
+            )
+            print(f"{controller:10} {seed:>4}  {points}", flush=True)
+            if args.fit_controller and controller == "all":
+                row["fitted_controller_auroc"] = fit_controller(r["env"], r["holdout"], args.task, args.fit_steps, seed)
+                row["fitted_to_ground_truth_auroc"] = fit_controller(
+                    r["env"], r["holdout"], args.task, args.fit_steps, seed, target="ground_truth"
+                )
+                print(f"{'':10} {seed:>4}  controller fitted to these losses: holdout AUROC "
+                      f"{_fmt(row['fitted_controller_auroc'])}; fitted to the ground truth: "
+                      f"{_fmt(row['fitted_to_ground_truth_auroc'])}", flush=True)
+            results.append(row)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"task": args.task, "steps": args.steps, "runs": results}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

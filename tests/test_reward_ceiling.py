@@ -1,0 +1,77 @@
+"""The reward ceiling: how well the task predictor's own loss ranks images by amenability."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from experiments.reward_ceiling import fit_controller, main, predictor_ceiling
+from tests.conftest import occluded_dataset
+
+
+def test_the_loss_of_a_predictor_ranks_visible_degradations_and_not_random_labels():
+    # Known truth: a band of coarse noise hides the class in 40 % of the images.
+    ds = occluded_dataset()
+    result = predictor_ceiling(ds, controller="all", steps=150, eval_every=50, seed=0)
+    curve = result["curve"]
+    assert [point["updates"] for point in curve] == [50, 100, 150]
+    assert curve[-1]["auroc_neg_loss"] >= 0.9
+    assert fit_controller(result["env"], result["holdout"], "classification", steps=100) >= 0.9
+    assert fit_controller(result["env"], result["holdout"], "classification", steps=100, target="ground_truth") >= 0.9
+    with pytest.raises(ValueError, match="target must be one of"):
+        fit_controller(result["env"], result["holdout"], "classification", target="labels")
+    # The same images with the amenability labels shuffled: no ranking to find.
+    rng = np.random.default_rng(0)
+    ds.amenability["classification"] = rng.permutation(ds.amenability["classification"])
+    shuffled = predictor_ceiling(ds, controller="all", steps=150, eval_every=50, seed=0)["curve"]
+    assert abs(shuffled[-1]["auroc_neg_loss"] - 0.5) < 0.1
+
+
+def test_the_oracle_controller_trains_on_amenable_images_only(monkeypatch):
+    from iqa_env.env import TaskAmenabilityEnv
+
+    trained = []
+    original = TaskAmenabilityEnv._train_predictor
+
+    def record(self, indices):
+        trained.append(self.train_set.amenable("classification")[indices])
+        return original(self, indices)
+
+    monkeypatch.setattr(TaskAmenabilityEnv, "_train_predictor", record)
+    result = predictor_ceiling(occluded_dataset(), controller="oracle", steps=20, eval_every=10, seed=0)
+    assert [p["updates"] for p in result["curve"]] == [10, 20]
+    assert len(trained) == 20 and all(batch.all() and len(batch) > 0 for batch in trained)
+    trained.clear()
+    predictor_ceiling(occluded_dataset(), controller="all", steps=20, eval_every=10, seed=0)
+    assert len(trained) == 20 and all(len(batch) == 32 for batch in trained)
+    assert not all(batch.all() for batch in trained)
+
+
+def test_reward_ceiling_cli_writes_every_run(tiny_synthetic_path, tmp_path, capsys):
+    out = tmp_path / "ceiling.json"
+    code = main(["--dataset", str(tiny_synthetic_path), "--steps", "4", "--eval-every", "2", "--fit-controller",
+                 "--fit-steps", "2", "--json", str(out)])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "controller fitted to these losses" in text and "fitted to the ground truth" in text
+    runs = json.loads(out.read_text())["runs"]
+    assert [(r["controller"], r["seed"]) for r in runs] == [("all", 0), ("oracle", 0)]
+    assert all(len(r["curve"]) == 2 for r in runs)
+
+
+@pytest.mark.parametrize("argv", [["--steps", "0"], ["--eval-every", "-1"], ["--seeds", "0"]])
+def test_reward_ceiling_cli_refuses_impossible_settings(argv, capsys):
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert "must be a positive integer" in capsys.readouterr().err
+
+
+def test_reward_ceiling_needs_ground_truth(tiny_synthetic_path):
+    from iqa_env.data import load_dataset
+
+    ds = load_dataset(tiny_synthetic_path)
+    ds.amenability.clear()
+    with pytest.raises(ValueError, match="ground-truth amenability for task 'classification'"):
+        predictor_ceiling(ds, steps=2, eval_every=1)
