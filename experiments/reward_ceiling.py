@@ -27,7 +27,7 @@ what a controller could reach if it learnt the loss ranking *perfectly* from a
 non-selective predictor.  For scale it fits the same network, the same way,
 to the validation images' ground-truth labels: whether the controller network
 can represent the ranking at all.  ``docs/learning-status.md`` (section 2) has the
-figures for the built-in set.
+figures for the built-in set; ``--plot PNG`` draws the curves.
 """
 
 from __future__ import annotations
@@ -178,6 +178,37 @@ def fit_controller(
     return _auroc_or_none(scores, holdout.amenable(task))
 
 
+def plot_ceiling(runs: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
+    """Holdout AUROC of ``-loss`` against predictor updates, one line per controller and seed, to ``path`` (PNG)."""
+    from experiments.reproduce import new_figure, save_figure
+
+    colours = {"all": "tab:blue", "oracle": "tab:green"}
+    labels = {"all": "all images selected", "oracle": "amenable images only (oracle)"}
+    fig = new_figure(6.4, 4.0)
+    ax = fig.add_subplot()
+    seen: set[str] = set()
+    for run in runs:
+        points = [(c["updates"], c["auroc_neg_loss"]) for c in run["curve"] if c["auroc_neg_loss"] is not None]
+        if not points:
+            continue
+        x, y = zip(*points)
+        name = run["controller"]
+        ax.plot(x, y, marker="o", ms=3, color=colours.get(name), label=None if name in seen else labels.get(name, name))
+        seen.add(name)
+        fitted = run.get("fitted_controller_auroc")
+        if fitted is not None:
+            ax.axhline(fitted, color=colours.get(name), ls=":", lw=1,
+                       label=None if "fit" in seen else "controller fitted to the final losses")
+            seen.add("fit")
+    ax.axhline(0.5, color="grey", lw=0.8)
+    ax.set_xlabel("predictor updates")
+    ax.set_ylabel("holdout AUROC of -loss vs ground truth")
+    ax.set_ylim(0.4, 1.0)
+    ax.set_title(title or "What the reward can tell: the predictor's loss as a ranking")
+    ax.legend(loc="lower right", fontsize=8)
+    return save_figure(fig, Path(path))
+
+
 def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
@@ -193,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fit-steps", type=int, default=700)
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("--plot", default=None, help="also draw the curves to this PNG file")
     args = p.parse_args(argv)
     if args.seeds < 1:
         p.error(f"--seeds must be a positive integer, got {args.seeds}")
@@ -224,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
             results.append(row)
     if args.json:
         Path(args.json).write_text(json.dumps({"task": args.task, "steps": args.steps, "runs": results}, indent=2))
+    if args.plot:
+        print(f"figure: {plot_ceiling(results, args.plot)}")
     return 0
 
 

@@ -52,13 +52,14 @@ def test_the_oracle_controller_trains_on_amenable_images_only(monkeypatch):
 def test_reward_ceiling_cli_writes_every_run(tiny_synthetic_path, tmp_path, capsys):
     out = tmp_path / "ceiling.json"
     code = main(["--dataset", str(tiny_synthetic_path), "--steps", "4", "--eval-every", "2", "--fit-controller",
-                 "--fit-steps", "2", "--json", str(out)])
+                 "--fit-steps", "2", "--json", str(out), "--plot", str(tmp_path / "ceiling.png")])
     assert code == 0
     text = capsys.readouterr().out
     assert "controller fitted to these losses" in text and "fitted to the ground truth" in text
     runs = json.loads(out.read_text())["runs"]
     assert [(r["controller"], r["seed"]) for r in runs] == [("all", 0), ("oracle", 0)]
     assert all(len(r["curve"]) == 2 for r in runs)
+    assert (tmp_path / "ceiling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.parametrize("argv", [["--steps", "0"], ["--eval-every", "-1"], ["--seeds", "0"]])
