@@ -75,8 +75,8 @@ def predictor_ceiling(
 
     ``dataset``: an ``ImageDataset``, an HDF5 path or ``None`` (the built-in set).
     Returns ``{"controller", "seed", "curve": [{"updates", "auroc_neg_loss",
-    "auroc_confidence", "metric"}], "env"}`` (``env`` is the env, for
-    :func:`fit_controller`).
+    "auroc_confidence", "metric"}], "env", "holdout"}`` (the env and the
+    holdout part, for :func:`fit_controller`).
     """
     from iqa_env.data import ImageDataset, default_dataset, load_dataset, split_by_group
     from iqa_env.env import TaskAmenabilityEnv
@@ -109,6 +109,11 @@ def predictor_ceiling(
     )
     train_amenable = train_set.amenable(task)
     holdout_amenable = holdout.amenable(task)
+    if controller == "oracle" and not train_amenable.any():
+        raise ValueError(
+            f"the oracle controller selects the amenable training images, but none of the "
+            f"{len(train_set)} training images is amenable for task {task!r} (amenability >= 0.5)"
+        )
     _, info = env.reset(seed=seed)
     curve: list[dict[str, Any]] = []
     updates = 0

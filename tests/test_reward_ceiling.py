@@ -76,3 +76,10 @@ def test_reward_ceiling_needs_ground_truth(tiny_synthetic_path):
     ds.amenability.clear()
     with pytest.raises(ValueError, match="ground-truth amenability for task 'classification'"):
         predictor_ceiling(ds, steps=2, eval_every=1)
+
+
+def test_the_oracle_needs_amenable_training_images():
+    ds = occluded_dataset()
+    ds.amenability["classification"][:] = 0.0
+    with pytest.raises(ValueError, match="none of the .* training images is amenable"):
+        predictor_ceiling(ds, controller="oracle", steps=2, eval_every=1)
