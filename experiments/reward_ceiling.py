@@ -1,10 +1,14 @@
-"""How much can the reward tell?  ``python -m experiments.reward_ceiling``.
+"""How much does the validation loss tell?  ``python -m experiments.reward_ceiling``.
 
-The controller learns from one thing only: how the task predictor's
-per-sample validation loss responds to the images it selects.  Its ranking
-can therefore not be much better than the ranking of the images by that loss.
-This script measures that ceiling on a dataset whose ground-truth amenability
-is known, before any RL is run: it trains the task predictor *inside*
+The controller learns from two channels of the reward.  Its scores of
+*validation* images (the weighted and selective rewards) are rewarded by those
+images' per-sample losses under the current task predictor; its selections of
+*training* images are rewarded by how much they improve that predictor.  This
+script measures the first channel on a dataset whose ground-truth amenability
+is known, before any RL is run: how well the predictor's own per-sample loss
+ranks images by amenability.  (The second channel is not measured here; on
+corrupted Fashion-MNIST it carries more than the first, see
+``docs/learning-status.md`` section 5.)  It trains the task predictor *inside*
 ``TaskAmenabilityEnv`` (same network, optimiser and loss as in training)
 under two fixed controllers,
 
@@ -23,10 +27,10 @@ images only as far as its ranking is already good.
 With ``--fit-controller`` it also fits the controller network by supervised
 ranking to the ``all`` predictor's final validation losses (a pairwise logistic
 loss, ``--fit-steps`` Adam steps) and reports that controller's holdout AUROC:
-what a controller could reach if it learnt the loss ranking *perfectly* from a
-non-selective predictor.  For scale it fits the same network, the same way,
+what a controller could reach from the validation channel alone if it learnt
+the loss ranking *perfectly* from a non-selective predictor.  For scale it fits the same network, the same way,
 to the validation images' ground-truth labels: whether the controller network
-can represent the ranking at all.  ``docs/learning-status.md`` (section 2) has the
+can represent the ranking at all.  ``docs/learning-status.md`` (section 5) has the
 figures for the built-in set; ``--plot PNG`` draws the curves.
 """
 
@@ -209,7 +213,7 @@ def plot_ceiling(runs: list[dict[str, Any]], path: str | Path, title: str = "") 
     ax.set_xlabel("predictor updates")
     ax.set_ylabel("holdout AUROC of -loss vs ground truth")
     ax.set_ylim(0.4, 1.0)
-    ax.set_title(title or "What the reward can tell: the predictor's loss as a ranking")
+    ax.set_title(title or "What the validation loss can tell: the predictor's loss as a ranking")
     ax.legend(loc="lower right", fontsize=8)
     return save_figure(fig, Path(path))
 
