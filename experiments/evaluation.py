@@ -230,15 +230,12 @@ def ranking_agreement(scores: np.ndarray, amenability: np.ndarray) -> dict[str, 
     """AUROC of ``scores`` against the binary ground truth (amenability >= 0.5) and Spearman's rho against it."""
     from scipy import stats
 
-    from iqa_env.metrics import auroc
+    from iqa_env.metrics import auroc_or_none
 
     scores = np.asarray(scores, dtype=np.float64)
     amenability = np.asarray(amenability, dtype=np.float64)
     _check_lengths(scores=scores, amenability=amenability)
-    positive = amenability >= 0.5
-    value = None
-    if positive.any() and not positive.all():
-        value = auroc(scores, positive)
+    value = auroc_or_none(scores, amenability >= 0.5)
     rho = None
     if len(scores) > 1 and np.ptp(scores) > 0 and np.ptp(amenability) > 0:
         rho = _float_or_none(stats.spearmanr(scores, amenability).statistic)

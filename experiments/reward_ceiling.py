@@ -46,15 +46,9 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from iqa_env.metrics import auroc_or_none
+
 CONTROLLERS: tuple[str, ...] = ("all", "oracle")
-
-
-def _auroc_or_none(scores: np.ndarray, amenable: np.ndarray) -> float | None:
-    from iqa_env.metrics import auroc
-
-    if amenable.all() or not amenable.any():
-        return None
-    return auroc(scores, amenable)
 
 
 def _check_steps(steps: int, eval_every: int) -> None:
@@ -82,16 +76,13 @@ def predictor_ceiling(
     "auroc_confidence", "metric"}], "env", "holdout"}`` (the env and the
     holdout part, for :func:`fit_controller`).
     """
-    from iqa_env.data import ImageDataset, default_dataset, load_dataset, split_by_group
-    from iqa_env.env import TaskAmenabilityEnv
+    from iqa_env.data import split_by_group
+    from iqa_env.env import TaskAmenabilityEnv, as_dataset
 
     if controller not in CONTROLLERS:
         raise ValueError(f"controller must be one of {CONTROLLERS}, got {controller!r}")
     _check_steps(steps, eval_every)
-    if dataset is None:
-        dataset = default_dataset()
-    elif not isinstance(dataset, ImageDataset):
-        dataset = load_dataset(dataset)
+    dataset = as_dataset(dataset)
     if task not in dataset.amenability:
         raise ValueError(
             f"the reward ceiling needs the ground-truth amenability for task {task!r}, but the dataset "
@@ -138,8 +129,8 @@ def predictor_ceiling(
             curve.append(
                 {
                     "updates": updates,
-                    "auroc_neg_loss": _auroc_or_none(-out["loss"], holdout_amenable),
-                    "auroc_confidence": _auroc_or_none(out["confidence"], holdout_amenable),
+                    "auroc_neg_loss": auroc_or_none(-out["loss"], holdout_amenable),
+                    "auroc_confidence": auroc_or_none(out["confidence"], holdout_amenable),
                     "metric": float(np.mean(out["metric"])),
                 }
             )
@@ -155,7 +146,7 @@ def fit_controller(
     """Holdout AUROC of a controller fitted (supervised) to rank ``env``'s validation images.
 
     ``target="loss"``: by the predictor's ``-loss`` (the most a controller can
-    learn from that predictor's reward); ``"ground_truth"``: by the
+    learn from that predictor's validation losses); ``"ground_truth"``: by the
     ground-truth amenable label (whether the controller network can represent
     the ranking at all, from as many images).
     """
@@ -172,19 +163,19 @@ def fit_controller(
     net = ControllerBackbone(env.validation_set.image_shape)
     opt = torch.optim.Adam(net.parameters(), 1e-3)
     images = torch.as_tensor(env.validation_set.images)
-    target = torch.as_tensor(ranking, dtype=torch.float32)
+    wanted = torch.as_tensor(ranking, dtype=torch.float32)
     n = len(images)
     for _ in range(steps):
         idx = torch.randperm(n, generator=gen)[: min(32, n)]
         out = net(images[idx])
-        wins = (target[idx][:, None] > target[idx][None, :]).float()
+        wins = (wanted[idx][:, None] > wanted[idx][None, :]).float()
         loss = F.binary_cross_entropy_with_logits(out[:, None] - out[None, :], wins)
         opt.zero_grad()
         loss.backward()
         opt.step()
     with torch.no_grad():
         scores = net(torch.as_tensor(holdout.images)).numpy()
-    return _auroc_or_none(scores, holdout.amenable(task))
+    return auroc_or_none(scores, holdout.amenable(task))
 
 
 def plot_ceiling(runs: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:

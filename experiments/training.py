@@ -152,14 +152,11 @@ def make_env(config: TrainConfig, train_set, validation_set):
 
 def controller_auroc(controller, holdout, task: str) -> float | None:
     """AUROC of the controller's holdout scores against the ground-truth amenable label (None if unknown)."""
-    from iqa_env.metrics import auroc
+    from iqa_env.metrics import auroc_or_none
 
     if task not in holdout.amenability:
         return None
-    amenable = holdout.amenable(task)
-    if amenable.all() or not amenable.any():
-        return None
-    return auroc(controller.score(holdout.images), amenable)
+    return auroc_or_none(controller.score(holdout.images), holdout.amenable(task))
 
 
 def _atomic_json(path: Path, data: Any) -> None:

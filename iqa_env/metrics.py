@@ -34,3 +34,11 @@ def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
     ranks[order] = np.repeat(avg, counts)
     u = ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0
     return float(u / (n_pos * n_neg))
+
+
+def auroc_or_none(scores: np.ndarray, positive: np.ndarray) -> float | None:
+    """:func:`auroc`, or None where it is undefined because one class is absent."""
+    positive = np.asarray(positive).astype(bool)
+    if positive.all() or not positive.any():
+        return None
+    return auroc(scores, positive)
