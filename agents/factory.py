@@ -96,6 +96,17 @@ def recommended_env_kwargs(name: str, reward: str) -> dict[str, Any]:
       ranks images by amenability far better than the 0/1 error) and 400
       non-selective predictor warm-up steps (a reward measured on an
       untrained predictor says nothing about the images);
+    - the weighted and selective rewards: a predictor trained on randomly
+      shifted images whose rewards come from a moving average of its weights
+      (``predictor_augment``, ``predictor_average=0.998``). Without them the
+      predictor memorises its training images and its validation loss ranks
+      images by amenability worse and worse as it trains (REINFORCE, 8
+      seeds: holdout AUROC 0.776 +- 0.038 after 4,000 env steps, against
+      0.684 +- 0.077 without). Not for the fixed reward: its only signal is
+      how a training selection moves the validation loss, which the average
+      delays by hundreds of updates and the shifts weaken (measured on the
+      data of ``tests/test_learning.py``, seed 0: 0.273 -> 0.635 without
+      them, -> 0.507 with the shifts, -> 0.253 with both);
     - DDPG and TD3 with the weighted or selective reward: deterministic
       validation weights (the paper's literal reward), the *raw* reward
       (``reward_baseline="none"``: the critic is the baseline; a lagging
@@ -110,6 +121,8 @@ def recommended_env_kwargs(name: str, reward: str) -> dict[str, Any]:
     if name not in ALGORITHMS:
         raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {name!r}")
     kwargs: dict[str, Any] = dict(reward_metric="loss", predictor_warmup_steps=400)
+    if reward != "fixed":
+        kwargs.update(predictor_augment=True, predictor_average=0.998)
     if name in ("ddpg", "td3") and reward != "fixed":
         kwargs.update(stochastic_validation=False, reward_baseline="none", validation_refresh=True)
     return kwargs

@@ -273,7 +273,7 @@ def train_baseline(config: TrainConfig, folder: Path, train_set: Any, validation
     select_all = np.ones(env.action_space.shape, dtype=np.float32)
     for _ in range(steps):
         env.step(select_all)
-    state = {k: v.detach().cpu() for k, v in env.predictor.state_dict().items()}
+    state = {k: v.detach().cpu() for k, v in env.evaluated_predictor.state_dict().items()}
     atomic_write(folder / "predictor.pt", lambda tmp: torch.save(state, tmp))
     env.close()
     return steps
@@ -300,7 +300,7 @@ def evaluate_stage(config: TrainConfig, folder: Path, splits: tuple[Any, Any, An
         validation_set,
     )
     env.reset(seed=config.seed)
-    env.predictor.load_state_dict(torch.load(folder / "predictor.pt", map_location=env.device, weights_only=True))
+    env.evaluated_predictor.load_state_dict(torch.load(folder / "predictor.pt", map_location=env.device, weights_only=True))
     arrays = env.evaluate(holdout)
     if controller:
         arrays["scores"] = Controller.load(folder / "controller", device=env.device).score(holdout.images)

@@ -222,6 +222,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-every", type=int, default=200, help="updates between evaluations (default: 200)")
     p.add_argument("--fit-controller", action="store_true", help="also fit a controller to the losses")
     p.add_argument("--fit-steps", type=int, default=700)
+    p.add_argument("--controllers", nargs="+", default=list(CONTROLLERS), choices=CONTROLLERS,
+                   help="the fixed controllers to train under (default: all oracle)")
+    p.add_argument("--env-kwargs", default="{}",
+                   help='JSON of extra TaskAmenabilityEnv arguments, e.g. \'{"predictor_augment": true}\'')
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--plot", default=None, help="also draw the curves to this PNG file")
@@ -230,14 +234,20 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--seeds must be a positive integer, got {args.seeds}")
     try:
         _check_steps(args.steps, args.eval_every)
+        env_kwargs = json.loads(args.env_kwargs)
+        if not isinstance(env_kwargs, dict):
+            raise ValueError(f"--env-kwargs must be a JSON object, got {args.env_kwargs!r}")
+    except json.JSONDecodeError as e:
+        p.error(f"--env-kwargs is not valid JSON ({e}): {args.env_kwargs!r}")
     except ValueError as e:
         p.error(str(e))
     results = []
     print(f"{'controller':10} {'seed':>4}  updates: AUROC(-loss) / AUROC(confidence) / holdout metric")
     for seed in range(args.seeds):
-        for controller in CONTROLLERS:
+        for controller in args.controllers:
             r = predictor_ceiling(
-                args.dataset, args.task, controller, args.steps, args.eval_every, seed, device=args.device
+                args.dataset, args.task, controller, args.steps, args.eval_every, seed, device=args.device,
+                env_kwargs=env_kwargs,
             )
             row = {"controller": controller, "seed": seed, "curve": r["curve"]}
             points = " ".join(
@@ -255,7 +265,9 @@ def main(argv: list[str] | None = None) -> int:
                       f"{_fmt(row['fitted_to_ground_truth_auroc'])}", flush=True)
             results.append(row)
     if args.json:
-        Path(args.json).write_text(json.dumps({"task": args.task, "steps": args.steps, "runs": results}, indent=2))
+        Path(args.json).write_text(json.dumps(
+            {"task": args.task, "steps": args.steps, "env_kwargs": env_kwargs, "runs": results}, indent=2
+        ))
     if args.plot:
         print(f"figure: {plot_ceiling(results, args.plot)}")
     return 0

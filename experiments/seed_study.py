@@ -65,7 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--algos", nargs="+", default=["reinforce", "ddpg"])
     p.add_argument("--rewards", nargs="+", default=["weighted", "fixed", "selective"])
-    p.add_argument("--seeds", type=int, default=8, help="seeds 0 .. N-1")
+    p.add_argument("--seeds", type=int, default=8, help="number of seeds (default: 8)")
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="seeds FIRST .. FIRST+N-1 (default: 0), to split a study across machines")
     p.add_argument("--steps", type=int, default=4000)
     p.add_argument("--dataset", default=None, help="HDF5 dataset (default: the built-in synthetic set)")
     p.add_argument("--task", default="classification")
@@ -89,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         time_limit_s=args.time_limit,
     )
     try:
+        if args.seeds < 1 or args.first_seed < 0:
+            raise ValueError(f"--seeds must be >= 1 and --first-seed >= 0, got {args.seeds} and {args.first_seed}")
         base.validate()
     except (ValueError, FileNotFoundError) as error:
         p.error(str(error))
@@ -97,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     _, (_, _, holdout) = load_splits(args.dataset)
     heuristics = holdout_heuristics(holdout, args.task)
     print("heuristics (holdout AUROC vs ground-truth amenable): " + ", ".join(f"{k} {v:.3f}" for k, v in heuristics.items()))
-    summaries = seed_study(args.algos, args.rewards, list(range(args.seeds)), base, args.workers)
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+    summaries = seed_study(args.algos, args.rewards, seeds, base, args.workers)
     print(f"{'algo':10} {'reward':10} {'seed':>4} {'initial':>8} {'final':>8} {'steps':>6} {'steps/s':>8}  curve")
     for s in summaries:
         c = s["config"]

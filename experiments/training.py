@@ -485,7 +485,7 @@ def train(
         summary["dataset_fingerprint"] = fingerprint
     if out is not None:
         controller.save(out / "controller")
-        state = {k: v.detach().cpu() for k, v in env.predictor.state_dict().items()}
+        state = {k: v.detach().cpu() for k, v in env.evaluated_predictor.state_dict().items()}
         from iqa_env.files import atomic_write
 
         atomic_write(out / "predictor.pt", lambda tmp: torch.save(state, tmp))

@@ -189,6 +189,8 @@ class TaskAmenabilityEnv(gym.Env):
     | ``mean_selection_penalty`` | ``1.0`` | penalty per unit outside those bounds |
     | ``predictor_lr`` | ``1e-3`` | Adam learning rate of the task predictor |
     | ``predictor_warmup_steps`` | ``0`` | non-selective pre-training steps after a seeded reset |
+    | ``predictor_augment`` | ``False`` | train the predictor on images shifted at random by up to 1/16 of their size (masks with them) |
+    | ``predictor_average`` | ``0.0`` | decay of an exponential moving average of the predictor's weights that the rewards and ``evaluate()`` use (``0``: the weights themselves) |
     | ``reinitialise_predictor_on_seed`` | ``True`` | fresh predictor on ``reset(seed=...)`` |
     | ``split_seed`` | ``0`` | seed of the patient-level split |
     | ``device`` | ``"auto"`` | ``"auto"``, ``"cpu"`` or ``"cuda[:N]"``; data, predictor and optimiser live there |
@@ -230,6 +232,8 @@ class TaskAmenabilityEnv(gym.Env):
         mean_selection_penalty: float = 1.0,
         predictor_lr: float = 1e-3,
         predictor_warmup_steps: int = 0,
+        predictor_augment: bool = False,
+        predictor_average: float = 0.0,
         reinitialise_predictor_on_seed: bool = True,
         split_seed: int = 0,
         device: str | torch.device = "auto",
@@ -262,6 +266,10 @@ class TaskAmenabilityEnv(gym.Env):
             raise ValueError(f"predictor_lr must be a positive number, got {predictor_lr!r}")
         if predictor_warmup_steps < 0:
             raise ValueError(f"predictor_warmup_steps must be >= 0, got {predictor_warmup_steps!r}")
+        if not (isinstance(predictor_average, (int, float)) and 0.0 <= predictor_average < 1.0):
+            raise ValueError(
+                f"predictor_average must be a decay in [0, 1) (0: no average), got {predictor_average!r}"
+            )
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(
                 f"render_mode must be None or one of {self.metadata['render_modes']}, got {render_mode!r}"
@@ -276,6 +284,8 @@ class TaskAmenabilityEnv(gym.Env):
         self.mean_selection_penalty = float(mean_selection_penalty)
         self.predictor_lr = float(predictor_lr)
         self.predictor_warmup_steps = int(predictor_warmup_steps)
+        self.predictor_augment = bool(predictor_augment)
+        self.predictor_average = float(predictor_average)
         self.reinitialise_predictor_on_seed = bool(reinitialise_predictor_on_seed)
         self.render_mode = render_mode
         self.device = resolve_device(device)
@@ -326,6 +336,8 @@ class TaskAmenabilityEnv(gym.Env):
         self.baseline = MovingAverageBaseline(baseline_decay)
         self.predictor: torch.nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
+        self.averaged_predictor: torch.nn.Module | None = None
+        self._predictor_updates = 0
         self._torch_generator = torch.Generator(device="cpu")
         self._phase = "train"
         self._episode_step = 0
@@ -365,35 +377,67 @@ class TaskAmenabilityEnv(gym.Env):
             predictor = self.task.build_predictor(self.train_set)
         self.predictor = predictor.to(self.device)
         self.optimizer = torch.optim.Adam(self.predictor.parameters(), lr=self.predictor_lr)
+        self._predictor_updates = 0
+        if self.predictor_average > 0:
+            import copy
+
+            self.averaged_predictor = copy.deepcopy(self.predictor).requires_grad_(False)
+        else:
+            self.averaged_predictor = None
+
+    @property
+    def evaluated_predictor(self) -> torch.nn.Module | None:
+        """The network whose outputs count: the rewards', ``evaluate()``'s and ``predictor_outputs()``'s.
+
+        The weight average when ``predictor_average > 0``, else the trained predictor itself.
+        """
+        return self.averaged_predictor if self.averaged_predictor is not None else self.predictor
 
     def _train_predictor(self, indices: np.ndarray) -> float:
         """One optimiser step on the training images ``indices``; returns the mean loss."""
         assert self.predictor is not None and self.optimizer is not None
         idx = torch.as_tensor(indices, device=self.device)
         from iqa_env.networks import to_float
+        from iqa_env.tasks import random_shift
 
+        images, targets = to_float(self._train_images_t[idx]), self._train_targets_t[idx]
+        if self.predictor_augment:
+            images, targets = random_shift(images, targets, self._torch_generator, max(1, min(images.shape[-2:]) // 16))
         self.predictor.train()
-        outputs = self.predictor(to_float(self._train_images_t[idx]))
-        loss = self.task.per_sample_loss(outputs, self._train_targets_t[idx]).mean()
+        outputs = self.predictor(images)
+        loss = self.task.per_sample_loss(outputs, targets).mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
+        self._predictor_updates += 1
+        if self.averaged_predictor is not None:
+            # Warm-started as in tf.train.ExponentialMovingAverage: a young average follows the weights closely.
+            n = self._predictor_updates
+            decay = min(self.predictor_average, (1 + n) / (10 + n))
+            with torch.no_grad():
+                for average, weight in zip(self.averaged_predictor.parameters(), self.predictor.parameters()):
+                    average.lerp_(weight, 1.0 - decay)
+                for average, buffer in zip(self.averaged_predictor.buffers(), self.predictor.buffers()):
+                    average.copy_(buffer)
         return float(loss.detach())
 
     @torch.no_grad()
     def predictor_outputs(self, images: torch.Tensor | np.ndarray, chunk: int = 64) -> torch.Tensor:
         """The task predictor's outputs (logits) for ``(N, C, H, W)`` images, in chunks.
 
+        Those of :attr:`evaluated_predictor`: the weight average when ``predictor_average > 0``.
+
         Chunks of 64 keep the intermediate tensors in cache: measured on the
         validation pass of the default set, 512-image chunks took 1.8-2.0x longer.
         """
-        if self.predictor is None:
+        predictor = self.evaluated_predictor
+        if predictor is None:
             raise RuntimeError("the task predictor does not exist before the first reset()")
         from iqa_env.networks import to_float
 
         images = torch.as_tensor(images, device=self.device)
-        self.predictor.eval()
-        outs = [self.predictor(to_float(images[i : i + chunk])) for i in range(0, len(images), chunk)]
+        predictor.eval()
+        outs = [predictor(to_float(images[i : i + chunk])) for i in range(0, len(images), chunk)]
         return torch.cat(outs)
 
     @torch.no_grad()
@@ -603,12 +647,16 @@ class TaskAmenabilityEnv(gym.Env):
 
         rng = self._np_random
         return {
-            "format_version": 1,
+            "format_version": 2,
             "settings": self._state_settings(),
             "np_random": None if rng is None else copy.deepcopy(rng.bit_generator.state),
             "np_random_seed": getattr(self, "_np_random_seed", None),
             "torch_generator": self._torch_generator.get_state().clone(),
             "predictor": None if self.predictor is None else to_cpu(self.predictor.state_dict()),
+            "averaged_predictor": (
+                None if self.averaged_predictor is None else to_cpu(self.averaged_predictor.state_dict())
+            ),
+            "predictor_updates": int(self._predictor_updates),
             "optimizer": None if self.optimizer is None else to_cpu(self.optimizer.state_dict()),
             "baselines": {
                 name: {"decay": float(b.decay), "values": {int(k): float(v) for k, v in b.values.items()}}
@@ -637,8 +685,14 @@ class TaskAmenabilityEnv(gym.Env):
 
         from iqa_env.rewards import MovingAverageBaseline
 
-        if not isinstance(state, dict) or state.get("format_version") != 1:
-            raise ValueError("not a TaskAmenabilityEnv state (expected a dict from state_dict() with format_version 1)")
+        if not isinstance(state, dict) or "format_version" not in state:
+            raise ValueError("not a TaskAmenabilityEnv state (expected a dict from state_dict() with format_version 2)")
+        if state["format_version"] != 2:
+            raise ValueError(
+                f"the env state has format_version {state['format_version']!r}, written by another release; "
+                "this release reads format_version 2 (it also holds the predictor's weight average): "
+                "start the run again"
+            )
         saved, mine = state.get("settings", {}), self._state_settings()
         differ = [f"{k}: saved {saved.get(k)!r}, this env {v!r}" for k, v in mine.items() if saved.get(k) != v]
         if differ:
@@ -657,6 +711,9 @@ class TaskAmenabilityEnv(gym.Env):
                 self._build_predictor()  # the architecture; its weights and the generators are overwritten below
             assert self.predictor is not None and self.optimizer is not None
             self.predictor.load_state_dict(state["predictor"])
+            if self.averaged_predictor is not None:
+                self.averaged_predictor.load_state_dict(state["averaged_predictor"])
+            self._predictor_updates = int(state["predictor_updates"])
             # A copy: the optimiser keeps the given tensors as its state and updates them in place.
             self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
         if state["np_random"] is None:
@@ -695,4 +752,5 @@ class TaskAmenabilityEnv(gym.Env):
             "train_images": len(self.train_set),
             "validation_images": len(self.validation_set),
             "image_shape": [int(s) for s in self.train_set.image_shape],
+            "predictor_average": self.predictor_average,
         }

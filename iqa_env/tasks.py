@@ -167,6 +167,41 @@ def soft_dice_loss(probability: torch.Tensor, target: torch.Tensor, eps: float =
     return 1.0 - (2.0 * (p * t).sum(1) + eps) / (p.sum(1) + t.sum(1) + eps)
 
 
+def random_shift(
+    images: torch.Tensor, targets: torch.Tensor, generator: torch.Generator, max_shift: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random translations of a training batch, one per sample.
+
+    ``images`` ``(B, C, H, W)``; ``targets`` ``(B,)`` class labels (unchanged)
+    or ``(B, H, W)`` masks (moved with their images).  Each sample is shifted
+    by up to ``max_shift`` pixels in each direction, the uncovered border
+    filled with zeros (black, as outside an ultrasound fan).  No flips: a
+    left-right flip is not label-preserving for every medical image.
+    ``generator`` is a CPU generator, so that a seeded run draws the same
+    shifts on any device.
+    """
+    if images.ndim != 4:
+        raise ValueError(f"images must be (B, C, H, W), got shape {tuple(images.shape)}")
+    if targets.ndim not in (1, 3):
+        raise ValueError(f"targets must be (B,) labels or (B, H, W) masks, got shape {tuple(targets.shape)}")
+    n, _, h, w = images.shape
+    m = int(max_shift)
+    shift = torch.randint(-m, m + 1, (2, n), generator=generator).to(images.device)
+    # Row r of a shifted sample is row r - dy of the image, i.e. row r - dy + m of the zero-padded one.
+    rows = (torch.arange(h, device=images.device)[None, :] + m - shift[0][:, None])[:, None, :, None]
+    cols = (torch.arange(w, device=images.device)[None, :] + m - shift[1][:, None])[:, None, None, :]
+    batch = torch.arange(n, device=images.device)[:, None, None, None]
+
+    def move(x: torch.Tensor) -> torch.Tensor:  # (B, K, H, W) -> the same, shifted
+        channel = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+        return F.pad(x, (m, m, m, m))[batch, channel, rows, cols]
+
+    images = move(images)
+    if targets.ndim == 3:
+        targets = move(targets[:, None])[:, 0]
+    return images, targets
+
+
 _TASKS: dict[str, type[Task]] = {
     ClassificationTask.name: ClassificationTask,
     SegmentationTask.name: SegmentationTask,

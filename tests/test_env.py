@@ -187,6 +187,7 @@ def test_out_of_range_actions_are_clipped(tiny_synthetic):
         (dict(batch_size=0), "batch_size must be a positive integer"),
         (dict(mean_selection_bounds=(0.8, 0.2)), "mean_selection_bounds"),
         (dict(device="tpu"), "device must be"),
+        (dict(predictor_average=1.0), r"predictor_average must be a decay in \[0, 1\)"),
     ],
 )
 def test_bad_settings_raise_clear_errors(tiny_synthetic, kwargs, message):
@@ -406,3 +407,36 @@ def test_non_selective_baseline_measures_what_selection_adds(tiny_synthetic):
     assert rewards == [0.0] * env.validation_steps
     with pytest.raises(ValueError, match="reward_baseline must be one of"):
         make(tiny_synthetic, reward_baseline="median")
+
+
+def test_predictor_average_is_what_the_rewards_and_evaluate_use(tiny_synthetic):
+    """``predictor_average``: a warm-started moving average of the weights, updated at every predictor step."""
+    import torch
+
+    env = TaskAmenabilityEnv(tiny_synthetic, **{**TINY, "predictor_average": 0.9, "reward_metric": "loss"})
+    env.reset(seed=0)
+    expected = [p.detach().clone() for p in env.predictor.parameters()]
+    for n in range(1, 4):  # the episode's three training steps, every image selected
+        env.step(np.ones(8))
+        decay = min(0.9, (1 + n) / (10 + n))
+        expected = [e.lerp(p.detach(), 1 - decay) for e, p in zip(expected, env.predictor.parameters())]
+    for average, e, p in zip(env.averaged_predictor.parameters(), expected, env.predictor.parameters()):
+        assert torch.allclose(average, e, atol=1e-6)
+    assert any(not torch.equal(a, p) for a, p in zip(env.averaged_predictor.parameters(), env.predictor.parameters()))
+    assert env.evaluated_predictor is env.averaged_predictor
+
+    # The validation losses of the rewards and evaluate() are the average's, not the trained weights'.
+    images = torch.as_tensor(env.validation_set.images[env._validation_order])
+    targets = torch.as_tensor(env.task.targets(env.validation_set)[env._validation_order])
+    with torch.no_grad():
+        from iqa_env.networks import to_float
+
+        by = {name: env.task.per_sample_loss(net.eval()(to_float(images)), targets).double().numpy()
+              for name, net in (("average", env.averaged_predictor), ("weights", env.predictor))}
+    assert np.allclose(env._validation_losses, by["average"], atol=1e-5)
+    assert not np.allclose(by["average"], by["weights"], atol=1e-5)
+    assert np.allclose(env.evaluate(env.validation_set)["loss"][env._validation_order], by["average"], atol=1e-5)
+
+    plain = TaskAmenabilityEnv(tiny_synthetic, **TINY)
+    plain.reset(seed=0)
+    assert plain.averaged_predictor is None and plain.evaluated_predictor is plain.predictor

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -149,10 +150,14 @@ def _tiny_env(dataset, **kw):
     return TaskAmenabilityEnv(dataset, batch_size=8, train_steps=3, validation_size=20, device="cpu", **kw)
 
 
-def test_env_state_dict_round_trip(tiny_synthetic):
+@pytest.mark.parametrize(
+    "settings", [{}, {"predictor_augment": True, "predictor_average": 0.9}], ids=["plain", "augment+average"]
+)
+def test_env_state_dict_round_trip(tiny_synthetic, settings):
     """An env loaded from another's state makes the same next steps (through a weights-only file)."""
     rng = np.random.default_rng(1)
-    a = _tiny_env(tiny_synthetic)
+    make = functools.partial(_tiny_env, **settings)
+    a = make(tiny_synthetic)
     a.reset(seed=0)
     for _ in range(7):  # two episodes in: mid-validation, baselines and predictor trained
         if a.step(rng.random(8))[2]:
@@ -162,8 +167,8 @@ def test_env_state_dict_round_trip(tiny_synthetic):
     buf.seek(0)
     state = torch.load(buf, weights_only=True)
 
-    never_reset = _tiny_env(tiny_synthetic)
-    other_seed = _tiny_env(tiny_synthetic)
+    never_reset = make(tiny_synthetic)
+    other_seed = make(tiny_synthetic)
     other_seed.reset(seed=5)
     for b in (never_reset, other_seed):
         b.load_state_dict(state)
@@ -180,6 +185,8 @@ def test_env_state_dict_round_trip(tiny_synthetic):
     for env in envs[1:]:
         for key, value in a.predictor.state_dict().items():
             assert torch.equal(env.predictor.state_dict()[key], value)
+        for key, value in a.evaluated_predictor.state_dict().items():
+            assert torch.equal(env.evaluated_predictor.state_dict()[key], value)
     assert a.baseline.values == never_reset.baseline.values != {}
 
 
@@ -189,6 +196,9 @@ def test_env_state_dict_refuses_other_settings(tiny_synthetic):
     b = _tiny_env(tiny_synthetic, reward="selective")
     with pytest.raises(ValueError, match="reward: saved 'weighted', this env 'selective'"):
         b.load_state_dict(a.state_dict())
+    older = {**a.state_dict(), "format_version": 1}
+    with pytest.raises(ValueError, match="format_version 1, written by another release; this release reads format_version 2"):
+        _tiny_env(tiny_synthetic).load_state_dict(older)
 
 
 @pytest.mark.parametrize("index_buffer", [False, True])

@@ -62,11 +62,40 @@ def test_reward_ceiling_cli_writes_every_run(tiny_synthetic_path, tmp_path, caps
     assert (tmp_path / "ceiling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.parametrize("argv", [["--steps", "0"], ["--eval-every", "-1"], ["--seeds", "0"]])
-def test_reward_ceiling_cli_refuses_impossible_settings(argv, capsys):
+def test_reward_ceiling_cli_passes_env_settings_and_picks_controllers(tiny_synthetic_path, tmp_path, monkeypatch):
+    from experiments import reward_ceiling
+
+    envs = []
+
+    def recording(*args, **kwargs):
+        result = predictor_ceiling(*args, **kwargs)
+        envs.append(result["env"])
+        return result
+
+    monkeypatch.setattr(reward_ceiling, "predictor_ceiling", recording)
+    out = tmp_path / "ceiling.json"
+    assert main(["--dataset", str(tiny_synthetic_path), "--steps", "2", "--eval-every", "2", "--controllers", "all",
+                 "--env-kwargs", '{"predictor_augment": true, "predictor_average": 0.99}', "--json", str(out)]) == 0
+    saved = json.loads(out.read_text())
+    assert [r["controller"] for r in saved["runs"]] == ["all"]
+    assert saved["env_kwargs"] == {"predictor_augment": True, "predictor_average": 0.99}
+    assert [(e.predictor_augment, e.predictor_average) for e in envs] == [(True, 0.99)]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--steps", "0"], "must be a positive integer"),
+        (["--eval-every", "-1"], "must be a positive integer"),
+        (["--seeds", "0"], "must be a positive integer"),
+        (["--env-kwargs", "{predictor_augment: 1}"], "--env-kwargs is not valid JSON"),
+        (["--env-kwargs", "[1]"], "--env-kwargs must be a JSON object"),
+    ],
+)
+def test_reward_ceiling_cli_refuses_impossible_settings(argv, message, capsys):
     with pytest.raises(SystemExit):
         main(argv)
-    assert "must be a positive integer" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
 
 
 def test_reward_ceiling_needs_ground_truth(tiny_synthetic_path):

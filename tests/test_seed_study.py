@@ -12,8 +12,8 @@ from experiments.seed_study import main
 def test_seed_study_reports_every_seed(tiny_synthetic_path, tmp_path, capsys):
     out = tmp_path / "study.json"
     code = main(
-        ["--algos", "reinforce", "--rewards", "weighted", "selective", "--seeds", "2", "--steps", "30",
-         "--dataset", str(tiny_synthetic_path), "--workers", "1", "--json", str(out),
+        ["--algos", "reinforce", "--rewards", "weighted", "selective", "--seeds", "2", "--first-seed", "3",
+         "--steps", "30", "--dataset", str(tiny_synthetic_path), "--workers", "1", "--json", str(out),
          "--env-kwargs", '{"batch_size": 8, "train_steps": 2, "validation_size": 16}']
     )
     assert code == 0
@@ -22,7 +22,10 @@ def test_seed_study_reports_every_seed(tiny_synthetic_path, tmp_path, capsys):
     lines = [line for line in text.splitlines() if line.startswith("reinforce ")]
     assert len(lines) == 4 + 2  # one row per run, one tally per reward
     assert "seeds reach AUROC >= 0.8" in text
-    assert out.is_file()
+    runs = json.loads(out.read_text())["runs"]
+    assert [(r["config"]["reward"], r["config"]["seed"]) for r in runs] == [
+        ("weighted", 3), ("weighted", 4), ("selective", 3), ("selective", 4)
+    ]
 
 
 def test_seed_study_time_limit_stops_every_run_and_says_so(tiny_synthetic_path, tmp_path, capsys):
@@ -42,11 +45,19 @@ def test_seed_study_time_limit_stops_every_run_and_says_so(tiny_synthetic_path, 
     assert "curve" in capsys.readouterr().out
 
 
-def test_seed_study_refuses_a_bad_time_limit(capsys):
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--time-limit", "0"], "time_limit_s must be a positive number of seconds"),
+        (["--first-seed", "-1"], "--first-seed >= 0, got 8 and -1"),
+        (["--seeds", "0"], "--seeds must be >= 1"),
+    ],
+)
+def test_seed_study_refuses_impossible_settings(argv, message, capsys):
     with pytest.raises(SystemExit) as stopped:
-        main(["--time-limit", "0"])
+        main(argv)
     assert stopped.value.code == 2
-    assert "time_limit_s must be a positive number of seconds" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
 
 
 def test_seed_study_workers_are_spawned_not_forked(monkeypatch):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from iqa_env.tasks import SegmentationTask, dice, soft_dice_loss
+from iqa_env.tasks import SegmentationTask, dice, random_shift, soft_dice_loss
 
 SIZE = 32
 
@@ -97,3 +97,32 @@ def test_unet_trained_on_every_image_does_not_end_at_all_background():
     empty_fraction = float(np.mean(env.train_set.masks.reshape(len(env.train_set), -1).sum(1) == 0))
     assert 0.2 < empty_fraction < 0.5
     assert metric.mean() > empty_fraction + 0.3, (metric.mean(), empty_fraction)
+
+
+def test_random_shift_moves_each_mask_with_its_image_and_keeps_labels():
+    generator = torch.Generator().manual_seed(0)
+    masks = torch.stack([square(6, top=4 + i, left=20 - i) for i in range(16)])
+    images = (masks[:, None] * 200 + 20).float()  # foreground 220, background 20, padding 0
+    labels = torch.arange(16)
+    shifted, same_labels = random_shift(images, labels, generator, max_shift=3)
+    assert torch.equal(same_labels, labels) and shifted.shape == images.shape
+    moved_images, moved_masks = random_shift(images, masks, torch.Generator().manual_seed(1), max_shift=3)
+    assert torch.equal((moved_images[:, 0] > 100).long(), moved_masks)  # every mask still on its image
+    offsets = set()
+    for before, after in zip(masks, moved_masks):
+        assert after.sum() == before.sum()  # the square stays inside the frame, so nothing is cut off
+        dy = int(after.nonzero()[:, 0].min() - before.nonzero()[:, 0].min())
+        dx = int(after.nonzero()[:, 1].min() - before.nonzero()[:, 1].min())
+        assert abs(dy) <= 3 and abs(dx) <= 3
+        offsets.add((dy, dx))
+    assert len(offsets) > 4  # one shift per sample, not one per batch
+    border = moved_images[:, 0] == 0  # the uncovered border is zero-filled
+    assert border.any() and not (images == 0).any()
+
+
+def test_random_shift_refuses_wrong_shapes():
+    generator = torch.Generator().manual_seed(0)
+    with pytest.raises(ValueError, match=r"images must be \(B, C, H, W\)"):
+        random_shift(torch.zeros(4, 8, 8), torch.zeros(4), generator, 1)
+    with pytest.raises(ValueError, match=r"targets must be \(B,\) labels or \(B, H, W\) masks"):
+        random_shift(torch.zeros(4, 1, 8, 8), torch.zeros(4, 2), generator, 1)
