@@ -203,8 +203,13 @@ class Stage:
         return BASELINE_OUTPUTS if self.kind == "baseline" else TRAIN_OUTPUTS
 
     def identity(self) -> dict[str, Any]:
-        # The baseline ignores the reward and the algorithm: it has neither.
-        return {"kind": self.kind, **_identity(self.config, ("reward", "algo") if self.kind == "baseline" else ())}
+        from agents import recommended_env_kwargs
+
+        # The baseline ignores the reward and the algorithm: it has neither. The env settings that the
+        # defaults add count too, so that a stage finished by a checkout with other defaults is not reused.
+        fields = _identity(self.config, ("reward", "algo") if self.kind == "baseline" else ())
+        settings = json.loads(json.dumps(recommended_env_kwargs(self.config.algo, self.config.reward), default=repr))
+        return {"kind": self.kind, **fields, "env_settings": settings}
 
 
 def make_stage(out: Path, kind: str, config: TrainConfig, label: str) -> Stage:

@@ -157,7 +157,7 @@ def markers(out):
     return {p.relative_to(out).as_posix(): p.stat().st_mtime_ns for p in out.rglob("stage.done")}
 
 
-def test_reproduce_end_to_end_then_resume(tiny_synthetic_path, tmp_path, caplog, capsys):
+def test_reproduce_end_to_end_then_resume(tiny_synthetic_path, tmp_path, caplog, capsys, monkeypatch):
     out = tmp_path / "rep"
     argv = ["reproduce", "--quick", "--task", "both", "--seeds", "1", "--steps", "16", "--workers", "1",
             "--device", "cpu", "--dataset", str(tiny_synthetic_path), "--out", str(out)]
@@ -213,6 +213,16 @@ def test_reproduce_end_to_end_then_resume(tiny_synthetic_path, tmp_path, caplog,
     assert main([*argv[:-2], "--steps", "17", "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert "other settings" in err and "steps" in err and len(err.splitlines()) == 1
+
+    # Stages finished under other default env settings (an older checkout): refused, not reused.
+    import agents
+
+    recommended = agents.recommended_env_kwargs
+    monkeypatch.setattr(agents, "recommended_env_kwargs", lambda algo, reward: {**recommended(algo, reward), "predictor_average": 0.5})
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "finished with other settings" in err and "env_settings.predictor_average" in err
+    assert len(err.splitlines()) == 1
 
 
 def test_reproduce_killed_mid_run_resumes_from_the_last_finished_stage(tiny_synthetic_path, tmp_path):
