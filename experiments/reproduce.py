@@ -139,6 +139,11 @@ def dataset_fingerprint(dataset: str | os.PathLike[str] | None) -> str:
     return f"sha256:{digest.hexdigest()}"
 
 
+def _plain(value: Any) -> Any:
+    """``value`` as it reads back from JSON (tuples as lists, other objects as their repr), to compare with a loaded one."""
+    return json.loads(json.dumps(value, default=repr))
+
+
 def _identity(config: TrainConfig, drop: Iterable[str] = ()) -> dict[str, Any]:
     """The fields of ``config`` that decide a stage's results (JSON-normalised, so it compares with a loaded one)."""
     from experiments import training
@@ -146,7 +151,7 @@ def _identity(config: TrainConfig, drop: Iterable[str] = ()) -> dict[str, Any]:
     fields = dataclasses.asdict(config)
     for name in (*_LOCATION_FIELDS, *getattr(training, "RUN_MANAGEMENT_FIELDS", ()), *drop):
         fields.pop(name, None)
-    return json.loads(json.dumps(fields, default=repr))
+    return _plain(fields)
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
@@ -169,7 +174,7 @@ def check_settings(out: Path, settings: dict[str, Any]) -> None:
     from iqa_env.files import atomic_write_text
 
     path = out / SETTINGS_FILE
-    settings = json.loads(json.dumps(settings, default=repr))
+    settings = _plain(settings)
     if path.is_file():
         try:
             old = json.loads(path.read_text())
@@ -208,7 +213,7 @@ class Stage:
         # The baseline ignores the reward and the algorithm: it has neither. The env settings that the
         # defaults add count too, so that a stage finished by a checkout with other defaults is not reused.
         fields = _identity(self.config, ("reward", "algo") if self.kind == "baseline" else ())
-        settings = json.loads(json.dumps(recommended_env_kwargs(self.config.algo, self.config.reward), default=repr))
+        settings = _plain(recommended_env_kwargs(self.config.algo, self.config.reward))
         return {"kind": self.kind, **fields, "env_settings": settings}
 
 
@@ -263,10 +268,7 @@ def train_baseline(config: TrainConfig, folder: Path, train_set: Any, validation
     image selected (the reward is irrelevant: no controller learns), after
     the env's own predictor warm-up, if any.  Returns the predictor updates.
     """
-    import torch
-
-    from experiments.training import make_env
-    from iqa_env.files import atomic_write
+    from experiments.training import make_env, save_predictor
 
     steps = config.steps
     env = make_env(
@@ -278,8 +280,7 @@ def train_baseline(config: TrainConfig, folder: Path, train_set: Any, validation
     select_all = np.ones(env.action_space.shape, dtype=np.float32)
     for _ in range(steps):
         env.step(select_all)
-    state = {k: v.detach().cpu() for k, v in env.evaluated_predictor.state_dict().items()}
-    atomic_write(folder / "predictor.pt", lambda tmp: torch.save(state, tmp))
+    save_predictor(env, folder / "predictor.pt")
     env.close()
     return steps
 

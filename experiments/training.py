@@ -485,14 +485,23 @@ def train(
         summary["dataset_fingerprint"] = fingerprint
     if out is not None:
         controller.save(out / "controller")
-        state = {k: v.detach().cpu() for k, v in env.evaluated_predictor.state_dict().items()}
-        from iqa_env.files import atomic_write
-
-        atomic_write(out / "predictor.pt", lambda tmp: torch.save(state, tmp))
+        save_predictor(env, out / "predictor.pt")
         _atomic_json(out / "summary.json", summary)  # last: its presence marks a finished run
         ckpt.remove_checkpoints(out)
     env.close()
     return summary
+
+
+def save_predictor(env: Any, path: Path) -> None:
+    """Write the env's evaluated predictor (its weight average, if it keeps one) to ``path``, atomically.
+
+    The one writer of ``predictor.pt``, for ``iqa train`` and ``iqa reproduce``'s baseline alike; read it
+    back with :func:`load_predictor` or ``torch.load(weights_only=True)``.
+    """
+    from iqa_env.files import atomic_write
+
+    state = {k: v.detach().cpu() for k, v in env.evaluated_predictor.state_dict().items()}
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_predictor(run_dir: str | os.PathLike[str], dataset: Any = None, device: str = "cpu") -> torch.nn.Module:

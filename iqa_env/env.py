@@ -20,7 +20,7 @@ from iqa_env.rewards import (
     selective_reward,
     weighted_reward,
 )
-from iqa_env.tasks import Task, make_task
+from iqa_env.tasks import Task, make_task, random_shift
 
 PHASES: tuple[str, str] = ("train", "validation")
 REWARD_METRICS: tuple[str, str] = ("metric", "loss")
@@ -398,7 +398,6 @@ class TaskAmenabilityEnv(gym.Env):
         assert self.predictor is not None and self.optimizer is not None
         idx = torch.as_tensor(indices, device=self.device)
         from iqa_env.networks import to_float
-        from iqa_env.tasks import random_shift
 
         images, targets = to_float(self._train_images_t[idx]), self._train_targets_t[idx]
         if self.predictor_augment:
