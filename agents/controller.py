@@ -55,8 +55,14 @@ class Controller:
     # ------------------------------------------------------------------ build
     @classmethod
     def from_agent(cls, agent: Any, metadata: dict[str, Any] | None = None) -> Controller:
-        """The controller inside a trained agent whose policy is one of :mod:`agents.policies`."""
-        policy = getattr(agent, "policy", agent)
+        """The controller inside a trained agent whose policy is one of :mod:`agents.policies`.
+
+        An agent that keeps a weight average of its policy (``REINFORCE(controller_average=...)``)
+        gives the average.
+        """
+        policy = getattr(agent, "average_policy", None)
+        if policy is None:
+            policy = getattr(agent, "policy", agent)
         if not hasattr(policy, "controller_parts"):
             raise TypeError(
                 f"{type(policy).__name__} has no per-sample controller; train with the policies of "

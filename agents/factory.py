@@ -52,6 +52,17 @@ def default_kwargs(name: str, env: GymEnv, seed: int | None = None) -> dict[str,
     +-50, where the critic's gradient vanishes and the ranking decays).
     With the fixed reward (one reward at the end of the training steps) they
     keep ``gamma = 0.9``, every transition and the pooled critic.
+
+    REINFORCE with those rewards selects 30 % of each batch
+    (``initial_selection_probability=0.3`` of its centred logits) and exports a
+    weight average of its policy (``controller_average=0.97``): 8 seeds on the
+    built-in set reached holdout AUROC 0.750 +- 0.040 after 2,000 env steps
+    against 0.667 +- 0.079 at 50 % without the average, and no seed fell back
+    by more than 0.08 between evaluations (before: up to 0.215).  With the
+    fixed reward it keeps 50 % and no average (not measured there).  On
+    data where the training selections carry most of the signal (corrupted
+    Fashion-MNIST) the rate of 0.3 ranked worse: pass
+    ``policy_kwargs=dict(initial_selection_probability=0.5)`` there.
     ``docs/design-decisions.md`` says why.
     """
     batch = int(env.action_space.shape[0])  # type: ignore[index]
@@ -82,6 +93,11 @@ def default_kwargs(name: str, env: GymEnv, seed: int | None = None) -> dict[str,
         "a2c": dict(learning_rate=7e-4, n_steps=max(episode, 16), gamma=0.9),
         "reinforce": dict(learning_rate=1e-3),
     }
+    if bandit:
+        # Measured on the built-in set (docs/learning-status.md, section 7): selecting 30 % of each
+        # batch enriches the predictor's training set faster, so its loss ranks better, and the kept
+        # controller is a weight average, which smooths the policy's noisy steps.
+        table["reinforce"].update(controller_average=0.97, policy_kwargs=dict(initial_selection_probability=0.3))
     if name not in table:
         raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {name!r}")
     return table[name]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import sys
 import time
 from typing import Any, ClassVar, TypeVar
@@ -15,6 +16,7 @@ from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedul
 from stable_baselines3.common.utils import safe_mean
 
 from agents.policies import BernoulliSelectionPolicy
+from iqa_env.networks import update_weight_average
 
 SelfREINFORCE = TypeVar("SelfREINFORCE", bound="REINFORCE")
 
@@ -60,6 +62,10 @@ class REINFORCE(BaseAlgorithm):
     :param normalize_returns: divide the returns by their running standard deviation
     :param ent_coef: weight of the Bernoulli entropy bonus
     :param max_grad_norm: gradient clipping norm
+    :param controller_average: decay of an exponential moving average of the policy's weights,
+        updated after every gradient step (0: none).  When set, :attr:`average_policy` holds it and
+        the exported :class:`~agents.Controller` (``Controller.from_agent``) is the average: the
+        policy that acts keeps its noisy steps, the one that is kept smooths them out.
     :param stats_window_size: episodes averaged for ``rollout/ep_rew_mean``
     :param tensorboard_log: TensorBoard log folder, or None
     :param policy_kwargs: keyword arguments of the policy (copied, never mutated)
@@ -85,6 +91,7 @@ class REINFORCE(BaseAlgorithm):
         normalize_returns: bool = True,
         ent_coef: float = 0.0,
         max_grad_norm: float = 1.0,
+        controller_average: float = 0.0,
         stats_window_size: int = 100,
         tensorboard_log: str | None = None,
         policy_kwargs: dict[str, Any] | None = None,
@@ -110,6 +117,12 @@ class REINFORCE(BaseAlgorithm):
             raise ValueError(f"credit must be one of {CREDITS}, got {credit!r}")
         if not 0.0 <= gamma <= 1.0:
             raise ValueError(f"gamma must be in [0, 1], got {gamma!r}")
+        if isinstance(controller_average, bool) or not (
+            isinstance(controller_average, (int, float)) and 0.0 <= controller_average < 1.0
+        ):
+            raise ValueError(
+                f"controller_average must be a decay in [0, 1) (0: no average), got {controller_average!r}"
+            )
         if n_steps is None:
             assert self.env is not None
             try:
@@ -127,6 +140,8 @@ class REINFORCE(BaseAlgorithm):
         self.normalize_returns = normalize_returns
         self.ent_coef = ent_coef
         self.max_grad_norm = max_grad_norm
+        self.controller_average = float(controller_average)
+        self.average_policy: BernoulliSelectionPolicy | None = None
         self._return_sq = 1.0  # running second moment of the returns
         if _init_setup_model:
             self._setup_model()
@@ -137,10 +152,15 @@ class REINFORCE(BaseAlgorithm):
         self.policy = self.policy_class(  # type: ignore[assignment]
             self.observation_space, self.action_space, self.lr_schedule, **self.policy_kwargs
         ).to(self.device)
+        self.average_policy = None
+        if self.controller_average > 0:
+            self.average_policy = copy.deepcopy(self.policy).requires_grad_(False)
+            self.average_policy.set_training_mode(False)
 
     def _get_torch_save_params(self) -> tuple[list[str], list[str]]:
         # The optimiser's state (Adam moments) too, so that a saved agent resumes training exactly.
-        return ["policy", "policy.optimizer"], []
+        names = ["policy", "policy.optimizer"]
+        return names + (["average_policy"] if self.average_policy is not None else []), []
 
     # ------------------------------------------------------------------ rollouts
     def collect_rollout(self, callback: BaseCallback) -> dict[str, np.ndarray] | None:
@@ -230,6 +250,8 @@ class REINFORCE(BaseAlgorithm):
             torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
             self.policy.optimizer.step()
             self._n_updates += 1
+            if self.average_policy is not None:
+                update_weight_average(self.average_policy, self.policy, self.controller_average, self._n_updates)
         self.logger.record("train/policy_loss", float(policy_loss.detach()))
         self.logger.record("train/entropy", float(-entropy_loss.detach()))
         self.logger.record("train/return_std", float(np.sqrt(self._return_sq)))

@@ -6,7 +6,10 @@ against the ground-truth amenability label at initialisation and at the end,
 beside the AUROC of simple heuristics (mean intensity, intensity st.d.).
 Every seed is reported; none is chosen.  Runs go in parallel processes with
 one torch thread each (on 2 cores, two runs at once double the throughput of
-one run with two threads).
+one run with two threads).  As each run ends, a line with its initial and
+final AUROC goes to stderr and ``--json FILE`` is rewritten with the runs
+that have ended, so a study stopped half-way keeps them; the table follows
+at the end.
 
 ``--eval-every N`` also prints each run's AUROC every N env steps (a learning
 curve says more than two points), and ``--time-limit S`` stops every run after
@@ -25,7 +28,8 @@ import dataclasses
 import json
 import multiprocessing
 import sys
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -47,14 +51,29 @@ def seed_study(
     seeds: list[int],
     base: TrainConfig,
     workers: int = 2,
+    on_result: Callable[[dict[str, Any], list[dict[str, Any]]], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Train every (algo, reward, seed) and return their summaries, in that order."""
+    """Train every (algo, reward, seed) and return their summaries, in that order.
+
+    ``on_result(summary, finished)`` is called as each run ends (``finished``:
+    the summaries so far, in the order they ended), e.g. to show progress and
+    keep what is done when a long study is stopped.
+    """
     configs = [
         dataclasses.replace(base, algo=a, reward=r, seed=s) for a in algos for r in rewards for s in seeds
     ]
+    results: list[dict[str, Any] | None] = [None] * len(configs)
+    finished: list[dict[str, Any]] = []
     # spawn, not fork: a forked worker cannot use CUDA once the parent has touched it (--device cuda).
     with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return list(pool.map(_run, configs))
+        futures = {pool.submit(_run, config): i for i, config in enumerate(configs)}
+        for future in as_completed(futures):
+            summary = future.result()
+            results[futures[future]] = summary
+            finished.append(summary)
+            if on_result is not None:
+                on_result(summary, finished)
+    return [r for r in results if r is not None]
 
 
 def _fmt(value: float | None) -> str:
@@ -102,7 +121,26 @@ def main(argv: list[str] | None = None) -> int:
     heuristics = holdout_heuristics(holdout, args.task)
     print("heuristics (holdout AUROC vs ground-truth amenable): " + ", ".join(f"{k} {v:.3f}" for k, v in heuristics.items()))
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
-    summaries = seed_study(args.algos, args.rewards, seeds, base, args.workers)
+    total = len(args.algos) * len(args.rewards) * len(seeds)
+
+    def write_json(summaries: list[dict[str, Any]]) -> None:
+        if args.json:
+            from iqa_env.files import atomic_write_text
+
+            atomic_write_text(Path(args.json), json.dumps({"heuristics": heuristics, "runs": summaries}, indent=2))
+
+    def progress(summary: dict[str, Any], finished: list[dict[str, Any]]) -> None:
+        c = summary["config"]
+        print(
+            f"[{len(finished)}/{total}] {c['algo']} {c['reward']} seed {c['seed']}: AUROC "
+            f"{_fmt(summary['initial_auroc']).strip()} -> {_fmt(summary['final_auroc']).strip()} "
+            f"({summary['steps']} steps, {summary['wall_time_s']:.0f} s)",
+            file=sys.stderr,
+            flush=True,
+        )
+        write_json(finished)  # a stopped study keeps the runs that ended
+
+    summaries = seed_study(args.algos, args.rewards, seeds, base, args.workers, on_result=progress)
     print(f"{'algo':10} {'reward':10} {'seed':>4} {'initial':>8} {'final':>8} {'steps':>6} {'steps/s':>8}  curve")
     for s in summaries:
         c = s["config"]
@@ -116,8 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             finals = [s["final_auroc"] for s in summaries if s["config"]["algo"] == a and s["config"]["reward"] == r]
             reached = sum(f is not None and f >= 0.8 for f in finals)
             print(f"{a} {r}: {reached} of {len(finals)} seeds reach AUROC >= 0.8")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"heuristics": heuristics, "runs": summaries}, indent=2))
+    write_json(summaries)
     return 0
 
 

@@ -12,6 +12,7 @@ import torch
 from gymnasium import spaces
 
 from iqa_env.data.dataset import ImageDataset
+from iqa_env.networks import to_float, update_weight_average
 from iqa_env.rewards import (
     MovingAverageBaseline,
     check_rejection_ratio,
@@ -397,8 +398,6 @@ class TaskAmenabilityEnv(gym.Env):
         """One optimiser step on the training images ``indices``; returns the mean loss."""
         assert self.predictor is not None and self.optimizer is not None
         idx = torch.as_tensor(indices, device=self.device)
-        from iqa_env.networks import to_float
-
         images, targets = to_float(self._train_images_t[idx]), self._train_targets_t[idx]
         if self.predictor_augment:
             images, targets = random_shift(images, targets, self._torch_generator, max(1, min(images.shape[-2:]) // 16))
@@ -410,14 +409,7 @@ class TaskAmenabilityEnv(gym.Env):
         self.optimizer.step()
         self._predictor_updates += 1
         if self.averaged_predictor is not None:
-            # Warm-started as in tf.train.ExponentialMovingAverage: a young average follows the weights closely.
-            n = self._predictor_updates
-            decay = min(self.predictor_average, (1 + n) / (10 + n))
-            with torch.no_grad():
-                for average, weight in zip(self.averaged_predictor.parameters(), self.predictor.parameters()):
-                    average.lerp_(weight, 1.0 - decay)
-                for average, buffer in zip(self.averaged_predictor.buffers(), self.predictor.buffers()):
-                    average.copy_(buffer)
+            update_weight_average(self.averaged_predictor, self.predictor, self.predictor_average, self._predictor_updates)
         return float(loss.detach())
 
     @torch.no_grad()
@@ -432,8 +424,6 @@ class TaskAmenabilityEnv(gym.Env):
         predictor = self.evaluated_predictor
         if predictor is None:
             raise RuntimeError("the task predictor does not exist before the first reset()")
-        from iqa_env.networks import to_float
-
         images = torch.as_tensor(images, device=self.device)
         predictor.eval()
         outs = [predictor(to_float(images[i : i + chunk])) for i in range(0, len(images), chunk)]

@@ -19,6 +19,24 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
     return images.float()
 
 
+@torch.no_grad()
+def update_weight_average(average: nn.Module, model: nn.Module, decay: float, updates: int) -> None:
+    """One step of an exponential moving average of ``model``'s weights into ``average``.
+
+    Warm-started as in ``tf.train.ExponentialMovingAverage``: after ``updates``
+    optimiser steps the decay is ``min(decay, (1 + updates) / (10 + updates))``,
+    so that a young average follows the weights closely.  Buffers (batch-norm
+    statistics) are copied, not averaged.  Used for the task predictor
+    (``TaskAmenabilityEnv(predictor_average=...)``) and the REINFORCE
+    controller (``REINFORCE(controller_average=...)``).
+    """
+    d = min(decay, (1 + updates) / (10 + updates))
+    for mean, weight in zip(average.parameters(), model.parameters()):
+        mean.lerp_(weight, 1.0 - d)
+    for mean, buffer in zip(average.buffers(), model.buffers()):
+        mean.copy_(buffer)
+
+
 def _num_downsamplings(size: int, floor: int = 4, most: int = 5) -> int:
     """How many 2x poolings bring ``size`` down to about ``floor`` pixels."""
     return int(max(1, min(most, math.floor(math.log2(max(size, 2) / floor)))))

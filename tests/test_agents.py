@@ -143,6 +143,49 @@ def test_reinforce_selection_rate_cannot_drift_through_the_head_bias(dataset):
     torch.testing.assert_close(before.mean(dim=1), torch.full((8,), float(np.log(0.3 / 0.7))))
 
 
+def test_reinforce_controller_average_is_the_exported_controller_and_is_saved(dataset, tmp_path):
+    """``controller_average``: an exponential moving average of the policy's weights, one step per update.
+
+    The average is replayed by hand from the policy's weights after every gradient step, and must
+    be what ``Controller.from_agent`` exports and what a saved agent brings back.
+    """
+    from agents.reinforce import REINFORCE
+
+    agent = make_agent("reinforce", _env(dataset), seed=0, controller_average=0.8)
+    expected = [p.detach().clone() for p in agent.policy.parameters()]
+    step = agent.policy.optimizer.step
+
+    def step_and_replay(*args, **kwargs):
+        out = step(*args, **kwargs)
+        n = agent._n_updates + 1  # the update this step makes
+        d = min(0.8, (1 + n) / (10 + n))
+        for e, p in zip(expected, agent.policy.parameters()):
+            e.mul_(d).add_(p.detach(), alpha=1 - d)
+        return out
+
+    agent.policy.optimizer.step = step_and_replay
+    agent.learn(60)
+    assert agent._n_updates >= 3
+    for e, a, p in zip(expected, agent.average_policy.parameters(), agent.policy.parameters()):
+        torch.testing.assert_close(a, e)
+    assert any(not torch.equal(a, p) for a, p in zip(agent.average_policy.parameters(), agent.policy.parameters()))
+    images = dataset.images[:40]
+    exported = Controller.from_agent(agent).score(images)
+    raw = Controller.from_agent(agent.policy).score(images)
+    average = Controller.from_agent(agent.average_policy).score(images)
+    np.testing.assert_array_equal(exported, average)
+    assert not np.array_equal(exported, raw)
+    agent.save(tmp_path / "agent.zip")
+    loaded = REINFORCE.load(tmp_path / "agent.zip", env=_env(dataset))
+    np.testing.assert_array_equal(Controller.from_agent(loaded).score(images), exported)
+
+
+@pytest.mark.parametrize("decay", [1.0, -0.1, True, "0.9"])
+def test_reinforce_refuses_an_impossible_controller_average(dataset, decay):
+    with pytest.raises(ValueError, match=r"controller_average must be a decay in \[0, 1\)"):
+        make_agent("reinforce", _env(dataset), seed=0, controller_average=decay)
+
+
 def test_controller_scores_keep_the_ranking_of_large_logits(dataset):
     """Scores near 1 still rank the images: float32 would round every logit above about 17 to exactly 1.0."""
     controller = Controller.from_agent(make_agent("reinforce", _env(dataset), seed=0))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from concurrent.futures import Future
 
 import pytest
 
@@ -17,8 +19,13 @@ def test_seed_study_reports_every_seed(tiny_synthetic_path, tmp_path, capsys):
          "--env-kwargs", '{"batch_size": 8, "train_steps": 2, "validation_size": 16}']
     )
     assert code == 0
-    text = capsys.readouterr().out
+    captured = capsys.readouterr()
+    text = captured.out
     assert "mean_intensity" in text and "intensity_std" in text
+    # Progress: one line per run as it ends, on stderr.
+    progress = [line for line in captured.err.splitlines() if line.startswith("[")]
+    assert len(progress) == 4 and progress[-1].startswith("[4/4] reinforce ")
+    assert all(re.search(r"seed [34]: AUROC \S+ -> \S+ \(\d+ steps, \d+ s\)$", line) for line in progress), progress
     lines = [line for line in text.splitlines() if line.startswith("reinforce ")]
     assert len(lines) == 4 + 2  # one row per run, one tally per reward
     assert "seeds reach AUROC >= 0.8" in text
@@ -76,10 +83,17 @@ def test_seed_study_workers_are_spawned_not_forked(monkeypatch):
         def __exit__(self, *exc):
             return False
 
-        def map(self, fn, configs):
-            return [{"seed": c.seed} for c in configs]
+        def submit(self, fn, config):
+            future = Future()
+            future.set_result({"seed": config.seed})
+            return future
 
     monkeypatch.setattr(study, "ProcessPoolExecutor", Recorder)
-    out = study.seed_study(["reinforce"], ["weighted"], [0, 1], study.TrainConfig(steps=1), workers=2)
-    assert out == [{"seed": 0}, {"seed": 1}]
+    ended = []
+    out = study.seed_study(
+        ["reinforce"], ["weighted"], [0, 1, 2], study.TrainConfig(steps=1), workers=2,
+        on_result=lambda summary, finished: ended.append((summary["seed"], len(finished))),
+    )
+    assert out == [{"seed": 0}, {"seed": 1}, {"seed": 2}]  # in the order asked, whatever the order they end
+    assert sorted(seed for seed, _ in ended) == [0, 1, 2] and [n for _, n in ended] == [1, 2, 3]
     assert seen["context"] is not None and seen["context"].get_start_method() == "spawn"
