@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import sys
 import time
 from typing import Any, ClassVar, TypeVar
@@ -16,7 +15,7 @@ from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedul
 from stable_baselines3.common.utils import safe_mean
 
 from agents.policies import BernoulliSelectionPolicy
-from iqa_env.networks import update_weight_average
+from iqa_env.networks import update_weight_average, weight_average_of
 
 SelfREINFORCE = TypeVar("SelfREINFORCE", bound="REINFORCE")
 
@@ -152,10 +151,7 @@ class REINFORCE(BaseAlgorithm):
         self.policy = self.policy_class(  # type: ignore[assignment]
             self.observation_space, self.action_space, self.lr_schedule, **self.policy_kwargs
         ).to(self.device)
-        self.average_policy = None
-        if self.controller_average > 0:
-            self.average_policy = copy.deepcopy(self.policy).requires_grad_(False)
-            self.average_policy.set_training_mode(False)
+        self.average_policy = weight_average_of(self.policy) if self.controller_average > 0 else None  # type: ignore[assignment]
 
     def _get_torch_save_params(self) -> tuple[list[str], list[str]]:
         # The optimiser's state (Adam moments) too, so that a saved agent resumes training exactly.

@@ -12,7 +12,7 @@ import torch
 from gymnasium import spaces
 
 from iqa_env.data.dataset import ImageDataset
-from iqa_env.networks import to_float, update_weight_average
+from iqa_env.networks import to_float, update_weight_average, weight_average_of
 from iqa_env.rewards import (
     MovingAverageBaseline,
     check_rejection_ratio,
@@ -379,12 +379,7 @@ class TaskAmenabilityEnv(gym.Env):
         self.predictor = predictor.to(self.device)
         self.optimizer = torch.optim.Adam(self.predictor.parameters(), lr=self.predictor_lr)
         self._predictor_updates = 0
-        if self.predictor_average > 0:
-            import copy
-
-            self.averaged_predictor = copy.deepcopy(self.predictor).requires_grad_(False)
-        else:
-            self.averaged_predictor = None
+        self.averaged_predictor = weight_average_of(self.predictor) if self.predictor_average > 0 else None
 
     @property
     def evaluated_predictor(self) -> torch.nn.Module | None:

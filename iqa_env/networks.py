@@ -6,6 +6,7 @@ All networks take images as float tensors ``(B, C, H, W)`` scaled to [0, 1]
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -17,6 +18,11 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
     if images.dtype == torch.uint8:
         return images.float().div_(255.0)
     return images.float()
+
+
+def weight_average_of(model: nn.Module) -> nn.Module:
+    """A new weight average of ``model``: a frozen copy in eval mode, to update with :func:`update_weight_average`."""
+    return copy.deepcopy(model).requires_grad_(False).eval()
 
 
 @torch.no_grad()
