@@ -123,6 +123,13 @@ def recommended_env_kwargs(name: str, reward: str) -> dict[str, Any]:
       delays by hundreds of updates and the shifts weaken (measured on the
       data of ``tests/test_learning.py``, seed 0: 0.273 -> 0.635 without
       them, -> 0.507 with the shifts, -> 0.253 with both);
+    - the weighted and selective rewards: validation losses compared within
+      each class (``reward_normalisation="class_log"``). Without it the
+      controller is also rewarded for scoring the class the predictor finds
+      harder low as a whole (on the built-in set, the organ-absent frames),
+      which is not image quality (REINFORCE, 8 seeds: holdout AUROC
+      0.801 +- 0.024 after 2,000 env steps and 0.783 +- 0.044 after 5,000,
+      against 0.750 +- 0.040 and 0.766 +- 0.040 without);
     - DDPG and TD3 with the weighted or selective reward: deterministic
       validation weights (the paper's literal reward), the *raw* reward
       (``reward_baseline="none"``: the critic is the baseline; a lagging
@@ -138,7 +145,7 @@ def recommended_env_kwargs(name: str, reward: str) -> dict[str, Any]:
         raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {name!r}")
     kwargs: dict[str, Any] = dict(reward_metric="loss", predictor_warmup_steps=400)
     if reward != "fixed":
-        kwargs.update(predictor_augment=True, predictor_average=0.998)
+        kwargs.update(predictor_augment=True, predictor_average=0.998, reward_normalisation="class_log")
     if name in ("ddpg", "td3") and reward != "fixed":
         kwargs.update(stochastic_validation=False, reward_baseline="none", validation_refresh=True)
     return kwargs

@@ -28,7 +28,9 @@ With ``--fit-controller`` it also fits the controller network by supervised
 ranking to the ``all`` predictor's final validation losses (a pairwise logistic
 loss, ``--fit-steps`` Adam steps) and reports that controller's holdout AUROC:
 what a controller could reach from the validation channel alone if it learnt
-the loss ranking *perfectly* from a non-selective predictor.  For scale it fits the same network, the same way,
+the loss ranking *perfectly* from a non-selective predictor; then to the
+same losses compared within each class (``class_log_losses``, the rewards'
+``reward_normalisation="class_log"``).  For scale it fits the same network, the same way,
 to the validation images' ground-truth labels: whether the controller network
 can represent the ranking at all.  ``docs/learning-status.md`` (section 5) has the
 figures for the built-in set; ``--plot PNG`` draws the curves.
@@ -46,7 +48,9 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from experiments.commands import json_object
 from iqa_env.metrics import auroc_or_none
+from iqa_env.rewards import class_log_losses
 
 CONTROLLERS: tuple[str, ...] = ("all", "oracle")
 
@@ -130,6 +134,7 @@ def predictor_ceiling(
                 {
                     "updates": updates,
                     "auroc_neg_loss": auroc_or_none(-out["loss"], holdout_amenable),
+                    "auroc_class_log": auroc_or_none(-class_log_losses(out["loss"], holdout.labels), holdout_amenable),
                     "auroc_confidence": auroc_or_none(out["confidence"], holdout_amenable),
                     "metric": float(np.mean(out["metric"])),
                 }
@@ -137,7 +142,7 @@ def predictor_ceiling(
     return {"controller": controller, "seed": seed, "curve": curve, "env": env, "holdout": holdout}
 
 
-FIT_TARGETS: tuple[str, ...] = ("loss", "ground_truth")
+FIT_TARGETS: tuple[str, ...] = ("loss", "class_log_loss", "ground_truth")
 
 
 def fit_controller(
@@ -146,7 +151,10 @@ def fit_controller(
     """Holdout AUROC of a controller fitted (supervised) to rank ``env``'s validation images.
 
     ``target="loss"``: by the predictor's ``-loss`` (the most a controller can
-    learn from that predictor's validation losses); ``"ground_truth"``: by the
+    learn from that predictor's validation losses); ``"class_log_loss"``: by
+    the same losses compared within each class
+    (:func:`iqa_env.rewards.class_log_losses`, what the rewards use with
+    ``reward_normalisation="class_log"``); ``"ground_truth"``: by the
     ground-truth amenable label (whether the controller network can represent
     the ranking at all, from as many images).
     """
@@ -156,6 +164,8 @@ def fit_controller(
         raise ValueError(f"target must be one of {FIT_TARGETS}, got {target!r}")
     if target == "loss":
         ranking = -env.evaluate(env.validation_set)["loss"]
+    elif target == "class_log_loss":
+        ranking = -class_log_losses(env.evaluate(env.validation_set)["loss"], env.validation_set.labels)
     else:
         ranking = env.validation_set.amenable(task).astype(np.float64)
     gen = torch.Generator().manual_seed(seed)
@@ -224,25 +234,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fit-steps", type=int, default=700)
     p.add_argument("--controllers", nargs="+", default=list(CONTROLLERS), choices=CONTROLLERS,
                    help="the fixed controllers to train under (default: all oracle)")
-    p.add_argument("--env-kwargs", default="{}",
-                   help='JSON of extra TaskAmenabilityEnv arguments, e.g. \'{"predictor_augment": true}\'')
+    p.add_argument("--env-kwargs", type=json_object, default={},
+                   help='JSON object of extra TaskAmenabilityEnv arguments, e.g. \'{"predictor_augment": true}\'')
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--plot", default=None, help="also draw the curves to this PNG file")
     args = p.parse_args(argv)
     if args.seeds < 1:
         p.error(f"--seeds must be a positive integer, got {args.seeds}")
+    env_kwargs = args.env_kwargs
     try:
         _check_steps(args.steps, args.eval_every)
-        env_kwargs = json.loads(args.env_kwargs)
-        if not isinstance(env_kwargs, dict):
-            raise ValueError(f"--env-kwargs must be a JSON object, got {args.env_kwargs!r}")
-    except json.JSONDecodeError as e:
-        p.error(f"--env-kwargs is not valid JSON ({e}): {args.env_kwargs!r}")
     except ValueError as e:
         p.error(str(e))
     results = []
-    print(f"{'controller':10} {'seed':>4}  updates: AUROC(-loss) / AUROC(confidence) / holdout metric")
+    print(f"{'controller':10} {'seed':>4}  updates: AUROC(-loss) / AUROC(-class-centred log-loss) / "
+          "AUROC(confidence) / holdout metric")
     for seed in range(args.seeds):
         for controller in args.controllers:
             r = predictor_ceiling(
@@ -251,17 +258,22 @@ def main(argv: list[str] | None = None) -> int:
             )
             row = {"controller": controller, "seed": seed, "curve": r["curve"]}
             points = " ".join(
-                f"{c['updates']}:{_fmt(c['auroc_neg_loss'])}/{_fmt(c['auroc_confidence'])}/{c['metric']:.3f}"
+                f"{c['updates']}:{_fmt(c['auroc_neg_loss'])}/{_fmt(c['auroc_class_log'])}/"
+                f"{_fmt(c['auroc_confidence'])}/{c['metric']:.3f}"
                 for c in r["curve"]
             )
             print(f"{controller:10} {seed:>4}  {points}", flush=True)
             if args.fit_controller and controller == "all":
                 row["fitted_controller_auroc"] = fit_controller(r["env"], r["holdout"], args.task, args.fit_steps, seed)
+                row["fitted_to_class_log_auroc"] = fit_controller(
+                    r["env"], r["holdout"], args.task, args.fit_steps, seed, target="class_log_loss"
+                )
                 row["fitted_to_ground_truth_auroc"] = fit_controller(
                     r["env"], r["holdout"], args.task, args.fit_steps, seed, target="ground_truth"
                 )
                 print(f"{'':10} {seed:>4}  controller fitted to these losses: holdout AUROC "
-                      f"{_fmt(row['fitted_controller_auroc'])}; fitted to the ground truth: "
+                      f"{_fmt(row['fitted_controller_auroc'])}; to them compared within each class: "
+                      f"{_fmt(row['fitted_to_class_log_auroc'])}; to the ground truth: "
                       f"{_fmt(row['fitted_to_ground_truth_auroc'])}", flush=True)
             results.append(row)
     if args.json:

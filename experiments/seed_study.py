@@ -1,4 +1,4 @@
-"""Seed study: does the controller learn, seed after seed?  ``python -m experiments.seed_study``.
+r"""Seed study: does the controller learn, seed after seed?  ``python -m experiments.seed_study``.
 
 For each algorithm x reward and each seed it trains one controller with
 :func:`experiments.training.train` and prints the holdout AUROC of its scores
@@ -33,6 +33,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
+from experiments.commands import json_object
 from experiments.training import TrainConfig
 
 
@@ -92,8 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--task", default="classification")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
-    p.add_argument("--env-kwargs", default="{}", help="JSON of extra TaskAmenabilityEnv arguments")
-    p.add_argument("--agent-kwargs", default="{}", help="JSON of extra algorithm arguments")
+    p.add_argument("--env-kwargs", type=json_object, default={},
+                   help="JSON object of extra TaskAmenabilityEnv arguments")
+    p.add_argument("--agent-kwargs", type=json_object, default={}, help="JSON object of extra algorithm arguments")
     p.add_argument("--eval-every", type=int, default=500, help="env steps between holdout AUROCs (default: 500)")
     p.add_argument("--time-limit", type=float, default=None, metavar="S",
                    help="stop each run after S seconds of training (default: none)")
@@ -104,8 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         dataset=args.dataset,
         steps=args.steps,
         device=args.device,
-        env_kwargs=json.loads(args.env_kwargs),
-        agent_kwargs=json.loads(args.agent_kwargs),
+        env_kwargs=args.env_kwargs,
+        agent_kwargs=args.agent_kwargs,
         eval_every=args.eval_every,
         time_limit_s=args.time_limit,
     )

@@ -14,9 +14,11 @@ from gymnasium import spaces
 from iqa_env.data.dataset import ImageDataset
 from iqa_env.networks import to_float, update_weight_average, weight_average_of
 from iqa_env.rewards import (
+    REWARD_NORMALISATIONS,
     MovingAverageBaseline,
     check_rejection_ratio,
     check_reward,
+    class_log_losses,
     fixed_reward,
     selective_reward,
     weighted_reward,
@@ -135,6 +137,12 @@ class TaskAmenabilityEnv(gym.Env):
       after rejecting its ``rejection_ratio`` lowest-scored (with stochastic
       validation, only the selected images among those kept count).
 
+    With ``reward_normalisation="class_log"`` the weighted and selective
+    rewards use ``log l_j`` minus the mean ``log l`` of the validation images
+    of the same class (``iqa_env.rewards.class_log_losses``) in place of
+    ``l_j``: an image is credited for being easy for its class, and a
+    controller gains nothing by scoring a whole class low.
+
     Each raw reward is baselined by its moving average,
     ``R = R~ - Rbar``, ``Rbar <- a Rbar + (1 - a) R~`` with
     ``a = baseline_decay`` (one average per validation batch position, so
@@ -182,6 +190,7 @@ class TaskAmenabilityEnv(gym.Env):
     | ``train_steps`` | ``8`` | training steps per episode |
     | ``validation_size`` | ``None`` | validation images used for rewards (``None``: all) |
     | ``reward_metric`` | ``"metric"`` | ``"metric"`` (1 - accuracy / 1 - Dice) or ``"loss"`` |
+    | ``reward_normalisation`` | ``"none"`` | ``"class_log"``: each validation loss as ``log l_j`` minus the mean ``log l`` of its class (weighted and selective rewards, ``reward_metric="loss"``) |
     | ``stochastic_validation`` | ``True`` | weight validation losses by Bernoulli selections rather than scores |
     | ``baseline_decay`` | ``0.9`` | ``a`` of the moving-average baseline |
     | ``reward_baseline`` | ``"moving_average"`` | ``"moving_average"`` (the paper), ``"non_selective"`` (validation steps) or ``"none"`` |
@@ -225,6 +234,7 @@ class TaskAmenabilityEnv(gym.Env):
         train_steps: int = 8,
         validation_size: int | None = None,
         reward_metric: str = "metric",
+        reward_normalisation: str = "none",
         stochastic_validation: bool = True,
         baseline_decay: float = 0.9,
         reward_baseline: str = "moving_average",
@@ -256,6 +266,16 @@ class TaskAmenabilityEnv(gym.Env):
             raise ValueError(f"reward_baseline must be one of {REWARD_BASELINES}, got {reward_baseline!r}")
         if reward_metric not in REWARD_METRICS:
             raise ValueError(f"reward_metric must be one of {REWARD_METRICS}, got {reward_metric!r}")
+        if reward_normalisation not in REWARD_NORMALISATIONS:
+            raise ValueError(
+                f"reward_normalisation must be one of {REWARD_NORMALISATIONS}, got {reward_normalisation!r}"
+            )
+        if reward_normalisation == "class_log" and (reward_metric != "loss" or self.reward_name == "fixed"):
+            raise ValueError(
+                "reward_normalisation='class_log' needs reward_metric='loss' (the log of a 0/1 error is not "
+                "defined) and the weighted or selective reward (it compares images with each other; the fixed "
+                f"reward has no per-image credit), got reward_metric={reward_metric!r}, reward={self.reward_name!r}"
+            )
         lo, hi = (float(b) for b in mean_selection_bounds)
         if not (0.0 <= lo <= hi <= 1.0):
             raise ValueError(
@@ -267,7 +287,9 @@ class TaskAmenabilityEnv(gym.Env):
             raise ValueError(f"predictor_lr must be a positive number, got {predictor_lr!r}")
         if predictor_warmup_steps < 0:
             raise ValueError(f"predictor_warmup_steps must be >= 0, got {predictor_warmup_steps!r}")
-        if not (isinstance(predictor_average, (int, float)) and 0.0 <= predictor_average < 1.0):
+        if isinstance(predictor_average, bool) or not (
+            isinstance(predictor_average, (int, float)) and 0.0 <= predictor_average < 1.0
+        ):
             raise ValueError(
                 f"predictor_average must be a decay in [0, 1) (0: no average), got {predictor_average!r}"
             )
@@ -278,6 +300,7 @@ class TaskAmenabilityEnv(gym.Env):
         self.batch_size = int(batch_size)
         self.train_steps = int(train_steps)
         self.reward_metric = reward_metric
+        self.reward_normalisation = reward_normalisation
         self.reward_baseline = reward_baseline
         self.validation_refresh = bool(validation_refresh)
         self.stochastic_validation = bool(stochastic_validation)
@@ -532,6 +555,9 @@ class TaskAmenabilityEnv(gym.Env):
                 self._draw_train_batch()
             elif self.uses_validation_phase:
                 self._validation_losses = self._compute_validation_losses()
+                if self.reward_normalisation == "class_log":
+                    classes = self.validation_set.labels[self._validation_order]
+                    self._validation_losses = class_log_losses(self._validation_losses, classes)
                 self._phase = "validation"
                 self._set_validation_batch(0)
             else:
@@ -677,7 +703,9 @@ class TaskAmenabilityEnv(gym.Env):
                 "this release reads format_version 2 (it also holds the predictor's weight average): "
                 "start the run again"
             )
-        saved, mine = state.get("settings", {}), self._state_settings()
+        # States written before a setting existed had its default.
+        saved = {"reward_normalisation": "none", **state.get("settings", {})}
+        mine = self._state_settings()
         differ = [f"{k}: saved {saved.get(k)!r}, this env {v!r}" for k, v in mine.items() if saved.get(k) != v]
         if differ:
             raise ValueError(
@@ -737,4 +765,5 @@ class TaskAmenabilityEnv(gym.Env):
             "validation_images": len(self.validation_set),
             "image_shape": [int(s) for s in self.train_set.image_shape],
             "predictor_average": self.predictor_average,
+            "reward_normalisation": self.reward_normalisation,
         }

@@ -13,6 +13,13 @@ see ``TaskAmenabilityEnv(reward_metric=...)``).  Higher rewards are better.
   rewards shrinking every score, which drives the controller to ``h = 0``.
 - ``selective``: ``R = -mean`` of ``l_j`` over the validation images that
   are kept after removing the ``rejection_ratio`` lowest-scored.
+
+:func:`class_log_losses` is an optional normalisation of the ``l_j`` before
+the weighted and selective rewards (``TaskAmenabilityEnv(reward_normalisation=
+"class_log")``): each loss as the log of its ratio to the geometric-mean loss
+of its class, so that a controller is not rewarded for scoring a whole class
+low because the predictor finds that class harder
+(``docs/design-decisions.md``).
 """
 
 from __future__ import annotations
@@ -23,6 +30,10 @@ import numbers
 import numpy as np
 
 REWARD_NAMES: tuple[str, ...] = ("fixed", "weighted", "selective")
+REWARD_NORMALISATIONS: tuple[str, ...] = ("none", "class_log")
+#: Losses below this are taken as this before their log (a confident, right
+#: prediction's cross-entropy can be 0 in float32).
+LOG_LOSS_FLOOR = 1e-4
 
 
 def check_reward(reward: str) -> str:
@@ -61,6 +72,33 @@ def weighted_reward(losses: np.ndarray, weights: np.ndarray) -> float:
     if total <= 0.0:
         return -float(np.mean(losses))
     return -float(np.dot(weights, losses) / total)
+
+
+def class_log_losses(losses: np.ndarray, classes: np.ndarray, floor: float = LOG_LOSS_FLOOR) -> np.ndarray:
+    """``log(max(l_j, floor))`` minus its mean over the items of the same class.
+
+    The values are the log of each loss's ratio to its class's geometric-mean
+    loss: an image counts as easy or hard *for its class*.  Without it, the
+    weighted and selective rewards also reward scoring a whole class low when
+    the predictor finds that class harder (a rarer class, say), which is a
+    property of the class, not of the image's quality.  ``losses`` must be
+    finite and >= 0 (per-sample training losses, not 0/1 errors, whose log
+    is not defined), ``classes`` one label per loss.
+    """
+    losses = np.asarray(losses, dtype=np.float64)
+    classes = np.asarray(classes)
+    if losses.ndim != 1 or classes.shape != losses.shape:
+        raise ValueError(
+            f"class_log_losses needs one class per loss, got losses of shape {losses.shape} "
+            f"and classes of shape {classes.shape}"
+        )
+    if not np.all(np.isfinite(losses)) or np.any(losses < 0):
+        raise ValueError("class_log_losses needs finite losses >= 0 (per-sample training losses)")
+    values = np.log(np.maximum(losses, floor))
+    for c in np.unique(classes):
+        members = classes == c
+        values[members] -= values[members].mean()
+    return values
 
 
 def kept_by_rejection(scores: np.ndarray, rejection_ratio: float) -> np.ndarray:

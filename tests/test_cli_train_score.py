@@ -38,6 +38,28 @@ def test_train_then_score(tiny_synthetic_path, tmp_path, capsys):
     assert scores[rejected].max() <= scores[~rejected].min()
 
 
+def test_train_passes_env_and_agent_arguments(tiny_synthetic_path, tmp_path, capsys):
+    """``--env-kwargs`` / ``--agent-kwargs`` reach the env and the algorithm, and the run records them."""
+    base = ["train", "--dataset", str(tiny_synthetic_path), "--steps", "16", "--batch-size", "8",
+            "--device", "cpu", "--no-progress"]
+    run = tmp_path / "run"
+    assert main([*base, "--out", str(run), "--env-kwargs", '{"reward_normalisation": "none"}',
+                 "--agent-kwargs", '{"controller_average": 0.5}']) == 0
+    config = json.loads((run / "config.json").read_text())
+    assert config["env_kwargs"] == {"reward_normalisation": "none"}
+    assert config["agent_kwargs"] == {"controller_average": 0.5}
+    capsys.readouterr()
+    # A setting the env does not know is the env's own one-line error.
+    assert main([*base, "--out", str(tmp_path / "bad"), "--env-kwargs", '{"reward_normalisation": "z"}']) == 2
+    err = capsys.readouterr().err.strip()
+    assert "reward_normalisation must be one of" in err and len(err.splitlines()) == 1
+    assert main([*base, "--out", str(tmp_path / "bad"), "--agent-kwargs", '{"controller_average": 1.5}']) == 2
+    assert "controller_average" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*base, "--out", str(tmp_path / "bad"), "--agent-kwargs", "[1]"])
+    assert "argument --agent-kwargs: must be a JSON object" in capsys.readouterr().err
+
+
 def test_score_a_folder_of_images(tiny_synthetic, tmp_path):
     from PIL import Image
 

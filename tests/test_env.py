@@ -188,6 +188,10 @@ def test_out_of_range_actions_are_clipped(tiny_synthetic):
         (dict(mean_selection_bounds=(0.8, 0.2)), "mean_selection_bounds"),
         (dict(device="tpu"), "device must be"),
         (dict(predictor_average=1.0), r"predictor_average must be a decay in \[0, 1\)"),
+        (dict(predictor_average=True), r"predictor_average must be a decay in \[0, 1\)"),
+        (dict(reward_normalisation="z"), "reward_normalisation must be one of"),
+        (dict(reward_normalisation="class_log"), "needs reward_metric='loss'"),
+        (dict(reward_normalisation="class_log", reward_metric="loss", reward="fixed"), "the weighted or selective"),
     ],
 )
 def test_bad_settings_raise_clear_errors(tiny_synthetic, kwargs, message):
@@ -407,6 +411,33 @@ def test_non_selective_baseline_measures_what_selection_adds(tiny_synthetic):
     assert rewards == [0.0] * env.validation_steps
     with pytest.raises(ValueError, match="reward_baseline must be one of"):
         make(tiny_synthetic, reward_baseline="median")
+
+
+@pytest.mark.parametrize("reward", ["weighted", "selective"])
+def test_class_log_normalisation_is_what_the_rewards_use(tiny_synthetic, reward):
+    """``reward_normalisation="class_log"``: the validation phase's losses are log-losses centred per class,
+    and the rewards are computed from them (same seed, same actions: only the normalisation differs)."""
+    from iqa_env.rewards import class_log_losses
+
+    runs = {}
+    for normalisation in ("none", "class_log"):
+        env = TaskAmenabilityEnv(
+            tiny_synthetic,
+            **{**TINY, "reward": reward, "reward_metric": "loss", "reward_normalisation": normalisation},
+        )
+        env.reset(seed=0)
+        for _ in range(env.train_steps):
+            env.step(np.ones(8))
+        losses = env._validation_losses.copy()
+        _, _, _, _, info = env.step(np.linspace(0.05, 0.95, 8))
+        runs[normalisation] = losses, info["raw_reward"], env
+    (plain, plain_raw, env), (normalised, normalised_raw, _) = runs["none"], runs["class_log"]
+    classes = env.validation_set.labels[env._validation_order]
+    assert len(np.unique(classes)) == 2
+    assert normalised == pytest.approx(class_log_losses(plain, classes))
+    for c in (0, 1):
+        assert normalised[classes == c].mean() == pytest.approx(0.0, abs=1e-9)
+    assert normalised_raw != pytest.approx(plain_raw)
 
 
 def test_predictor_average_is_what_the_rewards_and_evaluate_use(tiny_synthetic):

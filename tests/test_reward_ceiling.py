@@ -18,8 +18,10 @@ def test_the_loss_of_a_predictor_ranks_visible_degradations_and_not_random_label
     curve = result["curve"]
     assert [point["updates"] for point in curve] == [50, 100, 150]
     assert curve[-1]["auroc_neg_loss"] >= 0.9
+    assert curve[-1]["auroc_class_log"] >= 0.9
     assert fit_controller(result["env"], result["holdout"], "classification", steps=100) >= 0.9
     assert fit_controller(result["env"], result["holdout"], "classification", steps=100, target="ground_truth") >= 0.9
+    assert fit_controller(result["env"], result["holdout"], "classification", steps=100, target="class_log_loss") >= 0.9
     with pytest.raises(ValueError, match="target must be one of"):
         fit_controller(result["env"], result["holdout"], "classification", target="labels")
     # The same images with the amenability labels shuffled: no ranking to find.
@@ -55,7 +57,8 @@ def test_reward_ceiling_cli_writes_every_run(tiny_synthetic_path, tmp_path, caps
                  "--fit-steps", "2", "--json", str(out), "--plot", str(tmp_path / "ceiling.png")])
     assert code == 0
     text = capsys.readouterr().out
-    assert "controller fitted to these losses" in text and "fitted to the ground truth" in text
+    assert "controller fitted to these losses" in text and "to the ground truth" in text
+    assert "compared within each class" in text
     runs = json.loads(out.read_text())["runs"]
     assert [(r["controller"], r["seed"]) for r in runs] == [("all", 0), ("oracle", 0)]
     assert all(len(r["curve"]) == 2 for r in runs)
@@ -88,8 +91,8 @@ def test_reward_ceiling_cli_passes_env_settings_and_picks_controllers(tiny_synth
         (["--steps", "0"], "must be a positive integer"),
         (["--eval-every", "-1"], "must be a positive integer"),
         (["--seeds", "0"], "must be a positive integer"),
-        (["--env-kwargs", "{predictor_augment: 1}"], "--env-kwargs is not valid JSON"),
-        (["--env-kwargs", "[1]"], "--env-kwargs must be a JSON object"),
+        (["--env-kwargs", "{predictor_augment: 1}"], "argument --env-kwargs: not valid JSON"),
+        (["--env-kwargs", "[1]"], "argument --env-kwargs: must be a JSON object"),
     ],
 )
 def test_reward_ceiling_cli_refuses_impossible_settings(argv, message, capsys):

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from iqa_env.rewards import (
+    LOG_LOSS_FLOOR,
     MovingAverageBaseline,
+    class_log_losses,
     fixed_reward,
     kept_by_rejection,
     selective_reward,
@@ -48,3 +50,40 @@ def test_moving_average_baseline_follows_the_paper():
     assert b.update(5.0, key=3) == 0.0 and b.value(3) == 5.0
     with pytest.raises(ValueError, match="decay"):
         MovingAverageBaseline(1.0)
+
+
+def test_class_log_losses_compare_images_within_their_class():
+    losses = np.array([0.1, 1.0, 0.01, 0.5, 0.05])
+    classes = np.array([0, 0, 1, 1, 1])
+    values = class_log_losses(losses, classes)
+    # log(l) minus its class mean: each class averages to 0, order within a class is kept.
+    expected = np.log(losses)
+    expected[:2] -= np.log(losses[:2]).mean()
+    expected[2:] -= np.log(losses[2:]).mean()
+    assert values == pytest.approx(expected)
+    # A class the predictor finds 10x harder gets the same values: a whole class is not "worse".
+    harder = losses * np.where(classes == 1, 10.0, 1.0)
+    assert class_log_losses(harder, classes) == pytest.approx(values)
+    # Without it, the weighted reward prefers weighting the easier class.
+    w_class0 = (classes == 0).astype(float)
+    assert weighted_reward(harder, w_class0) > weighted_reward(harder, 1 - w_class0)
+    # With it, keeping a whole class earns nothing over keeping the other: both average 0.
+    normalised = class_log_losses(harder, classes)
+    assert weighted_reward(normalised, w_class0) == pytest.approx(0.0, abs=1e-12)
+    assert weighted_reward(normalised, 1 - w_class0) == pytest.approx(0.0, abs=1e-12)
+    # A loss of exactly 0 (a float32 cross-entropy can be) is taken at the floor, not -inf.
+    zero = class_log_losses(np.array([0.0, LOG_LOSS_FLOOR]), np.array([1, 1]))
+    assert zero.tolist() == [0.0, 0.0]
+
+
+@pytest.mark.parametrize(
+    "losses, classes, message",
+    [
+        (np.array([0.1, np.nan]), np.array([0, 1]), "finite losses >= 0"),
+        (np.array([0.1, -1.0]), np.array([0, 1]), "finite losses >= 0"),
+        (np.array([0.1, 0.2]), np.array([0, 1, 1]), "one class per loss"),
+    ],
+)
+def test_class_log_losses_refuses_bad_input(losses, classes, message):
+    with pytest.raises(ValueError, match=message):
+        class_log_losses(losses, classes)

@@ -58,6 +58,8 @@ def test_seed_study_time_limit_stops_every_run_and_says_so(tiny_synthetic_path, 
         (["--time-limit", "0"], "time_limit_s must be a positive number of seconds"),
         (["--first-seed", "-1"], "--first-seed >= 0, got 8 and -1"),
         (["--seeds", "0"], "--seeds must be >= 1"),
+        (["--env-kwargs", "{batch_size: 8}"], "argument --env-kwargs: not valid JSON"),
+        (["--agent-kwargs", "[1]"], "argument --agent-kwargs: must be a JSON object"),
     ],
 )
 def test_seed_study_refuses_impossible_settings(argv, message, capsys):

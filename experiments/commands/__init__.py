@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import textwrap
+from typing import Any
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -45,4 +47,15 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def json_object(text: str) -> dict[str, Any]:
+    """``type=`` of options that take a JSON object of keyword arguments (``--env-kwargs``, ``--agent-kwargs``)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object of keyword arguments, got {text!r}")
     return value

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from experiments.commands import HelpFormatter
+from experiments.commands import HelpFormatter, json_object
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -53,6 +53,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="discard a run already in --out (checkpoint, summary, controller) and train from the start",
     )
+    p.add_argument(
+        "--env-kwargs",
+        type=json_object,
+        default={},
+        help="JSON object of TaskAmenabilityEnv arguments over the algorithm's recommended ones, "
+        'e.g. \'{"reward_normalisation": "none"}\' (docs/environment.md lists them)',
+    )
+    p.add_argument(
+        "--agent-kwargs",
+        type=json_object,
+        default={},
+        help="JSON object of algorithm arguments over agents.default_kwargs, "
+        'e.g. \'{"learning_rate": 3e-4, "policy_kwargs": {"initial_selection_probability": 0.5}}\'',
+    )
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--out", required=True, help="run folder (created)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -75,6 +89,8 @@ def run(args: argparse.Namespace) -> int:
         eval_every=args.eval_every,
         checkpoint_every=args.checkpoint_every,
         device=args.device,
+        env_kwargs=args.env_kwargs,
+        agent_kwargs=args.agent_kwargs,
     )
     summary = train(config, args.out, progress=not args.no_progress, overwrite=args.overwrite)
     if summary.get("already_finished"):
