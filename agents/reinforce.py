@@ -15,7 +15,11 @@ from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedul
 from stable_baselines3.common.utils import safe_mean
 
 from agents.policies import BernoulliSelectionPolicy
-from iqa_env.networks import update_weight_average, weight_average_of
+from iqa_env.networks import (
+    check_average_decay,
+    update_weight_average,
+    weight_average_of,
+)
 
 SelfREINFORCE = TypeVar("SelfREINFORCE", bound="REINFORCE")
 
@@ -116,12 +120,7 @@ class REINFORCE(BaseAlgorithm):
             raise ValueError(f"credit must be one of {CREDITS}, got {credit!r}")
         if not 0.0 <= gamma <= 1.0:
             raise ValueError(f"gamma must be in [0, 1], got {gamma!r}")
-        if isinstance(controller_average, bool) or not (
-            isinstance(controller_average, (int, float)) and 0.0 <= controller_average < 1.0
-        ):
-            raise ValueError(
-                f"controller_average must be a decay in [0, 1) (0: no average), got {controller_average!r}"
-            )
+        controller_average = check_average_decay("controller_average", controller_average)
         if n_steps is None:
             assert self.env is not None
             try:
@@ -139,7 +138,7 @@ class REINFORCE(BaseAlgorithm):
         self.normalize_returns = normalize_returns
         self.ent_coef = ent_coef
         self.max_grad_norm = max_grad_norm
-        self.controller_average = float(controller_average)
+        self.controller_average = controller_average
         self.average_policy: BernoulliSelectionPolicy | None = None
         self._return_sq = 1.0  # running second moment of the returns
         if _init_setup_model:

@@ -12,7 +12,12 @@ import torch
 from gymnasium import spaces
 
 from iqa_env.data.dataset import ImageDataset
-from iqa_env.networks import to_float, update_weight_average, weight_average_of
+from iqa_env.networks import (
+    check_average_decay,
+    to_float,
+    update_weight_average,
+    weight_average_of,
+)
 from iqa_env.rewards import (
     REWARD_NORMALISATIONS,
     MovingAverageBaseline,
@@ -287,12 +292,7 @@ class TaskAmenabilityEnv(gym.Env):
             raise ValueError(f"predictor_lr must be a positive number, got {predictor_lr!r}")
         if predictor_warmup_steps < 0:
             raise ValueError(f"predictor_warmup_steps must be >= 0, got {predictor_warmup_steps!r}")
-        if isinstance(predictor_average, bool) or not (
-            isinstance(predictor_average, (int, float)) and 0.0 <= predictor_average < 1.0
-        ):
-            raise ValueError(
-                f"predictor_average must be a decay in [0, 1) (0: no average), got {predictor_average!r}"
-            )
+        predictor_average = check_average_decay("predictor_average", predictor_average)
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(
                 f"render_mode must be None or one of {self.metadata['render_modes']}, got {render_mode!r}"
@@ -309,7 +309,7 @@ class TaskAmenabilityEnv(gym.Env):
         self.predictor_lr = float(predictor_lr)
         self.predictor_warmup_steps = int(predictor_warmup_steps)
         self.predictor_augment = bool(predictor_augment)
-        self.predictor_average = float(predictor_average)
+        self.predictor_average = predictor_average
         self.reinitialise_predictor_on_seed = bool(reinitialise_predictor_on_seed)
         self.render_mode = render_mode
         self.device = resolve_device(device)

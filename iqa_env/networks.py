@@ -20,6 +20,13 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
     return images.float()
 
 
+def check_average_decay(name: str, decay: object) -> float:
+    """``decay`` as a float if it is a number in [0, 1) (0: no average); else ``ValueError`` naming ``name``."""
+    if isinstance(decay, bool) or not (isinstance(decay, (int, float)) and 0.0 <= decay < 1.0):
+        raise ValueError(f"{name} must be a decay in [0, 1) (0: no average), got {decay!r}")
+    return float(decay)
+
+
 def weight_average_of(model: nn.Module) -> nn.Module:
     """A new weight average of ``model``: a frozen copy in eval mode, to update with :func:`update_weight_average`."""
     return copy.deepcopy(model).requires_grad_(False).eval()
