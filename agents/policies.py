@@ -413,7 +413,14 @@ class BernoulliSelectionPolicy(BasePolicy):
 
     def log_prob(self, obs: torch.Tensor, selection: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean per-image ``log pi = a log h + (1 - a) log(1 - h)`` over valid images, and the entropy, ``(N,)`` each."""
-        dist = torch.distributions.Bernoulli(logits=self.logits(obs))
+        return self.log_prob_of_logits(self.logits(obs), selection, valid)
+
+    @staticmethod
+    def log_prob_of_logits(
+        logits: torch.Tensor, selection: torch.Tensor, valid: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`log_prob` from logits already computed by :meth:`logits`."""
+        dist = torch.distributions.Bernoulli(logits=logits)
         weights = valid.float() / valid.float().sum(dim=1, keepdim=True).clamp_min(1.0)
         return (dist.log_prob(selection.float()) * weights).sum(1), (dist.entropy() * weights).sum(1)
 

@@ -26,6 +26,25 @@ SelfREINFORCE = TypeVar("SelfREINFORCE", bound="REINFORCE")
 CREDITS: tuple[str, ...] = ("causal", "validation", "return")
 
 
+def between_class_variance(logits: torch.Tensor, classes: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Per batch, the variance of the valid images' logits explained by their class, ``(N,)``.
+
+    ``sum_c (n_c / n) (m_c - m)^2`` with ``m_c`` the mean logit of the ``n_c``
+    valid images of class ``c`` and ``m`` that of all ``n``: 0 when every class
+    has the same mean score, whatever the ranking within each class.
+    ``logits`` ``(N, B)`` float, ``classes`` ``(N, B)`` integer labels >= 0,
+    ``valid`` ``(N, B)`` bool.
+    """
+    weights = valid.to(logits.dtype)
+    n = weights.sum(dim=1).clamp_min(1.0)
+    mean = (logits * weights).sum(dim=1) / n
+    one_hot = torch.nn.functional.one_hot(classes.long(), int(classes.max()) + 1).to(logits.dtype)
+    one_hot = one_hot * weights.unsqueeze(-1)  # (N, B, K)
+    counts = one_hot.sum(dim=1)  # (N, K)
+    class_means = (one_hot * logits.unsqueeze(-1)).sum(dim=1) / counts.clamp_min(1.0)
+    return (counts / n.unsqueeze(1) * (class_means - mean.unsqueeze(1)) ** 2).sum(dim=1)
+
+
 class REINFORCE(BaseAlgorithm):
     """REINFORCE (Williams, 1992) as used by Saeed et al., IPMI 2021 (https://arxiv.org/abs/2102.07615).
 
@@ -65,6 +84,12 @@ class REINFORCE(BaseAlgorithm):
     :param normalize_returns: divide the returns by their running standard deviation
     :param ent_coef: weight of the Bernoulli entropy bonus
     :param max_grad_norm: gradient clipping norm
+    :param class_balance: weight of a penalty on the *class* separation of the scores: the
+        variance of each batch's selection logits explained by the images' class labels
+        (:func:`between_class_variance`, labels from ``info["classes"]``), added to the loss.
+        It keeps the controller from scoring a whole class low (and so the predictor's
+        training set from losing that class) when the target of the ranking is the quality of
+        the images within their class.  0: no penalty, and the env need not report classes.
     :param controller_average: decay of an exponential moving average of the policy's weights,
         updated after every gradient step (0: none).  When set, :attr:`average_policy` holds it and
         the exported :class:`~agents.Controller` (``Controller.from_agent``) is the average: the
@@ -94,6 +119,7 @@ class REINFORCE(BaseAlgorithm):
         normalize_returns: bool = True,
         ent_coef: float = 0.0,
         max_grad_norm: float = 1.0,
+        class_balance: float = 0.0,
         controller_average: float = 0.0,
         stats_window_size: int = 100,
         tensorboard_log: str | None = None,
@@ -121,6 +147,9 @@ class REINFORCE(BaseAlgorithm):
         if not 0.0 <= gamma <= 1.0:
             raise ValueError(f"gamma must be in [0, 1], got {gamma!r}")
         controller_average = check_average_decay("controller_average", controller_average)
+        class_balance = float(class_balance)
+        if not (np.isfinite(class_balance) and class_balance >= 0):
+            raise ValueError(f"class_balance must be a finite number >= 0, got {class_balance!r}")
         if n_steps is None:
             assert self.env is not None
             try:
@@ -138,6 +167,7 @@ class REINFORCE(BaseAlgorithm):
         self.normalize_returns = normalize_returns
         self.ent_coef = ent_coef
         self.max_grad_norm = max_grad_norm
+        self.class_balance = class_balance
         self.controller_average = controller_average
         self.average_policy: BernoulliSelectionPolicy | None = None
         self._return_sq = 1.0  # running second moment of the returns
@@ -162,7 +192,7 @@ class REINFORCE(BaseAlgorithm):
         """``n_steps`` steps in every env; returns the arrays :meth:`train` needs (None if stopped)."""
         assert self.env is not None and self._last_obs is not None
         n_envs = self.env.num_envs
-        obs_buf, sel_buf, valid_buf = [], [], []
+        obs_buf, sel_buf, valid_buf, class_buf = [], [], [], []
         rew_buf = np.zeros((self.n_steps, n_envs))
         done_buf = np.zeros((self.n_steps, n_envs), dtype=bool)
         validation_buf = np.zeros((self.n_steps, n_envs), dtype=bool)
@@ -184,6 +214,14 @@ class REINFORCE(BaseAlgorithm):
                     "REINFORCE needs the env to draw the Bernoulli selections and report them in "
                     "info['selection'] (as TaskAmenability-v0 does); this env does not"
                 )
+            if self.class_balance > 0:
+                if any("classes" not in info for info in infos):
+                    raise ValueError(
+                        "REINFORCE with class_balance > 0 needs the env to report the class labels of "
+                        "each step's batch in info['classes'] (as TaskAmenability-v0 does); this env "
+                        "does not: use class_balance=0"
+                    )
+                class_buf.append(np.stack([info["classes"] for info in infos]))
             obs_buf.append(obs)
             sel_buf.append(np.stack([info["selection"] for info in infos]))
             valid_buf.append(np.stack([info.get("valid", np.ones_like(info["selection"])) for info in infos]))
@@ -191,12 +229,15 @@ class REINFORCE(BaseAlgorithm):
             rew_buf[t], done_buf[t] = rewards, dones
             self._last_obs = new_obs  # type: ignore[assignment]
         callback.on_rollout_end()
-        return {
+        rollout = {
             "observations": np.stack(obs_buf),
             "selections": np.stack(sel_buf),
             "valid": np.stack(valid_buf),
             "returns": self._returns(rew_buf, done_buf, validation_buf),
         }
+        if class_buf:
+            rollout["classes"] = np.stack(class_buf)
+        return rollout
 
     def _returns(self, rewards: np.ndarray, dones: np.ndarray, validation: np.ndarray) -> np.ndarray:
         returns = np.zeros_like(rewards)
@@ -231,15 +272,22 @@ class REINFORCE(BaseAlgorithm):
         selections = torch.as_tensor(rollout["selections"], device=self.device).reshape(obs.shape[0], -1)
         valid = torch.as_tensor(rollout["valid"], device=self.device).reshape(obs.shape[0], -1)
         advantages = torch.as_tensor(returns, device=self.device, dtype=torch.float32)
+        classes = None
+        if self.class_balance > 0:
+            classes = torch.as_tensor(rollout["classes"], device=self.device).reshape(obs.shape[0], -1)
         size = self.minibatch_steps or obs.shape[0]
         order = np.random.permutation(obs.shape[0])
         for start in range(0, obs.shape[0], size):
             idx = torch.as_tensor(order[start : start + size], device=self.device)
             # Score function estimator: grad E[R] = E[(R - b) grad log pi(a | s)].
-            log_prob, entropy = self.policy.log_prob(obs[idx], selections[idx], valid[idx])
+            logits = self.policy.logits(obs[idx])
+            log_prob, entropy = self.policy.log_prob_of_logits(logits, selections[idx], valid[idx])
             policy_loss = -(advantages[idx] * log_prob).mean()
             entropy_loss = -entropy.mean()
             loss = policy_loss + self.ent_coef * entropy_loss
+            if classes is not None:
+                class_loss = between_class_variance(logits, classes[idx], valid[idx]).mean()
+                loss = loss + self.class_balance * class_loss
             self.policy.optimizer.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
@@ -249,6 +297,8 @@ class REINFORCE(BaseAlgorithm):
                 update_weight_average(self.average_policy, self.policy, self.controller_average, self._n_updates)
         self.logger.record("train/policy_loss", float(policy_loss.detach()))
         self.logger.record("train/entropy", float(-entropy_loss.detach()))
+        if classes is not None:
+            self.logger.record("train/class_variance", float(class_loss.detach()))
         self.logger.record("train/return_std", float(np.sqrt(self._return_sq)))
         self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
 

@@ -209,12 +209,17 @@ class Stage:
 
     def identity(self) -> dict[str, Any]:
         from agents import recommended_env_kwargs
+        from agents.factory import VALIDATION_REWARD_DEFAULTS
 
-        # The baseline ignores the reward and the algorithm: it has neither. The env settings that the
-        # defaults add count too, so that a stage finished by a checkout with other defaults is not reused.
+        # The baseline ignores the reward and the algorithm: it has neither. The env and algorithm
+        # settings that the defaults add count too, so that a stage finished by a checkout with other
+        # defaults is not reused.
         fields = _identity(self.config, ("reward", "algo") if self.kind == "baseline" else ())
         settings = _plain(recommended_env_kwargs(self.config.algo, self.config.reward))
-        return {"kind": self.kind, **fields, "env_settings": settings}
+        identity = {"kind": self.kind, **fields, "env_settings": settings}
+        if self.kind != "baseline" and self.config.reward != "fixed":
+            identity["agent_settings"] = _plain(VALIDATION_REWARD_DEFAULTS.get(self.config.algo, {}))
+        return identity
 
 
 def make_stage(out: Path, kind: str, config: TrainConfig, label: str) -> Stage:
@@ -681,6 +686,8 @@ def command_line(name: str, options: dict[str, Any]) -> str:
             continue
         if value is True:
             argv.append(flag)
+        elif isinstance(value, dict):
+            argv += [flag, json.dumps(value, sort_keys=True)]
         elif isinstance(value, (list, tuple)):
             argv += [flag, *map(str, value)]
         else:
@@ -1038,6 +1045,8 @@ def reproduce(
     device: str = "auto",
     overrides: dict[str, Any] | None = None,
     random_draws: int = RANDOM_DRAWS,
+    env_kwargs: dict[str, Any] | None = None,
+    agent_kwargs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) the paper's experiment into ``out``; returns what it writes to ``out/results.json``.
 
@@ -1052,9 +1061,15 @@ def reproduce(
     :param device: ``auto``, ``cpu`` or ``cuda[:N]``
     :param overrides: further TrainConfig fields (or ``seeds``) over the budget (tests use it for tiny runs)
     :param random_draws: random rejections per ratio behind the random band
+    :param env_kwargs: ``TaskAmenabilityEnv`` arguments over the recommended ones, for every run
+    :param agent_kwargs: arguments of the algorithm over its defaults, for every trained run
     """
     task_names = check_tasks(tasks)
-    base, default_seeds = budget_config(quick, dataset, algo, steps, device, overrides)
+    fields = dict(overrides or {})
+    for name, extra in (("env_kwargs", env_kwargs), ("agent_kwargs", agent_kwargs)):
+        if extra:
+            fields[name] = {**fields.get(name, {}), **extra}
+    base, default_seeds = budget_config(quick, dataset, algo, steps, device, fields)
     seed_list = check_seeds(default_seeds if seeds is None else seeds)
     options = {
         "dataset": dataset,
@@ -1063,6 +1078,8 @@ def reproduce(
         "seeds": seeds,
         "algo": algo,
         "steps": steps,
+        "env_kwargs": env_kwargs or None,
+        "agent_kwargs": agent_kwargs or None,
     }
     runs = [{"label": r, "reward": r} for r in REWARDS]
     folder, results = run_experiment(

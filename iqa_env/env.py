@@ -112,6 +112,10 @@ class TaskAmenabilityEnv(gym.Env):
 
     So any RL algorithm, from any library, trains with any reward through
     ``step()`` alone: the controller's validation scores are its actions.
+    Each step's ``info`` describes the batch the action was applied to:
+    ``selection`` (the Bernoulli draws), ``valid`` and ``classes`` (the
+    images' class labels, which an agent may use to keep its scores
+    neutral between classes, e.g. REINFORCE's ``class_balance``).
 
     ## Action Space
 
@@ -483,6 +487,11 @@ class TaskAmenabilityEnv(gym.Env):
         source = self._train_images if self._phase == "train" else self._validation_images
         return source[self._batch_indices]
 
+    def _batch_classes(self) -> np.ndarray:
+        """Class labels of the images of the current observation, ``(B,)`` int64."""
+        source = self.train_set if self._phase == "train" else self.validation_set
+        return np.asarray(source.labels[self._batch_indices], dtype=np.int64)
+
     # -------------------------------------------------------------- gym API
     def reset(
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
@@ -540,6 +549,7 @@ class TaskAmenabilityEnv(gym.Env):
         if self._needs_reset:
             raise RuntimeError("call reset() before step(), and again after an episode has ended")
         p = self._check_action(action)
+        classes = self._batch_classes()
         selection = self.np_random.random(self.batch_size) < p
         self._last_action, self._last_selection = p, selection
         valid = self._batch_valid
@@ -556,8 +566,8 @@ class TaskAmenabilityEnv(gym.Env):
             elif self.uses_validation_phase:
                 self._validation_losses = self._compute_validation_losses()
                 if self.reward_normalisation == "class_log":
-                    classes = self.validation_set.labels[self._validation_order]
-                    self._validation_losses = class_log_losses(self._validation_losses, classes)
+                    validation_classes = self.validation_set.labels[self._validation_order]
+                    self._validation_losses = class_log_losses(self._validation_losses, validation_classes)
                 self._phase = "validation"
                 self._set_validation_batch(0)
             else:
@@ -604,6 +614,7 @@ class TaskAmenabilityEnv(gym.Env):
             penalty=float(penalty),
             selection=selection,
             valid=valid,
+            classes=classes,
             num_selected=int(selection[valid].sum()),
             mean_selection_probability=mean_p,
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
@@ -178,6 +179,87 @@ def test_reinforce_controller_average_is_the_exported_controller_and_is_saved(da
     agent.save(tmp_path / "agent.zip")
     loaded = REINFORCE.load(tmp_path / "agent.zip", env=_env(dataset))
     np.testing.assert_array_equal(Controller.from_agent(loaded).score(images), exported)
+
+
+def test_between_class_variance_values():
+    from agents.reinforce import between_class_variance
+
+    logits = torch.tensor([[1.0, 3.0, 0.0, 2.0, 9.0], [5.0, 1.0, 5.0, 1.0, 0.0]])
+    classes = torch.tensor([[0, 0, 1, 1, 1], [0, 1, 0, 1, 2]])
+    valid = torch.tensor([[True, True, True, True, False], [True, True, True, True, True]])
+    # Batch 0: class means 2 and 1 (the invalid 9 is left out), overall mean 1.5 -> 0.5*0.25 + 0.5*0.25.
+    # Batch 1: class means 5, 1, 0 with 2, 2, 1 images, overall 2.4 -> (2*2.6^2 + 2*1.4^2 + 2.4^2) / 5.
+    expected = torch.tensor([0.25, (2 * 2.6**2 + 2 * 1.4**2 + 2.4**2) / 5])
+    torch.testing.assert_close(between_class_variance(logits, classes, valid), expected)
+    # The ranking within each class is free: reordering within a class changes nothing.
+    swapped = logits[:, [1, 0, 3, 2, 4]]
+    torch.testing.assert_close(between_class_variance(swapped, classes, valid), expected)
+    same_means = torch.tensor([[0.0, 4.0, 1.0, 3.0, 7.0]])
+    assert float(between_class_variance(same_means, classes[:1], valid[:1])) == 0.0
+
+
+def _class_rollout(dataset, agent, n_batches: int = 6):
+    """A rollout with zero returns on batches of two visibly different classes (dark 0, bright 1)."""
+    rng = np.random.default_rng(0)
+    batch = agent.action_space.shape[0]
+    classes = np.tile(np.arange(batch) % 2, (n_batches, 1))
+    images = np.where(classes[..., None, None, None] == 1, 200, 40).astype(np.uint8)
+    images = images + rng.integers(0, 30, (n_batches, batch, *dataset.images.shape[1:]), dtype=np.uint8)
+    return {
+        "observations": images[:, None],
+        "selections": rng.random((n_batches, 1, batch)) < 0.5,
+        "valid": np.ones((n_batches, 1, batch), dtype=bool),
+        "returns": np.zeros((n_batches, 1)),
+        "classes": classes[:, None],
+    }
+
+
+@pytest.mark.parametrize("class_balance", [0.0, 1.0])
+def test_reinforce_class_balance_pulls_the_class_means_together(dataset, class_balance):
+    """With zero returns the only gradient is the class penalty: it must close the classes' gap, or do nothing."""
+    from stable_baselines3.common.logger import Logger
+
+    from agents.reinforce import between_class_variance
+
+    agent = make_agent("reinforce", _env(dataset), seed=0, class_balance=class_balance, controller_average=0.0)
+    agent.set_logger(Logger(folder=None, output_formats=[]))
+    rollout = _class_rollout(dataset, agent)
+    obs = torch.as_tensor(rollout["observations"][:, 0]).float()
+    classes, valid = torch.as_tensor(rollout["classes"][:, 0]), torch.ones(obs.shape[:2], dtype=torch.bool)
+
+    def variance() -> float:
+        with torch.no_grad():
+            return float(between_class_variance(agent.policy.logits(obs), classes, valid).mean())
+
+    with torch.no_grad():  # make the classes' scores differ clearly to begin with
+        agent.policy.head.linear.weight.mul_(20.0)
+    before = variance()
+    assert before > 0.05
+    for _ in range(30):
+        agent.train(rollout)
+    if class_balance > 0:
+        assert variance() < 0.05 * before
+    else:
+        assert variance() == pytest.approx(before, rel=1e-6)
+
+
+def test_reinforce_class_balance_needs_the_classes(dataset):
+    env = _env(dataset)
+    agent = make_agent("reinforce", env, seed=0, class_balance=1.0)
+    agent.learn(40)  # TaskAmenability-v0 reports them
+    assert agent._n_updates > 0
+    with pytest.raises(ValueError, match=r"class_balance must be a finite number >= 0, got -1"):
+        make_agent("reinforce", env, seed=0, class_balance=-1)
+
+    class NoClasses(gym.Wrapper):
+        def step(self, action):
+            obs, reward, terminated, truncated, info = self.env.step(action)
+            return obs, reward, terminated, truncated, {k: v for k, v in info.items() if k != "classes"}
+
+    agent = make_agent("reinforce", NoClasses(_env(dataset)), seed=0, class_balance=1.0)
+    with pytest.raises(ValueError, match=r"needs the env to report the class labels .* info\['classes'\]"):
+        agent.learn(40)
+    make_agent("reinforce", NoClasses(_env(dataset)), seed=0, class_balance=0.0).learn(40)  # not needed then
 
 
 @pytest.mark.parametrize("decay", [1.0, -0.1, True, "0.9"])

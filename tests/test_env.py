@@ -110,10 +110,15 @@ def test_episode_structure_and_info(tiny_synthetic):
     phases = []
     terminated = False
     while not terminated:
+        acted = info["batch_indices"]  # the batch of the observation the action answers
+        source = env.train_set if info["phase"] == "train" else env.validation_set
         _, _, terminated, _, info = env.step(np.full(env.batch_size, 0.5, np.float32))
         phases.append(info["action_phase"])
         assert info["selection"].dtype == bool and info["selection"].shape == (env.batch_size,)
         assert info["num_selected"] == int(info["selection"][info["valid"]].sum())
+        # The classes are those of the batch acted on, also on the step that starts validation.
+        np.testing.assert_array_equal(info["classes"], source.labels[acted])
+        assert info["classes"].dtype == np.int64
     assert phases == ["train"] * env.train_steps + ["validation"] * env.validation_steps
     # The validation images are padded up to whole batches; padding is marked invalid.
     assert env.validation_steps == int(np.ceil(20 / env.batch_size))

@@ -213,6 +213,13 @@ def test_reproduce_end_to_end_then_resume(tiny_synthetic_path, tmp_path, caplog,
     assert main([*argv[:-2], "--steps", "17", "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert "other settings" in err and "steps" in err and len(err.splitlines()) == 1
+    # --env-kwargs / --agent-kwargs reach every stage's settings: these are other settings too.
+    assert main([*argv, "--agent-kwargs", '{"learning_rate": 0.002}', "--env-kwargs", '{"validation_size": 8}']) == 2
+    err = capsys.readouterr().err.strip()
+    assert "agent_kwargs" in err and "env_kwargs" in err and len(err.splitlines()) == 1
+    with pytest.raises(SystemExit):
+        main([*argv, "--agent-kwargs", "[1]"])
+    assert "argument --agent-kwargs: must be a JSON object" in capsys.readouterr().err
 
     # Stages finished under other default env settings (an older checkout): refused, not reused.
     import agents
@@ -223,6 +230,15 @@ def test_reproduce_end_to_end_then_resume(tiny_synthetic_path, tmp_path, caplog,
     err = capsys.readouterr().err.strip()
     assert "finished with other settings" in err and "env_settings.predictor_average" in err
     assert len(err.splitlines()) == 1
+    # ... and under other default algorithm settings.
+    from agents import factory
+
+    monkeypatch.setattr(agents, "recommended_env_kwargs", recommended)
+    changed = {**factory.VALIDATION_REWARD_DEFAULTS["reinforce"], "class_balance": 0.5}
+    monkeypatch.setitem(factory.VALIDATION_REWARD_DEFAULTS, "reinforce", changed)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "finished with other settings" in err and "agent_settings.class_balance" in err
 
 
 def test_reproduce_killed_mid_run_resumes_from_the_last_finished_stage(tiny_synthetic_path, tmp_path):

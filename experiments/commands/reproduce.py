@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from experiments.commands import HelpFormatter, positive_int
+from experiments.commands import HelpFormatter, json_object, positive_int
 
 
 def default_workers() -> int:
@@ -56,6 +56,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--algo", choices=ALGORITHMS, default=None, help="RL algorithm (default: TrainConfig's, reinforce)")
     add_budget_arguments(p)
+    p.add_argument(
+        "--env-kwargs",
+        type=json_object,
+        default=None,
+        help='JSON object of TaskAmenabilityEnv arguments over the recommended ones, e.g. \'{"validation_size": 300}\'',
+    )
+    p.add_argument(
+        "--agent-kwargs",
+        type=json_object,
+        default=None,
+        help='JSON object of algorithm arguments over its defaults (every trained run), e.g. \'{"learning_rate": 3e-4}\'',
+    )
     p.set_defaults(func=run)
 
 
@@ -72,6 +84,8 @@ def run(args: argparse.Namespace) -> int:
         steps=args.steps,
         workers=args.workers,
         device=args.device,
+        env_kwargs=args.env_kwargs,
+        agent_kwargs=args.agent_kwargs,
     )
     for task, t in results["tasks"].items():
         print(f"{task} ({t['metric']} at {t['paper_rejection_ratio']:.0%} rejection, mean ± st.d. across seeds):")

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 
 from iqa_env.data.dataset import ImageDataset
-from iqa_env.data.validation import DatasetError, field_error, check_array, validate_dataset_fields
+from iqa_env.data.validation import DatasetError, check_array, field_error, validate_dataset_fields
 
 if TYPE_CHECKING:
     import h5py
