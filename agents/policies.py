@@ -333,7 +333,9 @@ class BernoulliSelectionPolicy(BasePolicy):
 
     The action handed to the env is the probability vector itself; the env
     samples the selections and reports them in ``info["selection"]``, and
-    :class:`agents.reinforce.REINFORCE` scores them with :meth:`log_prob`.
+    :class:`agents.reinforce.REINFORCE` scores them with :meth:`log_prob_of_logits`
+    (the logits once, shared with its class penalty; :meth:`log_prob` does the same
+    from observations).
 
     With ``centre_logits`` (the default) the selection logits are centred on
     their batch mean and shifted by the constant ``logit(initial_selection_probability)``:
