@@ -9,7 +9,8 @@ one torch thread each (on 2 cores, two runs at once double the throughput of
 one run with two threads).  As each run ends, a line with its initial and
 final AUROC goes to stderr and ``--json FILE`` is rewritten with the runs
 that have ended, so a study stopped half-way keeps them; the table follows
-at the end.
+at the end, with the mean and st.d. of each run's final holdout scores (a
+saturated or collapsed controller stands out there).
 
 ``--eval-every N`` also prints each run's AUROC every N env steps (a learning
 curve says more than two points), and ``--time-limit S`` stops every run after
@@ -81,6 +82,13 @@ def _fmt(value: float | None) -> str:
     return f"{'-':>8}" if value is None else f"{value:8.3f}"
 
 
+def _spread(summary: dict[str, Any]) -> str:
+    """The final holdout scores' mean and st.d., e.g. ``0.482 (0.000912)``, to compare across seeds."""
+    if "final_score_sd" not in summary:  # summaries written before the field existed
+        return "-"
+    return f"{summary['final_score_mean']:.3f} ({summary['final_score_sd']:.3g})"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--algos", nargs="+", default=["reinforce", "ddpg"])
@@ -143,13 +151,16 @@ def main(argv: list[str] | None = None) -> int:
         write_json(finished)  # a stopped study keeps the runs that ended
 
     summaries = seed_study(args.algos, args.rewards, seeds, base, args.workers, on_result=progress)
-    print(f"{'algo':10} {'reward':10} {'seed':>4} {'initial':>8} {'final':>8} {'steps':>6} {'steps/s':>8}  curve")
+    print(
+        f"{'algo':10} {'reward':10} {'seed':>4} {'initial':>8} {'final':>8} {'steps':>6} {'steps/s':>8} "
+        f"{'score mean (sd)':>16}  curve"
+    )
     for s in summaries:
         c = s["config"]
         curve = " ".join(f"{step}:{'-' if a is None else f'{a:.3f}'}" for step, a in s["auroc_curve"])
         print(
             f"{c['algo']:10} {c['reward']:10} {c['seed']:>4} {_fmt(s['initial_auroc'])} {_fmt(s['final_auroc'])} "
-            f"{s['steps']:>6} {s['steps_per_s']:8.1f}  {curve}"
+            f"{s['steps']:>6} {s['steps_per_s']:8.1f} {_spread(s):>16}  {curve}"
         )
     for a in args.algos:
         for r in args.rewards:

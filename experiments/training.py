@@ -276,7 +276,9 @@ def train(
 
     The summary has the holdout AUROC of the controller against ground-truth
     amenability at initialisation and at the end, and the AUROC curve over
-    training (``auroc_curve``: ``[[step, auroc], ...]``).
+    training (``auroc_curve``: ``[[step, auroc], ...]``), and the mean and
+    standard deviation of the final holdout scores (``final_score_mean``,
+    ``final_score_sd``).
 
     With ``out_dir``, a checkpoint (``out_dir/checkpoint/``, see
     :mod:`experiments.checkpoint`) is written atomically at the first rollout
@@ -467,6 +469,7 @@ def train(
         agent, metadata={"task": config.task, "reward": config.reward, "seed": config.seed}
     )
     final = controller_auroc(controller, holdout, config.task)
+    final_scores = controller.score(holdout.images).astype(np.float64)
     if curve[-1][0] != agent.num_timesteps:
         curve.append((agent.num_timesteps, final))
     summary = {
@@ -477,6 +480,10 @@ def train(
         "steps_per_s": agent.num_timesteps / max(wall, 1e-9),
         "initial_auroc": curve[0][1],
         "final_auroc": final,
+        # How spread the final scores are, to tell a saturated actor (scores at 0 and 1) or a collapsed
+        # one (every score at one value) from one that ranks; compare across seeds of one algorithm.
+        "final_score_mean": float(final_scores.mean()),
+        "final_score_sd": float(final_scores.std()),
         "auroc_curve": [[s, a] for s, a in curve],
         "resumed_from": resumed_from,
         "time_limited": int(agent.num_timesteps) < config.steps,

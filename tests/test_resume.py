@@ -72,6 +72,9 @@ def _check_resumed_run(run: Path, reference: dict, steps: int, every: int, resum
     assert every in curve_steps  # evaluated before the kill, kept through the checkpoint
     # Nothing lost: the resumed run is the uninterrupted one, step for step.
     assert summary["auroc_curve"] == reference["auroc_curve"]
+    assert (summary["final_score_mean"], summary["final_score_sd"]) == (
+        reference["final_score_mean"], reference["final_score_sd"]
+    )
     controller = Controller.load(run / "controller")
     scores = controller.score(dataset.images)
     assert scores.shape == (len(dataset),) and np.all((scores >= 0) & (scores <= 1))

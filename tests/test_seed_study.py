@@ -33,6 +33,12 @@ def test_seed_study_reports_every_seed(tiny_synthetic_path, tmp_path, capsys):
     assert [(r["config"]["reward"], r["config"]["seed"]) for r in runs] == [
         ("weighted", 3), ("weighted", 4), ("selective", 3), ("selective", 4)
     ]
+    # Each row shows how spread the final scores are (saturated or collapsed controllers stand out).
+    for run in runs:
+        assert 0.0 < run["final_score_mean"] < 1.0 and run["final_score_sd"] > 0.0
+        row = next(line for line in lines if f" {run['config']['reward']} " in line
+                   and line.split()[2] == str(run["config"]["seed"]))
+        assert f"{run['final_score_mean']:.3f} ({run['final_score_sd']:.3g})" in row
 
 
 def test_seed_study_time_limit_stops_every_run_and_says_so(tiny_synthetic_path, tmp_path, capsys):
