@@ -152,11 +152,18 @@ def make_env(config: TrainConfig, train_set, validation_set):
 
 def controller_auroc(controller, holdout, task: str) -> float | None:
     """AUROC of the controller's holdout scores against the ground-truth amenable label (None if unknown)."""
+    if task not in holdout.amenability:
+        return None
+    return scores_auroc(controller.score(holdout.images), holdout, task)
+
+
+def scores_auroc(scores: np.ndarray, holdout, task: str) -> float | None:
+    """:func:`controller_auroc` of scores already computed on ``holdout.images``."""
     from iqa_env.metrics import auroc_or_none
 
     if task not in holdout.amenability:
         return None
-    return auroc_or_none(controller.score(holdout.images), holdout.amenable(task))
+    return auroc_or_none(scores, holdout.amenable(task))
 
 
 def _atomic_json(path: Path, data: Any) -> None:
@@ -468,8 +475,8 @@ def train(
     controller = Controller.from_agent(
         agent, metadata={"task": config.task, "reward": config.reward, "seed": config.seed}
     )
-    final = controller_auroc(controller, holdout, config.task)
-    final_scores = controller.score(holdout.images).astype(np.float64)
+    final_scores = controller.score(holdout.images)  # once, for the AUROC and the spread
+    final = scores_auroc(final_scores, holdout, config.task)
     if curve[-1][0] != agent.num_timesteps:
         curve.append((agent.num_timesteps, final))
     summary = {
@@ -482,8 +489,8 @@ def train(
         "final_auroc": final,
         # How spread the final scores are, to tell a saturated actor (scores at 0 and 1) or a collapsed
         # one (every score at one value) from one that ranks; compare across seeds of one algorithm.
-        "final_score_mean": float(final_scores.mean()),
-        "final_score_sd": float(final_scores.std()),
+        "final_score_mean": float(final_scores.mean(dtype=np.float64)),
+        "final_score_sd": float(final_scores.std(dtype=np.float64)),
         "auroc_curve": [[s, a] for s, a in curve],
         "resumed_from": resumed_from,
         "time_limited": int(agent.num_timesteps) < config.steps,
