@@ -63,7 +63,10 @@ class REINFORCE(BaseAlgorithm):
 
     - ``"causal"`` (default): a validation step's scores affect only that
       step's reward (the predictor does not train during validation), so its
-      return is its own reward; a training step's return is the sum of the
+      return is its own reward, as is that of any step whose ``info`` says
+      ``reward_scope == "step"`` (the training steps of the env's ``paired``
+      baseline, whose reward measures that step's selection alone); another
+      training step's return is the sum of the
       rewards after it in the episode (its selection trained the predictor that
       all later validation steps measure).
       Its return is the *mean* of those per-batch rewards, i.e. the paper's
@@ -196,6 +199,7 @@ class REINFORCE(BaseAlgorithm):
         rew_buf = np.zeros((self.n_steps, n_envs))
         done_buf = np.zeros((self.n_steps, n_envs), dtype=bool)
         validation_buf = np.zeros((self.n_steps, n_envs), dtype=bool)
+        own_buf = np.zeros((self.n_steps, n_envs), dtype=bool)
         self.policy.set_training_mode(False)
         callback.on_rollout_start()
         for t in range(self.n_steps):
@@ -226,6 +230,7 @@ class REINFORCE(BaseAlgorithm):
             sel_buf.append(np.stack([info["selection"] for info in infos]))
             valid_buf.append(np.stack([info.get("valid", np.ones_like(info["selection"])) for info in infos]))
             validation_buf[t] = [info.get("action_phase") == "validation" for info in infos]
+            own_buf[t] = [info.get("reward_scope") == "step" or info.get("action_phase") == "validation" for info in infos]
             rew_buf[t], done_buf[t] = rewards, dones
             self._last_obs = new_obs  # type: ignore[assignment]
         callback.on_rollout_end()
@@ -233,13 +238,17 @@ class REINFORCE(BaseAlgorithm):
             "observations": np.stack(obs_buf),
             "selections": np.stack(sel_buf),
             "valid": np.stack(valid_buf),
-            "returns": self._returns(rew_buf, done_buf, validation_buf),
+            "returns": self._returns(rew_buf, done_buf, validation_buf, own_buf),
         }
         if class_buf:
             rollout["classes"] = np.stack(class_buf)
         return rollout
 
-    def _returns(self, rewards: np.ndarray, dones: np.ndarray, validation: np.ndarray) -> np.ndarray:
+    def _returns(
+        self, rewards: np.ndarray, dones: np.ndarray, validation: np.ndarray, own: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Per-step returns; ``own`` marks the steps whose reward measures their own action alone."""
+        own = validation if own is None else own
         returns = np.zeros_like(rewards)
         running = np.zeros(rewards.shape[1])
         parts = np.zeros(rewards.shape[1])  # validation steps ahead in the episode
@@ -253,7 +262,7 @@ class REINFORCE(BaseAlgorithm):
                 # A training step is credited with the episode's validation reward, the mean of
                 # its per-batch parts (the paper's R - Rbar), not their sum, which would weigh
                 # the noisy training-selection signal V times the validation one.
-                returns[t] = np.where(validation[t], rewards[t], running / np.maximum(parts, 1))
+                returns[t] = np.where(own[t], rewards[t], running / np.maximum(parts, 1))
             else:  # "validation": only the validation scores are reinforced
                 returns[t] = np.where(validation[t], rewards[t], 0.0)
         return returns

@@ -34,6 +34,16 @@ same losses compared within each class (``class_log_losses``, the rewards'
 to the validation images' ground-truth labels: whether the controller network
 can represent the ranking at all.  ``docs/learning-status.md`` (section 5) has the
 figures for the built-in set; ``--plot PNG`` draws the curves.
+
+``--selection-signal`` measures the second channel instead, for the fixed
+reward, which has no other: random selections (probability ``--rate`` for
+every image) train the predictor for ``--steps`` training steps, and at each
+reward the script pairs it with how much more amenable (ground truth) the
+selected images were than the rest of their batches, over the training steps
+that reward covers (the episode's, in the paper's moving-average form; the
+step's own, with ``reward_baseline="paired"``).  It prints the correlation of
+the two for each ``--baselines`` form: what a controller can learn from one
+reward (``docs/learning-status.md``, section 11).
 """
 
 from __future__ import annotations
@@ -61,6 +71,21 @@ def _check_steps(steps: int, eval_every: int) -> None:
             raise ValueError(f"{name} must be a positive integer (predictor updates), got {value!r}")
 
 
+def _splits_with_truth(dataset: Any, task: str, split_seed: int, purpose: str) -> tuple[Any, Any, Any]:
+    """The patient-level train / validation / holdout parts of a dataset whose amenability is known."""
+    from iqa_env.data import split_by_group
+    from iqa_env.env import as_dataset
+
+    dataset = as_dataset(dataset)
+    if task not in dataset.amenability:
+        raise ValueError(
+            f"{purpose} needs the ground-truth amenability for task {task!r}, but the dataset "
+            f"has it for {sorted(dataset.amenability) or 'no task'}; it is known for synthetic data "
+            "(iqa data synth) and for data made with a known degradation"
+        )
+    return split_by_group(dataset, seed=split_seed)
+
+
 def predictor_ceiling(
     dataset: Any = None,
     task: str = "classification",
@@ -80,20 +105,12 @@ def predictor_ceiling(
     "auroc_confidence", "metric"}], "env", "holdout"}`` (the env and the
     holdout part, for :func:`fit_controller`).
     """
-    from iqa_env.data import split_by_group
-    from iqa_env.env import TaskAmenabilityEnv, as_dataset
+    from iqa_env.env import TaskAmenabilityEnv
 
     if controller not in CONTROLLERS:
         raise ValueError(f"controller must be one of {CONTROLLERS}, got {controller!r}")
     _check_steps(steps, eval_every)
-    dataset = as_dataset(dataset)
-    if task not in dataset.amenability:
-        raise ValueError(
-            f"the reward ceiling needs the ground-truth amenability for task {task!r}, but the dataset "
-            f"has it for {sorted(dataset.amenability) or 'no task'}; it is known for synthetic data "
-            "(iqa data synth) and for data made with a known degradation"
-        )
-    train_set, validation_set, holdout = split_by_group(dataset, seed=split_seed)
+    train_set, validation_set, holdout = _splits_with_truth(dataset, task, split_seed, "the reward ceiling")
     # The weighted reward needs no human labels; its validation steps only cost a forward pass.
     settings = {"reward_metric": "loss", "predictor_warmup_steps": 0, "validation_size": batch_size}
     settings.update(env_kwargs or {})
@@ -140,6 +157,72 @@ def predictor_ceiling(
                 }
             )
     return {"controller": controller, "seed": seed, "curve": curve, "env": env, "holdout": holdout}
+
+
+SIGNAL_BASELINES: tuple[str, ...] = ("moving_average", "paired")
+
+
+def selection_signal(
+    dataset: Any = None,
+    task: str = "classification",
+    reward_baseline: str = "paired",
+    steps: int = 600,
+    rate: float = 0.5,
+    seed: int = 0,
+    split_seed: int = 0,
+    batch_size: int = 32,
+    device: str = "cpu",
+    env_kwargs: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """How well the fixed reward tells a more amenable training selection from a less amenable one.
+
+    The env is the one ``iqa train --algo reinforce --reward fixed`` trains in
+    (:func:`experiments.training.make_env`), with ``reward_baseline`` and
+    ``env_kwargs`` on top.  Every image is selected with probability ``rate``
+    for ``steps`` training steps.  Returns ``{"reward_baseline", "seed",
+    "rate", "steps", "rewards", "correlation"}``: the number of rewards and
+    the correlation of each reward with the selected images' amenable
+    fraction minus the rest's, averaged over the steps it covers (None when
+    undefined).
+    """
+    from experiments.training import TrainConfig, make_env
+
+    if reward_baseline not in SIGNAL_BASELINES:
+        raise ValueError(f"reward_baseline must be one of {SIGNAL_BASELINES}, got {reward_baseline!r}")
+    _check_steps(steps, 1)
+    if not 0.0 < rate < 1.0:
+        raise ValueError(f"rate must be a selection probability in (0, 1), got {rate!r}")
+    train_set, validation_set, _ = _splits_with_truth(dataset, task, split_seed, "the selection signal")
+    config = TrainConfig(
+        algo="reinforce", task=task, reward="fixed", seed=seed, batch_size=batch_size, device=device,
+        env_kwargs={**(env_kwargs or {}), "reward_baseline": reward_baseline},
+    )
+    env = make_env(config, train_set, validation_set)
+    amenable = train_set.amenable(task).astype(np.float64)
+    _, info = env.reset(seed=seed)
+    pending: list[float] = []
+    pairs: list[tuple[float, float]] = []
+    for _ in range(steps):
+        indices = info["batch_indices"]
+        _, reward, terminated, _, info = env.step(np.full(batch_size, rate, dtype=np.float32))
+        selection = info["selection"]
+        if selection.any() and not selection.all():
+            pending.append(amenable[indices[selection]].mean() - amenable[indices[~selection]].mean())
+        if info["reward_ready"]:
+            if pending:
+                pairs.append((float(np.mean(pending)), float(reward)))
+            pending = []
+        if terminated:
+            _, info = env.reset()
+    correlation = None
+    if len(pairs) >= 3:
+        x, r = np.asarray(pairs).T
+        if x.std() > 0 and r.std() > 0:
+            correlation = float(np.corrcoef(x, r)[0, 1])
+    return {
+        "reward_baseline": reward_baseline, "seed": seed, "rate": rate, "steps": steps,
+        "rewards": len(pairs), "correlation": correlation,
+    }
 
 
 FIT_TARGETS: tuple[str, ...] = ("loss", "class_log_loss", "ground_truth")
@@ -239,6 +322,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--plot", default=None, help="also draw the curves to this PNG file")
+    p.add_argument("--selection-signal", action="store_true",
+                   help="measure the fixed reward's training-selection signal instead (--steps training steps)")
+    p.add_argument("--baselines", nargs="+", default=list(SIGNAL_BASELINES), choices=SIGNAL_BASELINES,
+                   help="with --selection-signal: the fixed reward's forms (default: moving_average paired)")
+    p.add_argument("--rate", type=float, default=0.5, help="with --selection-signal: selection probability")
+    p.add_argument("--batch-size", type=int, default=32, help="with --selection-signal: images per step")
     args = p.parse_args(argv)
     if args.seeds < 1:
         p.error(f"--seeds must be a positive integer, got {args.seeds}")
@@ -247,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
         _check_steps(args.steps, args.eval_every)
     except ValueError as e:
         p.error(str(e))
+    if args.selection_signal:
+        return _selection_signal_main(args, p)
     results = []
     print(f"{'controller':10} {'seed':>4}  updates: AUROC(-loss) / AUROC(-class-centred log-loss) / "
           "AUROC(confidence) / holdout metric")
@@ -282,6 +373,28 @@ def main(argv: list[str] | None = None) -> int:
         ))
     if args.plot:
         print(f"figure: {plot_ceiling(results, args.plot)}")
+    return 0
+
+
+def _selection_signal_main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if not 0.0 < args.rate < 1.0:
+        parser.error(f"--rate must be a selection probability in (0, 1), got {args.rate}")
+    results = []
+    print(f"{'form':15} {'seed':>4}  rewards  correlation with the selection's amenability advantage")
+    for seed in range(args.seeds):
+        for baseline in args.baselines:
+            r = selection_signal(
+                args.dataset, args.task, baseline, args.steps, args.rate, seed, batch_size=args.batch_size,
+                device=args.device, env_kwargs=args.env_kwargs,
+            )
+            error = f" (sampling error about +-{1 / np.sqrt(r['rewards']):.2f})" if r["rewards"] else ""
+            print(f"{baseline:15} {seed:>4}  {r['rewards']:>7}  {_fmt(r['correlation'])}{error}", flush=True)
+            results.append(r)
+    if args.json:
+        Path(args.json).write_text(json.dumps(
+            {"task": args.task, "steps": args.steps, "rate": args.rate, "env_kwargs": args.env_kwargs,
+             "selection_signal": results}, indent=2
+        ))
     return 0
 
 

@@ -32,7 +32,7 @@ from iqa_env.tasks import Task, make_task, random_shift
 
 PHASES: tuple[str, str] = ("train", "validation")
 REWARD_METRICS: tuple[str, str] = ("metric", "loss")
-REWARD_BASELINES: tuple[str, ...] = ("moving_average", "non_selective", "none")
+REWARD_BASELINES: tuple[str, ...] = ("moving_average", "non_selective", "paired", "none")
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -115,7 +115,11 @@ class TaskAmenabilityEnv(gym.Env):
     Each step's ``info`` describes the batch the action was applied to:
     ``selection`` (the Bernoulli draws), ``valid`` and ``classes`` (the
     images' class labels, which an agent may use to keep its scores
-    neutral between classes, e.g. REINFORCE's ``class_balance``).
+    neutral between classes, e.g. REINFORCE's ``class_balance``), and
+    ``reward_scope``: ``"step"`` when the step's reward measures its own
+    action alone (validation steps, and training steps with the ``paired``
+    baseline), ``"episode"`` when a training step's selection is rewarded
+    through the rewards after it.
 
     ## Action Space
 
@@ -162,9 +166,20 @@ class TaskAmenabilityEnv(gym.Env):
     (``-mean l_j`` over the batch): a control variate with no lag, which
     removes the variation of the predictor between episodes and of the
     batches' difficulty, and leaves what the controller's selection adds.
+    ``reward_baseline="paired"`` (``fixed`` reward only) rewards every
+    training step for itself: from the step's starting weights, one plain
+    gradient step of ``probe_lr`` on the selected images and one on the
+    images not selected are taken in turn (the weights are put back after
+    each), and the reward is the fixed reward after the first minus that
+    after the second; then the predictor takes its real step on the selected
+    images.  ``raw_reward`` is the fixed reward after the probe on the
+    selection.  The difference removes what both share (the predictor's
+    drift, how hard the validation set is to it now) and leaves what this
+    selection's images do for the clean validation loss.
     ``reward_baseline="none"`` returns the raw validation rewards, for agents
     with a learnt critic (the critic is their baseline).
-    Other steps give 0.  When the mean selection probability of a step leaves
+    The other training steps (all but the ``fixed`` reward's last, unless
+    ``paired``) give 0.  When the mean selection probability of a step leaves
     ``mean_selection_bounds = (c_low, c_high)`` the step is penalised by
     ``mean_selection_penalty`` times the distance (the paper's constraint
     ``E[h] >= c``, eq. 3, with an upper bound against the collapse to
@@ -202,7 +217,8 @@ class TaskAmenabilityEnv(gym.Env):
     | ``reward_normalisation`` | ``"none"`` | ``"class_log"``: each validation loss as ``log l_j`` minus the mean ``log l`` of its class (weighted and selective rewards, ``reward_metric="loss"``) |
     | ``stochastic_validation`` | ``True`` | weight validation losses by Bernoulli selections rather than scores |
     | ``baseline_decay`` | ``0.9`` | ``a`` of the moving-average baseline |
-    | ``reward_baseline`` | ``"moving_average"`` | ``"moving_average"`` (the paper), ``"non_selective"`` (validation steps) or ``"none"`` |
+    | ``reward_baseline`` | ``"moving_average"`` | ``"moving_average"`` (the paper), ``"non_selective"`` (validation steps), ``"paired"`` (fixed reward: each training step against the rest of its batch) or ``"none"`` |
+    | ``probe_lr`` | ``0.1`` | learning rate of the plain gradient steps of the ``paired`` baseline |
     | ``validation_refresh`` | ``False`` | draw a new validation subset (of ``validation_size``) for every episode |
     | ``mean_selection_bounds`` | ``(0.0, 1.0)`` | allowed range of the mean selection probability |
     | ``mean_selection_penalty`` | ``1.0`` | penalty per unit outside those bounds |
@@ -247,6 +263,7 @@ class TaskAmenabilityEnv(gym.Env):
         stochastic_validation: bool = True,
         baseline_decay: float = 0.9,
         reward_baseline: str = "moving_average",
+        probe_lr: float = 0.1,
         validation_refresh: bool = False,
         mean_selection_bounds: tuple[float, float] = (0.0, 1.0),
         mean_selection_penalty: float = 1.0,
@@ -285,6 +302,17 @@ class TaskAmenabilityEnv(gym.Env):
                 "defined) and the weighted or selective reward (it compares images with each other; the fixed "
                 f"reward has no per-image credit), got reward_metric={reward_metric!r}, reward={self.reward_name!r}"
             )
+        if reward_baseline == "paired" and (self.reward_name != "fixed" or float(predictor_average) > 0):
+            raise ValueError(
+                "reward_baseline='paired' compares a gradient step on each training selection with one on "
+                "the images not selected, so it needs reward='fixed' (the other rewards score validation "
+                "images) and predictor_average=0 (the rewards would come from a weight average that the "
+                f"probe steps do not move), got reward={self.reward_name!r}, predictor_average={predictor_average!r}"
+            )
+        if isinstance(probe_lr, bool) or not isinstance(probe_lr, (int, float)) or not (
+            math.isfinite(probe_lr) and probe_lr > 0
+        ):
+            raise ValueError(f"probe_lr must be a positive finite number, got {probe_lr!r}")
         lo, hi = (float(b) for b in mean_selection_bounds)
         if not (0.0 <= lo <= hi <= 1.0):
             raise ValueError(
@@ -306,6 +334,7 @@ class TaskAmenabilityEnv(gym.Env):
         self.reward_metric = reward_metric
         self.reward_normalisation = reward_normalisation
         self.reward_baseline = reward_baseline
+        self.probe_lr = float(probe_lr)
         self.validation_refresh = bool(validation_refresh)
         self.stochastic_validation = bool(stochastic_validation)
         self.mean_selection_bounds = (lo, hi)
@@ -418,6 +447,8 @@ class TaskAmenabilityEnv(gym.Env):
 
     def _train_predictor(self, indices: np.ndarray) -> float:
         """One optimiser step on the training images ``indices``; returns the mean loss."""
+        if len(indices) == 0:
+            return float("nan")
         assert self.predictor is not None and self.optimizer is not None
         idx = torch.as_tensor(indices, device=self.device)
         images, targets = to_float(self._train_images_t[idx]), self._train_targets_t[idx]
@@ -433,6 +464,18 @@ class TaskAmenabilityEnv(gym.Env):
         if self.averaged_predictor is not None:
             update_weight_average(self.averaged_predictor, self.predictor, self.predictor_average, self._predictor_updates)
         return float(loss.detach())
+
+    def _probe_step(self, indices: np.ndarray) -> None:
+        """One plain gradient step of ``probe_lr`` on the training images ``indices`` (no optimiser state)."""
+        idx = torch.as_tensor(indices, device=self.device)
+        images, targets = to_float(self._train_images_t[idx]), self._train_targets_t[idx]
+        self.predictor.train()
+        loss = self.task.per_sample_loss(self.predictor(images), targets).mean()
+        parameters = [p for p in self.predictor.parameters() if p.requires_grad]
+        gradients = torch.autograd.grad(loss, parameters)
+        with torch.no_grad():
+            for parameter, gradient in zip(parameters, gradients):
+                parameter.sub_(gradient, alpha=self.probe_lr)
 
     @torch.no_grad()
     def predictor_outputs(self, images: torch.Tensor | np.ndarray, chunk: int = 64) -> torch.Tensor:
@@ -472,6 +515,36 @@ class TaskAmenabilityEnv(gym.Env):
         else:
             values = self.task.per_sample_loss(outputs, targets)
         return values.double().cpu().numpy()
+
+    def _paired_training_step(self, selection: np.ndarray) -> tuple[float, float]:
+        """The training step of ``reward_baseline="paired"``; returns ``(raw, reward)``.
+
+        From the current weights, one plain gradient step of ``probe_lr`` is
+        taken on the selected images and the fixed reward measured (``raw``),
+        the weights are put back, and the same is done with the images *not*
+        selected; ``reward`` is the difference: what a step on this
+        selection, rather than on the rest of the batch, does to the clean
+        validation loss.  A side with no image takes no step.  Then the
+        predictor takes its real (Adam) step on the selected images.
+
+        The probes are plain gradient steps, not the optimiser's: an Adam
+        step is mostly its momentum, scaled by a second moment that the
+        batch's gradient norm changes, so comparing two Adam steps rewarded
+        the batches whose large gradients shrank a momentum step that
+        happened to hurt (on the data of ``tests/test_learning.py`` it drove
+        the controller to the inverted ranking, holdout AUROC 0.27 -> 0.01).
+        """
+        assert self.predictor is not None and self.optimizer is not None
+        weights = {k: v.detach().clone() for k, v in self.predictor.state_dict().items()}
+        values = []
+        for side in (selection, ~selection):
+            if side.any():
+                self._probe_step(self._batch_indices[side])
+            values.append(fixed_reward(self._compute_validation_losses()))
+            self.predictor.load_state_dict(weights)
+        if selection.any():
+            self._train_predictor(self._batch_indices[selection])
+        return values[0], values[0] - values[1]
 
     # ---------------------------------------------------------------- batches
     def _draw_train_batch(self) -> None:
@@ -558,7 +631,10 @@ class TaskAmenabilityEnv(gym.Env):
         terminated = False
 
         if self._phase == "train":
-            if selection.any():
+            if self.reward_baseline == "paired":
+                raw, reward = self._paired_training_step(selection)
+                reward_ready = True
+            elif selection.any():
                 self._train_predictor(self._batch_indices[selection])
             self._episode_step += 1
             if self._episode_step < self.train_steps:
@@ -570,6 +646,8 @@ class TaskAmenabilityEnv(gym.Env):
                     self._validation_losses = class_log_losses(self._validation_losses, validation_classes)
                 self._phase = "validation"
                 self._set_validation_batch(0)
+            elif self.reward_baseline == "paired":
+                terminated = True
             else:
                 raw = fixed_reward(self._compute_validation_losses())
                 reward = raw if self.reward_baseline == "none" else self.baseline.update(raw)
@@ -609,6 +687,7 @@ class TaskAmenabilityEnv(gym.Env):
         info.update(
             action_phase=action_phase,
             reward_ready=reward_ready,
+            reward_scope="step" if action_phase == "validation" or self.reward_baseline == "paired" else "episode",
             raw_reward=float(raw),
             baseline=float(raw - (reward + penalty)) if reward_ready else 0.0,
             penalty=float(penalty),

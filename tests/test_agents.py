@@ -262,6 +262,25 @@ def test_reinforce_class_balance_needs_the_classes(dataset):
     make_agent("reinforce", NoClasses(_env(dataset)), seed=0, class_balance=0.0).learn(40)  # not needed then
 
 
+def test_reinforce_credits_each_step_whose_reward_is_its_own_with_that_reward(dataset):
+    """Causal credit: a step whose reward measures its own action alone (validation steps, and the
+    training steps of the env's ``paired`` baseline, ``info["reward_scope"] == "step"``) is credited
+    with its own reward; another training step with the mean of the validation rewards after it."""
+    agent = make_agent("reinforce", _env(dataset), seed=0)
+    # One episode of the paired fixed reward: three training steps, each rewarded for itself.
+    rewards = np.array([[0.2], [-0.1], [0.4]])
+    dones = np.array([[False], [False], [True]])
+    training = np.zeros((3, 1), dtype=bool)
+    own = np.ones((3, 1), dtype=bool)
+    assert agent._returns(rewards, dones, training, own) == pytest.approx(rewards)
+    assert agent._returns(rewards, dones, training, ~own)[:, 0] == pytest.approx([0.5, 0.3, 0.4])  # reward-to-go
+    # One episode of the weighted reward: two training steps (reward 0), then two validation steps.
+    rewards = np.array([[0.0], [0.0], [1.0], [3.0]])
+    dones = np.array([[False], [False], [False], [True]])
+    validation = np.array([[False], [False], [True], [True]])
+    assert agent._returns(rewards, dones, validation, validation)[:, 0] == pytest.approx([2.0, 2.0, 1.0, 3.0])
+
+
 @pytest.mark.parametrize("decay", [1.0, -0.1, True, "0.9"])
 def test_reinforce_refuses_an_impossible_controller_average(dataset, decay):
     with pytest.raises(ValueError, match=r"controller_average must be a decay in \[0, 1\)"):

@@ -197,6 +197,10 @@ def test_out_of_range_actions_are_clipped(tiny_synthetic):
         (dict(reward_normalisation="z"), "reward_normalisation must be one of"),
         (dict(reward_normalisation="class_log"), "needs reward_metric='loss'"),
         (dict(reward_normalisation="class_log", reward_metric="loss", reward="fixed"), "the weighted or selective"),
+        (dict(reward_baseline="paired"), "needs reward='fixed'"),
+        (dict(reward="fixed", reward_baseline="paired", predictor_average=0.9), "predictor_average=0"),
+        (dict(probe_lr=0.0), "probe_lr must be a positive finite number"),
+        (dict(probe_lr=float("nan")), "probe_lr must be a positive finite number"),
     ],
 )
 def test_bad_settings_raise_clear_errors(tiny_synthetic, kwargs, message):
@@ -416,6 +420,57 @@ def test_non_selective_baseline_measures_what_selection_adds(tiny_synthetic):
     assert rewards == [0.0] * env.validation_steps
     with pytest.raises(ValueError, match="reward_baseline must be one of"):
         make(tiny_synthetic, reward_baseline="median")
+
+
+def test_paired_baseline_rewards_a_selection_against_the_rest_of_its_batch(tiny_synthetic):
+    """``reward_baseline="paired"`` (fixed reward): each training step's reward is the clean validation
+    reward after a plain gradient step of ``probe_lr`` on the selected images minus that after the same
+    step on the images not selected, both from the step's starting weights (recomputed here by hand);
+    the probes leave no trace: the predictor trains exactly as without the pairing."""
+    import copy
+
+    import torch
+
+    from iqa_env.networks import to_float
+
+    kwargs = {**TINY, "reward": "fixed", "reward_metric": "loss"}
+    paired = TaskAmenabilityEnv(tiny_synthetic, **kwargs, reward_baseline="paired", probe_lr=0.05)
+    plain = TaskAmenabilityEnv(tiny_synthetic, **kwargs, reward_baseline="none")
+    paired.reset(seed=0)
+    plain.reset(seed=0)
+    task = paired.task
+    clean = torch.as_tensor(paired._validation_order)
+    clean_images, clean_targets = to_float(paired._validation_images_t[clean]), paired._validation_targets_t[clean]
+
+    def reward_after_probe(net: torch.nn.Module, indices: np.ndarray) -> float:
+        net = copy.deepcopy(net)
+        if len(indices):
+            idx = torch.as_tensor(indices)
+            net.train()
+            loss = task.per_sample_loss(net(to_float(paired._train_images_t[idx])), paired._train_targets_t[idx])
+            loss.mean().backward()
+            with torch.no_grad():
+                for parameter in net.parameters():
+                    parameter -= 0.05 * parameter.grad
+        with torch.no_grad():
+            return -float(task.per_sample_loss(net.eval()(clean_images), clean_targets).double().mean())
+
+    actions = [np.linspace(0.1, 0.9, 8), np.ones(8), np.zeros(8)]  # a mixed, a full and an empty selection
+    for step, action in enumerate(actions):
+        before, indices = copy.deepcopy(paired.predictor), paired._batch_indices.copy()
+        _, reward, terminated, _, info = paired.step(action)
+        _, _, plain_terminated, _, plain_info = plain.step(action)
+        selection = info["selection"]
+        assert np.array_equal(selection, plain_info["selection"])
+        assert info["reward_ready"] and info["reward_scope"] == "step" and plain_info["reward_scope"] == "episode"
+        on_selection = reward_after_probe(before, indices[selection])
+        on_the_rest = reward_after_probe(before, indices[~selection])
+        assert info["raw_reward"] == pytest.approx(on_selection, rel=1e-5)
+        assert reward == pytest.approx(on_selection - on_the_rest, rel=1e-4, abs=1e-7)
+        for mine, theirs in zip(paired.predictor.state_dict().values(), plain.predictor.state_dict().values()):
+            assert torch.allclose(mine, theirs, atol=1e-6)
+        assert terminated == plain_terminated == (step == len(actions) - 1)
+    assert selection.sum() == 0  # the last step selected nothing: no real step, only the rest's probe
 
 
 @pytest.mark.parametrize("reward", ["weighted", "selective"])

@@ -24,11 +24,11 @@ def occluded_splits():
     return split_by_group(occluded_dataset(), seed=0)
 
 
-def _learn(splits, algo: str, reward: str, seed: int, steps: int) -> tuple[float, float]:
+def _learn(splits, algo: str, reward: str, seed: int, steps: int, **env_kwargs) -> tuple[float, float]:
     """(initial, final) holdout AUROC of the controller against the known amenability."""
     train, validation, holdout = splits
     settings = recommended_env_kwargs(algo, reward)
-    settings.update(predictor_warmup_steps=100)
+    settings.update(predictor_warmup_steps=100, **env_kwargs)
     env = TaskAmenabilityEnv(
         train, validation_dataset=validation, reward=reward, batch_size=16, train_steps=4,
         validation_size=64, device="cpu", **settings,
@@ -59,6 +59,16 @@ def test_reinforce_with_the_fixed_reward_moves_towards_the_ranking(occluded_spli
     initial, final = _learn(occluded_splits, "reinforce", "fixed", 0, steps=400)
     assert initial < 0.5
     assert final - initial >= 0.25, f"REINFORCE (fixed): {initial:.3f} -> {final:.3f}"
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_reinforce_learns_the_ranking_with_the_fixed_reward_and_the_paired_baseline(occluded_splits, seed):
+    # Each training step rewarded against a step on the rest of its batch (reward_baseline="paired")
+    # carries the training-selection signal that the moving average above loses
+    # (measured: seed 0 0.273 -> 0.954, seed 1 0.441 -> 0.989 in 500 steps).
+    initial, final = _learn(occluded_splits, "reinforce", "fixed", seed, steps=500, reward_baseline="paired")
+    assert initial < 0.5, f"seed {seed} should start inverted, started at {initial:.3f}"
+    assert final >= 0.8, f"REINFORCE (fixed, paired, seed {seed}): {initial:.3f} -> {final:.3f}"
 
 
 def test_ddpg_learns_the_ranking(occluded_splits):

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from experiments.reward_ceiling import fit_controller, main, predictor_ceiling
+from experiments.reward_ceiling import fit_controller, main, predictor_ceiling, selection_signal
 from tests.conftest import occluded_dataset
 
 
@@ -93,6 +93,8 @@ def test_reward_ceiling_cli_passes_env_settings_and_picks_controllers(tiny_synth
         (["--seeds", "0"], "must be a positive integer"),
         (["--env-kwargs", "{predictor_augment: 1}"], "argument --env-kwargs: not valid JSON"),
         (["--env-kwargs", "[1]"], "argument --env-kwargs: must be a JSON object"),
+        (["--selection-signal", "--rate", "1.0"], "--rate must be a selection probability in (0, 1)"),
+        (["--selection-signal", "--baselines", "none"], "invalid choice: 'none'"),
     ],
 )
 def test_reward_ceiling_cli_refuses_impossible_settings(argv, message, capsys):
@@ -115,3 +117,25 @@ def test_the_oracle_needs_amenable_training_images():
     ds.amenability["classification"][:] = 0.0
     with pytest.raises(ValueError, match="none of the .* training images is amenable"):
         predictor_ceiling(ds, controller="oracle", steps=2, eval_every=1)
+
+
+def test_selection_signal_cli_pairs_every_reward_with_its_selections(tiny_synthetic_path, tmp_path, capsys):
+    """The paper's form gives one reward per episode of 8 training steps; ``paired`` one per step."""
+    out = tmp_path / "signal.json"
+    code = main(["--dataset", str(tiny_synthetic_path), "--selection-signal", "--steps", "16", "--batch-size", "8",
+                 "--env-kwargs", '{"predictor_warmup_steps": 0}', "--json", str(out)])
+    assert code == 0
+    assert "moving_average" in capsys.readouterr().out
+    runs = json.loads(out.read_text())["selection_signal"]
+    assert [(r["reward_baseline"], r["seed"], r["rewards"]) for r in runs] == [("moving_average", 0, 2), ("paired", 0, 16)]
+
+
+def test_the_paired_fixed_reward_follows_the_amenability_of_the_selection():
+    """On data whose truth is plain, each paired reward is larger the more amenable the selected images
+    are than the rest of their batch (measured: correlation 0.198 over 300 steps, seed 1)."""
+    signal = selection_signal(
+        occluded_dataset(), reward_baseline="paired", steps=300, seed=1, batch_size=16,
+        env_kwargs={"predictor_warmup_steps": 100},
+    )
+    assert signal["rewards"] == 300
+    assert signal["correlation"] > 0.1, signal
