@@ -309,7 +309,7 @@ class TaskAmenabilityEnv(gym.Env):
                 "images) and predictor_average=0 (the rewards would come from a weight average that the "
                 f"probe steps do not move), got reward={self.reward_name!r}, predictor_average={predictor_average!r}"
             )
-        if isinstance(probe_lr, bool) or not isinstance(probe_lr, (int, float)) or not (
+        if isinstance(probe_lr, bool) or not isinstance(probe_lr, (int, float, np.integer, np.floating)) or not (
             math.isfinite(probe_lr) and probe_lr > 0
         ):
             raise ValueError(f"probe_lr must be a positive finite number, got {probe_lr!r}")
@@ -447,8 +447,6 @@ class TaskAmenabilityEnv(gym.Env):
 
     def _train_predictor(self, indices: np.ndarray) -> float:
         """One optimiser step on the training images ``indices``; returns the mean loss."""
-        if len(indices) == 0:
-            return float("nan")
         assert self.predictor is not None and self.optimizer is not None
         idx = torch.as_tensor(indices, device=self.device)
         images, targets = to_float(self._train_images_t[idx]), self._train_targets_t[idx]
