@@ -244,11 +244,8 @@ class REINFORCE(BaseAlgorithm):
             rollout["classes"] = np.stack(class_buf)
         return rollout
 
-    def _returns(
-        self, rewards: np.ndarray, dones: np.ndarray, validation: np.ndarray, own: np.ndarray | None = None
-    ) -> np.ndarray:
+    def _returns(self, rewards: np.ndarray, dones: np.ndarray, validation: np.ndarray, own: np.ndarray) -> np.ndarray:
         """Per-step returns; ``own`` marks the steps whose reward measures their own action alone."""
-        own = validation if own is None else own
         returns = np.zeros_like(rewards)
         running = np.zeros(rewards.shape[1])
         parts = np.zeros(rewards.shape[1])  # validation steps ahead in the episode
