@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import inspect
+import json
+from types import SimpleNamespace
 from typing import Any
 
 from stable_baselines3 import A2C, DDPG, PPO, SAC, TD3
@@ -122,6 +125,43 @@ def default_kwargs(name: str, env: GymEnv, seed: int | None = None) -> dict[str,
     if bandit:
         options.update(copy.deepcopy(VALIDATION_REWARD_DEFAULTS.get(name, {})))
     return options
+
+
+def default_settings(name: str, reward: str, batch_size: int, episode_length: int) -> dict[str, Any]:
+    """:func:`default_kwargs` for an env of this reward, batch and episode length, as plain JSON values.
+
+    What ``make_agent(name, env)`` would use on such an env, without building
+    one: the constructor defaults of the algorithm class and of its policy
+    class overlaid with :func:`default_kwargs` (objects such as the action noise as their
+    ``repr``; logging, seeding and device arguments left out).  ``iqa
+    reproduce`` records it with every finished stage, so that a stage
+    finished by a checkout with other algorithm defaults is not reused.
+    """
+    shape = SimpleNamespace(
+        action_space=SimpleNamespace(shape=(int(batch_size),)),
+        episode_length=int(episode_length),
+        uses_validation_phase=reward != "fixed",
+    )
+    options = default_kwargs(name, shape)  # type: ignore[arg-type]
+    algorithm, policy = _CLASSES[name]
+    if isinstance(policy, str):
+        policy = algorithm.policy_aliases[policy]
+    settings = {**_constructor_defaults(algorithm), **options}
+    settings["policy_kwargs"] = {**_constructor_defaults(policy), **(options.get("policy_kwargs") or {})}
+    return json.loads(json.dumps(settings, default=repr))
+
+
+def _constructor_defaults(cls: type) -> dict[str, Any]:
+    parameters = inspect.signature(cls.__init__).parameters
+    return {
+        key: parameter.default
+        for key, parameter in parameters.items()
+        if parameter.default is not inspect.Parameter.empty and key not in _NOT_SETTINGS
+    }
+
+
+#: Constructor arguments that do not change what an algorithm learns.
+_NOT_SETTINGS = frozenset({"tensorboard_log", "verbose", "seed", "device", "_init_setup_model", "stats_window_size"})
 
 
 def recommended_env_kwargs(name: str, reward: str) -> dict[str, Any]:

@@ -202,6 +202,8 @@ class Stage:
     folder: Path
     name: str
     """Its path under the output folder, e.g. ``classification/weighted/seed0``."""
+    validation_images: int
+    """Images in the dataset's validation split (an env's episode length depends on it)."""
 
     @property
     def outputs(self) -> tuple[str, ...]:
@@ -209,38 +211,55 @@ class Stage:
 
     def identity(self) -> dict[str, Any]:
         from agents import recommended_env_kwargs
-        from agents.factory import VALIDATION_REWARD_DEFAULTS
+        from agents.factory import default_settings
+        from iqa_env.env import validation_steps_of
 
         # The baseline ignores the reward and the algorithm: it has neither. The env and algorithm
         # settings that the defaults add count too, so that a stage finished by a checkout with other
         # defaults is not reused.
-        fields = _identity(self.config, ("reward", "algo") if self.kind == "baseline" else ())
-        settings = _plain(recommended_env_kwargs(self.config.algo, self.config.reward))
+        config = self.config
+        fields = _identity(config, ("reward", "algo") if self.kind == "baseline" else ())
+        settings = _plain(recommended_env_kwargs(config.algo, config.reward))
         identity = {"kind": self.kind, **fields, "env_settings": settings}
-        if self.kind != "baseline" and self.config.reward != "fixed":
-            identity["agent_settings"] = _plain(VALIDATION_REWARD_DEFAULTS.get(self.config.algo, {}))
+        if self.kind != "baseline":
+            env = {**settings, **config.env_kwargs}
+            batch = int(env.get("batch_size", config.batch_size))
+            size = env.get("validation_size", config.validation_size) or self.validation_images
+            episode = int(env.get("train_steps", config.train_steps)) + validation_steps_of(
+                config.reward, min(int(size), self.validation_images), batch
+            )
+            identity["agent_settings"] = default_settings(config.algo, config.reward, batch, episode)
         return identity
 
 
-def make_stage(out: Path, kind: str, config: TrainConfig, label: str) -> Stage:
+def make_stage(out: Path, kind: str, config: TrainConfig, label: str, validation_images: int) -> Stage:
     name = f"{config.task}/{label}/seed{config.seed}"
-    return Stage(kind, config, out / name, name)
+    return Stage(kind, config, out / name, name, validation_images)
 
 
-def plan_stages(out: Path, base: TrainConfig, tasks: Sequence[str], seeds: Sequence[int], runs: Sequence[dict[str, str]]) -> list[Stage]:
+def plan_stages(
+    out: Path,
+    base: TrainConfig,
+    tasks: Sequence[str],
+    seeds: Sequence[int],
+    runs: Sequence[dict[str, str]],
+    validation_images: int,
+) -> list[Stage]:
     """The baseline of every (task, seed) and a train() run for every (task, run, seed).
 
     ``runs`` are TrainConfig field overrides, each with a ``label`` (the
-    folder name): ``{"label": "weighted", "reward": "weighted"}``.
+    folder name): ``{"label": "weighted", "reward": "weighted"}``;
+    ``validation_images`` the size of the dataset's validation split.
     """
     stages = []
     for task in tasks:
         for seed in seeds:
-            stages.append(make_stage(out, "baseline", dataclasses.replace(base, task=task, seed=seed), "baseline"))
+            config = dataclasses.replace(base, task=task, seed=seed)
+            stages.append(make_stage(out, "baseline", config, "baseline", validation_images))
             for run in runs:
                 fields = {k: v for k, v in run.items() if k != "label"}
                 config = dataclasses.replace(base, task=task, seed=seed, **fields)
-                stages.append(make_stage(out, "train", config, run["label"]))
+                stages.append(make_stage(out, "train", config, run["label"], validation_images))
     return stages
 
 
@@ -1006,31 +1025,35 @@ def check_seeds(seeds: int) -> list[int]:
     return list(range(int(seeds)))
 
 
-def check_dataset(base: TrainConfig, tasks: Sequence[str], rewards: Sequence[str]) -> None:
-    """Fail before any training when the data lack what a task or reward needs (masks, human labels)."""
+def check_dataset(base: TrainConfig, tasks: Sequence[str], rewards: Sequence[str]) -> int:
+    """Fail before any training when the data lack what a task or reward needs (masks, human labels).
+
+    Returns the number of images in the validation split.
+    """
     from experiments.training import load_splits
 
     if base.dataset is not None and not Path(base.dataset).is_file():
         raise FileNotFoundError(f"dataset file {base.dataset} does not exist")
-    full, _ = load_splits(base.dataset, base.split_seed)
+    full, (_, validation, _) = load_splits(base.dataset, base.split_seed)
     for task in tasks:
         if task == "segmentation":
             full.require_masks("the segmentation task")
         if "fixed" in rewards:
             full.require_human_amenability(task, "the fixed reward")
+    return len(validation)
 
 
 def prepare(
     out: str | os.PathLike[str], kind: str, base: TrainConfig, drop: Sequence[str], tasks: Sequence[str], rewards: Sequence[str]
-) -> tuple[Path, str]:
-    """Check the data and the output folder; returns the folder and the data's fingerprint."""
-    check_dataset(base, tasks, rewards)
+) -> tuple[Path, str, int]:
+    """Check the data and the output folder; returns the folder, the data's fingerprint and the size of its validation split."""
+    validation_images = check_dataset(base, tasks, rewards)
     fingerprint = dataset_fingerprint(base.dataset)
     folder = Path(out)
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"--out {folder} is a file; give a folder")
     check_settings(folder, {"kind": kind, "dataset": fingerprint, "config": _identity(base, drop)})
-    return folder, fingerprint
+    return folder, fingerprint, validation_images
 
 
 def reproduce(
@@ -1120,11 +1143,11 @@ def run_experiment(
     check_workers(workers)
     started = time.perf_counter()
     rewards = sorted({run.get("reward", base.reward) for run in runs})
-    folder, fingerprint = prepare(out, kind, base, drop, tasks, rewards)
+    folder, fingerprint, validation_images = prepare(out, kind, base, drop, tasks, rewards)
     command = command_line(kind, {**options, "workers": workers if workers != 1 else None, "out": out})
     if overrides:
         command += f"  # with overrides {json.dumps(overrides, sort_keys=True)} (Python API)"
-    stages = plan_stages(folder, base, tasks, seeds, runs)
+    stages = plan_stages(folder, base, tasks, seeds, runs, validation_images)
     logger.info("%s: %d stages into %s", kind, len(stages), folder)
     run_stages(stages, workers)
     labels = [run["label"] for run in runs]

@@ -80,6 +80,15 @@ def as_dataset(dataset: ImageDataset | str | os.PathLike[str] | None) -> ImageDa
     )
 
 
+def validation_steps_of(reward: str, validation_images: int, batch_size: int) -> int:
+    """Validation steps per episode of a ``TaskAmenabilityEnv`` with this reward (0 for ``fixed``).
+
+    ``validation_images`` is the number of images each reward scores (the
+    env's ``validation_size``, at most the validation set's size).
+    """
+    return math.ceil(validation_images / batch_size) if reward != "fixed" else 0
+
+
 class TaskAmenabilityEnv(gym.Env):
     """Learning which images a task predictor can use: the controller's environment.
 
@@ -415,7 +424,7 @@ class TaskAmenabilityEnv(gym.Env):
     @property
     def validation_steps(self) -> int:
         """Validation steps per episode (0 for the ``fixed`` reward)."""
-        return math.ceil(self._validation_size / self.batch_size) if self.uses_validation_phase else 0
+        return validation_steps_of(self.reward_name, self._validation_size, self.batch_size)
 
     @property
     def episode_length(self) -> int:

@@ -239,6 +239,42 @@ def test_reproduce_end_to_end_then_resume(tiny_synthetic_path, tmp_path, caplog,
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert "finished with other settings" in err and "agent_settings.class_balance" in err
+    # ... and under any other algorithm default: the table of default_kwargs, not only the rewards' part.
+    monkeypatch.undo()
+    default_kwargs = factory.default_kwargs
+    monkeypatch.setattr(factory, "default_kwargs", lambda *a, **k: {**default_kwargs(*a, **k), "learning_rate": 0.002})
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "finished with other settings" in err and "agent_settings.learning_rate" in err
+    monkeypatch.undo()
+    assert main(argv) == 0  # the checkout's own defaults: every stage is reused again
+    assert markers(out) == after
+
+
+@pytest.mark.parametrize("algo, reward", [("ddpg", "weighted"), ("ddpg", "fixed"), ("ppo", "selective"), ("reinforce", "weighted")])
+def test_a_stages_recorded_algorithm_settings_are_those_its_agent_gets(tiny_synthetic, algo, reward, tmp_path):
+    """The settings a stage records without building an env are what make_agent gives the real env's agent."""
+    from agents import make_agent
+    from experiments.reproduce import plan_stages
+    from experiments.training import TrainConfig, make_env
+    from iqa_env.data import split_by_group
+
+    train, validation, _ = split_by_group(tiny_synthetic, seed=0)
+    base = TrainConfig(algo=algo, reward=reward, batch_size=8, validation_size=None, device="cpu")
+    [_, stage] = plan_stages(tmp_path, base, ["classification"], [0], [{"label": reward}], len(validation))
+    recorded = stage.identity()["agent_settings"]
+    env = make_env(stage.config, train, validation)
+    agent = make_agent(algo, env, seed=0)
+    assert recorded["learning_rate"] == agent.learning_rate
+    if algo == "ddpg":
+        assert recorded["learning_starts"] == agent.learning_starts == 2 * env.episode_length
+        assert recorded["gamma"] == agent.gamma and recorded["gradient_steps"] == agent.gradient_steps
+    elif algo == "ppo":
+        assert recorded["n_steps"] == agent.n_steps == max(env.episode_length, 16)
+    else:
+        assert recorded["controller_average"] == agent.controller_average
+        assert recorded["class_balance"] == agent.class_balance
+        assert recorded["policy_kwargs"]["initial_selection_probability"] == 0.3
 
 
 def test_reproduce_killed_mid_run_resumes_from_the_last_finished_stage(tiny_synthetic_path, tmp_path):
