@@ -42,8 +42,10 @@ reward the script pairs it with how much more amenable (ground truth) the
 selected images were than the rest of their batches, over the training steps
 that reward covers (the episode's, in the paper's moving-average form; the
 step's own, with ``reward_baseline="paired"``).  It prints the correlation of
-the two for each ``--baselines`` form: what a controller can learn from one
-reward (``docs/learning-status.md``, section 11).
+the two for each of ``--forms``: what a controller can learn from one
+reward (``docs/learning-status.md``, section 11).  ``--forms weighted``
+measures the first channel the same way, for scale: the weighted reward's
+validation steps, each paired with its own selection of validation images.
 """
 
 from __future__ import annotations
@@ -159,13 +161,15 @@ def predictor_ceiling(
     return {"controller": controller, "seed": seed, "curve": curve, "env": env, "holdout": holdout}
 
 
-SIGNAL_BASELINES: tuple[str, ...] = ("moving_average", "paired")
+#: What ``--selection-signal`` measures: the fixed reward in the paper's form (``moving_average``) and with
+#: ``reward_baseline="paired"``, and, for scale, the weighted reward's validation steps (``weighted``).
+SIGNAL_FORMS: tuple[str, ...] = ("moving_average", "paired", "weighted")
 
 
 def selection_signal(
     dataset: Any = None,
     task: str = "classification",
-    reward_baseline: str = "paired",
+    form: str = "paired",
     steps: int = 600,
     rate: float = 0.5,
     seed: int = 0,
@@ -174,45 +178,62 @@ def selection_signal(
     device: str = "cpu",
     env_kwargs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """How well the fixed reward tells a more amenable training selection from a less amenable one.
+    """How well a reward tells a more amenable selection from a less amenable one.
 
-    The env is the one ``iqa train --algo reinforce --reward fixed`` trains in
-    (:func:`experiments.training.make_env`), with ``reward_baseline`` and
-    ``env_kwargs`` on top.  Every image is selected with probability ``rate``
-    for ``steps`` training steps.  Returns ``{"reward_baseline", "seed",
-    "rate", "steps", "rewards", "correlation"}``: the number of rewards and
-    the correlation of each reward with the selected images' amenable
-    fraction minus the rest's, averaged over the steps it covers (None when
-    undefined).
+    ``form`` ``"moving_average"`` or ``"paired"``: the fixed reward with that
+    ``reward_baseline``, in the env that ``iqa train --algo reinforce
+    --reward fixed`` trains in (:func:`experiments.training.make_env`); each
+    reward is paired with the training selections it covers (an episode's,
+    or the step's own).  ``"weighted"``: the env of ``--reward weighted``;
+    each validation step's reward is paired with that step's selection of
+    validation images.  ``env_kwargs`` go on top.  Every image is selected
+    with probability ``rate`` for ``steps`` env steps.  Returns ``{"form",
+    "seed", "rate", "steps", "rewards", "correlation"}``: the number of
+    rewards and the correlation of each reward (as the agent gets it, after
+    the baseline) with the selected images' amenable fraction minus the
+    rest's, averaged over the steps it covers (None when undefined).
     """
     from experiments.training import TrainConfig, make_env
 
-    if reward_baseline not in SIGNAL_BASELINES:
-        raise ValueError(f"reward_baseline must be one of {SIGNAL_BASELINES}, got {reward_baseline!r}")
+    if form not in SIGNAL_FORMS:
+        raise ValueError(f"form must be one of {SIGNAL_FORMS}, got {form!r}")
     _check_steps(steps, 1)
     if not 0.0 < rate < 1.0:
         raise ValueError(f"rate must be a selection probability in (0, 1), got {rate!r}")
     train_set, validation_set, _ = _splits_with_truth(dataset, task, split_seed, "the selection signal")
+    extra = dict(env_kwargs or {})
+    if form != "weighted":
+        extra["reward_baseline"] = form
     config = TrainConfig(
-        algo="reinforce", task=task, reward="fixed", seed=seed, batch_size=batch_size, device=device,
-        env_kwargs={**(env_kwargs or {}), "reward_baseline": reward_baseline},
+        algo="reinforce", task=task, reward="weighted" if form == "weighted" else "fixed", seed=seed,
+        batch_size=batch_size, device=device, env_kwargs=extra,
     )
     env = make_env(config, train_set, validation_set)
-    amenable = train_set.amenable(task).astype(np.float64)
+    truth = {
+        "train": env.train_set.amenable(task).astype(np.float64),
+        "validation": env.validation_set.amenable(task).astype(np.float64),
+    }
     _, info = env.reset(seed=seed)
     pending: list[float] = []
     pairs: list[tuple[float, float]] = []
     for _ in range(steps):
         indices = info["batch_indices"]
         _, reward, terminated, _, info = env.step(np.full(batch_size, rate, dtype=np.float32))
-        selection = info["selection"]
-        if selection.any() and not selection.all():
-            pending.append(amenable[indices[selection]].mean() - amenable[indices[~selection]].mean())
-        if info["reward_ready"]:
-            if pending:
-                pairs.append((float(np.mean(pending)), float(reward)))
-            pending = []
+        chosen, rest = info["selection"] & info["valid"], ~info["selection"] & info["valid"]
+        amenable = truth[info["action_phase"]][indices]
+        advantage = amenable[chosen].mean() - amenable[rest].mean() if chosen.any() and rest.any() else None
+        if info["reward_scope"] == "step":  # the reward measures this step's selection alone
+            if info["reward_ready"] and advantage is not None:
+                pairs.append((float(advantage), float(reward)))
+        else:
+            if advantage is not None:
+                pending.append(advantage)
+            if info["reward_ready"]:
+                if pending:
+                    pairs.append((float(np.mean(pending)), float(reward)))
+                pending = []
         if terminated:
+            pending = []
             _, info = env.reset()
     correlation = None
     if len(pairs) >= 3:
@@ -220,7 +241,7 @@ def selection_signal(
         if x.std() > 0 and r.std() > 0:
             correlation = float(np.corrcoef(x, r)[0, 1])
     return {
-        "reward_baseline": reward_baseline, "seed": seed, "rate": rate, "steps": steps,
+        "form": form, "seed": seed, "rate": rate, "steps": steps,
         "rewards": len(pairs), "correlation": correlation,
     }
 
@@ -324,8 +345,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plot", default=None, help="also draw the curves to this PNG file")
     p.add_argument("--selection-signal", action="store_true",
                    help="measure the fixed reward's training-selection signal instead (--steps training steps)")
-    p.add_argument("--baselines", nargs="+", default=list(SIGNAL_BASELINES), choices=SIGNAL_BASELINES,
-                   help="with --selection-signal: the fixed reward's forms (default: moving_average paired)")
+    p.add_argument("--forms", nargs="+", default=["moving_average", "paired"], choices=SIGNAL_FORMS,
+                   help="with --selection-signal: the fixed reward's forms moving_average and paired (the default), "
+                        "and weighted (the weighted reward's validation steps, for scale)")
     p.add_argument("--rate", type=float, default=0.5, help="with --selection-signal: selection probability")
     p.add_argument("--batch-size", type=int, default=32, help="with --selection-signal: images per step")
     args = p.parse_args(argv)
@@ -382,13 +404,13 @@ def _selection_signal_main(args: argparse.Namespace, parser: argparse.ArgumentPa
     results = []
     print(f"{'form':15} {'seed':>4}  rewards  correlation with the selection's amenability advantage")
     for seed in range(args.seeds):
-        for baseline in args.baselines:
+        for form in args.forms:
             r = selection_signal(
-                args.dataset, args.task, baseline, args.steps, args.rate, seed, batch_size=args.batch_size,
+                args.dataset, args.task, form, args.steps, args.rate, seed, batch_size=args.batch_size,
                 device=args.device, env_kwargs=args.env_kwargs,
             )
             error = f" (sampling error about +-{1 / np.sqrt(r['rewards']):.2f})" if r["rewards"] else ""
-            print(f"{baseline:15} {seed:>4}  {r['rewards']:>7}  {_fmt(r['correlation'])}{error}", flush=True)
+            print(f"{form:15} {seed:>4}  {r['rewards']:>7}  {_fmt(r['correlation'])}{error}", flush=True)
             results.append(r)
     if args.json:
         Path(args.json).write_text(json.dumps(

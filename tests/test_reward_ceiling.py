@@ -94,7 +94,7 @@ def test_reward_ceiling_cli_passes_env_settings_and_picks_controllers(tiny_synth
         (["--env-kwargs", "{predictor_augment: 1}"], "argument --env-kwargs: not valid JSON"),
         (["--env-kwargs", "[1]"], "argument --env-kwargs: must be a JSON object"),
         (["--selection-signal", "--rate", "1.0"], "--rate must be a selection probability in (0, 1)"),
-        (["--selection-signal", "--baselines", "none"], "invalid choice: 'none'"),
+        (["--selection-signal", "--forms", "none"], "invalid choice: 'none'"),
     ],
 )
 def test_reward_ceiling_cli_refuses_impossible_settings(argv, message, capsys):
@@ -120,21 +120,32 @@ def test_the_oracle_needs_amenable_training_images():
 
 
 def test_selection_signal_cli_pairs_every_reward_with_its_selections(tiny_synthetic_path, tmp_path, capsys):
-    """The paper's form gives one reward per episode of 8 training steps; ``paired`` one per step."""
+    """The paper's form gives one reward per episode of 8 training steps; ``paired`` one per step;
+    ``weighted`` one per validation step (each episode: 8 training steps, then the validation images in
+    batches of 8)."""
+    from experiments.training import load_splits
+
     out = tmp_path / "signal.json"
     code = main(["--dataset", str(tiny_synthetic_path), "--selection-signal", "--steps", "16", "--batch-size", "8",
+                 "--forms", "moving_average", "paired", "weighted",
                  "--env-kwargs", '{"predictor_warmup_steps": 0}', "--json", str(out)])
     assert code == 0
     assert "moving_average" in capsys.readouterr().out
     runs = json.loads(out.read_text())["selection_signal"]
-    assert [(r["reward_baseline"], r["seed"], r["rewards"]) for r in runs] == [("moving_average", 0, 2), ("paired", 0, 16)]
+    _, (_, validation, _) = load_splits(str(tiny_synthetic_path), 0)
+    validation_steps = -(-min(256, len(validation)) // 8)  # TrainConfig's validation_size, in batches of 8
+    episodes, rest = divmod(16, 8 + validation_steps)
+    weighted = episodes * validation_steps + max(0, rest - 8)
+    assert [(r["form"], r["seed"], r["rewards"]) for r in runs] == [
+        ("moving_average", 0, 2), ("paired", 0, 16), ("weighted", 0, weighted)
+    ]
 
 
 def test_the_paired_fixed_reward_follows_the_amenability_of_the_selection():
     """On data whose truth is plain, each paired reward is larger the more amenable the selected images
     are than the rest of their batch (measured: correlation 0.198 over 300 steps, seed 1)."""
     signal = selection_signal(
-        occluded_dataset(), reward_baseline="paired", steps=300, seed=1, batch_size=16,
+        occluded_dataset(), form="paired", steps=300, seed=1, batch_size=16,
         env_kwargs={"predictor_warmup_steps": 100},
     )
     assert signal["rewards"] == 300
