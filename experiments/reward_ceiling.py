@@ -344,7 +344,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--plot", default=None, help="also draw the curves to this PNG file")
     p.add_argument("--selection-signal", action="store_true",
-                   help="measure the fixed reward's training-selection signal instead (--steps training steps)")
+                   help="measure how well each reward follows the amenability of a random selection instead "
+                        "(--steps env steps; see --forms)")
     p.add_argument("--forms", nargs="+", default=["moving_average", "paired"], choices=SIGNAL_FORMS,
                    help="with --selection-signal: the fixed reward's forms moving_average and paired (the default), "
                         "and weighted (the weighted reward's validation steps, for scale)")
