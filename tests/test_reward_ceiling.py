@@ -150,3 +150,15 @@ def test_the_paired_fixed_reward_follows_the_amenability_of_the_selection():
     )
     assert signal["rewards"] == 300
     assert signal["correlation"] > 0.1, signal
+
+
+def test_the_weighted_reward_follows_the_amenability_of_the_validation_selection():
+    """``form="weighted"``: on data whose truth is plain, each validation step's reward is larger the more
+    amenable the chosen validation images are than the rest (measured: correlation 0.677 over 96 rewards,
+    seed 1), and only validation steps are paired (8 of every 16 env steps here)."""
+    signal = selection_signal(
+        occluded_dataset(), form="weighted", steps=200, seed=1, batch_size=16,
+        env_kwargs={"predictor_warmup_steps": 100},
+    )
+    assert signal["form"] == "weighted" and signal["rewards"] == 12 * 8  # 12 whole episodes of 8 + 8 steps
+    assert signal["correlation"] > 0.3, signal
