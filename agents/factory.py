@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import json
 from types import SimpleNamespace
 from typing import Any
 
@@ -128,12 +127,12 @@ def default_kwargs(name: str, env: GymEnv, seed: int | None = None) -> dict[str,
 
 
 def default_settings(name: str, reward: str, batch_size: int, episode_length: int) -> dict[str, Any]:
-    """:func:`default_kwargs` for an env of this reward, batch and episode length, as plain JSON values.
+    """:func:`default_kwargs` for an env of this reward, batch and episode length, with the classes' own defaults.
 
     What ``make_agent(name, env)`` would use on such an env, without building
     one: the constructor defaults of the algorithm class and of its policy
-    class overlaid with :func:`default_kwargs` (objects such as the action noise as their
-    ``repr``; logging, seeding and device arguments left out).  ``iqa
+    class overlaid with :func:`default_kwargs` (logging, seeding and device
+    arguments left out; a fresh dict, ``policy_kwargs`` merged).  ``iqa
     reproduce`` records it with every finished stage, so that a stage
     finished by a checkout with other algorithm defaults is not reused.
     """
@@ -148,7 +147,7 @@ def default_settings(name: str, reward: str, batch_size: int, episode_length: in
         policy = algorithm.policy_aliases[policy]
     settings = {**_constructor_defaults(algorithm), **options}
     settings["policy_kwargs"] = {**_constructor_defaults(policy), **(options.get("policy_kwargs") or {})}
-    return json.loads(json.dumps(settings, default=repr))
+    return settings
 
 
 def _constructor_defaults(cls: type) -> dict[str, Any]:

@@ -212,6 +212,7 @@ class Stage:
     def identity(self) -> dict[str, Any]:
         from agents import recommended_env_kwargs
         from agents.factory import default_settings
+        from experiments.training import env_settings
         from iqa_env.env import validation_steps_of
 
         # The baseline ignores the reward and the algorithm: it has neither. The env and algorithm
@@ -222,13 +223,11 @@ class Stage:
         settings = _plain(recommended_env_kwargs(config.algo, config.reward))
         identity = {"kind": self.kind, **fields, "env_settings": settings}
         if self.kind != "baseline":
-            env = {**settings, **config.env_kwargs}
-            batch = int(env.get("batch_size", config.batch_size))
-            size = env.get("validation_size", config.validation_size) or self.validation_images
-            episode = int(env.get("train_steps", config.train_steps)) + validation_steps_of(
-                config.reward, min(int(size), self.validation_images), batch
-            )
-            identity["agent_settings"] = default_settings(config.algo, config.reward, batch, episode)
+            env = env_settings(config)  # what make_env gives the run's env
+            size = min(env["validation_size"] or self.validation_images, self.validation_images)
+            episode = env["train_steps"] + validation_steps_of(env["reward"], size, env["batch_size"])
+            agent = default_settings(config.algo, env["reward"], env["batch_size"], episode)
+            identity["agent_settings"] = _plain(agent)
         return identity
 
 

@@ -126,15 +126,9 @@ def load_splits(dataset: str | None, split_seed: int = 0):
     return full, split_by_group(full, seed=split_seed)
 
 
-def make_env(config: TrainConfig, train_set, validation_set):
-    """The env of ``config`` on explicit train / validation parts.
-
-    Settings, each overriding the one before: the algorithm's recommended env
-    settings (:func:`agents.recommended_env_kwargs`), the fields of
-    ``config``, then ``config.env_kwargs``.
-    """
+def env_settings(config: TrainConfig) -> dict[str, Any]:
+    """The ``TaskAmenabilityEnv`` arguments of ``config`` (see :func:`make_env`)."""
     from agents import recommended_env_kwargs
-    from iqa_env.env import TaskAmenabilityEnv
 
     settings = recommended_env_kwargs(config.algo, config.reward)
     settings.update(
@@ -147,7 +141,20 @@ def make_env(config: TrainConfig, train_set, validation_set):
         device=config.device,
     )
     settings.update(config.env_kwargs)
-    return TaskAmenabilityEnv(train_set, validation_dataset=validation_set, **settings)
+    return settings
+
+
+def make_env(config: TrainConfig, train_set, validation_set):
+    """The env of ``config`` on explicit train / validation parts.
+
+    Settings (:func:`env_settings`), each overriding the one before: the
+    algorithm's recommended env settings
+    (:func:`agents.recommended_env_kwargs`), the fields of ``config``, then
+    ``config.env_kwargs``.
+    """
+    from iqa_env.env import TaskAmenabilityEnv
+
+    return TaskAmenabilityEnv(train_set, validation_dataset=validation_set, **env_settings(config))
 
 
 def controller_auroc(controller, holdout, task: str) -> float | None:
