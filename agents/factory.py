@@ -17,6 +17,7 @@ from agents.index_buffer import IndexReplayBuffer, index_buffer_kwargs
 from agents.noise import ProbabilityOUNoise
 from agents.policies import PerSampleActorCriticPolicy, PerSampleSACPolicy, PerSampleTD3Policy
 from agents.reinforce import REINFORCE
+from iqa_env.rewards import has_validation_phase
 
 ALGORITHMS: tuple[str, ...] = ("ddpg", "reinforce", "ppo", "a2c", "sac", "td3")
 
@@ -139,7 +140,7 @@ def default_settings(name: str, reward: str, batch_size: int, episode_length: in
     shape = SimpleNamespace(
         action_space=SimpleNamespace(shape=(int(batch_size),)),
         episode_length=int(episode_length),
-        uses_validation_phase=reward != "fixed",
+        uses_validation_phase=has_validation_phase(reward),
     )
     options = default_kwargs(name, shape)  # type: ignore[arg-type]
     algorithm, policy = _CLASSES[name]

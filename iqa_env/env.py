@@ -25,6 +25,7 @@ from iqa_env.rewards import (
     check_reward,
     class_log_losses,
     fixed_reward,
+    has_validation_phase,
     selective_reward,
     weighted_reward,
 )
@@ -86,7 +87,7 @@ def validation_steps_of(reward: str, validation_images: int, batch_size: int) ->
     ``validation_images`` is the number of images each reward scores (the
     env's ``validation_size``, at most the validation set's size).
     """
-    return math.ceil(validation_images / batch_size) if reward != "fixed" else 0
+    return math.ceil(validation_images / batch_size) if has_validation_phase(reward) else 0
 
 
 class TaskAmenabilityEnv(gym.Env):
@@ -419,7 +420,7 @@ class TaskAmenabilityEnv(gym.Env):
     @property
     def uses_validation_phase(self) -> bool:
         """Whether episodes have validation steps (the rewards that need validation scores)."""
-        return self.reward_name != "fixed"
+        return has_validation_phase(self.reward_name)
 
     @property
     def validation_steps(self) -> int:

@@ -45,6 +45,12 @@ def check_reward(reward: str) -> str:
     return reward
 
 
+def has_validation_phase(reward: str) -> bool:
+    """Whether episodes of ``reward`` end with validation steps in which the controller scores
+    validation images (``weighted`` and ``selective``); the ``fixed`` reward has none."""
+    return check_reward(reward) != "fixed"
+
+
 def check_rejection_ratio(rejection_ratio: float) -> float:
     """``rejection_ratio`` as a float in [0, 1): the fraction of images rejected (1 would reject all)."""
     if isinstance(rejection_ratio, bool) or not isinstance(rejection_ratio, numbers.Real):

@@ -87,3 +87,15 @@ def test_class_log_losses_compare_images_within_their_class():
 def test_class_log_losses_refuses_bad_input(losses, classes, message):
     with pytest.raises(ValueError, match=message):
         class_log_losses(losses, classes)
+
+
+def test_only_the_fixed_reward_has_no_validation_phase():
+    from iqa_env.env import TaskAmenabilityEnv, validation_steps_of
+    from iqa_env.rewards import has_validation_phase
+
+    assert [has_validation_phase(r) for r in ("fixed", "weighted", "selective")] == [False, True, True]
+    assert [validation_steps_of(r, 100, 32) for r in ("fixed", "weighted", "selective")] == [0, 4, 4]
+    env = TaskAmenabilityEnv(batch_size=8, train_steps=2, validation_size=16, device="cpu", reward="selective")
+    assert env.uses_validation_phase and env.validation_steps == 2
+    with pytest.raises(ValueError, match=r"reward must be one of \('fixed', 'weighted', 'selective'\), got 'fixd'"):
+        has_validation_phase("fixd")
