@@ -397,7 +397,12 @@ class BernoulliSelectionPolicy(BasePolicy):
 
     def logits(self, obs: torch.Tensor) -> torch.Tensor:
         """Selection logits ``(N, B)``; centred on the batch when ``centre_logits``."""
-        logits = self.head(self.extract_features(obs, self.features_extractor))
+        return self.logits_and_features(obs)[0]
+
+    def logits_and_features(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`logits` and the per-image features they came from, ``(N, B, D)``."""
+        features = self.extract_features(obs, self.features_extractor)
+        logits = self.head(features)
         if self.centre_logits:
             # A constant offset, not the head's (learnable) bias: through the bias the "select more,
             # the predictor trains more" part of the training-step credit pushed every logit up
@@ -405,7 +410,7 @@ class BernoulliSelectionPolicy(BasePolicy):
             # ranking and the REINFORCE signal is gone (measured: mean score 1.0, st.d. 0.0 after
             # 4,000-9,000 env steps on 5 of 8 seeds; docs/learning-status.md).
             logits = logits - logits.mean(dim=1, keepdim=True) + self._logit_offset
-        return logits
+        return logits, features.reshape(features.shape[0], -1, self.head.embed_dim)
 
     def forward(self, obs: torch.Tensor, deterministic: bool = False) -> torch.Tensor:
         return torch.sigmoid(self.logits(obs))
@@ -422,9 +427,21 @@ class BernoulliSelectionPolicy(BasePolicy):
         logits: torch.Tensor, selection: torch.Tensor, valid: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`log_prob` from logits already computed by :meth:`logits`."""
+        log_prob, entropy = BernoulliSelectionPolicy.image_log_probs(logits, selection, valid)
+        return log_prob.sum(1), entropy
+
+    @staticmethod
+    def image_log_probs(
+        logits: torch.Tensor, selection: torch.Tensor, valid: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each image's ``log pi(a_i)`` (0 for padding), ``(N, B)``, and the batch's entropy, ``(N,)``.
+
+        Both are weighted by ``1 / (valid images in the batch)``: summed over a
+        batch they give :meth:`log_prob_of_logits`.
+        """
         dist = torch.distributions.Bernoulli(logits=logits)
         weights = valid.float() / valid.float().sum(dim=1, keepdim=True).clamp_min(1.0)
-        return (dist.log_prob(selection.float()) * weights).sum(1), (dist.entropy() * weights).sum(1)
+        return dist.log_prob(selection.float()) * weights, (dist.entropy() * weights).sum(1)
 
     def controller_parts(self) -> tuple[PerSampleExtractor, nn.Linear, float, str]:
         return self.features_extractor, self.head.linear, 1.0, "sigmoid"  # type: ignore[return-value]

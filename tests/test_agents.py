@@ -334,3 +334,86 @@ def test_controller_load_errors(tmp_path):
     (tmp_path / "controller.pt").write_bytes(b"junk")
     with pytest.raises(ValueError, match="not valid JSON"):
         Controller.load(tmp_path)
+
+
+def _reward_model_batch(seed: int = 0, steps: int = 400, batch: int = 12, dim: int = 5, same_images: bool = False):
+    """Features, selections (h = 0.4), validity and a reward of the weighted form with known per-image losses.
+
+    ``same_images``: every step shows the same batch (only the selections are drawn anew), so
+    that each image has one expected policy gradient.
+    """
+    rng = np.random.default_rng(seed)
+    shape = (1 if same_images else steps, batch, dim)
+    features = torch.as_tensor(rng.normal(size=shape), dtype=torch.float32).expand(steps, batch, dim)
+    probabilities = torch.full((steps, batch), 0.4)
+    selections = torch.as_tensor(rng.random((steps, batch)) < 0.4)
+    valid = torch.ones(steps, batch, dtype=torch.bool)
+    valid[:, -2:] = False  # a short last batch: padding never counts
+    weight = torch.as_tensor(rng.normal(size=dim), dtype=torch.float32)
+    losses = features @ weight
+    v, a = valid.float(), (selections & valid).float()
+    mean = (losses * v).sum(1) / v.sum(1)
+    chosen = (losses * a).sum(1) / a.sum(1).clamp_min(1.0)
+    rewards = 0.3 + torch.where(a.sum(1) > 0, mean - chosen, torch.zeros_like(mean))
+    return features, selections, valid, probabilities, rewards, weight
+
+
+def test_selection_reward_model_fits_the_weighted_form_and_its_baseline_ignores_the_own_selection():
+    from agents.reinforce import SelectionRewardModel
+
+    features, selections, valid, probabilities, rewards, weight = _reward_model_batch()
+    model = SelectionRewardModel(features.shape[-1], ridge=1e-6)
+    explained = model.fit(features, selections, valid, rewards)
+    assert explained > 0.999
+    torch.testing.assert_close(model.weight, weight, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(model(features, selections, valid), rewards, atol=1e-3, rtol=1e-3)
+    baseline = model.counterfactual(features, selections, valid, probabilities)
+    # Image j's baseline is the same whichever a_j was drawn ...
+    flipped = selections.clone()
+    flipped[:, 3] = ~flipped[:, 3]
+    torch.testing.assert_close(model.counterfactual(features, flipped, valid, probabilities)[:, 3], baseline[:, 3])
+    # ... and is the expectation of the model's reward over a_j ~ Bernoulli(h_j), the others kept.
+    with_one, with_none = selections.clone(), selections.clone()
+    with_one[:, 3], with_none[:, 3] = True, False
+    expected = 0.4 * model(features, with_one, valid) + 0.6 * model(features, with_none, valid)
+    torch.testing.assert_close(baseline[:, 3], expected)
+
+
+def test_counterfactual_baselines_keep_the_policy_gradient_and_cut_its_variance():
+    """On one batch drawn many times, ``(R - b_j)(a_j - h_j)`` has the mean of ``R (a_j - h_j)`` (no
+    bias) and a smaller spread; a baseline that sees ``a_j`` itself (the model's ``Q(a)``) is biased."""
+    from agents.reinforce import SelectionRewardModel
+
+    features, selections, valid, probabilities, rewards, _ = _reward_model_batch(seed=1, steps=20000, same_images=True)
+    model = SelectionRewardModel(features.shape[-1])
+    model.fit(*(t[:300] for t in (features, selections, valid)), rewards[:300])  # fitted on other draws
+    score = (selections.float() - probabilities)[:, :-2]  # d log pi / d logit of each valid image
+
+    def gradients(baseline: torch.Tensor) -> torch.Tensor:
+        return ((rewards[:, None] - baseline) * score)[300:]
+
+    plain = gradients(torch.zeros(()))
+    counterfactual = gradients(model.counterfactual(features, selections, valid, probabilities)[:, :-2])
+    own = gradients(model(features, selections, valid)[:, None])
+    error = plain.std(0) / np.sqrt(len(plain))  # standard error of each image's mean gradient
+    assert torch.all(plain.mean(0).abs() > 5 * error)  # each image has a clear gradient to keep
+    assert torch.all((counterfactual.mean(0) - plain.mean(0)).abs() < 4 * error)
+    assert torch.all(counterfactual.std(0) < 0.5 * plain.std(0))
+    assert torch.all((own.mean(0) - plain.mean(0)).abs() > 5 * error)
+
+
+def test_reinforce_with_counterfactual_baselines_trains_saves_and_refuses_bad_settings(dataset, tmp_path):
+    from agents.reinforce import REINFORCE
+
+    env = _env(dataset, reward="weighted")
+    agent = make_agent("reinforce", env, seed=0, image_baseline="counterfactual", reward_model_memory=4)
+    agent.learn(120)
+    assert len(agent._reward_memory) == 4  # the last 4 rollouts' validation steps
+    assert bool(agent.reward_model.weight.abs().sum() > 0)  # fitted
+    agent.save(tmp_path / "agent.zip")
+    loaded = REINFORCE.load(tmp_path / "agent.zip", env=_env(dataset, reward="weighted"))
+    torch.testing.assert_close(loaded.reward_model.weight, agent.reward_model.weight)
+    with pytest.raises(ValueError, match=r"image_baseline must be one of \('none', 'counterfactual'\), got 'loo'"):
+        make_agent("reinforce", env, seed=0, image_baseline="loo")
+    with pytest.raises(ValueError, match=r"reward_model_memory must be an integer >= 1, got 0"):
+        make_agent("reinforce", env, seed=0, image_baseline="counterfactual", reward_model_memory=0)

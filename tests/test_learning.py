@@ -24,7 +24,9 @@ def occluded_splits():
     return split_by_group(occluded_dataset(), seed=0)
 
 
-def _learn(splits, algo: str, reward: str, seed: int, steps: int, **env_kwargs) -> tuple[float, float]:
+def _learn(
+    splits, algo: str, reward: str, seed: int, steps: int, agent_kwargs: dict | None = None, **env_kwargs
+) -> tuple[float, float]:
     """(initial, final) holdout AUROC of the controller against the known amenability."""
     train, validation, holdout = splits
     settings = recommended_env_kwargs(algo, reward)
@@ -34,7 +36,9 @@ def _learn(splits, algo: str, reward: str, seed: int, steps: int, **env_kwargs) 
         validation_size=64, device="cpu", **settings,
     )
     # learn() makes the seeded reset (and the predictor's warm-up) once.
-    agent = make_agent(algo, env, seed=seed, **({} if algo == "reinforce" else {"learning_starts": 16}))
+    agent = make_agent(
+        algo, env, seed=seed, **({} if algo == "reinforce" else {"learning_starts": 16}), **(agent_kwargs or {})
+    )
     amenable = holdout.amenable("classification")
 
     def holdout_auroc() -> float:
@@ -50,6 +54,16 @@ def test_reinforce_learns_the_ranking(occluded_splits, reward, seed):
     initial, final = _learn(occluded_splits, "reinforce", reward, seed, steps=400)
     assert initial < 0.5, f"seed {seed} should start inverted, started at {initial:.3f}"
     assert final >= 0.8, f"REINFORCE ({reward}, seed {seed}): {initial:.3f} -> {final:.3f}"
+
+
+@pytest.mark.parametrize("reward_baseline", ["moving_average", "non_selective"])
+def test_reinforce_learns_the_ranking_with_counterfactual_image_baselines(occluded_splits, reward_baseline):
+    initial, final = _learn(
+        occluded_splits, "reinforce", "weighted", 0, steps=400, reward_baseline=reward_baseline,
+        agent_kwargs=dict(image_baseline="counterfactual"),
+    )
+    assert initial < 0.5, f"seed 0 should start inverted, started at {initial:.3f}"
+    assert final >= 0.8, f"REINFORCE (weighted, {reward_baseline}, counterfactual): {initial:.3f} -> {final:.3f}"
 
 
 def test_reinforce_with_the_fixed_reward_moves_towards_the_ranking(occluded_splits):
