@@ -106,7 +106,7 @@ class SelectionRewardModel(torch.nn.Module):
         self.weight.copy_(weight.to(self.weight.dtype))
         self.bias.copy_((y_mean - x_mean @ weight).to(self.bias.dtype))
         residual = y - self(features, selections, valid).double()
-        return 1.0 - float(residual.var() / y.var().clamp_min(1e-12))
+        return 1.0 - float(residual.var(unbiased=False) / y.var(unbiased=False).clamp_min(1e-12))
 
     @torch.no_grad()
     def counterfactual(
@@ -251,6 +251,16 @@ class REINFORCE(BaseAlgorithm):
         memory = reward_model_memory
         if isinstance(memory, bool) or not isinstance(memory, (int, np.integer)) or memory < 1:
             raise ValueError(f"reward_model_memory must be an integer >= 1, got {reward_model_memory!r}")
+        if image_baseline == "counterfactual" and self.env is not None:
+            try:
+                has_validation = bool(self.env.get_attr("uses_validation_phase")[0])
+            except AttributeError:
+                has_validation = True  # another env: its info["action_phase"] tells at run time
+            if not has_validation:
+                raise ValueError(
+                    "image_baseline='counterfactual' models the rewards of validation steps, and this env "
+                    "has none (the fixed reward): use the weighted or selective reward, or image_baseline='none'"
+                )
         if n_steps is None:
             assert self.env is not None
             try:
@@ -461,7 +471,8 @@ class REINFORCE(BaseAlgorithm):
                 with torch.no_grad():
                     residual = new[3] - self.reward_model(*new[:3])
                 self.logger.record(
-                    "train/reward_model_predicted_variance", 1.0 - float(residual.var() / new[3].var().clamp_min(1e-12))
+                    "train/reward_model_predicted_variance",
+                    1.0 - float(residual.var(unbiased=False) / new[3].var(unbiased=False).clamp_min(1e-12)),
                 )
             self._reward_memory.append(new)
             del self._reward_memory[: -self.reward_model_memory]

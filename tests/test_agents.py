@@ -417,3 +417,5 @@ def test_reinforce_with_counterfactual_baselines_trains_saves_and_refuses_bad_se
         make_agent("reinforce", env, seed=0, image_baseline="loo")
     with pytest.raises(ValueError, match=r"reward_model_memory must be an integer >= 1, got 0"):
         make_agent("reinforce", env, seed=0, image_baseline="counterfactual", reward_model_memory=0)
+    with pytest.raises(ValueError, match=r"image_baseline='counterfactual' models the rewards of validation steps"):
+        make_agent("reinforce", _env(dataset, reward="fixed"), seed=0, image_baseline="counterfactual")
