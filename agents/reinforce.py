@@ -48,6 +48,12 @@ def between_class_variance(logits: torch.Tensor, classes: torch.Tensor, valid: t
 IMAGE_BASELINES: tuple[str, ...] = ("none", "counterfactual")
 
 
+def _explained_variance(targets: torch.Tensor, predictions: torch.Tensor) -> float:
+    """``1 - var(targets - predictions) / var(targets)`` (population variances)."""
+    residual = targets - predictions
+    return 1.0 - float(residual.var(unbiased=False) / targets.var(unbiased=False).clamp_min(1e-12))
+
+
 class SelectionRewardModel(torch.nn.Module):
     """A linear model of a validation step's reward from its images and selections, for per-image baselines.
 
@@ -105,8 +111,7 @@ class SelectionRewardModel(torch.nn.Module):
         weight = torch.linalg.solve(gram + penalty * eye, xc.T @ yc)
         self.weight.copy_(weight.to(self.weight.dtype))
         self.bias.copy_((y_mean - x_mean @ weight).to(self.bias.dtype))
-        residual = y - self(features, selections, valid).double()
-        return 1.0 - float(residual.var(unbiased=False) / y.var(unbiased=False).clamp_min(1e-12))
+        return _explained_variance(y, self(features, selections, valid).double())
 
     @torch.no_grad()
     def counterfactual(
@@ -469,11 +474,8 @@ class REINFORCE(BaseAlgorithm):
             new = tuple(torch.cat(parts) for parts in zip(*seen))
             if self._reward_memory:  # how well the model fitted before this rollout predicts it
                 with torch.no_grad():
-                    residual = new[3] - self.reward_model(*new[:3])
-                self.logger.record(
-                    "train/reward_model_predicted_variance",
-                    1.0 - float(residual.var(unbiased=False) / new[3].var(unbiased=False).clamp_min(1e-12)),
-                )
+                    predicted = _explained_variance(new[3], self.reward_model(*new[:3]))
+                self.logger.record("train/reward_model_predicted_variance", predicted)
             self._reward_memory.append(new)
             del self._reward_memory[: -self.reward_model_memory]
         if not self._reward_memory:
