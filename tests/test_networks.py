@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -38,6 +40,29 @@ def test_controller_is_applied_image_by_image():
     perm = torch.randperm(8)
     torch.testing.assert_close(net(x)[perm], net(x[perm]))
     torch.testing.assert_close(net(x)[:3], net(x[:3]))
+
+
+@pytest.mark.parametrize(
+    "make", [lambda s: Classifier(s, num_classes=2), UNet, ControllerBackbone], ids=["classifier", "unet", "controller"]
+)
+def test_networks_run_channels_last_and_compute_the_same_function(make):
+    """The convolutions run channels-last (the CPU speed-up of docs/performance.md), forward and backward,
+    and give what the same weights give in the default memory order, to float rounding."""
+    shape = (1, 32, 32)
+    torch.manual_seed(0)
+    net = make(shape)
+    convs = [m for m in net.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))]
+    assert convs and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
+    plain = copy.deepcopy(net).to(memory_format=torch.contiguous_format)
+    wide = [m.weight for m in plain.modules() if isinstance(m, torch.nn.Conv2d) and min(m.weight.shape[1], m.weight.shape[-1]) > 1]
+    assert wide and not any(w.is_contiguous(memory_format=torch.channels_last) for w in wide)
+    x = torch.rand(4, *shape)
+    out, ref = net(x), plain(x)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    out.square().sum().backward()
+    ref.square().sum().backward()
+    for (name, a), b in zip(net.named_parameters(), plain.parameters()):
+        assert (a.grad - b.grad).abs().max() <= 1e-5 * b.grad.abs().max(), name
 
 
 @pytest.mark.parametrize("shape", [(1, 4, 32), (32, 32), (0, 32, 32)])
