@@ -16,21 +16,14 @@ from agents.buffers import RewardReadyIndexReplayBuffer, RewardReadyReplayBuffer
 from agents.index_buffer import IndexReplayBuffer, index_buffer_kwargs
 from agents.noise import ProbabilityOUNoise
 from agents.policies import PerSampleActorCriticPolicy, PerSampleSACPolicy, PerSampleTD3Policy
-from agents.reinforce import REINFORCE
+from agents.reinforce import REINFORCE, env_attr
 from iqa_env.rewards import has_validation_phase
 
 ALGORITHMS: tuple[str, ...] = ("ddpg", "reinforce", "ppo", "a2c", "sac", "td3")
 
 
-def _env_attr(env: GymEnv, name: str, default: Any) -> Any:
-    try:
-        return env.get_attr(name)[0]  # type: ignore[union-attr]
-    except AttributeError:
-        return getattr(getattr(env, "unwrapped", env), name, default)
-
-
 def _episode_length(env: GymEnv) -> int:
-    return int(_env_attr(env, "episode_length", 32))
+    return int(env_attr(env, "episode_length", 32))
 
 
 #: What the weighted and selective rewards (an env with validation steps) change in
@@ -101,7 +94,7 @@ def default_kwargs(name: str, env: GymEnv, seed: int | None = None) -> dict[str,
     """
     batch = int(env.action_space.shape[0])  # type: ignore[index]
     episode = _episode_length(env)
-    bandit = bool(_env_attr(env, "uses_validation_phase", False))
+    bandit = bool(env_attr(env, "uses_validation_phase", False))
     off_policy = dict(buffer_size=5_000, learning_starts=2 * episode, batch_size=16, train_freq=1, gradient_steps=1)
     deterministic = dict(
         learning_rate=1e-3,

@@ -26,6 +26,14 @@ SelfREINFORCE = TypeVar("SelfREINFORCE", bound="REINFORCE")
 CREDITS: tuple[str, ...] = ("causal", "validation", "return")
 
 
+def env_attr(env: GymEnv, name: str, default: Any) -> Any:
+    """Attribute ``name`` of ``env`` (a VecEnv's first env, or a plain env), or ``default`` if it has none."""
+    try:
+        return env.get_attr(name)[0]  # type: ignore[union-attr]
+    except AttributeError:
+        return getattr(getattr(env, "unwrapped", env), name, default)
+
+
 def between_class_variance(logits: torch.Tensor, classes: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Per batch, the variance of the valid images' logits explained by their class, ``(N,)``.
 
@@ -257,21 +265,15 @@ class REINFORCE(BaseAlgorithm):
         if isinstance(memory, bool) or not isinstance(memory, (int, np.integer)) or memory < 1:
             raise ValueError(f"reward_model_memory must be an integer >= 1, got {reward_model_memory!r}")
         if image_baseline == "counterfactual" and self.env is not None:
-            try:
-                has_validation = bool(self.env.get_attr("uses_validation_phase")[0])
-            except AttributeError:
-                has_validation = True  # another env: its info["action_phase"] tells at run time
-            if not has_validation:
+            # another env (no such attribute): its info["action_phase"] tells at run time
+            if not bool(env_attr(self.env, "uses_validation_phase", True)):
                 raise ValueError(
                     "image_baseline='counterfactual' models the rewards of validation steps, and this env "
                     "has none (the fixed reward): use the weighted or selective reward, or image_baseline='none'"
                 )
         if n_steps is None:
             assert self.env is not None
-            try:
-                n_steps = int(self.env.get_attr("episode_length")[0])
-            except AttributeError:
-                n_steps = 32
+            n_steps = int(env_attr(self.env, "episode_length", 32))
         if n_steps < 1:
             raise ValueError(f"n_steps must be >= 1, got {n_steps!r}")
         if minibatch_steps is not None and minibatch_steps < 1:
