@@ -413,6 +413,9 @@ def test_reinforce_with_counterfactual_baselines_trains_saves_and_refuses_bad_se
     agent.save(tmp_path / "agent.zip")
     loaded = REINFORCE.load(tmp_path / "agent.zip", env=_env(dataset, reward="weighted"))
     torch.testing.assert_close(loaded.reward_model.weight, agent.reward_model.weight)
+    # ... and the rollouts it was fitted on, so that a resumed run refits on the same memory.
+    assert len(loaded._reward_memory) == 4
+    torch.testing.assert_close(loaded._reward_memory[-1][3], agent._reward_memory[-1][3])
     with pytest.raises(ValueError, match=r"image_baseline must be one of \('none', 'counterfactual'\), got 'loo'"):
         make_agent("reinforce", env, seed=0, image_baseline="loo")
     with pytest.raises(ValueError, match=r"reward_model_memory must be an integer >= 1, got 0"):
