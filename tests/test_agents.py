@@ -93,6 +93,40 @@ def test_policy_kwargs_are_not_shared_between_models(dataset):
     assert kwargs == {"features_extractor_kwargs": {"embed_dim": 32}}
 
 
+def test_a_learning_rate_schedule_given_as_json_decays_over_the_run_and_bad_ones_are_refused(dataset):
+    env = _env(dataset)
+    from stable_baselines3.common.callbacks import BaseCallback
+
+    class Rates(BaseCallback):  # the optimiser's rate as each rollout starts, i.e. after the previous update
+        def __init__(self) -> None:
+            super().__init__()
+            self.rates: list[float] = []
+
+        def _on_rollout_start(self) -> None:
+            self.rates.append(self.model.policy.optimizer.param_groups[0]["lr"])
+
+        def _on_step(self) -> bool:
+            return True
+
+    agent = make_agent("reinforce", env, seed=0, learning_rate={"start": 1e-3, "end": 1e-4})
+    episode = env.unwrapped.episode_length
+    rates = Rates()
+    agent.learn(4 * episode, callback=rates)  # one rollout and one policy update per episode
+    line = [1e-3 + done * (1e-4 - 1e-3) for done in (0.0, 0.25, 0.5, 0.75)]
+    assert rates.rates == pytest.approx(line)
+    assert agent.policy.optimizer.param_groups[0]["lr"] == pytest.approx(1e-4)
+    rates = Rates()  # a resumed run goes on along one line over the whole run (8 episodes)
+    agent = make_agent("reinforce", env, seed=0, learning_rate={"start": 1e-3, "end": 1e-4})
+    agent.learn(4 * episode)
+    agent.learn(4 * episode, callback=rates, reset_num_timesteps=False)
+    assert rates.rates[1:] == pytest.approx([1e-3 + done / 8 * (1e-4 - 1e-3) for done in (5, 6, 7)])
+    assert make_agent("reinforce", env, seed=0, learning_rate=5e-4).lr_schedule(0.3) == pytest.approx(5e-4)
+    with pytest.raises(ValueError, match=r'keys "start" and "end" \(a linear schedule\), got \[\'begin\', \'end\'\]'):
+        make_agent("reinforce", env, seed=0, learning_rate={"begin": 1e-3, "end": 1e-4})
+    with pytest.raises(ValueError, match=r"learning_rate\['end'\] must be a positive finite number, got nan"):
+        make_agent("ppo", env, seed=0, learning_rate={"start": 1e-3, "end": float("nan")})
+
+
 def test_unknown_algorithm_is_a_clear_error(dataset):
     with pytest.raises(ValueError, match="algorithm must be one of"):
         make_agent("dqn", _env(dataset))
