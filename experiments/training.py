@@ -489,6 +489,9 @@ def train(
     summary = {
         "run": config.run_name,
         "config": dataclasses.asdict(config),
+        # The env arguments the run had, defaults included: the config alone does not say them once
+        # agents.recommended_env_kwargs changes.
+        "env_settings": env_settings(config),
         "steps": int(agent.num_timesteps),
         "wall_time_s": wall,
         "steps_per_s": agent.num_timesteps / max(wall, 1e-9),

@@ -8,6 +8,7 @@ from concurrent.futures import Future
 
 import pytest
 
+from agents import recommended_env_kwargs
 from experiments.seed_study import main
 
 
@@ -33,6 +34,13 @@ def test_seed_study_reports_every_seed(tiny_synthetic_path, tmp_path, capsys):
     assert [(r["config"]["reward"], r["config"]["seed"]) for r in runs] == [
         ("weighted", 3), ("weighted", 4), ("selective", 3), ("selective", 4)
     ]
+    # Each run records the env arguments it had, the recommended defaults included.
+    assert runs[0]["env_settings"] == {
+        **recommended_env_kwargs("reinforce", "weighted"),
+        **{key: runs[0]["config"][key] for key in ("task", "reward", "rejection_ratio", "device")},
+        "batch_size": 8, "train_steps": 2, "validation_size": 16,
+    }
+    assert runs[0]["env_settings"]["validation_refresh"] is True
     # Each row shows how spread the final scores are (saturated or collapsed controllers stand out).
     for run in runs:
         assert 0.0 < run["final_score_mean"] < 1.0 and run["final_score_sd"] > 0.0
