@@ -212,10 +212,10 @@ def recommended_env_kwargs(name: str, reward: str) -> dict[str, Any]:
     kwargs: dict[str, Any] = dict(reward_metric="loss", predictor_warmup_steps=400)
     if reward != "fixed":
         kwargs.update(predictor_augment=True, predictor_average=0.998, reward_normalisation="class_log")
-    if name in ("reinforce", "ddpg", "td3") and reward != "fixed":
-        kwargs.update(validation_refresh=True)
-    if name in ("ddpg", "td3") and reward != "fixed":
-        kwargs.update(stochastic_validation=False, reward_baseline="none")
+        if name in ("reinforce", "ddpg", "td3"):
+            kwargs.update(validation_refresh=True)
+        if name in ("ddpg", "td3"):
+            kwargs.update(stochastic_validation=False, reward_baseline="none")
     return kwargs
 
 

@@ -6,6 +6,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from stable_baselines3.common.callbacks import BaseCallback
 
 from agents import ALGORITHMS, Controller, ProbabilityOUNoise, make_agent
 from agents.policies import PerSampleActorCriticPolicy
@@ -95,7 +96,6 @@ def test_policy_kwargs_are_not_shared_between_models(dataset):
 
 def test_a_learning_rate_schedule_given_as_json_decays_over_the_run_and_bad_ones_are_refused(dataset):
     env = _env(dataset)
-    from stable_baselines3.common.callbacks import BaseCallback
 
     class Rates(BaseCallback):  # the optimiser's rate as each rollout starts, i.e. after the previous update
         def __init__(self) -> None:
