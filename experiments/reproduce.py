@@ -427,18 +427,35 @@ def load_arrays(folder: Path) -> dict[str, np.ndarray]:
         return {k: data[k] for k in data.files}
 
 
+def rejecting_by(metric: np.ndarray, scores: np.ndarray, groups: np.ndarray, ratio: float) -> dict[str, Any]:
+    """``metric`` after rejecting by ``scores``: the curve, and the paper's ratio with its paired t-test against no rejection."""
+    curve = rejection_curve(metric, scores, groups)
+    at = next(c for c in curve if math.isclose(c["ratio"], ratio))
+    test = paired_ttest(metric, kept_images(scores, ratio), metric, groups)
+    return {"curve": curve, "at_paper_ratio": _at_ratio(ratio, at, test)}
+
+
 def summarise_baseline(task: str, holdout: Any, arrays: dict[str, np.ndarray], seed: int, draws: int = RANDOM_DRAWS) -> dict[str, Any]:
-    """The baseline predictor of one seed: its holdout metric, the random-rejection band, and the heuristics."""
+    """The baseline predictor of one seed: its holdout metric, the random-rejection band, the heuristics, and the references.
+
+    The references are the same predictor rejecting by its own confidence (the
+    cheapest quality filter there is) and, where the data knows it, by the
+    ground-truth amenability: what a controller that learnt the data's
+    amenability perfectly would give this predictor. (A score aimed at this
+    predictor's own errors, as its confidence is, can give more: not every
+    image it gets wrong is a degraded one, nor every degraded one wrong.)
+    """
     metric, groups = arrays["metric"], holdout.groups
+    ratio = PAPER_REJECTION_RATIO[task]
     out: dict[str, Any] = {
         "seed": seed,
         "metric": metric_across_patients(metric, groups),
         "random_band": random_rejection_band(metric, groups, draws=draws, seed=seed),
-        # The baseline predictor rejecting by its own confidence: the cheapest quality filter there is.
-        "confidence_curve": rejection_curve(metric, arrays["confidence"], groups),
+        "rejecting_by": {"predictor_confidence": rejecting_by(metric, arrays["confidence"], groups, ratio)},
         "heuristics": {},
     }
     if task in holdout.amenability:
+        out["rejecting_by"]["ground_truth"] = rejecting_by(metric, holdout.amenability[task], groups, ratio)
         for name, scores in heuristic_scores(holdout.images, arrays["confidence"]).items():
             ranking = ranking_agreement(scores, holdout.amenability[task])
             a = ranking["auroc"]
@@ -478,19 +495,13 @@ def summarise_run(
     # The same seed's baseline predictor on the images this controller keeps: what the score alone adds,
     # apart from how well the co-trained predictor was trained (it makes fewer updates than the baseline
     # with the weighted and selective rewards, and sees only the images the controller selects).
-    base_curve = rejection_curve(baseline["metric"], scores, groups)
-    base_at = next(c for c in base_curve if math.isclose(c["ratio"], ratio))
-    base_test = paired_ttest(baseline["metric"], kept_images(scores, ratio), baseline["metric"], groups)
     run: dict[str, Any] = {
         "seed": seed,
         "mean_score": float(np.mean(scores)),
         "curve": curve,
         "ttest": tests,
         "at_paper_ratio": _at_ratio(ratio, at, test),
-        "baseline_predictor": {
-            "curve": base_curve,
-            "at_paper_ratio": _at_ratio(ratio, base_at, base_test),
-        },
+        "baseline_predictor": rejecting_by(baseline["metric"], scores, groups, ratio),
         "random_band": random_rejection_band(metric, groups, draws=draws, seed=seed),
         "contingency": None,
         "controller": None,
@@ -539,6 +550,21 @@ def summarise_seeds(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
         summary["kappa"] = mean_and_std([t["kappa"] for t in tables])
         summary["contingency_summed"] = np.sum([t["table"] for t in tables], axis=0).astype(int).tolist()
     return summary
+
+
+def summarise_rejecting_by(per_seed: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One reference rejection across seeds: its paper-ratio figure, p-values (+ median) and mean curve."""
+    p_value = mean_and_std([r["at_paper_ratio"]["p"] for r in per_seed])
+    defined = [v for v in p_value["values"] if v is not None]
+    return {
+        "at_paper_ratio": mean_and_std([r["at_paper_ratio"]["mean"] for r in per_seed]),
+        "p_value": {**p_value, "median": float(np.median(defined)) if defined else None},
+        "seeds_better_with_p_below_0.05": sum(r["at_paper_ratio"]["better_with_p_below_0.05"] for r in per_seed),
+        "curve": [
+            {"ratio": float(r), **mean_and_std([run["curve"][i]["mean"] for run in per_seed])}
+            for i, r in enumerate(REJECTION_RATIOS)
+        ],
+    }
 
 
 def summarise_heuristics(baselines: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -617,10 +643,10 @@ def collect_task(
                     }
                     for i, r in enumerate(REJECTION_RATIOS)
                 ],
-                "confidence_curve": [
-                    {"ratio": float(r), **mean_and_std([b["confidence_curve"][i]["mean"] for b in baselines])}
-                    for i, r in enumerate(REJECTION_RATIOS)
-                ],
+                "rejecting_by": {
+                    name: summarise_rejecting_by([b["rejecting_by"][name] for b in baselines])
+                    for name in (baselines[0]["rejecting_by"] if baselines else {})
+                },
             },
         },
         "runs": runs,
@@ -773,8 +799,13 @@ def plot_rejection(task_result: dict[str, Any], path: Path) -> Path:
                     label=f"baseline, random rejection ({RANDOM_BAND_QUANTILES[0]:.0%}-{RANDOM_BAND_QUANTILES[1]:.0%})")
     if base["metric"]["mean"] is not None:
         ax.axhline(base["metric"]["mean"], color="black", lw=1.5, label="baseline (non-selective, all images)")
-    conf = [c["mean"] for c in base["confidence_curve"]]
-    ax.plot(x, [np.nan if v is None else v for v in conf], color="0.4", ls=":", label="baseline, rejecting by its own confidence")
+    for name, style, text in (
+        ("ground_truth", "--", "baseline, rejecting by the ground truth (a perfect ranking of it)"),
+        ("predictor_confidence", ":", "baseline, rejecting by its own confidence"),
+    ):
+        if name in base["rejecting_by"]:
+            values = [c["mean"] for c in base["rejecting_by"][name]["curve"]]
+            ax.plot(x, [np.nan if v is None else v for v in values], color="0.4", ls=style, label=text)
     for label, entry in task_result["runs"].items():
         curve = entry["summary"]["curve"]
         mean = np.array([np.nan if c["mean"] is None else c["mean"] for c in curve])
@@ -866,6 +897,14 @@ def _baseline_predictor_markdown(task_result: dict[str, Any]) -> list[str]:
         "|---|---|---|---|",
         f"| nothing (baseline) | {format_stats(task_result['baseline']['summary']['metric'])} | n/a | — |",
     ]
+    references = task_result["baseline"]["summary"]["rejecting_by"]
+    for name, text in (("ground_truth", "the ground truth (a perfect ranking of it)"), ("predictor_confidence", "its own confidence")):
+        if name in references:
+            r = references[name]
+            lines.append(
+                f"| {text} | {format_stats(r['at_paper_ratio'])} | {format_number(r['p_value']['median'], 4)} "
+                f"| {r['seeds_better_with_p_below_0.05']} of {r['at_paper_ratio']['n']} |"
+            )
     for label, entry in task_result["runs"].items():
         s = entry["summary"]
         lines.append(
@@ -962,7 +1001,9 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
             "",
             (f"The same seed's *baseline* predictor on the images each controller keeps at {t['paper_rejection_ratio']:.0%} "
             "rejection: what the controller's score adds on its own, whatever the co-trained predictor learnt "
-            "(p: paired t-test across patients against the baseline predictor on all images)."),
+            "(p: paired t-test across patients against the baseline predictor on all images). "
+            "Beside them, the same predictor rejecting by the ground-truth amenability (where the data has it: "
+            "what a controller that ranked the truth perfectly would give) and by its own confidence."),
             "",
             *_baseline_predictor_markdown(t),
             "",

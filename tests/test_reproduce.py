@@ -53,6 +53,36 @@ def test_rejection_curve_of_a_perfect_ranking_rises():
     assert means == sorted(means) and means[-1] == 1.0  # 30 % rejection removes all 60 failures
 
 
+def test_the_baseline_predictor_rejecting_by_the_ground_truth_gains_what_a_perfect_ranking_can():
+    from types import SimpleNamespace
+
+    from experiments.reproduce import summarise_baseline
+
+    rng = np.random.default_rng(0)
+    n = 300
+    truth = rng.random(n)
+    groups = np.arange(n) % 10
+    # The predictor fails on the 10 % least amenable images, and on a few others at random.
+    metric = (truth >= np.quantile(truth, 0.10)).astype(np.float64)
+    metric[rng.choice(n, 15, replace=False)] = 0.0
+    confidence = rng.random(n)  # says nothing
+    holdout = SimpleNamespace(groups=groups, amenability={"classification": truth}, images=rng.random((n, 1, 8, 8)))
+    out = summarise_baseline("classification", holdout, {"metric": metric, "confidence": confidence}, seed=0, draws=20)
+    oracle, conf = out["rejecting_by"]["ground_truth"], out["rejecting_by"]["predictor_confidence"]
+    base = out["metric"]["mean"]
+    at = oracle["at_paper_ratio"]
+    assert at["ratio"] == 0.05 and at["mean"] > base and at["mean_difference"] > 0
+    # 5 % of 300 = 15 images rejected, all of them failures: every patient's kept mean rises.
+    assert at["mean"] == pytest.approx(ev.metric_across_patients(metric, groups, truth >= np.sort(truth)[15])["mean"])
+    assert at["better_with_p_below_0.05"] and at["p"] < 0.05
+    assert [c["mean"] for c in oracle["curve"]][:3] == sorted(c["mean"] for c in oracle["curve"][:3])
+    assert abs(conf["at_paper_ratio"]["mean"] - base) < at["mean"] - base  # an uninformative score gains less
+    no_truth = SimpleNamespace(groups=groups, amenability={}, images=holdout.images)
+    assert set(summarise_baseline("classification", no_truth, {"metric": metric, "confidence": confidence}, 0, 20)["rejecting_by"]) == {
+        "predictor_confidence"
+    }
+
+
 def test_paired_ttest_pairs_patients_and_drops_those_with_nothing_kept():
     metric = np.array([1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0])
     baseline = np.array([1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 1.0])
@@ -136,8 +166,18 @@ def check_task_result(t, labels, seeds):
     assert set(t["human_labels"]) == {"auroc", "spearman"}
     baseline = t["baseline"]
     assert [b["seed"] for b in baseline["runs"]] == seeds
-    assert {"metric", "random_band", "confidence_curve", "heuristics", "predictor_updates", "folder"} <= set(baseline["runs"][0])
-    assert {"metric", "patient_std", "random_band", "confidence_curve"} <= set(baseline["summary"])
+    assert {"metric", "random_band", "rejecting_by", "heuristics", "predictor_updates", "folder"} <= set(baseline["runs"][0])
+    assert {"metric", "patient_std", "random_band", "rejecting_by"} <= set(baseline["summary"])
+    references = {"predictor_confidence", "ground_truth"}  # the synthetic holdout knows its truth
+    for b in baseline["runs"]:
+        assert set(b["rejecting_by"]) == references
+        for r in b["rejecting_by"].values():
+            assert len(r["curve"]) == len(ev.REJECTION_RATIOS)
+            assert {"ratio", "mean", "std", "p", "t", "mean_difference", "better_with_p_below_0.05"} <= set(r["at_paper_ratio"])
+    assert set(baseline["summary"]["rejecting_by"]) == references
+    for r in baseline["summary"]["rejecting_by"].values():
+        assert r["at_paper_ratio"]["n"] == len(seeds) and "median" in r["p_value"]
+        assert len(r["curve"]) == len(ev.REJECTION_RATIOS) and "seeds_better_with_p_below_0.05" in r
     assert list(t["runs"]) == labels
     for entry in t["runs"].values():
         assert SUMMARY_KEYS <= set(entry["summary"])

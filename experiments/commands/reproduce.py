@@ -100,5 +100,12 @@ def run(args: argparse.Namespace) -> int:
                     line += f"; baseline predictor on the images it keeps: {format_number(base)}"
                     line += "" if base_p is None else f" (median p {base_p:.3g})"
             print(line)
+        references = t["baseline"]["summary"]["rejecting_by"]
+        for name, text in (("ground_truth", "the ground truth (a perfect ranking of it)"), ("predictor_confidence", "its own confidence")):
+            if name in references and references[name]["at_paper_ratio"]["mean"] is not None:
+                r = references[name]
+                p = r["p_value"]["median"]
+                print(f"  baseline predictor rejecting by {text}: {format_stats(r['at_paper_ratio'])}"
+                      + ("" if p is None else f" (median p {p:.3g})"))
     print(f"report: {args.out}/report.md, figures and results.json in {args.out}")
     return 0
