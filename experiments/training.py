@@ -208,6 +208,24 @@ def config_differences(saved: dict[str, Any], config: TrainConfig) -> list[str]:
     ]
 
 
+def env_settings_differences(saved: dict[str, Any], config: TrainConfig) -> list[str]:
+    """``"name: saved X, now Y"`` for every env argument of ``config`` (defaults included) that differs from ``saved``.
+
+    ``saved`` is a run's recorded :func:`env_settings`. ``device`` is not
+    compared (a run may move between devices). A setting missing on either
+    side counts as differing: the defaults of :func:`agents.recommended_env_kwargs`
+    changed between the checkout that made the run and this one.
+    """
+    now = _json_config(env_settings(config))
+    names = sorted((set(now) | set(saved)) - {"device"})
+    missing = object()
+    return [
+        f"env setting {name}: saved {saved.get(name, '(not set)')!r}, now {now.get(name, '(not set)')!r}"
+        for name in names
+        if saved.get(name, missing) != now.get(name, missing)
+    ]
+
+
 def dataset_fingerprint(dataset: str | os.PathLike[str] | None) -> str:
     """``"builtin"`` for the built-in set, else ``"sha256:..."`` of the dataset file's bytes."""
     import hashlib
@@ -266,6 +284,16 @@ def _prepare_run_dir(config: TrainConfig, out: Path, overwrite: bool) -> tuple[s
             if recorded is not None and recorded == dataset_fingerprint(config.dataset):
                 logger.info("%s: the dataset is now at %s (same content as the run's)", out, config.dataset)
                 differ = [d for d in differ if d not in moved]
+        # The env arguments the run recorded, defaults included: the same config gives other settings
+        # once agents.recommended_env_kwargs changes, and a run must not go on (or count as done) with them.
+        recorded_env = (summary or {}).get("env_settings")
+        if recorded_env is None and folder is not None:
+            recorded_env = ckpt.read_meta(folder).get("env_settings")
+        if isinstance(recorded_env, dict):
+            differ += env_settings_differences(recorded_env, config)
+        elif summary is not None or folder is not None:
+            logger.warning("%s: the run did not record its env settings (an older version made it); "
+                           "its config matches, but whether the defaults changed since cannot be checked", out)
         if differ:
             raise ValueError(
                 f"{out} holds a run with other settings ({'; '.join(differ)}); rerun with the same settings "
@@ -305,7 +333,9 @@ def train(
     - a finished run there (``summary.json``): nothing is trained, and its
       summary is returned with ``"already_finished": True`` added;
     - a run with other settings there: ``ValueError`` naming the fields
-      that differ, unless ``overwrite=True``, which removes the folder's run
+      that differ (the config's, and the env settings the run recorded,
+      defaults included: a checkout with other defaults does not go on
+      with a run made under the old ones), unless ``overwrite=True``, which removes the folder's run
       files and starts again.  :data:`RUN_MANAGEMENT_FIELDS` may differ, and
       so may ``dataset`` when the file has the content the run recorded
       (``dataset_fingerprint`` in its checkpoint or summary).
@@ -330,6 +360,9 @@ def train(
     # patients, a batch larger than the training set) fails before the run folder is touched.
     _, (train_set, validation_set, holdout) = load_splits(config.dataset, config.split_seed)
     env = make_env(config, train_set, validation_set)
+    # The env arguments the run has, defaults included, as they read back from JSON: recorded in its
+    # checkpoints and summary, since the config alone does not say them once the defaults change.
+    settings = _json_config(env_settings(config))
     out = Path(out_dir) if out_dir is not None else None
     mode, found = "fresh", None
     if out is not None:
@@ -406,6 +439,7 @@ def train(
                 "wall_time_s": prior_wall + time.perf_counter() - start,
                 "resumed_from": resumed_from,
                 "config": dataclasses.asdict(config),
+                "env_settings": settings,
                 "dataset_fingerprint": fingerprint,
             },
             pool,
@@ -482,6 +516,9 @@ def train(
     controller = Controller.from_agent(
         agent, metadata={"task": config.task, "reward": config.reward, "seed": config.seed}
     )
+    # The validation images' scores go with it, so that its scores can be read as percentiles of images the
+    # run knew (comparable across runs whose raw scores sit at other levels) and thresholded one at a time.
+    controller.calibrate(validation_set.images, source="the validation images of the training run")
     final_scores = controller.score(holdout.images)  # once, for the AUROC and the spread
     final = scores_auroc(final_scores, holdout, config.task)
     if curve[-1][0] != agent.num_timesteps:
@@ -489,9 +526,7 @@ def train(
     summary = {
         "run": config.run_name,
         "config": dataclasses.asdict(config),
-        # The env arguments the run had, defaults included: the config alone does not say them once
-        # agents.recommended_env_kwargs changes.
-        "env_settings": env_settings(config),
+        "env_settings": settings,
         "steps": int(agent.num_timesteps),
         "wall_time_s": wall,
         "steps_per_s": agent.num_timesteps / max(wall, 1e-9),

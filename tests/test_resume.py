@@ -147,6 +147,37 @@ def test_other_settings_need_overwrite_even_before_a_checkpoint(tiny_synthetic_p
     assert json.loads((run / "config.json").read_text())["algo"] == "reinforce"
 
 
+def test_a_run_made_under_other_env_defaults_is_not_resumed_or_reused(tiny_synthetic_path, tmp_path, monkeypatch, caplog):
+    """The config alone does not say the env settings once the defaults change: the recorded ones are compared."""
+    import agents
+    from experiments.training import env_settings_differences, train
+
+    run = tmp_path / "run"
+    config = _config("reinforce", tiny_synthetic_path, 6, 3)
+    summary = train(config, run)
+    assert summary["env_settings"]["validation_refresh"] is True
+    assert train(config, run)["already_finished"]
+
+    recommended = agents.recommended_env_kwargs
+    # A later checkout whose defaults differ: the same config now gives another env.
+    monkeypatch.setattr(agents, "recommended_env_kwargs", lambda algo, reward: {**recommended(algo, reward), "validation_refresh": False})
+    with pytest.raises(ValueError, match="env setting validation_refresh: saved True, now False.*overwrite"):
+        train(config, run)
+    assert env_settings_differences({**summary["env_settings"], "device": "cuda", "retired_setting": 1}, config) == [
+        "env setting retired_setting: saved 1, now '(not set)'",
+        "env setting validation_refresh: saved True, now False",
+    ]  # the device may differ
+    monkeypatch.setattr(agents, "recommended_env_kwargs", recommended)
+
+    # A run made before the settings were recorded: reused, with a warning that says what cannot be checked.
+    recorded = json.loads((run / "summary.json").read_text())
+    del recorded["env_settings"]
+    (run / "summary.json").write_text(json.dumps(recorded))
+    with caplog.at_level("WARNING"):
+        assert train(config, run)["already_finished"]
+    assert "did not record its env settings" in caplog.text
+
+
 def _tiny_env(dataset, **kw):
     from iqa_env.env import TaskAmenabilityEnv
 
