@@ -20,6 +20,31 @@ CONFIG_NAME = "controller.json"
 WEIGHTS_NAME = "controller.pt"
 
 
+#: The most reference scores a controller keeps (larger reference sets keep evenly spaced order statistics).
+REFERENCE_MAX = 4096
+
+
+def check_reference(reference: Any) -> dict[str, Any]:
+    """``reference`` as :meth:`Controller.calibrate` writes it, or a ``ValueError`` saying what is wrong."""
+    if not isinstance(reference, dict) or not isinstance(reference.get("scores"), list):
+        raise ValueError(
+            "expected an object with 'scores' (a sorted list of reference scores), 'images' and 'source', "
+            f"got {type(reference).__name__}"
+        )
+    try:
+        scores = np.asarray(reference["scores"], dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"'scores' must be numbers ({e})") from e
+    if scores.ndim != 1 or len(scores) < 2 or not np.all(np.isfinite(scores)):
+        raise ValueError(f"'scores' must be at least 2 finite numbers, got {len(np.atleast_1d(scores))} values")
+    if np.any(np.diff(scores) < 0) or scores[0] < 0.0 or scores[-1] > 1.0:
+        raise ValueError("'scores' must be sorted, in [0, 1]")
+    images = reference.get("images", len(scores))
+    if not isinstance(images, int) or isinstance(images, bool) or images < len(scores):
+        raise ValueError(f"'images' must be the whole number of reference images (>= {len(scores)}), got {images!r}")
+    return {"source": str(reference.get("source", "")), "images": images, "scores": scores.tolist()}
+
+
 class Controller:
     """A task-amenability scorer: ``score(images) -> (N,)`` in [0, 1], higher = more amenable.
 
@@ -31,14 +56,28 @@ class Controller:
     :param backbone: the controller network; its logit gives the score
     :param output: ``"sigmoid"`` (score = sigmoid(logit)) or ``"clip"`` (score = clip(logit, 0, 1))
     :param metadata: JSON-serialisable facts kept with the weights (algorithm, task, reward, ...)
+    :param reference: the sorted scores of a reference set of images (see :meth:`calibrate`), or None
+
+    A score's scale is the run's own: two controllers that rank the same
+    images alike may score them around 0.1 and around 0.9 (the level
+    depends on the seed and the algorithm). Compare and threshold scores
+    from different controllers by :meth:`percentile` against a reference
+    set of images, which `iqa train` records (its validation images).
     """
 
-    def __init__(self, backbone: ControllerBackbone, output: str = "sigmoid", metadata: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        backbone: ControllerBackbone,
+        output: str = "sigmoid",
+        metadata: dict[str, Any] | None = None,
+        reference: dict[str, Any] | None = None,
+    ) -> None:
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
         self.backbone = backbone.eval()
         self.output = output
         self.metadata = dict(metadata or {})
+        self.reference = None if reference is None else check_reference(reference)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -123,9 +162,63 @@ class Controller:
             out.append(torch.sigmoid(logits) if self.output == "sigmoid" else logits.clamp(0.0, 1.0))
         return torch.cat(out).cpu().numpy()
 
+    # ---------------------------------------------------------- calibration
+    def calibrate(self, images: np.ndarray | torch.Tensor, source: str = "") -> Controller:
+        """Record the scores of ``images`` as the reference of :meth:`percentile` and :meth:`threshold`.
+
+        The sorted scores are kept (at most :data:`REFERENCE_MAX` of them: evenly
+        spaced order statistics of larger sets) and saved with the controller.
+        ``source`` says what the images were (kept in ``reference["source"]``).
+        Returns the controller.
+        """
+        scores = np.sort(self.score(images))
+        if len(scores) < 2:
+            raise ValueError(f"a reference needs at least 2 images, got {len(scores)}")
+        if len(scores) > REFERENCE_MAX:
+            scores = scores[np.linspace(0, len(scores) - 1, REFERENCE_MAX).round().astype(int)]
+        self.reference = {"source": str(source), "images": int(len(images)), "scores": scores.tolist()}
+        return self
+
+    def _reference_scores(self) -> np.ndarray:
+        if self.reference is None:
+            raise ValueError(
+                "this controller has no reference scores; calibrate it on images of known quality spread "
+                "(Controller.calibrate(images)); controllers saved by `iqa train` have them"
+            )
+        return np.asarray(self.reference["scores"], dtype=np.float64)
+
+    def percentile(self, images: np.ndarray | torch.Tensor, batch_size: int = 32) -> np.ndarray:
+        """``(N,)`` in [0, 1]: the fraction of the reference images that score below each image.
+
+        Ties count half (the mid-rank), so an image scored like every
+        reference image gets 0.5. Unlike the raw score, this is comparable
+        across controllers (seeds, algorithms) calibrated on the same images.
+        """
+        return self.percentile_of(self.score(images, batch_size=batch_size))
+
+    def percentile_of(self, scores: np.ndarray) -> np.ndarray:
+        """:meth:`percentile` of scores already computed with this controller."""
+        ref = self._reference_scores()
+        scores = np.asarray(scores, dtype=np.float64)
+        below = np.searchsorted(ref, scores, side="left")
+        not_above = np.searchsorted(ref, scores, side="right")
+        return (below + not_above) / (2.0 * len(ref))
+
+    def threshold(self, rejection_ratio: float) -> float:
+        """The score below which an image is among the lowest ``rejection_ratio`` of the reference images.
+
+        ``score(x) < threshold(r)`` rejects one image at a time, the same
+        way whatever else is scored (the paper's rejection ranks a whole set).
+        """
+        from iqa_env.rewards import check_rejection_ratio
+
+        ratio = check_rejection_ratio(rejection_ratio)
+        ref = self._reference_scores()
+        return float(np.quantile(ref, ratio)) if ratio > 0 else float("-inf")
+
     # -------------------------------------------------------------- save/load
     def config(self) -> dict[str, Any]:
-        return {
+        config = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "image_shape": list(self.image_shape),
@@ -134,6 +227,9 @@ class Controller:
             "output": self.output,
             "metadata": self.metadata,
         }
+        if self.reference is not None:
+            config["reference"] = self.reference
+        return config
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write ``path/controller.json`` and ``path/controller.pt``, each atomically."""
@@ -179,6 +275,12 @@ class Controller:
         metadata = config.get("metadata")
         if metadata is not None and not isinstance(metadata, dict):
             raise ValueError(f"{config_path}: field 'metadata' must be a JSON object, got {type(metadata).__name__}")
+        reference = config.get("reference")
+        if reference is not None:
+            try:
+                reference = check_reference(reference)
+            except ValueError as e:
+                raise ValueError(f"{config_path}: field 'reference': {e}") from e
         try:
             state = torch.load(weights_path, map_location="cpu", weights_only=True)
             backbone.load_state_dict(state)
@@ -189,4 +291,4 @@ class Controller:
                 f"{weights_path}: not a controller weights file for {config_path} ({reason}); expected "
                 "the controller.pt written with it by Controller.save"
             ) from e
-        return cls(backbone.to(target), output=output, metadata=metadata)
+        return cls(backbone.to(target), output=output, metadata=metadata, reference=reference)

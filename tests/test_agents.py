@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -344,6 +346,53 @@ def test_controller_save_load_round_trip(dataset, tmp_path):
     np.testing.assert_allclose(loaded.score(dataset.images[:3] / 255.0), loaded.score(dataset.images[:3]), atol=1e-6)
     assert loaded.score(dataset.images[:5, 0]).shape == (5,)
     assert loaded.score(dataset.images[:0]).shape == (0,)
+
+
+def test_controller_percentiles_and_threshold_against_its_reference(dataset, tmp_path):
+    """Percentiles are the mid-rank among the reference images' scores; they survive save/load, and ride any scale."""
+    controller = Controller.from_agent(make_agent("reinforce", _env(dataset), seed=0))
+    with pytest.raises(ValueError, match="no reference scores"):
+        controller.percentile(dataset.images[:2])
+    reference, others = dataset.images[:40], dataset.images[40:]
+    controller.calibrate(reference, source="test images")
+    ref = np.sort(controller.score(reference))
+    assert controller.reference == {"source": "test images", "images": 40, "scores": ref.tolist()}
+    # The reference images themselves: (rank + 0.5) / 40 when their scores are distinct.
+    assert len(np.unique(ref)) == 40
+    np.testing.assert_allclose(np.sort(controller.percentile(reference)), (np.arange(40) + 0.5) / 40)
+    p = controller.percentile(others)
+    assert np.all((p >= 0) & (p <= 1))
+    s = controller.score(others)
+    assert np.all(np.diff(p[np.argsort(s)]) >= 0)  # monotone in the score
+    # threshold(r): the images scored below it are the lowest r of the reference.
+    assert np.mean(controller.score(reference) < controller.threshold(0.25)) == pytest.approx(0.25, abs=1 / 40)
+    assert controller.threshold(0.0) == float("-inf")
+    with pytest.raises(ValueError, match="rejection"):
+        controller.threshold(1.5)
+    # A controller whose scores all sit near 1 (another seed's level) gives the same percentiles.
+    shifted = Controller.load(controller.save(tmp_path / "c"))
+    with torch.no_grad():
+        shifted.backbone.head.bias.add_(8.0)
+    shifted.calibrate(reference)
+    assert np.mean(shifted.score(others)) > np.mean(s)
+    np.testing.assert_allclose(shifted.percentile(others), p)
+    # Saved and loaded with the weights; a malformed reference is refused on load, naming the field.
+    loaded = Controller.load(controller.save(tmp_path / "ctrl"))
+    assert loaded.reference == controller.reference
+    np.testing.assert_array_equal(loaded.percentile(others), p)
+    config = json.loads((tmp_path / "ctrl" / "controller.json").read_text())
+    for bad, message in [
+        ({**config["reference"], "scores": config["reference"]["scores"][::-1]}, "sorted"),
+        ({**config["reference"], "scores": [0.5]}, "at least 2"),
+        ({**config["reference"], "scores": [0.1, float("nan")]}, "finite"),
+        ({**config["reference"], "images": 3}, "'images'"),
+        ([0.1, 0.2], "expected an object"),
+    ]:
+        (tmp_path / "ctrl" / "controller.json").write_text(json.dumps({**config, "reference": bad}))
+        with pytest.raises(ValueError, match=f"field 'reference'.*{message}"):
+            Controller.load(tmp_path / "ctrl")
+    with pytest.raises(ValueError, match="at least 2 images"):
+        controller.calibrate(reference[:1])
 
 
 @pytest.mark.parametrize(

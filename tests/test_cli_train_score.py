@@ -11,7 +11,7 @@ import pytest
 from experiments.cli import main
 
 
-def test_train_then_score(tiny_synthetic_path, tmp_path, capsys):
+def test_train_then_score(tiny_synthetic, tiny_synthetic_path, tmp_path, capsys):
     run = tmp_path / "run"
     code = main(
         ["train", "--algo", "reinforce", "--dataset", str(tiny_synthetic_path), "--steps", "48",
@@ -31,11 +31,32 @@ def test_train_then_score(tiny_synthetic_path, tmp_path, capsys):
                  "--out", str(out), "--rejection-ratio", "0.1"])
     assert code == 0
     rows = list(csv.DictReader(out.open()))
-    assert len(rows) == 192 and set(rows[0]) == {"index", "score", "rejected"}
+    assert len(rows) == 192 and set(rows[0]) == {"index", "score", "percentile", "rejected"}
     scores = np.array([float(r["score"]) for r in rows])
     rejected = np.array([r["rejected"] == "1" for r in rows])
     assert rejected.sum() == 20  # the paper keeps floor((1 - 0.1) * 192) = 172
     assert scores[rejected].max() <= scores[~rejected].min()
+
+    # The saved controller carries its run's validation images' scores: percentiles against them,
+    # and a rejection of one image at a time below the lowest tenth of them.
+    from agents import Controller
+    from experiments.training import load_splits
+
+    controller = Controller.load(run / "controller")
+    _, (_, validation_set, _) = load_splits(str(tiny_synthetic_path))
+    reference = np.sort(controller.score(validation_set.images))
+    assert controller.reference["images"] == len(validation_set) and controller.reference["scores"] == reference.tolist()
+    exact = controller.score(tiny_synthetic.images)
+    np.testing.assert_allclose(scores, exact, atol=1e-6)
+    percentiles = np.array([float(r["percentile"]) for r in rows])
+    below = np.searchsorted(reference, exact, "left") + np.searchsorted(reference, exact, "right")
+    np.testing.assert_allclose(percentiles, below / (2 * len(reference)), atol=1e-4)
+    assert main(["score", "--controller", str(run / "controller"), str(tiny_synthetic_path), "--out", str(out),
+                 "--rejection-ratio", "0.1", "--reject-by", "reference"]) == 0
+    by_reference = np.array([r["rejected"] == "1" for r in csv.DictReader(out.open())])
+    np.testing.assert_array_equal(by_reference, exact < np.quantile(reference, 0.1))
+    assert 0 < by_reference.sum() < len(exact)
+    assert f"{int(by_reference.sum())} rejected: the lowest 0.1 of the controller's reference images" in capsys.readouterr().out
 
 
 def test_train_passes_env_and_agent_arguments(tiny_synthetic_path, tmp_path, capsys):
@@ -60,7 +81,7 @@ def test_train_passes_env_and_agent_arguments(tiny_synthetic_path, tmp_path, cap
     assert "argument --agent-kwargs: must be a JSON object" in capsys.readouterr().err
 
 
-def test_score_a_folder_of_images(tiny_synthetic, tmp_path):
+def test_score_a_folder_of_images(tiny_synthetic, tmp_path, capsys):
     from PIL import Image
 
     from agents import Controller, make_agent
@@ -76,6 +97,11 @@ def test_score_a_folder_of_images(tiny_synthetic, tmp_path):
     assert main(["score", "--controller", str(tmp_path / "ctrl"), str(folder), "--out", str(out)]) == 0
     rows = list(csv.DictReader(out.open()))
     assert [r["file"] for r in rows] == [f"frame{i}.png" for i in range(5)]
+    assert "percentile" not in rows[0]  # a controller without a reference has no percentiles
+    before = out.read_bytes()
+    assert main(["score", "--controller", str(tmp_path / "ctrl"), str(folder), "--out", str(out), "--reject-by", "reference"]) == 2
+    assert "no reference scores; calibrate it" in capsys.readouterr().err
+    assert out.read_bytes() == before  # nothing written is lost
 
 
 @pytest.mark.parametrize(

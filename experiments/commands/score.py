@@ -19,8 +19,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Score every image of an HDF5 dataset or of a folder of images with a trained controller "
             "(a folder written by `iqa train`, or by Controller.save) and write a CSV with the columns "
-            "file (or index), score (task amenability in [0, 1], higher is better) and rejected (1 for "
-            "the lowest-scored fraction --rejection-ratio).\n\n"
+            "file (or index), score (task amenability in [0, 1], higher is better), percentile (the "
+            "fraction of the controller's reference images scored lower: comparable across controllers, "
+            "whose raw scores sit at their own levels; only for controllers with a reference, as `iqa "
+            "train` saves them) and rejected (1 for the lowest-scored fraction --rejection-ratio of the "
+            "scored images, or, with --reject-by reference, for each image scored below the lowest "
+            "fraction --rejection-ratio of the reference images: one image at a time).\n\n"
             "A folder's images are read as the controller needs them: each is resized (bilinear) to "
             "the controller's input size and converted to its channels (grey or RGB), so a folder "
             "may mix sizes and channels.  An HDF5 dataset is scored as stored and must have the "
@@ -35,6 +39,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--controller", required=True, help="controller folder (controller.json + controller.pt)")
     p.add_argument("--out", default="scores.csv", help="CSV to write")
     p.add_argument("--rejection-ratio", type=float, default=0.05, help="fraction of images marked rejected, in [0, 1)")
+    p.add_argument(
+        "--reject-by",
+        choices=("input", "reference"),
+        default="input",
+        help="rank the scored images among themselves (the paper), or against the controller's reference images",
+    )
     p.add_argument("--device", default="cpu", help="cpu, cuda[:N] or auto")
     p.set_defaults(func=run)
 
@@ -77,13 +87,18 @@ def run(args: argparse.Namespace) -> int:
             "folder of images, which is resized to it)"
         )
     scores = controller.score(dataset.images)
-    # As the paper: keep the floor((1 - ratio) * N) highest-scored images.
-    rejected = ~kept_by_rejection(scores, ratio) if ratio > 0 else np.zeros(len(scores), bool)
+    if args.reject_by == "reference":
+        # One image at a time: below the score of the lowest `ratio` of the controller's reference images.
+        rejected = scores < controller.threshold(ratio)
+    else:
+        # As the paper: keep the floor((1 - ratio) * N) highest-scored images.
+        rejected = ~kept_by_rejection(scores, ratio) if ratio > 0 else np.zeros(len(scores), bool)
+    percentiles = None if controller.reference is None else controller.percentile_of(scores)
     lines = io.StringIO()
     writer = csv.writer(lines)
-    writer.writerow([key, "score", "rejected"])
-    for name, s, r in zip(names, scores, rejected):
-        writer.writerow([name, f"{s:.6f}", int(r)])
+    writer.writerow([key, "score", *(["percentile"] if percentiles is not None else []), "rejected"])
+    for i, (name, s, r) in enumerate(zip(names, scores, rejected)):
+        writer.writerow([name, f"{s:.6f}", *([f"{percentiles[i]:.4f}"] if percentiles is not None else []), int(r)])
     try:
         atomic_write_text(out, lines.getvalue(), newline="")
     except OSError as e:
@@ -96,5 +111,6 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    print(f"scored {len(scores)} images -> {out} ({int(rejected.sum())} rejected at ratio {ratio:g})")
+    how = "of the controller's reference images" if args.reject_by == "reference" else "of these images"
+    print(f"scored {len(scores)} images -> {out} ({int(rejected.sum())} rejected: the lowest {ratio:g} {how})")
     return 0
