@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from agents import recommended_env_kwargs
 from experiments.bench import format_table, run_bench
 from experiments.cli import main
 
@@ -28,7 +29,7 @@ CONTROLLER = {
 }
 RL = {
     "algorithm", "steps_per_s", "steps_per_s_median", "steps_per_s_overall", "timed_steps", "block_steps",
-    "warmup_steps", "warmup_s", "episode_length", "speed_vs_env_alone",
+    "warmup_steps", "warmup_s", "episode_length", "speed_vs_env_alone", "env_settings",
 }
 REPLAY_BUFFER = {
     "buffer_size", "default_class", "default_bytes_per_transition", "default_full_buffer_bytes", "index_class",
@@ -64,8 +65,10 @@ def test_iqa_bench_quick_reports_every_field(
         assert _positive(env["steps_per_s"]) and _positive(env["overhead_ratio"])
         assert env["steps_per_repeat"] == env["episode_length"]
         assert set(record["rl"][task]) == {"ddpg", "reinforce"}
-        for figures in record["rl"][task].values():
+        for algo, figures in record["rl"][task].items():
             assert set(figures) == RL and _positive(figures["steps_per_s"]) and figures["timed_steps"] >= 1
+            # Timed on what `iqa train` gives the algorithm, not the plain env.
+            assert figures["env_settings"] == {"reward": "weighted", **recommended_env_kwargs(algo, "weighted")}
 
     controller = record["controller"]
     assert set(controller) == CONTROLLER
