@@ -790,7 +790,7 @@ def plot_contingency(task_result: dict[str, Any], path: Path) -> Path:
 
 def plot_rejection(task_result: dict[str, Any], path: Path) -> Path:
     """Figure 4: holdout metric against rejection ratio, one curve per method, the baseline, the random band."""
-    fig = new_figure(6.0, 4.2)
+    fig = new_figure(9.0, 4.2)
     ax = fig.add_subplot(1, 1, 1)
     x = 100 * np.array(REJECTION_RATIOS)
     base = task_result["baseline"]["summary"]
@@ -806,15 +806,20 @@ def plot_rejection(task_result: dict[str, Any], path: Path) -> Path:
         if name in base["rejecting_by"]:
             values = [c["mean"] for c in base["rejecting_by"][name]["curve"]]
             ax.plot(x, [np.nan if v is None else v for v in values], color="0.4", ls=style, label=text)
-    for label, entry in task_result["runs"].items():
+    for i, (label, entry) in enumerate(task_result["runs"].items()):
         curve = entry["summary"]["curve"]
         mean = np.array([np.nan if c["mean"] is None else c["mean"] for c in curve])
         std = np.array([0.0 if c["std"] is None else c["std"] for c in curve])
-        ax.errorbar(x, mean, yerr=std, marker="o", ms=4, capsize=3, label=label)
+        ax.errorbar(x, mean, yerr=std, marker="o", ms=4, capsize=3, color=f"C{i}", label=label)
+        # The same seeds' baseline predictors on the images this controller keeps: the score's own effect.
+        filtered = [[np.nan if c["mean"] is None else c["mean"] for c in r["baseline_predictor"]["curve"]] for r in entry["runs"]]
+        if filtered:
+            ax.plot(x, np.nanmean(np.array(filtered, dtype=float), axis=0), color=f"C{i}", ls="-.", lw=1.2,
+                    label=f"baseline predictor, rejecting by the {label} controller")
     ax.set_xlabel("rejection ratio (%)")
     ax.set_ylabel(f"holdout {task_result['metric']} (mean over patients)")
     ax.set_title("mean ± st.d. across seeds", fontsize=9)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)  # beside, off the curves
     return save_figure(fig, path)
 
 
