@@ -183,7 +183,8 @@ class Controller:
         if self.reference is None:
             raise ValueError(
                 "this controller has no reference scores; calibrate it on images of known quality spread "
-                "(Controller.calibrate(images)); controllers saved by `iqa train` have them"
+                "(Controller.calibrate(images), then save it); controllers saved by `iqa train` from this "
+                "version on have them"
             )
         return np.asarray(self.reference["scores"], dtype=np.float64)
 
