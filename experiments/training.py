@@ -286,12 +286,13 @@ def _prepare_run_dir(config: TrainConfig, out: Path, overwrite: bool) -> tuple[s
                 differ = [d for d in differ if d not in moved]
         # The env arguments the run recorded, defaults included: the same config gives other settings
         # once agents.recommended_env_kwargs changes, and a run must not go on (or count as done) with them.
+        # (Compared when the config matches: a config field that differs is named once, as itself.)
         recorded_env = (summary or {}).get("env_settings")
         if recorded_env is None and folder is not None:
             recorded_env = ckpt.read_meta(folder).get("env_settings")
-        if isinstance(recorded_env, dict):
-            differ += env_settings_differences(recorded_env, config)
-        elif summary is not None or folder is not None:
+        if not differ and isinstance(recorded_env, dict):
+            differ = env_settings_differences(recorded_env, config)
+        elif not differ and (summary is not None or folder is not None):
             logger.warning("%s: the run did not record its env settings (an older version made it); "
                            "its config matches, but whether the defaults changed since cannot be checked", out)
         if differ:
