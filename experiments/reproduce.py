@@ -427,6 +427,13 @@ def load_arrays(folder: Path) -> dict[str, np.ndarray]:
         return {k: data[k] for k in data.files}
 
 
+#: The baseline predictor's reference rejections (``rejecting_by``), in report order, with their labels.
+REFERENCES: tuple[tuple[str, str], ...] = (
+    ("ground_truth", "the ground truth (a perfect ranking of it)"),
+    ("predictor_confidence", "its own confidence"),
+)
+
+
 def rejecting_by(metric: np.ndarray, scores: np.ndarray, groups: np.ndarray, ratio: float) -> dict[str, Any]:
     """``metric`` after rejecting by ``scores``: the curve, and the paper's ratio with its paired t-test against no rejection."""
     curve = rejection_curve(metric, scores, groups)
@@ -518,6 +525,12 @@ def summarise_run(
     return run
 
 
+def with_median(stats: dict[str, Any]) -> dict[str, Any]:
+    """A "stats" of p-values (:func:`mean_and_std`) with the ``median`` of its defined values added."""
+    defined = [v for v in stats["values"] if v is not None]
+    return {**stats, "median": float(np.median(defined)) if defined else None}
+
+
 def summarise_seeds(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Headline figures of one method across seeds: means +- st.d. (every seed's value listed)."""
     summary: dict[str, Any] = {
@@ -543,8 +556,7 @@ def summarise_seeds(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "contingency_summed": None,
     }
     for key in ("p_value", "baseline_predictor_p_value"):
-        p_values = [v for v in summary[key]["values"] if v is not None]
-        summary[key]["median"] = float(np.median(p_values)) if p_values else None
+        summary[key] = with_median(summary[key])
     tables = [r["contingency"] for r in runs if r["contingency"] is not None]
     if tables:
         summary["kappa"] = mean_and_std([t["kappa"] for t in tables])
@@ -554,11 +566,9 @@ def summarise_seeds(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 def summarise_rejecting_by(per_seed: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """One reference rejection across seeds: its paper-ratio figure, p-values (+ median) and mean curve."""
-    p_value = mean_and_std([r["at_paper_ratio"]["p"] for r in per_seed])
-    defined = [v for v in p_value["values"] if v is not None]
     return {
         "at_paper_ratio": mean_and_std([r["at_paper_ratio"]["mean"] for r in per_seed]),
-        "p_value": {**p_value, "median": float(np.median(defined)) if defined else None},
+        "p_value": with_median(mean_and_std([r["at_paper_ratio"]["p"] for r in per_seed])),
         "seeds_better_with_p_below_0.05": sum(r["at_paper_ratio"]["better_with_p_below_0.05"] for r in per_seed),
         "curve": [
             {"ratio": float(r), **mean_and_std([run["curve"][i]["mean"] for run in per_seed])}
@@ -799,13 +809,10 @@ def plot_rejection(task_result: dict[str, Any], path: Path) -> Path:
                     label=f"baseline, random rejection ({RANDOM_BAND_QUANTILES[0]:.0%}-{RANDOM_BAND_QUANTILES[1]:.0%})")
     if base["metric"]["mean"] is not None:
         ax.axhline(base["metric"]["mean"], color="black", lw=1.5, label="baseline (non-selective, all images)")
-    for name, style, text in (
-        ("ground_truth", "--", "baseline, rejecting by the ground truth (a perfect ranking of it)"),
-        ("predictor_confidence", ":", "baseline, rejecting by its own confidence"),
-    ):
+    for (name, text), style in zip(REFERENCES, ("--", ":")):
         if name in base["rejecting_by"]:
             values = [c["mean"] for c in base["rejecting_by"][name]["curve"]]
-            ax.plot(x, [np.nan if v is None else v for v in values], color="0.4", ls=style, label=text)
+            ax.plot(x, [np.nan if v is None else v for v in values], color="0.4", ls=style, label=f"baseline, rejecting by {text}")
     for i, (label, entry) in enumerate(task_result["runs"].items()):
         curve = entry["summary"]["curve"]
         mean = np.array([np.nan if c["mean"] is None else c["mean"] for c in curve])
@@ -903,7 +910,7 @@ def _baseline_predictor_markdown(task_result: dict[str, Any]) -> list[str]:
         f"| nothing (baseline) | {format_stats(task_result['baseline']['summary']['metric'])} | n/a | — |",
     ]
     references = task_result["baseline"]["summary"]["rejecting_by"]
-    for name, text in (("ground_truth", "the ground truth (a perfect ranking of it)"), ("predictor_confidence", "its own confidence")):
+    for name, text in REFERENCES:
         if name in references:
             r = references[name]
             lines.append(

@@ -208,15 +208,15 @@ def config_differences(saved: dict[str, Any], config: TrainConfig) -> list[str]:
     ]
 
 
-def env_settings_differences(saved: dict[str, Any], config: TrainConfig) -> list[str]:
-    """``"name: saved X, now Y"`` for every env argument of ``config`` (defaults included) that differs from ``saved``.
+def env_settings_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """``"name: saved X, now Y"`` for every env argument in ``now`` or ``saved`` that differs between them.
 
-    ``saved`` is a run's recorded :func:`env_settings`. ``device`` is not
-    compared (a run may move between devices). A setting missing on either
-    side counts as differing: the defaults of :func:`agents.recommended_env_kwargs`
-    changed between the checkout that made the run and this one.
+    ``saved`` is a run's recorded :func:`env_settings`, ``now`` the current
+    config's (JSON-normalised). ``device`` is not compared (a run may move
+    between devices). A setting missing on either side counts as differing:
+    the defaults of :func:`agents.recommended_env_kwargs` changed between the
+    checkout that made the run and this one.
     """
-    now = _json_config(env_settings(config))
     names = sorted((set(now) | set(saved)) - {"device"})
     missing = object()
     return [
@@ -254,8 +254,11 @@ def finished_summary(out: str | os.PathLike[str]) -> dict[str, Any] | None:
     return None
 
 
-def _prepare_run_dir(config: TrainConfig, out: Path, overwrite: bool) -> tuple[str, Any]:
-    """``("finished", summary)``, ``("resume", checkpoint folder)`` or ``("fresh", None)`` for ``out``."""
+def _prepare_run_dir(config: TrainConfig, settings: dict[str, Any], out: Path, overwrite: bool) -> tuple[str, Any]:
+    """``("finished", summary)``, ``("resume", checkpoint folder)`` or ``("fresh", None)`` for ``out``.
+
+    ``settings``: the env arguments of ``config``, JSON-normalised (compared with those the run recorded).
+    """
     from experiments import checkpoint as ckpt
 
     if overwrite:
@@ -270,28 +273,26 @@ def _prepare_run_dir(config: TrainConfig, out: Path, overwrite: bool) -> tuple[s
     ckpt.remove_stale(out)
     summary = finished_summary(out)
     folder = ckpt.find_checkpoint(out)
+    # What the run recorded: its summary once finished, else its last checkpoint's metadata.
+    recorded = summary if summary is not None else ckpt.read_meta(folder) if folder is not None else {}
     saved = summary["config"] if summary is not None else _read_json(out / "config.json")
-    if not isinstance(saved, dict) and folder is not None:
-        saved = ckpt.read_meta(folder).get("config")
+    if not isinstance(saved, dict):
+        saved = recorded.get("config")
     if isinstance(saved, dict):
         differ = config_differences(saved, config)
         moved = [d for d in differ if d.startswith("dataset: ")]
         if moved:
             # The same file under another path (moved, or named relative to another folder) is the same run.
-            recorded = (summary or {}).get("dataset_fingerprint")
-            if recorded is None and folder is not None:
-                recorded = ckpt.read_meta(folder).get("dataset_fingerprint")
-            if recorded is not None and recorded == dataset_fingerprint(config.dataset):
+            fingerprint = recorded.get("dataset_fingerprint")
+            if fingerprint is not None and fingerprint == dataset_fingerprint(config.dataset):
                 logger.info("%s: the dataset is now at %s (same content as the run's)", out, config.dataset)
                 differ = [d for d in differ if d not in moved]
         # The env arguments the run recorded, defaults included: the same config gives other settings
         # once agents.recommended_env_kwargs changes, and a run must not go on (or count as done) with them.
         # (Compared when the config matches: a config field that differs is named once, as itself.)
-        recorded_env = (summary or {}).get("env_settings")
-        if recorded_env is None and folder is not None:
-            recorded_env = ckpt.read_meta(folder).get("env_settings")
+        recorded_env = recorded.get("env_settings")
         if not differ and isinstance(recorded_env, dict):
-            differ = env_settings_differences(recorded_env, config)
+            differ = env_settings_differences(recorded_env, settings)
         elif not differ and (summary is not None or folder is not None):
             logger.warning("%s: the run did not record its env settings (an older version made it); "
                            "its config matches, but whether the defaults changed since cannot be checked", out)
@@ -369,7 +370,7 @@ def train(
     if out is not None:
         try:
             out.mkdir(parents=True, exist_ok=True)
-            mode, found = _prepare_run_dir(config, out, overwrite)
+            mode, found = _prepare_run_dir(config, settings, out, overwrite)
         except BaseException:
             env.close()
             raise

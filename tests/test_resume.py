@@ -150,7 +150,7 @@ def test_other_settings_need_overwrite_even_before_a_checkpoint(tiny_synthetic_p
 def test_a_run_made_under_other_env_defaults_is_not_resumed_or_reused(tiny_synthetic_path, tmp_path, monkeypatch, caplog):
     """The config alone does not say the env settings once the defaults change: the recorded ones are compared."""
     import agents
-    from experiments.training import env_settings_differences, train
+    from experiments.training import env_settings, env_settings_differences, train
 
     run = tmp_path / "run"
     config = _config("reinforce", tiny_synthetic_path, 6, 3)
@@ -163,7 +163,8 @@ def test_a_run_made_under_other_env_defaults_is_not_resumed_or_reused(tiny_synth
     monkeypatch.setattr(agents, "recommended_env_kwargs", lambda algo, reward: {**recommended(algo, reward), "validation_refresh": False})
     with pytest.raises(ValueError, match="env setting validation_refresh: saved True, now False.*overwrite"):
         train(config, run)
-    assert env_settings_differences({**summary["env_settings"], "device": "cuda", "retired_setting": 1}, config) == [
+    now = json.loads(json.dumps(env_settings(config)))
+    assert env_settings_differences({**summary["env_settings"], "device": "cuda", "retired_setting": 1}, now) == [
         "env setting retired_setting: saved 1, now '(not set)'",
         "env setting validation_refresh: saved True, now False",
     ]  # the device may differ

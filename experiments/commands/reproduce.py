@@ -72,7 +72,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from experiments.reproduce import format_number, format_stats, reproduce
+    from experiments.reproduce import REFERENCES, format_number, format_stats, reproduce
 
     results = reproduce(
         args.out,
@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
                     line += "" if base_p is None else f" (median p {base_p:.3g})"
             print(line)
         references = t["baseline"]["summary"]["rejecting_by"]
-        for name, text in (("ground_truth", "the ground truth (a perfect ranking of it)"), ("predictor_confidence", "its own confidence")):
+        for name, text in REFERENCES:
             if name in references and references[name]["at_paper_ratio"]["mean"] is not None:
                 r = references[name]
                 p = r["p_value"]["median"]
