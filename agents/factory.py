@@ -8,13 +8,14 @@ import math
 from types import SimpleNamespace
 from typing import Any
 
-from stable_baselines3 import A2C, DDPG, PPO, SAC, TD3
+from stable_baselines3 import A2C, PPO, SAC
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.buffers import ReplayBuffer
 from stable_baselines3.common.type_aliases import GymEnv
 from stable_baselines3.common.utils import LinearSchedule
 
 from agents.buffers import RewardReadyIndexReplayBuffer, RewardReadyReplayBuffer
+from agents.deterministic import DDPG, TD3
 from agents.index_buffer import IndexReplayBuffer, index_buffer_kwargs
 from agents.noise import ProbabilityOUNoise
 from agents.policies import PerSampleActorCriticPolicy, PerSampleSACPolicy, PerSampleTD3Policy

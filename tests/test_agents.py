@@ -162,6 +162,46 @@ def test_ddpg_actions_do_not_saturate(dataset):
     assert float(((p < 0.005) | (p > 0.995)).float().mean()) < 0.5
 
 
+@pytest.mark.parametrize("name", ["ddpg", "td3"])
+@pytest.mark.parametrize("gamma", [0.0, 0.9])
+def test_ddpg_and_td3_skip_the_target_networks_only_when_the_target_ignores_them(dataset, monkeypatch, name, gamma):
+    """With gamma = 0 the target networks are not run, and the update is stable-baselines3's, bit for bit."""
+    import stable_baselines3
+    from stable_baselines3.common.logger import configure
+
+    from agents import factory
+
+    def build(sb3_class: bool):
+        if sb3_class:
+            monkeypatch.setitem(factory._CLASSES, name, (getattr(stable_baselines3, name.upper()), factory._CLASSES[name][1]))
+        agent = make_agent(name, _env(dataset), seed=0, gamma=gamma, learning_starts=0)
+        monkeypatch.undo()
+        calls = []
+        for target in (agent.policy.actor_target, agent.policy.critic_target):
+            target.register_forward_hook(lambda *_: calls.append(1))
+        return agent, calls
+
+    (ours, our_calls), (sb3, sb3_calls) = build(False), build(True)
+    assert type(ours).__module__ == "agents.deterministic" and type(sb3).__module__.startswith("stable_baselines3")
+    rng = np.random.default_rng(0)
+    for _ in range(12):
+        obs = rng.integers(0, 256, size=(1, 8, 1, 16, 16), dtype=np.uint8)
+        next_obs = rng.integers(0, 256, size=(1, 8, 1, 16, 16), dtype=np.uint8)
+        action = rng.uniform(-1, 1, size=(1, 8)).astype(np.float32)
+        reward, done = rng.normal(size=1).astype(np.float32), np.zeros(1, dtype=np.float32)
+        for agent in (ours, sb3):
+            agent.replay_buffer.add(obs, next_obs, action, reward, done, [{"reward_ready": True}])
+    for agent in (ours, sb3):
+        agent.set_logger(configure(None, []))
+        np.random.seed(1)  # the replay buffer's draws
+        torch.manual_seed(1)  # the target-policy noise
+        agent.train(gradient_steps=3, batch_size=4)
+    for (key, a), b in zip(ours.policy.state_dict().items(), sb3.policy.state_dict().values()):
+        assert torch.equal(a, b), key
+    assert len(sb3_calls) == 6  # target actor and target critic, 3 gradient steps
+    assert len(our_calls) == (0 if gamma == 0.0 else 6)
+
+
 def test_reinforce_selection_rate_cannot_drift_through_the_head_bias(dataset):
     """Centred REINFORCE logits: the mean selection logit is the constant logit(p0), whatever the head's bias.
 
