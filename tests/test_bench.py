@@ -127,6 +127,12 @@ def test_bench_reports_the_wall_time_of_a_quick_reproduction(tmp_path):
     record = reproduce_quick_record(path)
     assert record["reproduce_quick_wall_s"] == 812.5
     assert "2 worker(s)" in record["reproduce_quick_note"]
+    # A rerun that only rewrote the figures: the stages' invocation counts too.
+    path.write_text(json.dumps({"kind": "reproduce", "wall_s": 11.0, "workers": 2, "wall_s_total": 823.5,
+                                "invocations": [{"wall_s": 812.5}, {"wall_s": 11.0}],
+                                "settings": {"quick": True, "tasks": ["classification"], "seeds": [0, 1]}}))
+    record = reproduce_quick_record(path)
+    assert record["reproduce_quick_wall_s"] == 823.5 and "over 2 invocation(s)" in record["reproduce_quick_note"]
     path.write_text(json.dumps({"kind": "reproduce", "wall_s": 1.0, "settings": {"quick": False}}))
     with pytest.raises(ValueError, match="--quick"):
         reproduce_quick_record(path)

@@ -83,6 +83,41 @@ def test_the_baseline_predictor_rejecting_by_the_ground_truth_gains_what_a_perfe
     }
 
 
+def test_the_ground_truth_reference_orders_its_ties_at_random_not_by_index():
+    """Many images tied at the truth's lowest value: a perfect ranking's rejections are spread over them, not the last patients'."""
+    from experiments.reproduce import rejecting_by_truth, tie_break_text, untied
+
+    rng = np.random.default_rng(1)
+    n = 400
+    groups = np.repeat(np.arange(20), 20)  # patients in index order, as in a holdout split
+    truth = rng.random(n)
+    truth[rng.choice(n, 100, replace=False)] = 0.0  # a quarter tied at the lowest value
+    ranks = untied(truth, np.random.default_rng(0))
+    assert sorted(ranks) == list(range(n))
+    distinct = truth > 0
+    assert np.array_equal(np.argsort(truth[distinct]), np.argsort(ranks[distinct]))  # the same order where not tied
+    assert ranks[~distinct].max() < ranks[distinct].min()  # ties stay below everything above them
+    # An order by index rejects the 20 tied images of the last patients; a random order, of many patients.
+    by_index = ~ev.kept_images(truth, 0.05)
+    at_random = ~ev.kept_images(ranks, 0.05)
+    assert by_index.sum() == at_random.sum() == 20 and np.all(truth[at_random] == 0)
+    assert len(set(groups[at_random])) > 2 * len(set(groups[by_index]))
+    # The predictor fails on half the tied images: whichever ones are rejected, the gain is real.
+    metric = np.ones(n)
+    metric[np.flatnonzero(~distinct)[::2]] = 0.0
+    out = rejecting_by_truth(metric, truth, groups, 0.05, seed=0, draws=50)
+    ties = out["tie_breaks"]
+    assert ties["tied_at_lowest"] == 100 and ties["draws"] == 50
+    assert ties["mean_difference_median"] > 0 and 0 <= ties["better_with_p_below_0.05_fraction"] <= 1
+    assert out["at_paper_ratio"]["mean"] > ev.metric_across_patients(metric, groups)["mean"]
+    # The same seed gives the same order; no ties, nothing to say.
+    again = rejecting_by_truth(metric, truth, groups, 0.05, seed=0, draws=50)
+    assert again == out
+    plain = rejecting_by_truth(metric, np.arange(n, dtype=float), groups, 0.05, seed=0, draws=5)
+    summary = {"tie_breaks": {**plain["tie_breaks"], "p_median": {"mean": 0.5}, "better_with_p_below_0.05_fraction": {"mean": 0.0}}}
+    assert plain["tie_breaks"]["tied_at_lowest"] == 1 and tie_break_text(summary) is None
+
+
 def test_paired_ttest_pairs_patients_and_drops_those_with_nothing_kept():
     metric = np.array([1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0])
     baseline = np.array([1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 1.0])
@@ -174,7 +209,12 @@ def check_task_result(t, labels, seeds):
         for r in b["rejecting_by"].values():
             assert len(r["curve"]) == len(ev.REJECTION_RATIOS)
             assert {"ratio", "mean", "std", "p", "t", "mean_difference", "better_with_p_below_0.05"} <= set(r["at_paper_ratio"])
+        ties = b["rejecting_by"]["ground_truth"]["tie_breaks"]
+        assert {"draws", "tied_at_lowest", "mean_difference_median", "p_median", "better_with_p_below_0.05_fraction"} <= set(ties)
     assert set(baseline["summary"]["rejecting_by"]) == references
+    assert {"p_median", "better_with_p_below_0.05_fraction", "tied_at_lowest", "draws"} <= set(
+        baseline["summary"]["rejecting_by"]["ground_truth"]["tie_breaks"]
+    )
     for r in baseline["summary"]["rejecting_by"].values():
         assert r["at_paper_ratio"]["n"] == len(seeds) and "median" in r["p_value"]
         assert len(r["curve"]) == len(ev.REJECTION_RATIOS) and "seeds_better_with_p_below_0.05" in r
@@ -241,6 +281,13 @@ def test_reproduce_end_to_end_then_resume(tiny_synthetic_path, tmp_path, caplog,
     assert main(argv) == 0
     assert markers(out) == before
     assert sum("already done, skipped" in r.getMessage() for r in caplog.records) == 8
+    # That rerun ran no stage: the results keep the first invocation's wall time beside its own.
+    rerun = json.loads((out / "results.json").read_text())
+    first = results["invocations"]
+    assert len(first) == 1 and first[0]["stages_run"] == first[0]["stages"] == 8
+    assert rerun["invocations"][0] == first[0]
+    assert rerun["invocations"][1]["stages_run"] == 0 and rerun["invocations"][1]["wall_s"] == rerun["wall_s"]
+    assert rerun["wall_s_total"] == pytest.approx(first[0]["wall_s"] + rerun["wall_s"])
 
     # An interrupted stage (no stage.done) is run again, and only that one.
     (out / "classification" / "weighted" / "seed0" / "stage.done").unlink()

@@ -72,7 +72,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from experiments.reproduce import REFERENCES, format_number, format_stats, reproduce
+    from experiments.reproduce import REFERENCES, format_number, format_stats, reproduce, tie_break_text
 
     results = reproduce(
         args.out,
@@ -107,5 +107,8 @@ def run(args: argparse.Namespace) -> int:
                 p = r["p_value"]["median"]
                 print(f"  baseline predictor rejecting by {text}: {format_stats(r['at_paper_ratio'])}"
                       + ("" if p is None else f" (median p {p:.3g})"))
+                ties = tie_break_text(r)
+                if ties is not None:
+                    print(f"    ({ties})")
     print(f"report: {args.out}/report.md, figures and results.json in {args.out}")
     return 0
