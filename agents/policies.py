@@ -121,17 +121,32 @@ class RatioQNetwork(nn.Module):
     ``c``) raises the scores of images whose loss is below the batch's, and
     is unchanged when every ``h`` is scaled: no drift towards all-0 or all-1.
     See ``docs/design-decisions.md``.
+
+    With ``standardise`` the embeddings are standardised across the batch's
+    images first (each dimension to mean 0 and st.d. 1 over the ``B``
+    images of an observation), so ``c`` sees how the images differ, at a
+    scale the trunk cannot shrink.  Without it a trunk whose embeddings
+    barely differ between images at initialisation can be driven, within
+    the first few dozen gradient steps, to embeddings that do not differ at
+    all: ``c`` is then the same for every image, ``dQ/dh`` is 0, and the
+    actor stops learning for good (``docs/learning-status.md``, section 20).
     """
 
-    def __init__(self, batch_size: int, embed_dim: int, hidden: int = 64, eps: float = 1e-3) -> None:
+    def __init__(
+        self, batch_size: int, embed_dim: int, hidden: int = 64, eps: float = 1e-3, standardise: bool = False
+    ) -> None:
         super().__init__()
         self.batch_size, self.embed_dim, self.eps = batch_size, embed_dim, eps
+        self.standardise = bool(standardise)
         self.per_sample = nn.Sequential(nn.Linear(embed_dim, hidden), nn.ReLU(), nn.Linear(hidden, 1))
         self.bias = nn.Parameter(torch.zeros(1))
         self.mean_weight = nn.Parameter(torch.full((1,), 0.5))
 
     def forward(self, features_and_actions: torch.Tensor) -> torch.Tensor:
         embeddings, actions = _split(features_and_actions, self.batch_size, self.embed_dim)
+        if self.standardise:
+            centred = embeddings - embeddings.mean(dim=1, keepdim=True)
+            embeddings = centred / (centred.pow(2).mean(dim=1, keepdim=True).sqrt() + self.eps)
         h = 0.5 * (actions + 1.0)
         c = self.per_sample(embeddings).squeeze(-1)
         q = self.bias + self.mean_weight * c.mean(1) - (h * c).sum(1) / (h.sum(1) + self.eps)
@@ -153,16 +168,25 @@ class PooledCritic(ContinuousCritic):
     """
 
     def __init__(
-        self, *args: Any, hidden: int = 64, saturation_penalty: float = 1e-3, head: str = "pooled", **kwargs: Any
+        self,
+        *args: Any,
+        hidden: int = 64,
+        saturation_penalty: float = 1e-3,
+        head: str = "pooled",
+        standardise: bool = False,
+        **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         if head not in CRITIC_HEADS:
             raise ValueError(f"critic head must be one of {tuple(CRITIC_HEADS)}, got {head!r}")
+        if standardise and head != "ratio":
+            raise ValueError(f"critic_standardise needs the 'ratio' critic head, got head {head!r}")
         extractor: PerSampleExtractor = self.features_extractor  # type: ignore[assignment]
         self.saturation_penalty = saturation_penalty
         self.q_networks = []
+        head_kwargs = {"standardise": True} if standardise else {}
         for idx in range(self.n_critics):
-            q_net = CRITIC_HEADS[head](extractor.batch_size, extractor.embed_dim, hidden)
+            q_net = CRITIC_HEADS[head](extractor.batch_size, extractor.embed_dim, hidden, **head_kwargs)
             self.add_module(f"qf{idx}", q_net)
             self.q_networks.append(q_net)
 
@@ -209,11 +233,13 @@ class PerSampleTD3Policy(TD3Policy):
         saturation_penalty: float = 1e-3,
         critic_head: str = "pooled",
         centre_logits: bool = False,
+        critic_standardise: bool = False,
         features_extractor_class: type[BaseFeaturesExtractor] = PerSampleExtractor,
         **kwargs: Any,
     ) -> None:
         self._critic_hidden, self._saturation_penalty = critic_hidden, saturation_penalty
         self._critic_head, self._centre_logits = critic_head, centre_logits
+        self._critic_standardise = bool(critic_standardise)
         super().__init__(*args, features_extractor_class=features_extractor_class, **kwargs)
 
     def make_actor(self, features_extractor: BaseFeaturesExtractor | None = None) -> PerSampleTD3Actor:
@@ -227,6 +253,7 @@ class PerSampleTD3Policy(TD3Policy):
             hidden=self._critic_hidden,
             saturation_penalty=self._saturation_penalty,
             head=self._critic_head,
+            standardise=self._critic_standardise,
         ).to(self.device)
 
     def _get_constructor_parameters(self) -> dict[str, Any]:
@@ -236,6 +263,7 @@ class PerSampleTD3Policy(TD3Policy):
             saturation_penalty=self._saturation_penalty,
             critic_head=self._critic_head,
             centre_logits=self._centre_logits,
+            critic_standardise=self._critic_standardise,
         )
         return data
 

@@ -202,6 +202,42 @@ def test_ddpg_and_td3_skip_the_target_networks_only_when_the_target_ignores_them
     assert len(our_calls) == (0 if gamma == 0.0 else 6)
 
 
+def test_a_standardising_ratio_critic_keeps_its_action_gradient_when_the_embeddings_shrink(dataset, tmp_path):
+    """``critic_standardise``: the ratio critic sees the images' differences at a scale its trunk cannot shrink."""
+    from agents.policies import RatioQNetwork
+
+    torch.manual_seed(0)
+    b, d = 8, 6
+    plain, standard = RatioQNetwork(b, d), RatioQNetwork(b, d, standardise=True)
+    standard.load_state_dict(plain.state_dict())
+    embeddings = torch.randn(3, b, d) + 5.0
+    actions = torch.rand(3, b) * 2 - 1
+
+    def action_gradient(net, scale):
+        a = actions.clone().requires_grad_(True)
+        net(torch.cat([(embeddings * scale).reshape(3, -1), a], dim=1)).sum().backward()
+        return a.grad
+
+    # Embeddings that barely differ between images (a trunk pulled towards collapse): the plain critic's
+    # action gradient shrinks with them towards nothing; the standardising one's does not change.
+    assert action_gradient(plain, 1e-4).abs().max() < 1e-2 * action_gradient(plain, 1.0).abs().max()
+    full = action_gradient(standard, 1.0)
+    assert full.abs().max() > 0 and torch.allclose(action_gradient(standard, 0.5), full, rtol=0.01, atol=1e-5)
+    assert action_gradient(standard, 1e-2).abs().max() > 0.8 * full.abs().max()  # eps = 1e-3 against a st.d. of 0.01
+    # Permutation-invariant, as the critic must be.
+    perm = torch.randperm(b)
+    x = torch.cat([embeddings.reshape(3, -1), actions], dim=1)
+    xp = torch.cat([embeddings[:, perm].reshape(3, -1), actions[:, perm]], dim=1)
+    assert torch.allclose(standard(x), standard(xp), atol=1e-5)
+    # Through make_agent, saved and loaded with the agent; only with the ratio head.
+    agent = make_agent("ddpg", _env(dataset), seed=0, policy_kwargs={"critic_standardise": True})
+    assert agent.policy.critic.qf0.standardise and agent.policy.critic_target.qf0.standardise
+    agent.save(tmp_path / "ddpg")
+    assert type(agent).load(tmp_path / "ddpg", device="cpu").policy.critic.qf0.standardise
+    with pytest.raises(ValueError, match="ratio"):
+        make_agent("ddpg", _env(dataset), seed=0, policy_kwargs={"critic_standardise": True, "critic_head": "pooled"})
+
+
 def test_reinforce_selection_rate_cannot_drift_through_the_head_bias(dataset):
     """Centred REINFORCE logits: the mean selection logit is the constant logit(p0), whatever the head's bias.
 

@@ -118,6 +118,24 @@ def test_the_ground_truth_reference_orders_its_ties_at_random_not_by_index():
     assert plain["tie_breaks"]["tied_at_lowest"] == 1 and tie_break_text(summary) is None
 
 
+def test_earlier_invocations_carry_over_and_a_bad_file_is_skipped_with_a_warning(tmp_path, caplog):
+    from experiments.reproduce import earlier_invocations
+
+    path = tmp_path / "results.json"
+    assert earlier_invocations(path) == []  # no earlier run
+    path.write_text(json.dumps({"wall_s": 600.5, "workers": 2}))  # written before the field existed
+    assert earlier_invocations(path) == [{"wall_s": 600.5, "stages_run": None, "stages": None, "workers": 2}]
+    recorded = [{"wall_s": 600.5, "stages_run": 16, "stages": 16, "workers": 2}, {"wall_s": 3.0, "stages_run": 0, "stages": 16, "workers": 2}]
+    path.write_text(json.dumps({"wall_s": 3.0, "invocations": recorded}))
+    assert earlier_invocations(path) == recorded
+    path.write_text('{"wall_s": ')  # cut short
+    with caplog.at_level(logging.WARNING, logger="experiments.reproduce"):
+        assert earlier_invocations(path) == []
+    assert "not readable" in caplog.text and path.read_text() == '{"wall_s": '  # left as it was
+    path.write_text(json.dumps({"wall_s": -1.0}))  # not a wall time
+    assert earlier_invocations(path) == []
+
+
 def test_paired_ttest_pairs_patients_and_drops_those_with_nothing_kept():
     metric = np.array([1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0])
     baseline = np.array([1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 1.0])
