@@ -447,6 +447,11 @@ def rejecting_by(metric: np.ndarray, scores: np.ndarray, groups: np.ndarray, rat
     return {"curve": curve, "at_paper_ratio": _at_ratio(ratio, at, test)}
 
 
+def better_than_baseline(test: dict[str, Any]) -> bool:
+    """A :func:`~experiments.evaluation.paired_ttest` that is better than its reference with p < 0.05."""
+    return bool(test["p"] is not None and test["p"] < 0.05 and (test["mean_difference"] or 0) > 0)
+
+
 def untied(scores: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Ranks of ``scores`` (0 = the lowest) with ties in random order: the same ranking, no two values equal."""
     scores = np.asarray(scores, dtype=np.float64)
@@ -477,11 +482,7 @@ def rejecting_by_truth(
         "tied_at_lowest": int(np.sum(truth == truth.min())) if truth.size else 0,
         "mean_difference_median": float(np.median([t["mean_difference"] or 0.0 for t in tests])) if tests else None,
         "p_median": float(np.median(p_values)) if p_values else None,
-        "better_with_p_below_0.05_fraction": (
-            float(np.mean([t["p"] is not None and t["p"] < 0.05 and (t["mean_difference"] or 0) > 0 for t in tests]))
-            if tests
-            else None
-        ),
+        "better_with_p_below_0.05_fraction": float(np.mean([better_than_baseline(t) for t in tests])) if tests else None,
     }
     return result
 
@@ -523,7 +524,7 @@ def _at_ratio(ratio: float, point: dict[str, Any], test: dict[str, Any]) -> dict
         "p": test["p"],
         "t": test["t"],
         "mean_difference": test["mean_difference"],
-        "better_with_p_below_0.05": bool(test["p"] is not None and test["p"] < 0.05 and (test["mean_difference"] or 0) > 0),
+        "better_with_p_below_0.05": better_than_baseline(test),
     }
 
 
@@ -610,7 +611,7 @@ def summarise_seeds(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 def summarise_rejecting_by(per_seed: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """One reference rejection across seeds: its paper-ratio figure, p-values (+ median) and mean curve."""
-    return {
+    summary = {
         "at_paper_ratio": mean_and_std([r["at_paper_ratio"]["mean"] for r in per_seed]),
         "p_value": with_median(mean_and_std([r["at_paper_ratio"]["p"] for r in per_seed])),
         "seeds_better_with_p_below_0.05": sum(r["at_paper_ratio"]["better_with_p_below_0.05"] for r in per_seed),
@@ -618,21 +619,16 @@ def summarise_rejecting_by(per_seed: Sequence[dict[str, Any]]) -> dict[str, Any]
             {"ratio": float(r), **mean_and_std([run["curve"][i]["mean"] for run in per_seed])}
             for i, r in enumerate(REJECTION_RATIOS)
         ],
-        **(
-            {
-                "tie_breaks": {
-                    "p_median": mean_and_std([r["tie_breaks"]["p_median"] for r in per_seed]),
-                    "better_with_p_below_0.05_fraction": mean_and_std(
-                        [r["tie_breaks"]["better_with_p_below_0.05_fraction"] for r in per_seed]
-                    ),
-                    "tied_at_lowest": per_seed[0]["tie_breaks"]["tied_at_lowest"],
-                    "draws": per_seed[0]["tie_breaks"]["draws"],
-                }
-            }
-            if per_seed and all("tie_breaks" in r for r in per_seed)
-            else {}
-        ),
     }
+    if per_seed and all("tie_breaks" in r for r in per_seed):  # the ground truth's reference
+        ties = [r["tie_breaks"] for r in per_seed]
+        summary["tie_breaks"] = {
+            "p_median": mean_and_std([t["p_median"] for t in ties]),
+            "better_with_p_below_0.05_fraction": mean_and_std([t["better_with_p_below_0.05_fraction"] for t in ties]),
+            "tied_at_lowest": ties[0]["tied_at_lowest"],
+            "draws": ties[0]["draws"],
+        }
+    return summary
 
 
 def summarise_heuristics(baselines: Sequence[dict[str, Any]]) -> dict[str, Any]:
