@@ -13,7 +13,8 @@ at the end, with the mean and st.d. of each run's final holdout scores (a
 saturated or collapsed controller stands out there).
 
 ``--eval-every N`` also prints each run's AUROC every N env steps (a learning
-curve says more than two points), and ``--time-limit S`` stops every run after
+curve says more than two points): on stderr as each evaluation happens
+(``  <run>: step N, holdout AUROC x (T s)``) and in the table's curve column; and ``--time-limit S`` stops every run after
 S seconds of training, for studies that must fit a fixed machine time; the
 table then says how many steps each run reached.  The seed studies of
 ``docs/learning-status.md`` ran as, for example::
@@ -39,11 +40,20 @@ from experiments.training import TrainConfig
 
 
 def _run(config: TrainConfig) -> dict[str, Any]:
+    import logging
+
     import torch
 
     torch.set_num_threads(1)
-    from experiments.training import train
+    from experiments.training import evaluation_logger, train
 
+    # Each holdout evaluation as it happens, on stderr: a DDPG run on a CPU takes half an hour.
+    if not evaluation_logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("  %(message)s"))
+        evaluation_logger.addHandler(handler)
+        evaluation_logger.setLevel(logging.DEBUG)
+        evaluation_logger.propagate = False
     return train(config)
 
 

@@ -24,6 +24,9 @@ import numpy as np
 import torch
 
 logger = logging.getLogger(__name__)
+#: One DEBUG line per holdout evaluation of a run (``<run>: step N, holdout AUROC x (T s)``):
+#: ``iqa -v train`` shows them, and ``experiments/seed_study.py`` shows them for each of its runs.
+evaluation_logger = logging.getLogger(__name__ + ".evaluations")
 
 
 @dataclass
@@ -453,6 +456,10 @@ def train(
             if self.num_timesteps % config.eval_every == 0:
                 value = current_auroc()
                 curve.append((self.num_timesteps, value))
+                evaluation_logger.debug(
+                    "%s: step %d, holdout AUROC %s (%.0f s)", config.run_name, self.num_timesteps,
+                    "-" if value is None else f"{value:.3f}", prior_wall + time.perf_counter() - start,
+                )
                 if value is not None:
                     self.logger.record("eval/holdout_auroc", value)
             return True

@@ -3,9 +3,11 @@ with an inverted ranking (holdout AUROC < 0.5) ends with AUROC >= 0.8.
 
 The data (``conftest.occluded_dataset``) is easy on purpose: these tests check
 that each algorithm turns the env's scalar rewards into a per-image ranking,
-with fixed seeds, in seconds to a minute on 2 CPU cores.  Whether the method
-learns on the harder synthetic ultrasound set is measured by
-``experiments/seed_study.py`` and reported in ``docs/learning-status.md``.
+with fixed seeds, in seconds to a minute on 2 CPU cores.  The same on the
+harder built-in synthetic ultrasound set takes minutes per seed:
+``tests/test_learning_builtin.py`` (marked slow) shows it for one seed per
+algorithm, and ``experiments/seed_study.py`` measures every seed
+(``docs/learning-status.md``).
 """
 
 from __future__ import annotations

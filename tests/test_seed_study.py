@@ -113,3 +113,21 @@ def test_seed_study_workers_are_spawned_not_forked(monkeypatch):
     assert out == [{"seed": 0}, {"seed": 1}, {"seed": 2}]  # in the order asked, whatever the order they end
     assert sorted(seed for seed, _ in ended) == [0, 1, 2] and [n for _, n in ended] == [1, 2, 3]
     assert seen["context"] is not None and seen["context"].get_start_method() == "spawn"
+
+
+def test_seed_study_shows_each_evaluation_as_it_happens(tiny_synthetic_path, capfd):
+    # The runs are worker processes: their lines reach the parent's stderr at the file-descriptor level.
+    code = main(
+        ["--algos", "reinforce", "--rewards", "weighted", "--seeds", "1", "--first-seed", "2", "--steps", "20",
+         "--eval-every", "10", "--dataset", str(tiny_synthetic_path), "--workers", "1",
+         "--env-kwargs", '{"batch_size": 8, "train_steps": 2, "validation_size": 16}']
+    )
+    assert code == 0
+    err = capfd.readouterr().err.splitlines()
+    evaluations = [line for line in err if "holdout AUROC" in line]
+    steps = [int(m.group(1)) for line in evaluations
+             if (m := re.fullmatch(r"  classification-weighted-reinforce-seed2: step (\d+), holdout AUROC "
+                                   r"(?:0\.\d{3}|1\.000) \(\d+ s\)", line))]
+    assert steps == [10, 20], evaluations
+    # ... before the run's own line, which comes when it ends.
+    assert err.index(evaluations[-1]) < next(i for i, line in enumerate(err) if line.startswith("[1/1] "))

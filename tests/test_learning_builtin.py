@@ -1,0 +1,40 @@
+"""Learning on the built-in synthetic ultrasound set, the data the agents issue's targets are about.
+
+``tests/test_learning.py`` shows, in seconds, that each algorithm turns the
+env's rewards into a ranking on plain data.  The tests here show the same on
+the built-in set, whose degradations global statistics do not give away
+(mean intensity ranks its holdout images at 0.503, intensity st.d. at 0.438):
+a controller that starts with an inverted ranking (holdout AUROC < 0.5) ends
+at >= 0.8, with the defaults ``iqa train`` uses.  Each takes minutes on a CPU
+core, so they are marked ``slow`` (``pytest -m slow``).
+
+One seed each, fixed, and run as ``experiments/seed_study.py`` runs it (one
+torch thread): the seed whose controller started the most inverted in the
+seed studies.  How every seed does is the seed studies' job
+(``docs/learning-status.md``), not these tests'.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from experiments.training import TrainConfig, train
+
+
+def _train(**fields) -> dict:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return train(TrainConfig(task="classification", reward="weighted", device="cpu", **fields))
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+def test_reinforce_learns_the_ranking_on_the_built_in_set():
+    # Seed 5 started at 0.317, the lowest of sweep 19's 8 seeds (docs/learning-status.md, section 16).
+    summary = _train(algo="reinforce", seed=5, steps=2000, eval_every=1000)
+    print("reinforce seed 5, holdout AUROC [step, AUROC]:", summary["auroc_curve"])
+    assert summary["initial_auroc"] < 0.5, summary["auroc_curve"]
+    assert summary["final_auroc"] >= 0.8, summary["auroc_curve"]
