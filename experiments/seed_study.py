@@ -14,9 +14,10 @@ saturated or collapsed controller stands out there).
 
 ``--eval-every N`` also prints each run's AUROC every N env steps (a learning
 curve says more than two points): on stderr as each evaluation happens
-(``  <run>: step N, holdout AUROC x (T s)``) and in the table's curve column; and ``--time-limit S`` stops every run after
-S seconds of training, for studies that must fit a fixed machine time; the
-table then says how many steps each run reached.  The seed studies of
+(``  <run>: step N, holdout AUROC x (T s)``) and in the table's curve
+column.  ``--time-limit S`` stops every run after S seconds of training,
+for studies that must fit a fixed machine time; the table then says how
+many steps each run reached.  The seed studies of
 ``docs/learning-status.md`` ran as, for example::
 
     python -m experiments.seed_study --algos reinforce --rewards weighted --seeds 8 \

@@ -5,9 +5,9 @@ The data (``conftest.occluded_dataset``) is easy on purpose: these tests check
 that each algorithm turns the env's scalar rewards into a per-image ranking,
 with fixed seeds, in seconds to a minute on 2 CPU cores.  The same on the
 harder built-in synthetic ultrasound set takes minutes per seed:
-``tests/test_learning_builtin.py`` (marked slow) shows it for one seed per
-algorithm, and ``experiments/seed_study.py`` measures every seed
-(``docs/learning-status.md``).
+``tests/test_learning_builtin.py`` (marked slow) shows it for one seed of
+REINFORCE (DDPG's needs hours on a CPU), and
+``experiments/seed_study.py`` measures every seed (``docs/learning-status.md``).
 """
 
 from __future__ import annotations
