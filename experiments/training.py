@@ -431,6 +431,10 @@ def train(
         curve = [(0, current_auroc())]
     start = time.perf_counter()
 
+    def wall_time() -> float:
+        """Seconds of training of this run, earlier invocations (resumed from) included."""
+        return prior_wall + time.perf_counter() - start
+
     def save_checkpoint() -> None:
         assert out is not None
         ckpt.write_checkpoint(
@@ -441,7 +445,7 @@ def train(
                 "algo": config.algo,
                 "num_timesteps": int(agent.num_timesteps),
                 "auroc_curve": [[s, a] for s, a in curve],
-                "wall_time_s": prior_wall + time.perf_counter() - start,
+                "wall_time_s": wall_time(),
                 "resumed_from": resumed_from,
                 "config": dataclasses.asdict(config),
                 "env_settings": settings,
@@ -458,7 +462,7 @@ def train(
                 curve.append((self.num_timesteps, value))
                 evaluation_logger.debug(
                     "%s: step %d, holdout AUROC %s (%.0f s)", config.run_name, self.num_timesteps,
-                    "-" if value is None else f"{value:.3f}", prior_wall + time.perf_counter() - start,
+                    "-" if value is None else f"{value:.3f}", wall_time(),
                 )
                 if value is not None:
                     self.logger.record("eval/holdout_auroc", value)
@@ -521,7 +525,7 @@ def train(
         tb_log_name=config.run_name,
         reset_num_timesteps=mode != "resume",
     )
-    wall = prior_wall + time.perf_counter() - start
+    wall = wall_time()
     controller = Controller.from_agent(
         agent, metadata={"task": config.task, "reward": config.reward, "seed": config.seed}
     )

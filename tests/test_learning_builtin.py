@@ -41,4 +41,3 @@ def test_reinforce_learns_the_ranking_on_the_built_in_set():
     print("reinforce seed 5, holdout AUROC [step, AUROC]:", summary["auroc_curve"])
     assert summary["initial_auroc"] < 0.5, summary["auroc_curve"]
     assert summary["final_auroc"] >= 0.8, summary["auroc_curve"]
-
