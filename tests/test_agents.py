@@ -581,3 +581,20 @@ def test_reinforce_with_counterfactual_baselines_trains_saves_and_refuses_bad_se
         make_agent("reinforce", env, seed=0, image_baseline="counterfactual", reward_model_memory=0)
     with pytest.raises(ValueError, match=r"image_baseline='counterfactual' models the rewards of validation steps"):
         make_agent("reinforce", _env(dataset, reward="fixed"), seed=0, image_baseline="counterfactual")
+
+
+@pytest.mark.parametrize("name", ["ddpg", "td3"])
+def test_the_ratio_critic_standardises_with_the_weighted_reward_and_not_with_the_selective_one(dataset, name):
+    """The bandit defaults' one reward-dependent setting (learning-status section 22), as built and as recorded."""
+    from agents.factory import default_settings
+
+    for reward, standardise in [("weighted", True), ("selective", False)]:
+        env = _env(dataset, reward=reward)
+        agent = make_agent(name, env, seed=0)
+        assert agent.policy.critic.qf0.standardise is standardise, reward
+        assert agent.policy.critic.qf0.__class__.__name__ == "RatioQNetwork" and agent.gamma == 0.0
+        recorded = default_settings(name, reward, env.batch_size, env.episode_length)["policy_kwargs"]
+        assert recorded["critic_standardise"] is standardise and recorded["critic_head"] == "ratio", reward
+        # The caller's own choice still wins.
+        flipped = make_agent(name, env, seed=0, policy_kwargs={"critic_standardise": not standardise})
+        assert flipped.policy.critic.qf0.standardise is (not standardise)
