@@ -8,8 +8,9 @@ the defaults ``iqa train`` uses.  Each takes minutes on a CPU core, so they are
 marked ``slow`` (``pytest -m slow``).
 
 REINFORCE takes a controller that starts inverted (holdout AUROC < 0.5) to
->= 0.8.  DDPG's test of the same is missing: DDPG needs several hundred env
-steps for that, hours on a CPU (``docs/learning-status.md``, section 21).
+>= 0.8.  DDPG's test of the same is missing: DDPG needs about 1,000 env steps
+for that (on a GPU, seed 7 went from 0.376 to 0.804), nearly 3 hours on a CPU
+(``docs/learning-status.md``, sections 21 and 22).
 
 One seed per test, fixed, and run as ``experiments/seed_study.py`` runs it
 (one torch thread), so that the test repeats a run the seed studies
