@@ -7,7 +7,7 @@ A checkpoint is a folder, ``RUN/checkpoint/``:
 | ``checkpoint.json`` | format, step counter, AUROC curve so far, wall time, resumes, config | ``json`` |
 | ``agent.zip`` | the stable-baselines3 agent (``agent.save``): policy, optimiser states, counters | ``Algo.load`` (unpickles: trusted files only) |
 | ``env.pt`` | ``TaskAmenabilityEnv.state_dict()``: predictor, its optimiser, generators, baselines, episode position | ``torch.load(weights_only=True)`` |
-| ``rng.pt`` | the global ``random`` / ``numpy`` / ``torch`` generators and the Monitor's episode so far | ``torch.load(weights_only=True)`` |
+| ``rng.pt`` | the global ``random`` / ``numpy`` / ``torch`` generators, the action space's and the Monitor's episode so far | ``torch.load(weights_only=True)`` |
 | ``replay_buffer.npz`` | off-policy agents: the filled part of the replay buffer, images as pool indices | ``numpy.load(allow_pickle=False)`` |
 
 It is written to a temporary folder beside it, which is then renamed into
@@ -232,6 +232,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _action_space_rng(agent: Any) -> dict[str, Any] | None:
+    """The state of the generator of the agent's action space (its random actions before ``learning_starts``)."""
+    space = getattr(agent, "action_space", None)
+    generator = getattr(space, "_np_random", None)
+    return None if generator is None else generator.bit_generator.state
+
+
 def _monitor(agent: Any) -> Any:
     from stable_baselines3.common.monitor import Monitor
 
@@ -292,7 +299,9 @@ def write_checkpoint(
             if monitor is None
             else {"rewards": [float(r) for r in monitor.rewards], "total_steps": int(monitor.total_steps)}
         )
-        torch.save({"rng": rng_state(), "monitor": monitor_state}, tmp / RNG_NAME)
+        torch.save(
+            {"rng": rng_state(), "monitor": monitor_state, "action_space": _action_space_rng(agent)}, tmp / RNG_NAME
+        )
         files = [AGENT_NAME, ENV_NAME, RNG_NAME]
         buffer = getattr(agent, "replay_buffer", None)
         if buffer is not None:
@@ -368,6 +377,10 @@ def restore(
         monitor.rewards = list(extra["monitor"]["rewards"])
         monitor.total_steps = int(extra["monitor"]["total_steps"])
     set_rng_state(extra["rng"])
+    # stable-baselines3's load seeds the action space again (``_setup_model``), which would repeat the
+    # random actions of the first steps in a run resumed before ``learning_starts``.
+    if extra.get("action_space") is not None and getattr(agent, "action_space", None) is not None:
+        agent.action_space.np_random.bit_generator.state = extra["action_space"]
     return agent
 
 

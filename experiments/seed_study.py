@@ -17,7 +17,13 @@ curve says more than two points): on stderr as each evaluation happens
 (``  <run>: step N, holdout AUROC x (T s)``) and in the table's curve
 column.  ``--time-limit S`` stops every run after S seconds of training,
 for studies that must fit a fixed machine time; the table then says how
-many steps each run reached.  The seed studies of
+many steps each run reached.  ``--out DIR`` gives every run a folder in
+DIR with checkpoints, and the time limit then *pauses* the runs: each
+writes a checkpoint and the table shows where it stands; the same command
+again goes on from there (finished runs are read back, not trained again),
+so a study longer than one machine session runs in parts, e.g. one time-
+limited call per lent GPU session, with DIR carried from one to the next.
+The seed studies of
 ``docs/learning-status.md`` ran as, for example::
 
     python -m experiments.seed_study --algos reinforce --rewards weighted --seeds 8 \
@@ -40,7 +46,7 @@ from experiments.commands import json_object
 from experiments.training import TrainConfig
 
 
-def _run(config: TrainConfig) -> dict[str, Any]:
+def _run(config: TrainConfig, out: str | None = None) -> dict[str, Any]:
     import logging
 
     import torch
@@ -55,7 +61,9 @@ def _run(config: TrainConfig) -> dict[str, Any]:
         evaluation_logger.addHandler(handler)
         evaluation_logger.setLevel(logging.DEBUG)
         evaluation_logger.propagate = False
-    return train(config)
+    if out is None:
+        return train(config)
+    return train(config, Path(out) / config.run_name, pause_at_time_limit=True)
 
 
 def seed_study(
@@ -65,12 +73,19 @@ def seed_study(
     base: TrainConfig,
     workers: int = 2,
     on_result: Callable[[dict[str, Any], list[dict[str, Any]]], None] | None = None,
+    out: str | Path | None = None,
 ) -> list[dict[str, Any]]:
     """Train every (algo, reward, seed) and return their summaries, in that order.
 
     ``on_result(summary, finished)`` is called as each run ends (``finished``:
     the summaries so far, in the order they ended), e.g. to show progress and
     keep what is done when a long study is stopped.
+
+    With ``out`` every run has a folder ``out/<run name>`` (checkpoints, and
+    once finished the controller, predictor and ``summary.json``), the time
+    limit pauses runs instead of finishing them (``"paused": True`` in their
+    summaries), and the same call again resumes each run from its checkpoint
+    and returns finished runs as they are (:func:`experiments.training.train`).
     """
     configs = [
         dataclasses.replace(base, algo=a, reward=r, seed=s) for a in algos for r in rewards for s in seeds
@@ -79,7 +94,9 @@ def seed_study(
     finished: list[dict[str, Any]] = []
     # spawn, not fork: a forked worker cannot use CUDA once the parent has touched it (--device cuda).
     with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(_run, config): i for i, config in enumerate(configs)}
+        futures = {
+            pool.submit(_run, config, None if out is None else str(out)): i for i, config in enumerate(configs)
+        }
         for future in as_completed(futures):
             summary = future.result()
             results[futures[future]] = summary
@@ -117,9 +134,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--agent-kwargs", type=json_object, default={}, help="JSON object of extra algorithm arguments")
     p.add_argument("--eval-every", type=int, default=500, help="env steps between holdout AUROCs (default: 500)")
     p.add_argument("--time-limit", type=float, default=None, metavar="S",
-                   help="stop each run after S seconds of training (default: none)")
-    p.add_argument("--json", default=None, help="also write the summaries to this JSON file")
+                   help="stop each run after S seconds of training; with --out, pause it there "
+                        "(default: none)")
+    p.add_argument("--json", default=None,
+                   help="also write the summaries to this JSON file (default with --out: DIR/seed_study.json)")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="a folder per run, with checkpoints: --time-limit pauses the runs, and the same "
+                        "command again goes on from where they stopped (default: none, nothing kept)")
     args = p.parse_args(argv)
+    if args.out is not None and args.json is None:
+        args.json = str(Path(args.out) / "seed_study.json")
     base = TrainConfig(
         task=args.task,
         dataset=args.dataset,
@@ -155,13 +179,14 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"[{len(finished)}/{total}] {c['algo']} {c['reward']} seed {c['seed']}: AUROC "
             f"{_fmt(summary['initial_auroc']).strip()} -> {_fmt(summary['final_auroc']).strip()} "
-            f"({summary['steps']} steps, {summary['wall_time_s']:.0f} s)",
+            f"({summary['steps']} steps, {summary['wall_time_s']:.0f} s"
+            f"{'; paused, the same command goes on' if summary.get('paused') else ''})",
             file=sys.stderr,
             flush=True,
         )
         write_json(finished)  # a stopped study keeps the runs that ended
 
-    summaries = seed_study(args.algos, args.rewards, seeds, base, args.workers, on_result=progress)
+    summaries = seed_study(args.algos, args.rewards, seeds, base, args.workers, on_result=progress, out=args.out)
     print(
         f"{'algo':10} {'reward':10} {'seed':>4} {'initial':>8} {'final':>8} {'steps':>6} {'steps/s':>8} "
         f"{'score mean (sd)':>16}  curve"
@@ -171,13 +196,15 @@ def main(argv: list[str] | None = None) -> int:
         curve = " ".join(f"{step}:{'-' if a is None else f'{a:.3f}'}" for step, a in s["auroc_curve"])
         print(
             f"{c['algo']:10} {c['reward']:10} {c['seed']:>4} {_fmt(s['initial_auroc'])} {_fmt(s['final_auroc'])} "
-            f"{s['steps']:>6} {s['steps_per_s']:8.1f} {_spread(s):>16}  {curve}"
+            f"{s['steps']:>6}{'p' if s.get('paused') else ' '}{s['steps_per_s']:8.1f} {_spread(s):>16}  {curve}"
         )
     for a in args.algos:
         for r in args.rewards:
-            finals = [s["final_auroc"] for s in summaries if s["config"]["algo"] == a and s["config"]["reward"] == r]
-            reached = sum(f is not None and f >= 0.8 for f in finals)
-            print(f"{a} {r}: {reached} of {len(finals)} seeds reach AUROC >= 0.8")
+            runs = [s for s in summaries if s["config"]["algo"] == a and s["config"]["reward"] == r]
+            reached = sum(s["final_auroc"] is not None and s["final_auroc"] >= 0.8 for s in runs)
+            paused = sum(bool(s.get("paused")) for s in runs)
+            note = f" ({paused} paused at the time limit ('p'): the same command goes on)" if paused else ""
+            print(f"{a} {r}: {reached} of {len(runs)} seeds reach AUROC >= 0.8{note}")
     write_json(summaries)
     return 0
 

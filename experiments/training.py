@@ -63,7 +63,8 @@ class TrainConfig:
     """Env steps between checkpoints of the run folder (0: none); see docs/reliability.md."""
     time_limit_s: float | None = None
     """Wall-clock limit of the training in seconds (None: none): the run stops at the first env step
-    past it and is then finished, with fewer than ``steps`` steps (its summary says ``time_limited``)."""
+    past it and is then finished, with fewer than ``steps`` steps (its summary says ``time_limited``), or
+    paused, to go on later (``train(..., pause_at_time_limit=True)``)."""
     env_kwargs: dict[str, Any] = field(default_factory=dict)
     """Further TaskAmenabilityEnv arguments (they override the fields above)."""
     agent_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -318,6 +319,7 @@ def train(
     progress: bool = False,
     *,
     overwrite: bool = False,
+    pause_at_time_limit: bool = False,
 ) -> dict[str, Any]:
     """Train one controller; returns (and, with ``out_dir``, saves) the run's summary.
 
@@ -350,6 +352,14 @@ def train(
     larger than the training set) raise before ``out_dir`` is created or
     changed, so a corrected call on the same folder starts cleanly.
 
+    With ``pause_at_time_limit`` (it needs ``out_dir`` and checkpoints),
+    ``config.time_limit_s`` pauses the run instead of finishing it: at the
+    first rollout boundary past the limit a checkpoint is written, nothing
+    else is, and the summary returned says ``"paused": True``, with the step,
+    wall time and holdout AUROC of that checkpoint.  The same call on the same
+    folder goes on from there, so a study longer than one machine session runs
+    in parts (``python -m experiments.seed_study --out``).
+
     The checkpoint is removed once the run has finished (the summary is
     written last).  Checkpoints hold a stable-baselines3 ``.zip``, which
     unpickles on loading: resume only from run folders you trust.
@@ -361,6 +371,12 @@ def train(
     from experiments import checkpoint as ckpt
 
     config.validate()
+    if pause_at_time_limit and (out_dir is None or config.checkpoint_every == 0):
+        raise ValueError(
+            "pause_at_time_limit needs a run folder (out_dir) and checkpoints (checkpoint_every > 0), "
+            f"got out_dir={out_dir!r} and checkpoint_every={config.checkpoint_every!r}: a paused run resumes "
+            "from its checkpoint"
+        )
     # The data and the env first: a dataset or setting they refuse (a bad file, one class, too few
     # patients, a batch larger than the training set) fails before the run folder is touched.
     _, (train_set, validation_set, holdout) = load_splits(config.dataset, config.split_seed)
@@ -435,8 +451,11 @@ def train(
         """Seconds of training of this run, earlier invocations (resumed from) included."""
         return prior_wall + time.perf_counter() - start
 
+    checkpointed_at: list[int] = []  # the step of the last checkpoint this call wrote
+
     def save_checkpoint() -> None:
         assert out is not None
+        checkpointed_at[:] = [int(agent.num_timesteps)]
         ckpt.write_checkpoint(
             out,
             agent,
@@ -469,10 +488,34 @@ def train(
             return True
 
     class TimeLimit(BaseCallback):
-        """Stops ``learn`` at the first env step after ``config.time_limit_s`` seconds of this call."""
+        """Stops ``learn`` at the first env step after ``config.time_limit_s`` seconds of this call.
+
+        With ``pause_at_time_limit`` it stops at the first rollout start past the limit instead,
+        after a checkpoint there (everything collected so far has been learnt from); the one env
+        step taken after it is not learnt from, and a resumed run takes it again.
+        """
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.paused_at: int | None = None
+            self.paused_wall = 0.0
+            self.first = int(agent.num_timesteps)
+
+        def _past(self) -> bool:
+            return time.perf_counter() - start >= float(config.time_limit_s)  # type: ignore[arg-type]
+
+        def _on_rollout_start(self) -> None:
+            now = int(self.model.num_timesteps)
+            # Not before this call's first rollout: a set-up longer than the limit must not stall the run.
+            if pause_at_time_limit and self.paused_at is None and now > self.first and self._past():
+                if checkpointed_at != [now]:  # not already written at this boundary by Checkpoint
+                    save_checkpoint()
+                self.paused_at, self.paused_wall = now, wall_time()
 
         def _on_step(self) -> bool:
-            return time.perf_counter() - start < float(config.time_limit_s)  # type: ignore[arg-type]
+            if pause_at_time_limit:
+                return self.paused_at is None
+            return not self._past()
 
     class Checkpoint(BaseCallback):
         """Checkpoints at rollout starts: everything collected so far has been learnt from."""
@@ -516,8 +559,9 @@ def train(
         callbacks.append(Checkpoint())
     if progress:
         callbacks.append(Progress())
-    if config.time_limit_s is not None:
-        callbacks.append(TimeLimit())
+    time_limit = TimeLimit() if config.time_limit_s is not None else None
+    if time_limit is not None:
+        callbacks.append(time_limit)
     remaining = max(config.steps - int(agent.num_timesteps), 0)
     agent.learn(
         remaining,
@@ -525,24 +569,25 @@ def train(
         tb_log_name=config.run_name,
         reset_num_timesteps=mode != "resume",
     )
-    wall = wall_time()
+    paused_at = time_limit.paused_at if time_limit is not None else None
+    # A paused run stands at its checkpoint: the agent has not learnt from the step taken after it.
+    steps = int(agent.num_timesteps) if paused_at is None else paused_at
+    wall = wall_time() if paused_at is None else time_limit.paused_wall  # type: ignore[union-attr]
+    curve = [(s, a) for s, a in curve if s <= steps]
     controller = Controller.from_agent(
         agent, metadata={"task": config.task, "reward": config.reward, "seed": config.seed}
     )
-    # The validation images' scores go with it, so that its scores can be read as percentiles of images the
-    # run knew (comparable across runs whose raw scores sit at other levels) and thresholded one at a time.
-    controller.calibrate(validation_set.images, source="the validation images of the training run")
     final_scores = controller.score(holdout.images)  # once, for the AUROC and the spread
     final = scores_auroc(final_scores, holdout, config.task)
-    if curve[-1][0] != agent.num_timesteps:
-        curve.append((agent.num_timesteps, final))
+    if curve[-1][0] != steps:
+        curve.append((steps, final))
     summary = {
         "run": config.run_name,
         "config": dataclasses.asdict(config),
         "env_settings": settings,
-        "steps": int(agent.num_timesteps),
+        "steps": steps,
         "wall_time_s": wall,
-        "steps_per_s": agent.num_timesteps / max(wall, 1e-9),
+        "steps_per_s": steps / max(wall, 1e-9),
         "initial_auroc": curve[0][1],
         "final_auroc": final,
         # How spread the final scores are, to tell a saturated actor (scores at 0 and 1) or a collapsed
@@ -551,11 +596,20 @@ def train(
         "final_score_sd": float(final_scores.std(dtype=np.float64)),
         "auroc_curve": [[s, a] for s, a in curve],
         "resumed_from": resumed_from,
-        "time_limited": int(agent.num_timesteps) < config.steps,
+        "time_limited": steps < config.steps,
     }
     if fingerprint is not None:
         summary["dataset_fingerprint"] = fingerprint
+    if paused_at is not None:
+        logger.info("%s: paused at step %d of %d (checkpoint in %s); the same call again goes on from there",
+                    config.run_name, steps, config.steps, out)
+        env.close()
+        return {**summary, "paused": True}
     if out is not None:
+        # The validation images' scores go with it, so that its scores can be read as percentiles of images
+        # the run knew (comparable across runs whose raw scores sit at other levels) and thresholded one at a
+        # time.
+        controller.calibrate(validation_set.images, source="the validation images of the training run")
         controller.save(out / "controller")
         save_predictor(env, out / "predictor.pt")
         _atomic_json(out / "summary.json", summary)  # last: its presence marks a finished run

@@ -134,6 +134,55 @@ def test_kill_and_resume_iqa_train(algo, steps, every, tiny_synthetic, tiny_synt
         train(_config(algo, moved, steps, every), run)
 
 
+@pytest.mark.parametrize("algo, steps, every", [("reinforce", 60, 30), ("ddpg", 18, 9)])
+def test_a_run_paused_at_its_time_limit_goes_on_to_the_uninterrupted_run(
+    algo, steps, every, tiny_synthetic, tiny_synthetic_path, tmp_path
+):
+    """A study longer than one machine session: pause at the time limit, resume in a later call."""
+    import dataclasses
+
+    from experiments.training import train
+
+    reference = train(_config(algo, tiny_synthetic_path, steps, every, checkpoints=False), tmp_path / "reference")
+    reference["dir"] = str(tmp_path / "reference")
+    run = tmp_path / "run"
+    # A limit already past when training starts: the run pauses at the first rollout boundary after its
+    # first rollout (REINFORCE: an episode of 3 steps; DDPG: every step), whatever this machine's speed.
+    limited = dataclasses.replace(_config(algo, tiny_synthetic_path, steps, every), time_limit_s=1e-9)
+    paused = train(limited, run, pause_at_time_limit=True)
+    first_boundary = 3 if algo == "reinforce" else 1
+    assert paused["paused"] and paused["time_limited"] and paused["steps"] == first_boundary
+    assert [s for s, _ in paused["auroc_curve"]] == [0, first_boundary]
+    assert paused["initial_auroc"] == reference["initial_auroc"]
+    # Only the checkpoint is written, at the step the summary names; the run is not finished.
+    folder = ckpt.find_checkpoint(run)
+    assert folder is not None and int(ckpt.read_meta(folder)["num_timesteps"]) == first_boundary
+    assert not (run / "summary.json").exists() and not (run / "controller").exists()
+    # Paused again in a second call, one rollout further on.
+    again = train(limited, run, pause_at_time_limit=True)
+    assert again["paused"] and again["steps"] == 2 * first_boundary and again["resumed_from"] == [first_boundary]
+    # Without the limit it goes on to the run that was never paused, weight for weight.
+    summary = train(_config(algo, tiny_synthetic_path, steps, every), run)
+    assert "paused" not in summary and not summary["time_limited"]
+    assert summary["resumed_from"] == [first_boundary, 2 * first_boundary]
+    summary["resumed_from"] = summary["resumed_from"][-1:]  # _check_resumed_run expects one resume
+    (run / "summary.json").write_text(json.dumps(summary))
+    _check_resumed_run(run, reference, steps, every, 2 * first_boundary, tiny_synthetic)
+
+
+def test_pausing_needs_a_run_folder_and_checkpoints(tiny_synthetic_path, tmp_path):
+    import dataclasses
+
+    from experiments.training import train
+
+    config = dataclasses.replace(_config("reinforce", tiny_synthetic_path, 6, 3), time_limit_s=1.0)
+    with pytest.raises(ValueError, match="pause_at_time_limit needs a run folder"):
+        train(config, None, pause_at_time_limit=True)
+    with pytest.raises(ValueError, match="checkpoint_every=0"):
+        train(dataclasses.replace(config, checkpoint_every=0), tmp_path / "run", pause_at_time_limit=True)
+    assert not (tmp_path / "run").exists()
+
+
 def test_other_settings_need_overwrite_even_before_a_checkpoint(tiny_synthetic_path, tmp_path):
     from experiments.training import train
 

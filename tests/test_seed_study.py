@@ -66,6 +66,42 @@ def test_seed_study_time_limit_stops_every_run_and_says_so(tiny_synthetic_path, 
     assert "curve" in capsys.readouterr().out
 
 
+def test_seed_study_with_out_pauses_at_the_time_limit_and_goes_on(tiny_synthetic_path, tmp_path, capsys):
+    """A study longer than one machine session: each call goes on from where the last one paused."""
+    out = tmp_path / "study"
+    argv = ["--algos", "reinforce", "--rewards", "weighted", "--seeds", "2", "--steps", "12",
+            "--dataset", str(tiny_synthetic_path), "--workers", "1", "--eval-every", "4", "--out", str(out),
+            "--env-kwargs", '{"batch_size": 8, "train_steps": 2, "validation_size": 16}']
+    # A limit already past: every run pauses after its first episode (2 training and 2 validation
+    # steps), at any machine speed.
+    assert main([*argv, "--time-limit", "1e-9"]) == 0
+    captured = capsys.readouterr()
+    runs = json.loads((out / "seed_study.json").read_text())["runs"]  # the default --json with --out
+    assert sorted(r["config"]["seed"] for r in runs) == [0, 1]
+    for run in runs:
+        assert run["paused"] and run["steps"] == 4
+        folder = out / run["run"]
+        assert (folder / "checkpoint" / "checkpoint.json").is_file() and not (folder / "summary.json").exists()
+    assert captured.err.count("paused, the same command goes on") == 2
+    assert "reinforce weighted: 0 of 2 seeds reach AUROC >= 0.8 (2 paused at the time limit" in captured.out
+    assert len(re.findall(r"^reinforce +weighted +\d +\S+ +\S+ +4p ", captured.out, re.M)) == 2
+    # The same command without the limit finishes both runs from their checkpoints ...
+    assert main(argv) == 0
+    finished = json.loads((out / "seed_study.json").read_text())["runs"]
+    for run in finished:
+        assert "paused" not in run and run["steps"] == 12 and run["resumed_from"] == [4]
+        assert [s for s, _ in run["auroc_curve"]] == [0, 4, 8, 12]
+        assert (out / run["run"] / "summary.json").is_file() and not (out / run["run"] / "checkpoint").exists()
+    # ... and once more reads them back without training.
+    capsys.readouterr()
+    assert main(argv) == 0
+    again = json.loads((out / "seed_study.json").read_text())["runs"]
+    assert all(run["already_finished"] for run in again)
+    assert [r["final_auroc"] for r in sorted(again, key=lambda r: r["config"]["seed"])] == [
+        r["final_auroc"] for r in sorted(finished, key=lambda r: r["config"]["seed"])
+    ]
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -99,7 +135,7 @@ def test_seed_study_workers_are_spawned_not_forked(monkeypatch):
         def __exit__(self, *exc):
             return False
 
-        def submit(self, fn, config):
+        def submit(self, fn, config, out):
             future = Future()
             future.set_result({"seed": config.seed})
             return future
