@@ -66,6 +66,11 @@ def _run(config: TrainConfig, out: str | None = None) -> dict[str, Any]:
     return train(config, Path(out) / config.run_name, pause_at_time_limit=True)
 
 
+def study_configs(algos: list[str], rewards: list[str], seeds: list[int], base: TrainConfig) -> list[TrainConfig]:
+    """The runs of a study, in the order of its table: every algorithm x reward x seed."""
+    return [dataclasses.replace(base, algo=a, reward=r, seed=s) for a in algos for r in rewards for s in seeds]
+
+
 def seed_study(
     algos: list[str],
     rewards: list[str],
@@ -87,9 +92,7 @@ def seed_study(
     summaries), and the same call again resumes each run from its checkpoint
     and returns finished runs as they are (:func:`experiments.training.train`).
     """
-    configs = [
-        dataclasses.replace(base, algo=a, reward=r, seed=s) for a in algos for r in rewards for s in seeds
-    ]
+    configs = study_configs(algos, rewards, seeds, base)
     results: list[dict[str, Any] | None] = [None] * len(configs)
     finished: list[dict[str, Any]] = []
     # spawn, not fork: a forked worker cannot use CUDA once the parent has touched it (--device cuda).
@@ -167,6 +170,18 @@ def main(argv: list[str] | None = None) -> int:
     print("heuristics (holdout AUROC vs ground-truth amenable): " + ", ".join(f"{k} {v:.3f}" for k, v in heuristics.items()))
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     total = len(args.algos) * len(args.rewards) * len(seeds)
+    if args.out is not None:
+        # Every run folder is checked before any run starts: a clash found hours into a study costs the hours.
+        from experiments.training import run_folder_state
+
+        clashes = []
+        for config in study_configs(args.algos, args.rewards, seeds, base):
+            try:
+                run_folder_state(config, Path(args.out) / config.run_name)
+            except ValueError as error:
+                clashes.append(str(error))
+        if clashes:
+            p.error("--out " + args.out + ": " + " | ".join(clashes))
 
     def write_json(summaries: list[dict[str, Any]]) -> None:
         if args.json:

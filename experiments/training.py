@@ -313,6 +313,19 @@ def _prepare_run_dir(config: TrainConfig, settings: dict[str, Any], out: Path, o
     return "fresh", None
 
 
+def run_folder_state(config: TrainConfig, out: str | os.PathLike[str]) -> str:
+    """What :func:`train` would do with the run folder ``out``: ``"fresh"``, ``"resume"`` or ``"finished"``.
+
+    The check ``train`` makes before it trains, without loading data or building an env, so that a study
+    of many runs refuses a folder with other settings before any run starts: ``ValueError`` as ``train``
+    raises it.  Nothing is written (temporary folders that a killed checkpoint write left are removed).
+    """
+    folder = Path(out)
+    if not folder.exists():
+        return "fresh"
+    return _prepare_run_dir(config, _json_config(env_settings(config)), folder, overwrite=False)[0]
+
+
 def train(
     config: TrainConfig,
     out_dir: str | os.PathLike[str] | None = None,

@@ -100,6 +100,14 @@ def test_seed_study_with_out_pauses_at_the_time_limit_and_goes_on(tiny_synthetic
     assert [r["final_auroc"] for r in sorted(again, key=lambda r: r["config"]["seed"])] == [
         r["final_auroc"] for r in sorted(finished, key=lambda r: r["config"]["seed"])
     ]
+    # Other settings on the same folders: refused before any run starts, each clash named.
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
+        main([*argv[:7], "16", *argv[8:]])  # --steps 16
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("holds a run with other settings (steps: saved 12, now 16)") == 2
+    assert json.loads((out / "seed_study.json").read_text())["runs"] == again  # nothing rewritten
 
 
 @pytest.mark.parametrize(
