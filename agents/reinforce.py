@@ -271,10 +271,12 @@ class REINFORCE(BaseAlgorithm):
                     "image_baseline='counterfactual' models the rewards of validation steps, and this env "
                     "has none (the fixed reward): use the weighted or selective reward, or image_baseline='none'"
                 )
-        if n_steps is None:
-            assert self.env is not None
+        if n_steps is None and self.env is not None:
             n_steps = int(env_attr(self.env, "episode_length", 32))
-        if n_steps < 1:
+        if n_steps is None and _init_setup_model:
+            raise ValueError("n_steps is needed without an env (default: the env's episode_length)")
+        # (``load`` without an env builds the algorithm with _init_setup_model=False, then sets n_steps as saved.)
+        if n_steps is not None and n_steps < 1:
             raise ValueError(f"n_steps must be >= 1, got {n_steps!r}")
         if minibatch_steps is not None and minibatch_steps < 1:
             raise ValueError(f"minibatch_steps must be >= 1 or None, got {minibatch_steps!r}")

@@ -291,6 +291,12 @@ def test_reinforce_controller_average_is_the_exported_controller_and_is_saved(da
     agent.save(tmp_path / "agent.zip")
     loaded = REINFORCE.load(tmp_path / "agent.zip", env=_env(dataset))
     np.testing.assert_array_equal(Controller.from_agent(loaded).score(images), exported)
+    # Without an env too, as stable-baselines3's algorithms load (to score or predict, not to train on).
+    alone = REINFORCE.load(tmp_path / "agent.zip", device="cpu")
+    assert alone.n_steps == agent.n_steps and alone.env is None
+    np.testing.assert_array_equal(Controller.from_agent(alone).score(images), exported)
+    with pytest.raises(ValueError, match="n_steps is needed without an env"):
+        REINFORCE(type(agent.policy), None)
 
 
 def test_between_class_variance_values():
