@@ -34,7 +34,6 @@ from iqa_env.tasks import Task, make_task, random_shift
 PHASES: tuple[str, str] = ("train", "validation")
 REWARD_METRICS: tuple[str, str] = ("metric", "loss")
 REWARD_BASELINES: tuple[str, ...] = ("moving_average", "non_selective", "paired", "none")
-PROBE_SIDES: tuple[str, ...] = ("all", "equal")
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -186,12 +185,7 @@ class TaskAmenabilityEnv(gym.Env):
     images.  ``raw_reward`` is the fixed reward after the probe on the
     selection.  The difference removes what both share (the predictor's
     drift, how hard the validation set is to it now) and leaves what this
-    selection's images do for the clean validation loss.  With
-    ``probe_sides="equal"`` each probe steps on the same number of images,
-    ``min(selected, not selected)`` drawn at random from its side (no step
-    when a side is empty), so that the reward says which images were
-    selected and not how many: with all of each side a step on more images
-    is a surer step, and the reward favours selecting most of the batch.
+    selection's images do for the clean validation loss.
     ``reward_baseline="none"`` returns the raw validation rewards, for agents
     with a learnt critic (the critic is their baseline).
     The other training steps (all but the ``fixed`` reward's last, unless
@@ -235,7 +229,6 @@ class TaskAmenabilityEnv(gym.Env):
     | ``baseline_decay`` | ``0.9`` | ``a`` of the moving-average baseline |
     | ``reward_baseline`` | ``"moving_average"`` | ``"moving_average"`` (the paper), ``"non_selective"`` (validation steps), ``"paired"`` (fixed reward: each training step against the rest of its batch) or ``"none"`` |
     | ``probe_lr`` | ``0.1`` | learning rate of the plain gradient steps of the ``paired`` baseline |
-    | ``probe_sides`` | ``"all"`` | images of each ``paired`` probe: ``"all"`` of its side, or ``"equal"``: as many on both sides |
     | ``validation_refresh`` | ``False`` | draw a new validation subset (of ``validation_size``) for every episode |
     | ``mean_selection_bounds`` | ``(0.0, 1.0)`` | allowed range of the mean selection probability |
     | ``mean_selection_penalty`` | ``1.0`` | penalty per unit outside those bounds |
@@ -281,7 +274,6 @@ class TaskAmenabilityEnv(gym.Env):
         baseline_decay: float = 0.9,
         reward_baseline: str = "moving_average",
         probe_lr: float = 0.1,
-        probe_sides: str = "all",
         validation_refresh: bool = False,
         mean_selection_bounds: tuple[float, float] = (0.0, 1.0),
         mean_selection_penalty: float = 1.0,
@@ -331,13 +323,6 @@ class TaskAmenabilityEnv(gym.Env):
             math.isfinite(probe_lr) and probe_lr > 0
         ):
             raise ValueError(f"probe_lr must be a positive finite number, got {probe_lr!r}")
-        if probe_sides not in PROBE_SIDES:
-            raise ValueError(f"probe_sides must be one of {PROBE_SIDES}, got {probe_sides!r}")
-        if probe_sides != "all" and reward_baseline != "paired":
-            raise ValueError(
-                f"probe_sides={probe_sides!r} sets the probes of reward_baseline='paired', "
-                f"got reward_baseline={reward_baseline!r}"
-            )
         lo, hi = (float(b) for b in mean_selection_bounds)
         if not (0.0 <= lo <= hi <= 1.0):
             raise ValueError(
@@ -360,7 +345,6 @@ class TaskAmenabilityEnv(gym.Env):
         self.reward_normalisation = reward_normalisation
         self.reward_baseline = reward_baseline
         self.probe_lr = float(probe_lr)
-        self.probe_sides = probe_sides
         self.validation_refresh = bool(validation_refresh)
         self.stochastic_validation = bool(stochastic_validation)
         self.mean_selection_bounds = (lo, hi)
@@ -548,10 +532,8 @@ class TaskAmenabilityEnv(gym.Env):
         the weights are put back, and the same is done with the images *not*
         selected; ``reward`` is the difference: what a step on this
         selection, rather than on the rest of the batch, does to the clean
-        validation loss.  A side with no image takes no step.  With
-        ``probe_sides="equal"`` each side's probe takes ``min(selected, not
-        selected)`` of its images, drawn with the env's generator.  Then the
-        predictor takes its real (Adam) step on all the selected images.
+        validation loss.  A side with no image takes no step.  Then the
+        predictor takes its real (Adam) step on the selected images.
 
         The probes are plain gradient steps, not the optimiser's: an Adam
         step is mostly its momentum, scaled by a second moment that the
@@ -562,13 +544,9 @@ class TaskAmenabilityEnv(gym.Env):
         """
         assert self.predictor is not None and self.optimizer is not None
         weights = {k: v.detach().clone() for k, v in self.predictor.state_dict().items()}
-        sides = [np.flatnonzero(selection), np.flatnonzero(~selection)]
-        if self.probe_sides == "equal":
-            n = min(len(side) for side in sides)
-            sides = [np.sort(self.np_random.choice(side, n, replace=False)) for side in sides]
         values = []
-        for side in sides:
-            if len(side):
+        for side in (selection, ~selection):
+            if side.any():
                 self._probe_step(self._batch_indices[side])
             values.append(fixed_reward(self._compute_validation_losses()))
             self.predictor.load_state_dict(weights)

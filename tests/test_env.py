@@ -201,8 +201,6 @@ def test_out_of_range_actions_are_clipped(tiny_synthetic):
         (dict(reward="fixed", reward_baseline="paired", predictor_average=0.9), "predictor_average=0"),
         (dict(probe_lr=0.0), "probe_lr must be a positive finite number"),
         (dict(probe_lr=float("nan")), "probe_lr must be a positive finite number"),
-        (dict(probe_sides="same"), r"probe_sides must be one of \('all', 'equal'\), got 'same'"),
-        (dict(probe_sides="equal"), "probe_sides='equal' sets the probes of reward_baseline='paired', got"),
     ],
 )
 def test_bad_settings_raise_clear_errors(tiny_synthetic, kwargs, message):
@@ -422,49 +420,6 @@ def test_non_selective_baseline_measures_what_selection_adds(tiny_synthetic):
     assert rewards == [0.0] * env.validation_steps
     with pytest.raises(ValueError, match="reward_baseline must be one of"):
         make(tiny_synthetic, reward_baseline="median")
-
-
-def test_paired_probes_on_equal_sides_take_as_many_images_from_each(tiny_synthetic, monkeypatch):
-    """``probe_sides="equal"``: both probes step on ``min(selected, not selected)`` images of their own
-    side, so the reward cannot favour a larger selection; an empty side means no probe and reward 0;
-    the predictor's real step is still on the whole selection."""
-    import torch
-
-    kwargs = {**TINY, "reward": "fixed", "reward_metric": "loss", "reward_baseline": "paired"}
-    equal = TaskAmenabilityEnv(tiny_synthetic, **kwargs, probe_sides="equal")
-    whole = TaskAmenabilityEnv(tiny_synthetic, **kwargs)
-    probed: list[np.ndarray] = []
-    real_probe = TaskAmenabilityEnv._probe_step
-
-    def recording_probe(self, indices):
-        if self is equal:
-            probed.append(np.asarray(indices).copy())
-        return real_probe(self, indices)
-
-    monkeypatch.setattr(TaskAmenabilityEnv, "_probe_step", recording_probe)
-    equal.reset(seed=0)
-    whole.reset(seed=0)
-    actions = [np.r_[np.ones(6), np.zeros(2)], np.r_[np.ones(1), np.zeros(7)], np.ones(8), np.zeros(8)]
-    for step, action in enumerate(actions):  # probabilities 0 and 1: the selections are the actions
-        probed.clear()
-        indices = equal._batch_indices.copy()
-        _, reward, terminated, _, info = equal.step(action)
-        selection = info["selection"]
-        assert np.array_equal(selection, action.astype(bool))
-        n = min(int(selection.sum()), int((~selection).sum()))
-        if n == 0:
-            assert probed == [] and reward == 0.0
-        else:
-            on_selection, on_the_rest = probed
-            assert len(on_selection) == len(on_the_rest) == n
-            assert set(on_selection) <= set(indices[selection]) and set(on_the_rest) <= set(indices[~selection])
-        if step == 0:  # (after it the probes' draws give the two envs other batches)
-            whole.step(action)
-            # The probes leave no trace: the predictor is where the paired env's with whole sides is.
-            for mine, theirs in zip(equal.predictor.state_dict().values(), whole.predictor.state_dict().values()):
-                assert torch.equal(mine, theirs)
-        if terminated:
-            equal.reset()
 
 
 def test_paired_baseline_rewards_a_selection_against_the_rest_of_its_batch(tiny_synthetic):
