@@ -22,7 +22,8 @@ DIR with checkpoints, and the time limit then *pauses* the runs: each
 writes a checkpoint and the table shows where it stands; the same command
 again goes on from there (finished runs are read back, not trained again),
 so a study longer than one machine session runs in parts, e.g. one time-
-limited call per lent GPU session, with DIR carried from one to the next.
+limited call per session on a shared GPU, with DIR moved from one machine to
+the next.
 The seed studies of
 ``docs/learning-status.md`` ran as, for example::
 
