@@ -467,7 +467,10 @@ def train(
     checkpointed_at: list[int] = []  # the step of the last checkpoint this call wrote
 
     def save_checkpoint() -> None:
+        """Checkpoint the run at this step, once (Checkpoint and a pause may both ask at one boundary)."""
         assert out is not None
+        if checkpointed_at == [int(agent.num_timesteps)]:
+            return
         checkpointed_at[:] = [int(agent.num_timesteps)]
         ckpt.write_checkpoint(
             out,
@@ -521,8 +524,7 @@ def train(
             now = int(self.model.num_timesteps)
             # Not before this call's first rollout: a set-up longer than the limit must not stall the run.
             if pause_at_time_limit and self.paused_at is None and now > self.first and self._past():
-                if checkpointed_at != [now]:  # not already written at this boundary by Checkpoint
-                    save_checkpoint()
+                save_checkpoint()
                 self.paused_at, self.paused_wall = now, wall_time()
 
         def _on_step(self) -> bool:
