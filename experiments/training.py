@@ -340,7 +340,11 @@ def train(
     amenability at initialisation and at the end, and the AUROC curve over
     training (``auroc_curve``: ``[[step, auroc], ...]``), and the mean and
     standard deviation of the final holdout scores (``final_score_mean``,
-    ``final_score_sd``).
+    ``final_score_sd``).  A curve point at step N is measured as env step N is
+    taken, before the updates that step completes (an off-policy agent trains
+    after each step, an on-policy one after its rollout); ``final_auroc`` is
+    measured after them, so where the curve ends at the last step the two can
+    differ (by 0.09 in one DDPG run, ``docs/learning-status.md`` section 21).
 
     With ``out_dir``, a checkpoint (``out_dir/checkpoint/``, see
     :mod:`experiments.checkpoint`) is written atomically at the first rollout

@@ -7,10 +7,13 @@ intensity ranks its holdout images at 0.503, intensity st.d. at 0.438), with
 the defaults ``iqa train`` uses.  Each takes minutes on a CPU core, so they are
 marked ``slow`` (``pytest -m slow``).
 
-REINFORCE takes a controller that starts inverted (holdout AUROC < 0.5) to
->= 0.8.  DDPG's test of the same is missing: DDPG needs about 1,000 env steps
-for that (on a GPU, seed 7 went from 0.376 to 0.804), nearly 3 hours on a CPU
-(``docs/learning-status.md``, sections 21 and 22).
+REINFORCE and DDPG each take a controller that starts inverted (holdout
+AUROC < 0.5) to >= 0.8.  DDPG's test runs the ratio critic on plain
+embeddings (``critic_standardise=False``, the weighted reward's earlier
+default): with the current default, embeddings standardised across the batch,
+DDPG needs about 1,000 env steps for that (on a GPU, seed 7 went from 0.376 to
+0.804), nearly 3 hours on a CPU, where the plain critic's seed 0 passes 0.8 by
+step 175 (``docs/learning-status.md``, sections 21, 22 and 24).
 
 One seed per test, fixed, and run as ``experiments/seed_study.py`` runs it
 (one torch thread), so that the test repeats a run the seed studies
@@ -35,10 +38,34 @@ def _train(**fields) -> dict:
         torch.set_num_threads(threads)
 
 
+def _report(run: str, summary: dict) -> None:
+    # The curve's point at the last step is taken before that step's updates; final_auroc after them.
+    print(f"{run}: holdout AUROC [step, AUROC] {summary['auroc_curve']}; final {summary['final_auroc']:.3f} "
+          f"after {summary['steps']} env steps, scores {summary['final_score_mean']:.3f} "
+          f"(sd {summary['final_score_sd']:.3f})")
+
+
 @pytest.mark.slow
 def test_reinforce_learns_the_ranking_on_the_built_in_set():
     # Seed 5 started at 0.317, the lowest of sweep 19's 8 seeds (docs/learning-status.md, section 16).
     summary = _train(algo="reinforce", seed=5, steps=2000, eval_every=1000)
-    print("reinforce seed 5, holdout AUROC [step, AUROC]:", summary["auroc_curve"])
+    _report("reinforce seed 5", summary)
+    assert summary["initial_auroc"] < 0.5, summary["auroc_curve"]
+    assert summary["final_auroc"] >= 0.8, summary["auroc_curve"]
+
+
+@pytest.mark.slow
+def test_ddpg_learns_the_ranking_on_the_built_in_set():
+    # Seed 0 starts at 0.433; with the plain critic a seed study on the CPU had it at 0.826-0.852 at
+    # every evaluation from step 175 to 275, and this run ends at 0.847 (docs/learning-status.md,
+    # section 24; the GPU run of section 10 had the same 0.539 and 0.829 at steps 100 and 200).
+    summary = _train(
+        algo="ddpg",
+        seed=0,
+        steps=250,
+        eval_every=25,
+        agent_kwargs={"policy_kwargs": {"critic_standardise": False}},
+    )
+    _report("ddpg seed 0", summary)
     assert summary["initial_auroc"] < 0.5, summary["auroc_curve"]
     assert summary["final_auroc"] >= 0.8, summary["auroc_curve"]
