@@ -231,11 +231,84 @@ def test_a_standardising_ratio_critic_keeps_its_action_gradient_when_the_embeddi
     assert torch.allclose(standard(x), standard(xp), atol=1e-5)
     # Through make_agent, saved and loaded with the agent; only with the ratio head.
     agent = make_agent("ddpg", _env(dataset), seed=0, policy_kwargs={"critic_standardise": True})
-    assert agent.policy.critic.qf0.standardise and agent.policy.critic_target.qf0.standardise
+    assert agent.policy.critic.qf0.standardise == "dim" and agent.policy.critic_target.qf0.standardise == "dim"
     agent.save(tmp_path / "ddpg")
-    assert type(agent).load(tmp_path / "ddpg", device="cpu").policy.critic.qf0.standardise
+    assert type(agent).load(tmp_path / "ddpg", device="cpu").policy.critic.qf0.standardise == "dim"
     with pytest.raises(ValueError, match="ratio"):
         make_agent("ddpg", _env(dataset), seed=0, policy_kwargs={"critic_standardise": True, "critic_head": "pooled"})
+    with pytest.raises(ValueError, match=r"critic_standardise must be true, false, 'dim', 'global' or 'floor', got 'batch'"):
+        make_agent("ddpg", _env(dataset), seed=0, policy_kwargs={"critic_standardise": "batch"})
+
+
+def test_a_globally_standardising_ratio_critic_keeps_the_trunks_relative_scales(dataset, tmp_path):
+    """``critic_standardise="global"``: one scale for all the embedding's dimensions, not one per dimension."""
+    from agents.policies import RatioQNetwork
+
+    torch.manual_seed(0)
+    b, d = 8, 6
+    per_dim, one_scale = RatioQNetwork(b, d, standardise=True), RatioQNetwork(b, d, standardise="global")
+    one_scale.load_state_dict(per_dim.state_dict())
+    embeddings = torch.randn(3, b, d) + 5.0
+    actions = torch.rand(3, b) * 2 - 1
+
+    def q(net, emb):
+        return net(torch.cat([emb.reshape(3, -1), actions], dim=1))
+
+    # Both ignore a common offset and a common scale, so a trunk cannot remove the images' differences by
+    # shrinking them all (the collapse of section 20) ...
+    for net in (per_dim, one_scale):
+        assert torch.allclose(q(net, 0.25 * embeddings + 3.0), q(net, embeddings), atol=1e-3)
+    # ... but only the per-dimension one also undoes the trunk's making one dimension's differences larger
+    # than another's: the global one keeps those relative scales, as a plain critic does.
+    stretched = embeddings.clone()
+    stretched[..., 0] = 5.0 + 20.0 * (stretched[..., 0] - 5.0)
+    assert torch.allclose(q(per_dim, stretched), q(per_dim, embeddings), atol=1e-4)
+    assert not torch.allclose(q(one_scale, stretched), q(one_scale, embeddings), atol=1e-2)
+    # Permutation-invariant.
+    perm = torch.randperm(b)
+    x = torch.cat([embeddings.reshape(3, -1), actions], dim=1)
+    xp = torch.cat([embeddings[:, perm].reshape(3, -1), actions[:, perm]], dim=1)
+    assert torch.allclose(one_scale(x), one_scale(xp), atol=1e-5)
+    # Through make_agent (JSON-plain, as `--agent-kwargs` passes it), saved and loaded with the agent.
+    agent = make_agent("ddpg", _env(dataset), seed=0, policy_kwargs={"critic_standardise": "global"})
+    assert agent.policy.critic.qf0.standardise == "global" == agent.policy.critic_target.qf0.standardise
+    agent.save(tmp_path / "ddpg")
+    assert type(agent).load(tmp_path / "ddpg", device="cpu").policy.critic.qf0.standardise == "global"
+
+
+def test_a_ratio_critic_with_a_spread_floor_is_the_plain_one_until_the_embeddings_shrink(dataset):
+    """``critic_standardise="floor"``: plain embeddings while they differ; rescaled only below a floor."""
+    from agents.policies import RatioQNetwork
+
+    torch.manual_seed(0)
+    b, d = 8, 6
+    plain, floored = RatioQNetwork(b, d), RatioQNetwork(b, d, standardise="floor")
+    floored.load_state_dict(plain.state_dict())
+    actions = torch.rand(3, b) * 2 - 1
+    centre = torch.randn(3, 1, d)
+    differences = torch.randn(3, b, d)
+    differences = differences - differences.mean(dim=1, keepdim=True)
+    differences = differences / differences.pow(2).mean(dim=(1, 2), keepdim=True).sqrt()  # spread 1 per batch
+
+    def q(net, spread):
+        a = actions.clone().requires_grad_(True)
+        out = net(torch.cat([(centre + spread * differences).reshape(3, -1), a], dim=1))
+        out.sum().backward()
+        return out.detach(), a.grad
+
+    # At or above the floor (0.05) it is the plain critic, value and action gradient.
+    for spread in (1.0, 0.2, 0.06):
+        (qp, gp), (qf, gf) = q(plain, spread), q(floored, spread)
+        assert torch.allclose(qf, qp, atol=1e-6) and torch.allclose(gf, gp, atol=1e-6), spread
+    # Below it the images' differences are scaled back up to the floor: a trunk that shrinks them further
+    # changes nothing, where the plain critic's action gradient vanishes with them.
+    at_floor = q(floored, 0.05)
+    for spread in (0.01, 1e-4):
+        qf, gf = q(floored, spread)
+        assert torch.allclose(qf, at_floor[0], atol=1e-5) and torch.allclose(gf, at_floor[1], atol=1e-5), spread
+    assert q(plain, 1e-4)[1].abs().max() < 1e-2 * at_floor[1].abs().max()
+    agent = make_agent("ddpg", _env(dataset), seed=0, policy_kwargs={"critic_standardise": "floor"})
+    assert agent.policy.critic.qf0.standardise == "floor"
 
 
 def test_reinforce_selection_rate_cannot_drift_through_the_head_bias(dataset):
@@ -597,10 +670,10 @@ def test_the_ratio_critic_standardises_with_the_weighted_reward_and_not_with_the
     for reward, standardise in [("weighted", True), ("selective", False)]:
         env = _env(dataset, reward=reward)
         agent = make_agent(name, env, seed=0)
-        assert agent.policy.critic.qf0.standardise is standardise, reward
+        assert agent.policy.critic.qf0.standardise == ("dim" if standardise else None), reward
         assert agent.policy.critic.qf0.__class__.__name__ == "RatioQNetwork" and agent.gamma == 0.0
         recorded = default_settings(name, reward, env.batch_size, env.episode_length)["policy_kwargs"]
         assert recorded["critic_standardise"] is standardise and recorded["critic_head"] == "ratio", reward
         # The caller's own choice still wins.
         flipped = make_agent(name, env, seed=0, policy_kwargs={"critic_standardise": not standardise})
-        assert flipped.policy.critic.qf0.standardise is (not standardise)
+        assert flipped.policy.critic.qf0.standardise == (None if standardise else "dim")
