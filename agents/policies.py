@@ -167,15 +167,15 @@ class RatioQNetwork(nn.Module):
 
     def forward(self, features_and_actions: torch.Tensor) -> torch.Tensor:
         embeddings, actions = _split(features_and_actions, self.batch_size, self.embed_dim)
-        if self.standardise == "floor":
+        if self.standardise:
             mean = embeddings.mean(dim=1, keepdim=True)
             centred = embeddings - mean
-            spread = centred.pow(2).mean(dim=(1, 2), keepdim=True).sqrt()
-            embeddings = mean + centred * (self.SPREAD_FLOOR / (spread + 1e-12)).clamp(min=1.0)
-        elif self.standardise:
-            centred = embeddings - embeddings.mean(dim=1, keepdim=True)
             dims = (1,) if self.standardise == "dim" else (1, 2)
-            embeddings = centred / (centred.pow(2).mean(dim=dims, keepdim=True).sqrt() + self.eps)
+            spread = centred.pow(2).mean(dim=dims, keepdim=True).sqrt()
+            if self.standardise == "floor":
+                embeddings = mean + centred * (self.SPREAD_FLOOR / (spread + 1e-12)).clamp(min=1.0)
+            else:
+                embeddings = centred / (spread + self.eps)
         h = 0.5 * (actions + 1.0)
         c = self.per_sample(embeddings).squeeze(-1)
         q = self.bias + self.mean_weight * c.mean(1) - (h * c).sum(1) / (h.sum(1) + self.eps)
@@ -213,7 +213,7 @@ class PooledCritic(ContinuousCritic):
         extractor: PerSampleExtractor = self.features_extractor  # type: ignore[assignment]
         self.saturation_penalty = saturation_penalty
         self.q_networks = []
-        head_kwargs = {"standardise": standardise} if standardise_mode(standardise) else {}
+        head_kwargs = {"standardise": standardise} if standardise else {}
         for idx in range(self.n_critics):
             q_net = CRITIC_HEADS[head](extractor.batch_size, extractor.embed_dim, hidden, **head_kwargs)
             self.add_module(f"qf{idx}", q_net)
@@ -268,7 +268,6 @@ class PerSampleTD3Policy(TD3Policy):
     ) -> None:
         self._critic_hidden, self._saturation_penalty = critic_hidden, saturation_penalty
         self._critic_head, self._centre_logits = critic_head, centre_logits
-        standardise_mode(critic_standardise)  # a clear error for an unknown mode
         self._critic_standardise = critic_standardise
         super().__init__(*args, features_extractor_class=features_extractor_class, **kwargs)
 
