@@ -64,9 +64,10 @@ VALIDATION_REWARD_DEFAULTS: dict[str, dict[str, Any]] = {
 
 #: What one reward changes on top of :data:`VALIDATION_REWARD_DEFAULTS`, per reward and
 #: algorithm.  With the selective reward DDPG and TD3 keep the ratio critic's plain embeddings:
-#: with them standardised, 8 seeds of DDPG ended at 0.584 +- 0.063 after about 500 env steps,
-#: every seed below its run with the plain ones (0.739 +- 0.059), on two GPUs; a paired check on
-#: the CPU was level at 128-150 env steps (``docs/learning-status.md``, section 22).
+#: with them standardised, 8 seeds of DDPG ended at 0.584 +- 0.063 after about 500 env steps on an
+#: H200, and with the plain ones at 0.691 +- 0.108 on the same kind of GPU, 7 of 8 seeds higher
+#: (+0.107 +- 0.060 seed for seed; the eighth stalled); a paired check on the CPU was level at
+#: 128-150 env steps (``docs/learning-status.md``, sections 22 and 26).
 REWARD_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
     "selective": {name: {"policy_kwargs": {"critic_standardise": False}} for name in ("ddpg", "td3")},
 }
