@@ -19,6 +19,20 @@ passes draw no random numbers (the target-policy noise is still drawn, in
 the training loop) and their output was multiplied by zero.
 ``tests/test_agents.py`` checks both.  ``iqa bench`` times the gain
 (``docs/performance.md``).
+
+``class_balance`` (default 0: off) adds REINFORCE's penalty on the class
+separation of the scores (:func:`agents.reinforce.between_class_variance`
+of the actor's logits over the images of each sampled batch, times
+``class_balance``) to the actor's loss.  The training loop is still
+stable-baselines3's: the actor's objective is its critic's ``q1_forward``,
+so the algorithm's ``critic`` alias becomes a wrapper whose ``q1_forward``
+subtracts the penalty, with the class labels of the batch the replay buffer
+sampled last (a buffer of :mod:`agents.buffers` that keeps them; the
+algorithm picks the class-keeping variant of the buffer it is given).
+Controllers that rank the organ-absent frames of the built-in set low as a
+class select fewer of them for training, which the penalty keeps REINFORCE
+from (``docs/learning-status.md``, sections 9 and 27); for DDPG it is an
+option, not measured yet.
 """
 
 from __future__ import annotations
@@ -26,10 +40,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from stable_baselines3 import DDPG as SB3DDPG
 from stable_baselines3 import TD3 as SB3TD3
+from stable_baselines3.common.buffers import ReplayBuffer
 from torch import nn
+
+from agents.buffers import WITH_CLASS_LABELS, ClassLabelledSamples, _ClassLabelsMixin
 
 __all__ = ["DDPG", "TD3"]
 
@@ -76,9 +94,94 @@ class _UndiscountedTargetsMixin:
         )
 
 
-class DDPG(_UndiscountedTargetsMixin, SB3DDPG):
+class _ClassBalancedCritic(nn.Module):
+    """The algorithm's ``critic`` alias with ``class_balance``: ``q1_forward`` minus the class penalty.
+
+    ``q1_forward`` is the actor's objective in stable-baselines3's DDPG/TD3
+    ``train()``; here it also subtracts ``weight() * between_class_variance``
+    of the actor's logits ``u_i = 2 atanh(a_i)`` over the images of each
+    observation, with the class labels and validity from ``labels()`` (those
+    of the replay batch sampled last).  Everything else is the critic's own:
+    its forward pass, parameters and optimiser.
+    """
+
+    def __init__(
+        self,
+        critic: nn.Module,
+        weight: Callable[[], float],
+        labels: Callable[[], ClassLabelledSamples | None],
+    ) -> None:
+        super().__init__()
+        self.critic = critic
+        self._weight = weight
+        self._labels = labels
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.critic.optimizer  # type: ignore[return-value]
+
+    def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> Any:
+        return self.critic(obs, actions)
+
+    def q1_forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        from agents.reinforce import between_class_variance
+
+        q = self.critic.q1_forward(obs, actions)
+        weight = self._weight()
+        if weight <= 0:
+            return q
+        sample = self._labels()
+        if sample is None or sample.classes.shape != actions.shape:
+            raise RuntimeError(
+                "class_balance needs the class labels of the batch the actor is trained on: the replay buffer's "
+                f"last sample has labels of shape {None if sample is None else tuple(sample.classes.shape)}, "
+                f"the actions have shape {tuple(actions.shape)}"
+            )
+        logits = 2.0 * torch.atanh(actions.clamp(-1 + 1e-6, 1 - 1e-6))
+        penalty = between_class_variance(logits, sample.classes, sample.valid)
+        return q - weight * penalty.unsqueeze(1)
+
+
+class _ClassBalanceMixin:
+    """``class_balance``: the class penalty in the actor's loss (see the module's docstring)."""
+
+    policy: Any
+    replay_buffer: Any
+    replay_buffer_class: type[ReplayBuffer] | None
+
+    def __init__(self, *args: Any, class_balance: float = 0.0, **kwargs: Any) -> None:
+        value = float(class_balance)
+        if isinstance(class_balance, bool) or not (np.isfinite(value) and value >= 0):
+            raise ValueError(f"class_balance must be a finite number >= 0, got {class_balance!r}")
+        self.class_balance = value
+        super().__init__(*args, **kwargs)
+
+    def _setup_model(self) -> None:
+        if self.class_balance > 0:
+            buffer = self.replay_buffer_class or ReplayBuffer
+            if not issubclass(buffer, _ClassLabelsMixin):
+                if buffer not in WITH_CLASS_LABELS:
+                    raise ValueError(
+                        f"class_balance > 0 needs a replay buffer that keeps each transition's class labels; "
+                        f"{buffer.__name__} has no such variant (those of {[b.__name__ for b in WITH_CLASS_LABELS]} "
+                        "do, from agents.buffers)"
+                    )
+                self.replay_buffer_class = WITH_CLASS_LABELS[buffer]
+        super()._setup_model()  # type: ignore[misc]
+
+    def _create_aliases(self) -> None:
+        super()._create_aliases()  # type: ignore[misc]
+        if self.class_balance > 0:
+            self.critic = _ClassBalancedCritic(
+                self.policy.critic,
+                lambda: self.class_balance,
+                lambda: getattr(self.replay_buffer, "last_samples", None),
+            )
+
+
+class DDPG(_ClassBalanceMixin, _UndiscountedTargetsMixin, SB3DDPG):
     """stable-baselines3's :class:`~stable_baselines3.DDPG`; with ``gamma = 0`` the target networks are not run."""
 
 
-class TD3(_UndiscountedTargetsMixin, SB3TD3):
+class TD3(_ClassBalanceMixin, _UndiscountedTargetsMixin, SB3TD3):
     """stable-baselines3's :class:`~stable_baselines3.TD3`; with ``gamma = 0`` the target networks are not run."""

@@ -47,6 +47,8 @@ TRANSITION_ARRAYS: tuple[str, ...] = (
     "rewards",
     "dones",
     "timeouts",
+    "classes",  # the class-label buffers of agents.buffers
+    "valid",
 )
 
 

@@ -202,6 +202,130 @@ def test_ddpg_and_td3_skip_the_target_networks_only_when_the_target_ignores_them
     assert len(our_calls) == (0 if gamma == 0.0 else 6)
 
 
+@pytest.mark.parametrize("index_buffer", [False, True])
+def test_class_label_buffers_sample_the_labels_of_the_sampled_transitions(tmp_path, index_buffer):
+    """The labels come back with their own transitions (n_envs = 2), only stored ones are kept, and a checkpoint keeps them."""
+    from gymnasium import spaces
+
+    from agents.buffers import RewardReadyClassLabelsIndexReplayBuffer, RewardReadyClassLabelsReplayBuffer
+    from experiments import checkpoint as ckpt
+
+    rng = np.random.default_rng(0)
+    pool = rng.integers(0, 256, (40, 1, 6, 6), dtype=np.uint8)
+    obs_space = spaces.Box(0, 255, (4, 1, 6, 6), np.uint8)
+    act_space = spaces.Box(-1.0, 1.0, (4,), np.float32)
+
+    def make():
+        if index_buffer:
+            return RewardReadyClassLabelsIndexReplayBuffer(20, obs_space, act_space, "cpu", n_envs=2, images=pool)
+        return RewardReadyClassLabelsReplayBuffer(20, obs_space, act_space, "cpu", n_envs=2)
+
+    buffer = make()
+    stored = 0
+    for t in range(16):
+        ready = t % 2 == 0
+        obs, nxt = pool[rng.integers(0, 40, (2, 4))], pool[rng.integers(0, 40, (2, 4))]
+        tag = np.array([[t, t], [t + 100, t + 100]], dtype=np.float32)  # the transition, in its first action entries
+        actions = np.concatenate([tag / 1000, np.zeros((2, 2), np.float32)], axis=1)
+        infos = [
+            {"reward_ready": ready, "classes": np.array([t, t + 1, 0, 1]) + 100 * e, "valid": np.array([1, 1, 1, e == 0], bool)}
+            for e in range(2)
+        ]
+        buffer.add(obs, nxt, actions, np.zeros(2), np.zeros(2), infos)
+        stored += ready
+    assert buffer.pos == stored == 8
+    np.random.seed(3)
+    sample = buffer.sample(64)
+    tags = np.rint(sample.actions[:, 0].numpy() * 1000).astype(int)
+    assert set(tags) >= {0, 114} and all(t % 2 == 0 or t >= 100 for t in tags)  # both envs; only stored steps
+    assert np.array_equal(sample.classes[:, 0].numpy(), tags)
+    assert np.array_equal(sample.classes[:, 1].numpy(), tags + 1)
+    assert np.array_equal(sample.valid[:, 3].numpy(), tags < 100)
+    assert buffer.last_samples is sample
+
+    path = tmp_path / "buffer.npz"
+    ckpt.save_replay_buffer(buffer, path, ckpt.ImagePool(pool))
+    loaded = make()
+    ckpt.load_replay_buffer(loaded, path, ckpt.ImagePool(pool))
+    assert np.array_equal(loaded.classes, buffer.classes) and np.array_equal(loaded.valid, buffer.valid)
+
+    with pytest.raises(ValueError, match=r"info\['classes'\].*envs \[1\]"):
+        buffer.add(obs, nxt, actions, np.zeros(2), np.zeros(2), [{**infos[0], "reward_ready": True}, {"reward_ready": True}])
+
+
+def _class_separation(agent, obs: torch.Tensor, classes: torch.Tensor) -> float:
+    from agents.reinforce import between_class_variance
+
+    with torch.no_grad():
+        logits = 2 * torch.atanh(agent.policy.actor(obs).clamp(-1 + 1e-6, 1 - 1e-6))
+    return float(between_class_variance(logits, classes, torch.ones_like(classes, dtype=torch.bool)).mean())
+
+
+@pytest.mark.parametrize("name", ["ddpg", "td3"])
+def test_ddpg_class_balance_pulls_the_classes_scores_together_and_leaves_the_critic_alone(dataset, tmp_path, name):
+    """``class_balance``: the actor's loss penalises the class separation of its logits, and nothing else changes."""
+    from stable_baselines3.common.logger import configure
+
+    from agents.deterministic import _ClassBalancedCritic
+
+    # Class 1 images bright, class 0 dark: a random actor separates the classes by brightness.
+    rng = np.random.default_rng(0)
+    classes = rng.integers(0, 2, (12, 8))
+    images = np.where(classes[..., None, None, None] == 1, 200, 40) + rng.integers(0, 50, (12, 8, 1, 16, 16))
+    images = images.astype(np.uint8)
+
+    def separating(agent):  # a larger actor head: the initial logits differ by brightness, so by class
+        with torch.no_grad():
+            agent.policy.actor.mu.linear.weight.mul_(100.0)
+        return agent
+
+    def trained(class_balance: float, labels: np.ndarray):
+        agent = separating(make_agent(name, _env(dataset), seed=0, learning_starts=0, class_balance=class_balance,
+                                      policy_kwargs={"saturation_penalty": 0.0}))
+        actions = np.random.default_rng(1).uniform(-1, 1, size=(12, 1, 8)).astype(np.float32)
+        for i, action in enumerate(actions):
+            info = {"reward_ready": True, "classes": labels[i], "valid": np.ones(8, bool)}
+            agent.replay_buffer.add(images[i : i + 1], images[i : i + 1], action, np.zeros(1, np.float32),
+                                    np.zeros(1, np.float32), [info])
+        agent.set_logger(configure(None, []))
+        np.random.seed(1)
+        torch.manual_seed(1)
+        agent.train(gradient_steps=30, batch_size=4)
+        return agent
+
+    obs, labels = torch.as_tensor(images).float(), torch.as_tensor(classes)
+    before = _class_separation(separating(make_agent(name, _env(dataset), seed=0)), obs, labels)
+    with_penalty, without = trained(100.0, classes), trained(0.0, classes)
+    assert isinstance(with_penalty.critic, _ClassBalancedCritic) and not isinstance(without.critic, _ClassBalancedCritic)
+    assert before > 0.05  # the classes start apart
+    separation, plain = _class_separation(with_penalty, obs, labels), _class_separation(without, obs, labels)
+    assert separation < 0.2 * before and separation < 0.2 * plain, (before, separation, plain)
+
+    # The critic's update does not involve the actor here (gamma = 0): through the wrapper it is the same, bit for bit.
+    for (key, a), b in zip(with_penalty.policy.critic.state_dict().items(), without.policy.critic.state_dict().values()):
+        assert torch.equal(a, b), key
+
+    with_penalty.save(tmp_path / name)
+    loaded = type(with_penalty).load(tmp_path / name, device="cpu")
+    assert loaded.class_balance == 100.0 and isinstance(loaded.critic, _ClassBalancedCritic)
+
+
+def test_ddpg_class_balance_learns_on_the_env_and_refuses_bad_settings(dataset):
+    from stable_baselines3.common.buffers import DictReplayBuffer
+
+    from agents.buffers import RewardReadyClassLabelsReplayBuffer
+
+    agent = make_agent("ddpg", _env(dataset), seed=0, class_balance=1.0)
+    assert type(agent.replay_buffer) is RewardReadyClassLabelsReplayBuffer  # the default buffer's variant
+    agent.learn(120)
+    assert agent.replay_buffer.last_samples is not None and agent.replay_buffer.pos > 0
+    for bad in (-1.0, float("nan"), True):
+        with pytest.raises(ValueError, match="class_balance must be a finite number >= 0"):
+            make_agent("ddpg", _env(dataset), seed=0, class_balance=bad)
+    with pytest.raises(ValueError, match="class_balance > 0 needs a replay buffer that keeps"):
+        make_agent("ddpg", _env(dataset), seed=0, class_balance=1.0, replay_buffer_class=DictReplayBuffer)
+
+
 def test_a_standardising_ratio_critic_keeps_its_action_gradient_when_the_embeddings_shrink(dataset, tmp_path):
     """``critic_standardise``: the ratio critic sees the images' differences at a scale its trunk cannot shrink."""
     from agents.policies import RatioQNetwork
