@@ -1,4 +1,4 @@
-"""DDPG and TD3 that skip the target networks when the target does not use them.
+"""DDPG and TD3 that skip the target networks when the target does not use them, and take a class penalty.
 
 With ``gamma = 0`` (the *validation bandit* that :func:`agents.default_kwargs`
 sets up for the weighted and selective rewards) the critic's target is the
@@ -180,8 +180,15 @@ class _ClassBalanceMixin:
 
 
 class DDPG(_ClassBalanceMixin, _UndiscountedTargetsMixin, SB3DDPG):
-    """stable-baselines3's :class:`~stable_baselines3.DDPG`; with ``gamma = 0`` the target networks are not run."""
+    """stable-baselines3's :class:`~stable_baselines3.DDPG`; with ``gamma = 0`` the target networks are not run.
+
+    :param class_balance: weight of the penalty on the class separation of the actor's logits
+        (default 0: none); see the module's docstring.
+    """
 
 
 class TD3(_ClassBalanceMixin, _UndiscountedTargetsMixin, SB3TD3):
-    """stable-baselines3's :class:`~stable_baselines3.TD3`; with ``gamma = 0`` the target networks are not run."""
+    """stable-baselines3's :class:`~stable_baselines3.TD3`; with ``gamma = 0`` the target networks are not run.
+
+    :param class_balance: as :class:`DDPG`'s.
+    """
