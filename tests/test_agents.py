@@ -310,7 +310,7 @@ def test_ddpg_class_balance_pulls_the_classes_scores_together_and_leaves_the_cri
     assert loaded.class_balance == 100.0 and isinstance(loaded.critic, _ClassBalancedCritic)
 
 
-def test_ddpg_class_balance_learns_on_the_env_and_refuses_bad_settings(dataset):
+def test_ddpg_class_balance_trains_on_the_env_and_refuses_bad_settings(dataset):
     from stable_baselines3.common.buffers import DictReplayBuffer
 
     from agents.buffers import RewardReadyClassLabelsReplayBuffer
@@ -319,7 +319,7 @@ def test_ddpg_class_balance_learns_on_the_env_and_refuses_bad_settings(dataset):
     assert type(agent.replay_buffer) is RewardReadyClassLabelsReplayBuffer  # the default buffer's variant
     agent.learn(120)
     assert agent.replay_buffer.last_samples is not None and agent.replay_buffer.pos > 0
-    for bad in (-1.0, float("nan"), True):
+    for bad in (-1.0, float("nan"), True, "1", None):
         with pytest.raises(ValueError, match="class_balance must be a finite number >= 0"):
             make_agent("ddpg", _env(dataset), seed=0, class_balance=bad)
     with pytest.raises(ValueError, match="class_balance > 0 needs a replay buffer that keeps"):
