@@ -50,6 +50,8 @@ from stable_baselines3.common.buffers import ReplayBuffer
 from torch import nn
 
 from agents.buffers import WITH_CLASS_LABELS, ClassLabelledSamples, _ClassLabelsMixin
+from agents.policies import action_logits
+from agents.reinforce import between_class_variance
 
 __all__ = ["DDPG", "TD3"]
 
@@ -126,8 +128,6 @@ class _ClassBalancedCritic(nn.Module):
         return self.critic(obs, actions)
 
     def q1_forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        from agents.reinforce import between_class_variance
-
         q = self.critic.q1_forward(obs, actions)
         weight = self._weight()
         if weight <= 0:
@@ -139,8 +139,7 @@ class _ClassBalancedCritic(nn.Module):
                 f"last sample has labels of shape {None if sample is None else tuple(sample.classes.shape)}, "
                 f"the actions have shape {tuple(actions.shape)}"
             )
-        logits = 2.0 * torch.atanh(actions.clamp(-1 + 1e-6, 1 - 1e-6))
-        penalty = between_class_variance(logits, sample.classes, sample.valid)
+        penalty = between_class_variance(action_logits(actions), sample.classes, sample.valid)
         return q - weight * penalty.unsqueeze(1)
 
 

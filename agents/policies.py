@@ -186,6 +186,11 @@ class RatioQNetwork(nn.Module):
 CRITIC_HEADS: dict[str, type[nn.Module]] = {"pooled": PooledQNetwork, "ratio": RatioQNetwork}
 
 
+def action_logits(actions: torch.Tensor) -> torch.Tensor:
+    """The controller logits ``u = 2 atanh(a)`` of DDPG/TD3 actions ``a`` in [-1, 1] (kept off +-1)."""
+    return 2.0 * torch.atanh(actions.clamp(-1 + 1e-6, 1 - 1e-6))
+
+
 class PooledCritic(ContinuousCritic):
     """SB3's continuous critic with :class:`PooledQNetwork` heads (permutation-invariant).
 
@@ -222,8 +227,7 @@ class PooledCritic(ContinuousCritic):
     def q1_forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         q = super().q1_forward(obs, actions)
         if self.saturation_penalty > 0:
-            logits = 2.0 * torch.atanh(actions.clamp(-1 + 1e-6, 1 - 1e-6))
-            q = q - self.saturation_penalty * logits.pow(2).mean(dim=1, keepdim=True)
+            q = q - self.saturation_penalty * action_logits(actions).pow(2).mean(dim=1, keepdim=True)
         return q
 
 

@@ -254,10 +254,11 @@ def test_class_label_buffers_sample_the_labels_of_the_sampled_transitions(tmp_pa
 
 
 def _class_separation(agent, obs: torch.Tensor, classes: torch.Tensor) -> float:
+    from agents.policies import action_logits
     from agents.reinforce import between_class_variance
 
     with torch.no_grad():
-        logits = 2 * torch.atanh(agent.policy.actor(obs).clamp(-1 + 1e-6, 1 - 1e-6))
+        logits = action_logits(agent.policy.actor(obs))
     return float(between_class_variance(logits, classes, torch.ones_like(classes, dtype=torch.bool)).mean())
 
 
