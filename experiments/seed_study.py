@@ -67,6 +67,18 @@ def _run(config: TrainConfig, out: str | None = None) -> dict[str, Any]:
     return train(config, Path(out) / config.run_name, pause_at_time_limit=True)
 
 
+def _within_classes(summary: dict[str, Any]) -> str:
+    """``"; within class: <name> a -> b, ..."``: the run's AUROC in each class, or "" where unknown."""
+    initial = summary.get("initial_auroc_by_class") or {}
+    final = summary.get("final_auroc_by_class") or {}
+    if not final:
+        return ""
+    parts = [
+        f"{name} {_fmt(initial.get(name)).strip()} -> {_fmt(value).strip()}" for name, value in final.items()
+    ]
+    return "; within class: " + ", ".join(parts)
+
+
 def study_configs(algos: list[str], rewards: list[str], seeds: list[int], base: TrainConfig) -> list[TrainConfig]:
     """The runs of a study, in the order of its table: every algorithm x reward x seed."""
     return [dataclasses.replace(base, algo=a, reward=r, seed=s) for a in algos for r in rewards for s in seeds]
@@ -194,8 +206,8 @@ def main(argv: list[str] | None = None) -> int:
         c = summary["config"]
         print(
             f"[{len(finished)}/{total}] {c['algo']} {c['reward']} seed {c['seed']}: AUROC "
-            f"{_fmt(summary['initial_auroc']).strip()} -> {_fmt(summary['final_auroc']).strip()} "
-            f"({summary['steps']} steps, {summary['wall_time_s']:.0f} s"
+            f"{_fmt(summary['initial_auroc']).strip()} -> {_fmt(summary['final_auroc']).strip()}"
+            f"{_within_classes(summary)} ({summary['steps']} steps, {summary['wall_time_s']:.0f} s"
             f"{'; paused, the same command goes on' if summary.get('paused') else ''})",
             file=sys.stderr,
             flush=True,

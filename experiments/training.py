@@ -177,6 +177,27 @@ def scores_auroc(scores: np.ndarray, holdout, task: str) -> float | None:
     return auroc_or_none(scores, holdout.amenable(task))
 
 
+def scores_auroc_by_class(scores: np.ndarray, holdout, task: str) -> dict[str, float | None] | None:
+    """:func:`scores_auroc` within each class of ``holdout``: ``{class name: AUROC}``.
+
+    A controller can rank the truth well overall by scoring one class low as
+    a whole; within each class it has to rank the images themselves
+    (``docs/learning-status.md``, sections 8 and 29). None where the truth is
+    unknown or the dataset has one class; a class whose images are all (or
+    none) amenable gets None.
+    """
+    from iqa_env.metrics import auroc_or_none
+
+    if task not in holdout.amenability or holdout.num_classes < 2:
+        return None
+    amenable = holdout.amenable(task)
+    labels = np.asarray(holdout.labels)
+    return {
+        name: auroc_or_none(scores[labels == k], amenable[labels == k]) if (labels == k).any() else None
+        for k, name in enumerate(holdout.class_names)
+    }
+
+
 def _atomic_json(path: Path, data: Any) -> None:
     from iqa_env.files import atomic_write_text
 
@@ -337,7 +358,9 @@ def train(
     """Train one controller; returns (and, with ``out_dir``, saves) the run's summary.
 
     The summary has the holdout AUROC of the controller against ground-truth
-    amenability at initialisation and at the end, and the AUROC curve over
+    amenability at initialisation and at the end (and within each class:
+    ``initial_auroc_by_class``, ``final_auroc_by_class``, see
+    :func:`scores_auroc_by_class`), and the AUROC curve over
     training (``auroc_curve``: ``[[step, auroc], ...]``), and the mean and
     standard deviation of the final holdout scores (``final_score_mean``,
     ``final_score_sd``).  A curve point at step N is measured as env step N is
@@ -446,6 +469,8 @@ def train(
         )
         callbacks.append(ckpt.action_noise_restorer(agent))
         curve: list[tuple[int, float | None]] = [(int(s), a) for s, a in meta["auroc_curve"]]
+        # A checkpoint of an earlier version has none; the rest of the run does not need it.
+        initial_by_class = meta.get("initial_auroc_by_class")
         resumed_from = [int(s) for s in meta.get("resumed_from", [])] + [int(agent.num_timesteps)]
         prior_wall = float(meta.get("wall_time_s", 0.0))
         logger.info(
@@ -461,7 +486,9 @@ def train(
         return controller_auroc(Controller.from_agent(agent), holdout, config.task)
 
     if mode != "resume":
-        curve = [(0, current_auroc())]
+        initial_scores = Controller.from_agent(agent).score(holdout.images)
+        curve = [(0, scores_auroc(initial_scores, holdout, config.task))]
+        initial_by_class = scores_auroc_by_class(initial_scores, holdout, config.task)
     start = time.perf_counter()
 
     def wall_time() -> float:
@@ -484,6 +511,7 @@ def train(
                 "algo": config.algo,
                 "num_timesteps": int(agent.num_timesteps),
                 "auroc_curve": [[s, a] for s, a in curve],
+                "initial_auroc_by_class": initial_by_class,
                 "wall_time_s": wall_time(),
                 "resumed_from": resumed_from,
                 "config": dataclasses.asdict(config),
@@ -609,6 +637,9 @@ def train(
         "steps_per_s": steps / max(wall, 1e-9),
         "initial_auroc": curve[0][1],
         "final_auroc": final,
+        # The same AUROCs within each class (classification labels; None where undefined).
+        "initial_auroc_by_class": initial_by_class,
+        "final_auroc_by_class": scores_auroc_by_class(final_scores, holdout, config.task),
         # How spread the final scores are, to tell a saturated actor (scores at 0 and 1) or a collapsed
         # one (every score at one value) from one that ranks; compare across seeds of one algorithm.
         "final_score_mean": float(final_scores.mean(dtype=np.float64)),

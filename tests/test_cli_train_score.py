@@ -48,6 +48,20 @@ def test_train_then_score(tiny_synthetic, tiny_synthetic_path, tmp_path, capsys)
     assert controller.reference["images"] == len(validation_set) and controller.reference["scores"] == reference.tolist()
     exact = controller.score(tiny_synthetic.images)
     np.testing.assert_allclose(scores, exact, atol=1e-6)
+    # The final AUROC within each class: the saved controller's holdout scores, one class at a time.
+    from iqa_env.metrics import auroc_or_none
+
+    holdout = load_splits(str(tiny_synthetic_path))[1][2]
+    held = controller.score(holdout.images)
+    truth = holdout.amenable("classification")
+    expected = {
+        name: auroc_or_none(held[holdout.labels == k], truth[holdout.labels == k])
+        for k, name in enumerate(holdout.class_names)
+    }
+    assert set(summary["final_auroc_by_class"]) == set(holdout.class_names) == set(summary["initial_auroc_by_class"])
+    assert any(v is not None for v in expected.values())
+    for name, value in expected.items():
+        assert summary["final_auroc_by_class"][name] == pytest.approx(value, abs=1e-9), name
     percentiles = np.array([float(r["percentile"]) for r in rows])
     below = np.searchsorted(reference, exact, "left") + np.searchsorted(reference, exact, "right")
     np.testing.assert_allclose(percentiles, below / (2 * len(reference)), atol=1e-4)

@@ -154,6 +154,7 @@ def test_a_run_paused_at_its_time_limit_goes_on_to_the_uninterrupted_run(
     assert paused["paused"] and paused["time_limited"] and paused["steps"] == first_boundary
     assert [s for s, _ in paused["auroc_curve"]] == [0, first_boundary]
     assert paused["initial_auroc"] == reference["initial_auroc"]
+    assert paused["initial_auroc_by_class"] == reference["initial_auroc_by_class"]
     # Only the checkpoint is written, at the step the summary names; the run is not finished.
     folder = ckpt.find_checkpoint(run)
     assert folder is not None and int(ckpt.read_meta(folder)["num_timesteps"]) == first_boundary
@@ -165,6 +166,9 @@ def test_a_run_paused_at_its_time_limit_goes_on_to_the_uninterrupted_run(
     summary = train(_config(algo, tiny_synthetic_path, steps, every), run)
     assert "paused" not in summary and not summary["time_limited"]
     assert summary["resumed_from"] == [first_boundary, 2 * first_boundary]
+    # The initial AUROCs within each class come back from the checkpoint, not from the resumed agent.
+    assert summary["initial_auroc_by_class"] == reference["initial_auroc_by_class"] is not None
+    assert summary["final_auroc_by_class"] == reference["final_auroc_by_class"]
     summary["resumed_from"] = summary["resumed_from"][-1:]  # _check_resumed_run expects one resume
     (run / "summary.json").write_text(json.dumps(summary))
     _check_resumed_run(run, reference, steps, every, 2 * first_boundary, tiny_synthetic)

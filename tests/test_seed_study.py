@@ -26,7 +26,8 @@ def test_seed_study_reports_every_seed(tiny_synthetic_path, tmp_path, capsys):
     # Progress: one line per run as it ends, on stderr.
     progress = [line for line in captured.err.splitlines() if line.startswith("[")]
     assert len(progress) == 4 and progress[-1].startswith("[4/4] reinforce ")
-    assert all(re.search(r"seed [34]: AUROC \S+ -> \S+ \(\d+ steps, \d+ s\)$", line) for line in progress), progress
+    assert all(re.search(r"seed [34]: AUROC \S+ -> \S+; within class: .+ \(\d+ steps, \d+ s\)$", line)
+               for line in progress), progress
     lines = [line for line in text.splitlines() if line.startswith("reinforce ")]
     assert len(lines) == 4 + 2  # one row per run, one tally per reward
     assert "seeds reach AUROC >= 0.8" in text
@@ -34,6 +35,13 @@ def test_seed_study_reports_every_seed(tiny_synthetic_path, tmp_path, capsys):
     assert [(r["config"]["reward"], r["config"]["seed"]) for r in runs] == [
         ("weighted", 3), ("weighted", 4), ("selective", 3), ("selective", 4)
     ]
+    # Each progress line shows the run's AUROC within each class, as its summary has it.
+    for run in runs:
+        line = next(x for x in progress if f" {run['config']['reward']} seed {run['config']['seed']}:" in x)
+        for name, final in run["final_auroc_by_class"].items():
+            initial = run["initial_auroc_by_class"][name]
+            shown = "-" if final is None else f"{final:.3f}"
+            assert f"{name} {'-' if initial is None else f'{initial:.3f}'} -> {shown}" in line, (name, line)
     # Each run records the env arguments it had, the recommended defaults included.
     assert runs[0]["env_settings"] == {
         **recommended_env_kwargs("reinforce", "weighted"),
