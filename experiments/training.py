@@ -182,7 +182,7 @@ def scores_auroc_by_class(scores: np.ndarray, holdout, task: str) -> dict[str, f
 
     A controller can rank the truth well overall by scoring one class low as
     a whole; within each class it has to rank the images themselves
-    (``docs/learning-status.md``, sections 8 and 29). None where the truth is
+    (``docs/learning-status.md``, sections 8 and 28). None where the truth is
     unknown or the dataset has one class; a class whose images are all (or
     none) amenable gets None.
     """
