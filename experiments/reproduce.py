@@ -656,9 +656,14 @@ def human_label_agreement(task: str, holdout: Any) -> dict[str, Any] | None:
 
 
 def read_train_run(stage: Stage) -> dict[str, Any]:
-    """What train() recorded for a stage: steps, wall time, initial / final AUROC and the AUROC curve."""
+    """What train() recorded for a stage: steps, wall time, initial / final AUROC and the AUROC curve.
+
+    Also the initial / final AUROC within each class (None for a stage trained before train() wrote them).
+    """
     summary = json.loads((stage.folder / "summary.json").read_text())
-    return {k: summary[k] for k in ("steps", "wall_time_s", "initial_auroc", "final_auroc", "auroc_curve")}
+    record = {k: summary[k] for k in ("steps", "wall_time_s", "initial_auroc", "final_auroc", "auroc_curve")}
+    record.update({k: summary.get(k) for k in ("initial_auroc_by_class", "final_auroc_by_class")})
+    return record
 
 
 def collect_task(

@@ -205,7 +205,7 @@ SUMMARY_KEYS = {
 }
 RUN_KEYS = {
     "seed", "folder", "algo", "reward", "steps", "wall_time_s", "initial_auroc", "final_auroc", "auroc_curve",
-    "mean_score", "curve", "ttest", "at_paper_ratio", "baseline_predictor", "random_band", "contingency", "controller",
+    "initial_auroc_by_class", "final_auroc_by_class", "mean_score", "curve", "ttest", "at_paper_ratio", "baseline_predictor", "random_band", "contingency", "controller",
     "beats_heuristics",
 }
 TASK_KEYS = {"metric", "paper_rejection_ratio", "holdout", "human_labels", "heuristics", "baseline", "runs", "figures"}
@@ -249,6 +249,10 @@ def check_task_result(t, labels, seeds):
             assert {"table", "kappa", "ratio"} <= set(run["contingency"])
             assert set(run["controller"]) == {"auroc", "spearman"}
             assert 0.0 <= run["initial_auroc"] <= 1.0 and 0.0 <= run["final_auroc"] <= 1.0
+            # Within each class of the synthetic set, as the stage's summary.json has them.
+            assert set(run["initial_auroc_by_class"]) == set(run["final_auroc_by_class"]) == {
+                "organ absent", "organ present"
+            }
 
 
 def markers(out):
