@@ -46,6 +46,18 @@ the two for each of ``--forms``: what a controller can learn from one
 reward (``docs/learning-status.md``, section 11).  ``--forms weighted``
 measures the first channel the same way, for scale: the weighted reward's
 validation steps, each paired with its own selection of validation images.
+
+``--fixed-objective`` asks whether the fixed reward's own quantity prefers the
+truth's selections over a whole run, not one step: it trains the predictor of
+the fixed reward's env under fixed selection rules (``oracle``: the amenable
+images of each batch; ``random``: as many images of the batch, at random;
+``inverse``: as many, the least amenable first; ``all``) and prints, every
+``--eval-every`` predictor updates, the mean loss over the env's clean
+validation images (minus the fixed reward), beside the predictor's holdout
+metric on the clean and on all images.  If ``oracle`` is not below
+``random``, no controller can learn the truth from the fixed reward on that
+dataset; if it is, what the fixed reward lacks is per-step credit
+(``docs/learning-status.md``, section 30).
 """
 
 from __future__ import annotations
@@ -53,6 +65,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +99,31 @@ def _splits_with_truth(dataset: Any, task: str, split_seed: int, purpose: str) -
             "(iqa data synth) and for data made with a known degradation"
         )
     return split_by_group(dataset, seed=split_seed)
+
+
+def _updates_under(
+    env: Any, select: Callable[[np.ndarray], np.ndarray], steps: int, eval_every: int, seed: int
+) -> Iterator[int]:
+    """Step ``env`` under a fixed selection rule; yield the predictor's update count at each evaluation.
+
+    ``select(batch_indices)`` is the action of a training step (validation
+    steps select every image); a step that selects nothing updates nothing.
+    Evaluations fall every ``eval_every`` updates and at the last of ``steps``.
+    """
+    batch_size = int(env.action_space.shape[0])
+    _, info = env.reset(seed=seed)
+    updates = 0
+    while updates < steps:
+        training = info["phase"] == "train"
+        action = select(info["batch_indices"]) if training else np.ones(batch_size)
+        _, _, terminated, _, info = env.step(action)
+        if terminated:
+            _, info = env.reset()
+        if not (training and action.any()):
+            continue  # no predictor update this step
+        updates += 1
+        if updates % eval_every == 0 or updates >= steps:
+            yield updates
 
 
 def predictor_ceiling(
@@ -132,32 +170,22 @@ def predictor_ceiling(
             f"the oracle controller selects the amenable training images, but none of the "
             f"{len(train_set)} training images is amenable for task {task!r} (amenability >= 0.5)"
         )
-    _, info = env.reset(seed=seed)
+
+    def select(indices: np.ndarray) -> np.ndarray:
+        return np.ones(batch_size) if controller == "all" else train_amenable[indices].astype(np.float64)
+
     curve: list[dict[str, Any]] = []
-    updates = 0
-    while updates < steps:
-        training = info["phase"] == "train"
-        if controller == "all" or not training:
-            action = np.ones(batch_size)
-        else:
-            action = train_amenable[info["batch_indices"]].astype(np.float64)
-        _, _, terminated, _, info = env.step(action)
-        if terminated:
-            _, info = env.reset()
-        if not (training and action.any()):
-            continue  # no predictor update this step
-        updates += 1
-        if updates % eval_every == 0 or updates >= steps:
-            out = env.evaluate(holdout)
-            curve.append(
-                {
-                    "updates": updates,
-                    "auroc_neg_loss": auroc_or_none(-out["loss"], holdout_amenable),
-                    "auroc_class_log": auroc_or_none(-class_log_losses(out["loss"], holdout.labels), holdout_amenable),
-                    "auroc_confidence": auroc_or_none(out["confidence"], holdout_amenable),
-                    "metric": float(np.mean(out["metric"])),
-                }
-            )
+    for updates in _updates_under(env, select, steps, eval_every, seed):
+        out = env.evaluate(holdout)
+        curve.append(
+            {
+                "updates": updates,
+                "auroc_neg_loss": auroc_or_none(-out["loss"], holdout_amenable),
+                "auroc_class_log": auroc_or_none(-class_log_losses(out["loss"], holdout.labels), holdout_amenable),
+                "auroc_confidence": auroc_or_none(out["confidence"], holdout_amenable),
+                "metric": float(np.mean(out["metric"])),
+            }
+        )
     return {"controller": controller, "seed": seed, "curve": curve, "env": env, "holdout": holdout}
 
 
@@ -244,6 +272,87 @@ def selection_signal(
         "form": form, "seed": seed, "rate": rate, "steps": steps,
         "rewards": len(pairs), "correlation": correlation,
     }
+
+
+#: The selection rules of :func:`fixed_objective` (``--fixed-objective``).
+SELECTION_RULES: tuple[str, ...] = ("oracle", "random", "inverse", "all")
+
+
+def fixed_objective(
+    dataset: Any = None,
+    task: str = "classification",
+    rule: str = "oracle",
+    steps: int = 1200,
+    eval_every: int = 200,
+    seed: int = 0,
+    split_seed: int = 0,
+    batch_size: int = 32,
+    device: str = "cpu",
+    env_kwargs: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The fixed reward's quantity along a run of its predictor trained under one selection rule.
+
+    The env is the one ``iqa train --algo reinforce --reward fixed`` trains in
+    (:func:`experiments.training.make_env`; ``env_kwargs`` on top), its
+    predictor trained for ``steps`` updates on the images ``rule`` selects
+    from each training batch: ``"oracle"`` the ground-truth amenable ones,
+    ``"random"`` as many at random, ``"inverse"`` as many, the least amenable
+    first (ties in random order), ``"all"`` every image.  The rules but
+    ``"all"`` train on the same number of images per step, so they differ only
+    in which.  Every ``eval_every`` updates the curve gets ``clean_loss`` (the
+    mean loss over the env's validation images, those rated amenable: minus
+    the fixed reward), and on the holdout ``holdout_clean_loss``,
+    ``holdout_clean_metric`` (over its images rated amenable) and
+    ``holdout_metric`` (over all).  Returns ``{"rule", "seed", "curve"}``.
+    """
+    from experiments.training import TrainConfig, make_env
+
+    if rule not in SELECTION_RULES:
+        raise ValueError(f"rule must be one of {SELECTION_RULES}, got {rule!r}")
+    _check_steps(steps, eval_every)
+    train_set, validation_set, holdout = _splits_with_truth(dataset, task, split_seed, "the fixed objective")
+    rated = holdout.require_human_amenability(task, "the fixed objective") == 1
+    if not rated.any():
+        raise ValueError(
+            f"the fixed objective reports the holdout images rated amenable, but none of the {len(holdout)} "
+            f"holdout images is (human_amenability/{task} == 1)"
+        )
+    config = TrainConfig(
+        algo="reinforce", task=task, reward="fixed", seed=seed, batch_size=batch_size, device=device,
+        env_kwargs=dict(env_kwargs or {}),
+    )
+    env = make_env(config, train_set, validation_set)
+    amenability = np.asarray(env.train_set.amenability[task], dtype=np.float64)
+    amenable = env.train_set.amenable(task)
+    rng = np.random.default_rng(seed)
+
+    def select(indices: np.ndarray) -> np.ndarray:
+        count = int(amenable[indices].sum())
+        action = np.zeros(batch_size)
+        if rule == "all":
+            action[:] = 1.0
+        elif rule == "oracle":
+            action[amenable[indices]] = 1.0
+        elif rule == "random":
+            action[rng.choice(batch_size, count, replace=False)] = 1.0
+        else:  # inverse: the least amenable first, ties in random order
+            action[np.lexsort((rng.random(batch_size), amenability[indices]))[:count]] = 1.0
+        return action
+
+    curve: list[dict[str, Any]] = []
+    for updates in _updates_under(env, select, steps, eval_every, seed):
+        clean = env.evaluate(env.validation_set)
+        out = env.evaluate(holdout)
+        curve.append(
+            {
+                "updates": updates,
+                "clean_loss": float(np.mean(clean["loss"])),
+                "holdout_clean_loss": float(np.mean(out["loss"][rated])),
+                "holdout_clean_metric": float(np.mean(out["metric"][rated])),
+                "holdout_metric": float(np.mean(out["metric"])),
+            }
+        )
+    return {"rule": rule, "seed": seed, "curve": curve}
 
 
 FIT_TARGETS: tuple[str, ...] = ("loss", "class_log_loss", "ground_truth")
@@ -349,8 +458,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--forms", nargs="+", default=["moving_average", "paired"], choices=SIGNAL_FORMS,
                    help="with --selection-signal: the fixed reward's forms moving_average and paired (the default), "
                         "and weighted (the weighted reward's validation steps, for scale)")
+    p.add_argument("--fixed-objective", action="store_true",
+                   help="measure whether the fixed reward's quantity prefers the truth's selections over a run "
+                        "instead (--steps predictor updates; see --rules)")
+    p.add_argument("--rules", nargs="+", default=list(SELECTION_RULES), choices=SELECTION_RULES,
+                   help="with --fixed-objective: the selection rules (default: oracle random inverse all)")
     p.add_argument("--rate", type=float, default=0.5, help="with --selection-signal: selection probability")
-    p.add_argument("--batch-size", type=int, default=32, help="with --selection-signal: images per step")
+    p.add_argument("--batch-size", type=int, default=32, help="with --selection-signal or --fixed-objective: images per step")
     args = p.parse_args(argv)
     if args.seeds < 1:
         p.error(f"--seeds must be a positive integer, got {args.seeds}")
@@ -359,8 +473,12 @@ def main(argv: list[str] | None = None) -> int:
         _check_steps(args.steps, args.eval_every)
     except ValueError as e:
         p.error(str(e))
+    if args.selection_signal and args.fixed_objective:
+        p.error("--selection-signal and --fixed-objective are two measurements: give one")
     if args.selection_signal:
         return _selection_signal_main(args, p)
+    if args.fixed_objective:
+        return _fixed_objective_main(args)
     results = []
     print(f"{'controller':10} {'seed':>4}  updates: AUROC(-loss) / AUROC(-class-centred log-loss) / "
           "AUROC(confidence) / holdout metric")
@@ -417,6 +535,29 @@ def _selection_signal_main(args: argparse.Namespace, parser: argparse.ArgumentPa
         Path(args.json).write_text(json.dumps(
             {"task": args.task, "steps": args.steps, "rate": args.rate, "env_kwargs": args.env_kwargs,
              "selection_signal": results}, indent=2
+        ))
+    return 0
+
+
+def _fixed_objective_main(args: argparse.Namespace) -> int:
+    results = []
+    print(f"{'rule':8} {'seed':>4}  mean over the evaluations: clean validation loss / holdout metric on the "
+          "rated-amenable images / on all;  then per evaluation, updates:clean validation loss")
+    for seed in range(args.seeds):
+        for rule in args.rules:
+            r = fixed_objective(
+                args.dataset, args.task, rule, args.steps, args.eval_every, seed, batch_size=args.batch_size,
+                device=args.device, env_kwargs=args.env_kwargs,
+            )
+            mean = {key: float(np.mean([c[key] for c in r["curve"]])) for key in r["curve"][0] if key != "updates"}
+            points = " ".join(f"{c['updates']}:{c['clean_loss']:.3f}" for c in r["curve"])
+            print(f"{rule:8} {seed:>4}  {mean['clean_loss']:.3f} / {mean['holdout_clean_metric']:.3f} / "
+                  f"{mean['holdout_metric']:.3f};  {points}", flush=True)
+            results.append({**r, "mean": mean})
+    if args.json:
+        Path(args.json).write_text(json.dumps(
+            {"task": args.task, "steps": args.steps, "env_kwargs": args.env_kwargs, "fixed_objective": results},
+            indent=2,
         ))
     return 0
 

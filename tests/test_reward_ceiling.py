@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from experiments.reward_ceiling import fit_controller, main, predictor_ceiling, selection_signal
+from experiments.reward_ceiling import fit_controller, fixed_objective, main, predictor_ceiling, selection_signal
 from tests.conftest import occluded_dataset
 
 
@@ -162,3 +162,45 @@ def test_the_weighted_reward_follows_the_amenability_of_the_validation_selection
     )
     assert signal["form"] == "weighted" and signal["rewards"] == 12 * 8  # 12 whole episodes of 8 + 8 steps
     assert signal["correlation"] > 0.3, signal
+
+
+def test_the_fixed_reward_prefers_the_truths_selections_over_a_run():
+    """On data whose truth is plain, the fixed reward's quantity (the loss over the clean validation images)
+    is lowest for a predictor trained on the amenable images of each batch, higher for as many images at
+    random and highest for as many of the least amenable (measured, seed 0, mean over three evaluations:
+    0.230, 0.537 and 0.698)."""
+    clean_loss = {}
+    for rule in ("oracle", "random", "inverse"):
+        result = fixed_objective(
+            occluded_dataset(), rule=rule, steps=150, eval_every=50, seed=0, batch_size=16,
+            env_kwargs={"predictor_warmup_steps": 0},
+        )
+        assert result["rule"] == rule and [c["updates"] for c in result["curve"]] == [50, 100, 150]
+        clean_loss[rule] = np.mean([c["clean_loss"] for c in result["curve"]])
+    assert clean_loss["oracle"] + 0.15 < clean_loss["random"] < clean_loss["inverse"] - 0.1, clean_loss
+
+
+def test_fixed_objective_cli_writes_every_rule(tiny_synthetic_path, tmp_path, capsys):
+    out = tmp_path / "objective.json"
+    code = main(["--dataset", str(tiny_synthetic_path), "--fixed-objective", "--steps", "4", "--eval-every", "2",
+                 "--batch-size", "8", "--env-kwargs", '{"predictor_warmup_steps": 0}', "--json", str(out)])
+    assert code == 0
+    assert "clean validation loss" in capsys.readouterr().out
+    runs = json.loads(out.read_text())["fixed_objective"]
+    assert [(r["rule"], r["seed"]) for r in runs] == [("oracle", 0), ("random", 0), ("inverse", 0), ("all", 0)]
+    for r in runs:
+        assert [c["updates"] for c in r["curve"]] == [2, 4]
+        assert set(r["mean"]) == {"clean_loss", "holdout_clean_loss", "holdout_clean_metric", "holdout_metric"}
+        assert all(np.isfinite(list(c.values())).all() for c in r["curve"])
+
+
+def test_fixed_objective_refuses_what_it_cannot_measure(tiny_synthetic_path, capsys):
+    with pytest.raises(ValueError, match="rule must be one of"):
+        fixed_objective(occluded_dataset(), rule="best", steps=2, eval_every=1)
+    unrated = occluded_dataset()
+    unrated.human_amenability["classification"][:] = 0
+    with pytest.raises(ValueError, match="none of the .* holdout images is"):
+        fixed_objective(unrated, steps=2, eval_every=1)
+    with pytest.raises(SystemExit):
+        main(["--dataset", str(tiny_synthetic_path), "--fixed-objective", "--selection-signal"])
+    assert "two measurements" in capsys.readouterr().err
