@@ -180,16 +180,65 @@ class _ClassBalanceMixin:
             )
 
 
-class DDPG(_ClassBalanceMixin, _UndiscountedTargetsMixin, SB3DDPG):
+class _StoredSelectionsMixin:
+    """``store_selections``: the replay buffer keeps the env's Bernoulli draws as each step's action.
+
+    ``TaskAmenability-v0`` draws the selections from the action's
+    probabilities, and its rewards measure the draws (``info["rewarded_action"]
+    == "selection"``: every training step, and validation steps with
+    ``stochastic_validation``).  A critic fitted on the probabilities has to
+    learn the reward averaged over the draws, from one draw per step; fitted on
+    the draws themselves (mapped to the [-1, 1] scaled space: selected 1, not
+    selected -1), it sees which images the reward was for.  The actor still
+    acts with probabilities, which the critic scores between its binary
+    inputs (the ratio critic, :class:`~agents.policies.RatioQNetwork`, is then
+    the mean over the selected images, weighted by the probabilities).  Steps
+    whose reward measures the probabilities themselves keep them.  Off by
+    default; ``docs/learning-status.md`` (section 31) has what it was
+    measured to do.
+    """
+
+    action_space: Any
+
+    def __init__(self, *args: Any, store_selections: bool = False, **kwargs: Any) -> None:
+        if not isinstance(store_selections, (bool, np.bool_)):
+            raise TypeError(f"store_selections must be True or False, got {type(store_selections).__name__}")
+        self.store_selections = bool(store_selections)
+        super().__init__(*args, **kwargs)
+
+    def _store_transition(self, replay_buffer: Any, buffer_action: np.ndarray, *args: Any) -> None:
+        if self.store_selections:
+            infos = args[-1]
+            missing = [i for i, info in enumerate(infos) if "rewarded_action" not in info or "selection" not in info]
+            if missing:
+                raise ValueError(
+                    "store_selections needs the env to report each step's Bernoulli draws and what its "
+                    "reward measures (info['selection'] and info['rewarded_action'], as TaskAmenability-v0 "
+                    f"does); envs {missing} did not"
+                )
+            buffer_action = np.array(buffer_action, copy=True)
+            for i, info in enumerate(infos):
+                if info["rewarded_action"] == "selection":
+                    drawn = np.asarray(info["selection"], dtype=bool).reshape(buffer_action[i].shape)
+                    valid = np.asarray(info.get("valid", np.ones_like(drawn)), dtype=bool).reshape(drawn.shape)
+                    buffer_action[i] = np.where(valid, np.where(drawn, 1.0, -1.0), buffer_action[i])
+        super()._store_transition(replay_buffer, buffer_action, *args)  # type: ignore[misc]
+
+
+class DDPG(_StoredSelectionsMixin, _ClassBalanceMixin, _UndiscountedTargetsMixin, SB3DDPG):
     """stable-baselines3's :class:`~stable_baselines3.DDPG`; with ``gamma = 0`` the target networks are not run.
 
     :param class_balance: weight of the penalty on the class separation of the actor's logits
         (default 0: none); see the module's docstring.
+    :param store_selections: keep the env's Bernoulli draws, not the probabilities, as the stored
+        actions of the steps whose reward measures the draws (default False); see
+        :class:`_StoredSelectionsMixin`.
     """
 
 
-class TD3(_ClassBalanceMixin, _UndiscountedTargetsMixin, SB3TD3):
+class TD3(_StoredSelectionsMixin, _ClassBalanceMixin, _UndiscountedTargetsMixin, SB3TD3):
     """stable-baselines3's :class:`~stable_baselines3.TD3`; with ``gamma = 0`` the target networks are not run.
 
     :param class_balance: as :class:`DDPG`'s.
+    :param store_selections: as :class:`DDPG`'s.
     """

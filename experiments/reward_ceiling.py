@@ -43,7 +43,11 @@ selected images were than the rest of their batches, over the training steps
 that reward covers (the episode's, in the paper's moving-average form; the
 step's own, with ``reward_baseline="paired"``).  It prints the correlation of
 the two for each of ``--forms``: what a controller can learn from one
-reward (``docs/learning-status.md``, section 11).  ``--forms weighted``
+reward (``docs/learning-status.md``, section 11); and, by least squares,
+what the reward gives per unit of contrast between the selected images and
+the rest for the amenable images of each class and for each class as a
+whole: a reward that prefers one class of images whatever their quality
+shows in the class terms (section 31).  ``--forms weighted``
 measures the first channel the same way, for scale: the weighted reward's
 validation steps, each paired with its own selection of validation images.
 
@@ -216,10 +220,14 @@ def selection_signal(
     each validation step's reward is paired with that step's selection of
     validation images.  ``env_kwargs`` go on top.  Every image is selected
     with probability ``rate`` for ``steps`` env steps.  Returns ``{"form",
-    "seed", "rate", "steps", "rewards", "correlation"}``: the number of
-    rewards and the correlation of each reward (as the agent gets it, after
-    the baseline) with the selected images' amenable fraction minus the
-    rest's, averaged over the steps it covers (None when undefined).
+    "seed", "rate", "steps", "rewards", "correlation", "decomposition"}``:
+    the number of rewards and the correlation of each reward (as the agent
+    gets it, after the baseline) with the selected images' amenable fraction
+    minus the rest's, averaged over the steps it covers (None when
+    undefined); and :func:`_decomposition` of the rewards into what the
+    amenable images of each class and the classes themselves are worth (a
+    reward can prefer a class whatever the images' quality:
+    ``docs/learning-status.md``, section 31).
     """
     from experiments.training import TrainConfig, make_env
 
@@ -241,36 +249,74 @@ def selection_signal(
         "train": env.train_set.amenable(task).astype(np.float64),
         "validation": env.validation_set.amenable(task).astype(np.float64),
     }
+    num_classes = max(1, len(env.train_set.class_names), int(env.train_set.labels.max()) + 1)
+    names = [str(n) for n in env.train_set.class_names] or [str(c) for c in range(num_classes)]
     _, info = env.reset(seed=seed)
-    pending: list[float] = []
-    pairs: list[tuple[float, float]] = []
+    pending: list[np.ndarray] = []
+    pairs: list[tuple[np.ndarray, float]] = []
     for _ in range(steps):
         indices = info["batch_indices"]
         _, reward, terminated, _, info = env.step(np.full(batch_size, rate, dtype=np.float32))
         chosen, rest = info["selection"] & info["valid"], ~info["selection"] & info["valid"]
         amenable = truth[info["action_phase"]][indices]
-        advantage = amenable[chosen].mean() - amenable[rest].mean() if chosen.any() and rest.any() else None
+        contrast = None
+        if chosen.any() and rest.any():
+            # Per image: amenable x one-hot class, then the class indicators but the first's.
+            one_hot = np.eye(num_classes)[np.asarray(info["classes"], dtype=np.int64)]
+            features = np.concatenate([amenable[:, None] * one_hot, one_hot[:, 1:]], axis=1)
+            contrast = features[chosen].mean(0) - features[rest].mean(0)
         if info["reward_scope"] == "step":  # the reward measures this step's selection alone
-            if info["reward_ready"] and advantage is not None:
-                pairs.append((float(advantage), float(reward)))
+            if info["reward_ready"] and contrast is not None:
+                pairs.append((contrast, float(reward)))
         else:
-            if advantage is not None:
-                pending.append(advantage)
+            if contrast is not None:
+                pending.append(contrast)
             if info["reward_ready"]:
                 if pending:
-                    pairs.append((float(np.mean(pending)), float(reward)))
+                    pairs.append((np.mean(pending, axis=0), float(reward)))
                 pending = []
         if terminated:
             pending = []
             _, info = env.reset()
     correlation = None
     if len(pairs) >= 3:
-        x, r = np.asarray(pairs).T
+        x = np.array([c[:num_classes].sum() for c, _ in pairs])  # the selection's amenability advantage
+        r = np.array([reward for _, reward in pairs])
         if x.std() > 0 and r.std() > 0:
             correlation = float(np.corrcoef(x, r)[0, 1])
+    terms = [f"amenable, {name}" for name in names] + [f"class {name}" for name in names[1:]]
     return {
         "form": form, "seed": seed, "rate": rate, "steps": steps,
         "rewards": len(pairs), "correlation": correlation,
+        "decomposition": _decomposition(pairs, terms),
+    }
+
+
+def _decomposition(pairs: list[tuple[np.ndarray, float]], terms: list[str]) -> dict[str, Any] | None:
+    """Least squares of the rewards on the selection's contrasts (selected minus the rest's means).
+
+    The terms are each class's amenable images and, against the first class, each other class's
+    images: the coefficient of ``amenable, c`` is what selecting the amenable rather than the other
+    images of class ``c`` is worth to the reward (per unit of contrast), that of ``class c`` what
+    selecting class ``c``'s non-amenable images rather than the first class's is.  Returns
+    ``{"terms": {name: {"coefficient", "standard_error"}}, "explained_variance"}``, or None with too
+    few rewards or terms that do not vary (one class only in every step, say).
+    """
+    if len(pairs) < len(terms) + 3:
+        return None
+    x = np.array([c for c, _ in pairs], dtype=np.float64)
+    r = np.array([reward for _, reward in pairs], dtype=np.float64)
+    design = np.column_stack([np.ones(len(r)), x])
+    if np.linalg.matrix_rank(design) < design.shape[1] or r.std() == 0:
+        return None
+    coefficients, *_ = np.linalg.lstsq(design, r, rcond=None)
+    residual = r - design @ coefficients
+    dof = len(r) - design.shape[1]
+    errors = np.sqrt(np.diag(np.linalg.inv(design.T @ design)) * (residual @ residual) / dof)
+    return {
+        "terms": {t: {"coefficient": float(c), "standard_error": float(e)}
+                  for t, c, e in zip(terms, coefficients[1:], errors[1:])},
+        "explained_variance": float(1.0 - residual.var() / r.var()),
     }
 
 
@@ -530,6 +576,11 @@ def _selection_signal_main(args: argparse.Namespace, parser: argparse.ArgumentPa
             )
             error = f" (sampling error about +-{1 / np.sqrt(r['rewards']):.2f})" if r["rewards"] else ""
             print(f"{form:15} {seed:>4}  {r['rewards']:>7}  {_fmt(r['correlation'])}{error}", flush=True)
+            if r["decomposition"] is not None:
+                terms = "; ".join(f"{t} {v['coefficient']:+.3f} (+-{v['standard_error']:.3f})"
+                                  for t, v in r["decomposition"]["terms"].items())
+                print(f"{'':21}per unit of contrast: {terms}; explained variance "
+                      f"{r['decomposition']['explained_variance']:.3f}", flush=True)
             results.append(r)
     if args.json:
         Path(args.json).write_text(json.dumps(

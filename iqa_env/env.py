@@ -125,11 +125,16 @@ class TaskAmenabilityEnv(gym.Env):
     Each step's ``info`` describes the batch the action was applied to:
     ``selection`` (the Bernoulli draws), ``valid`` and ``classes`` (the
     images' class labels, which an agent may use to keep its scores
-    neutral between classes, e.g. REINFORCE's ``class_balance``), and
+    neutral between classes, e.g. REINFORCE's ``class_balance``),
     ``reward_scope``: ``"step"`` when the step's reward measures its own
     action alone (validation steps, and training steps with the ``paired``
     baseline), ``"episode"`` when a training step's selection is rewarded
-    through the rewards after it.
+    through the rewards after it; and ``rewarded_action``: ``"selection"``
+    when what the rewards measure is the Bernoulli draws (every training
+    step, and validation steps with ``stochastic_validation``), so that an
+    agent may learn from the draws rather than the probabilities (DDPG's
+    ``store_selections``), ``"probabilities"`` when it is the action itself
+    (validation steps without ``stochastic_validation``).
 
     ## Action Space
 
@@ -700,6 +705,9 @@ class TaskAmenabilityEnv(gym.Env):
             baseline=float(raw - (reward + penalty)) if reward_ready else 0.0,
             penalty=float(penalty),
             selection=selection,
+            rewarded_action=(
+                "probabilities" if action_phase == "validation" and not self.stochastic_validation else "selection"
+            ),
             valid=valid,
             classes=classes,
             num_selected=int(selection[valid].sum()),

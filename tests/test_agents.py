@@ -327,6 +327,54 @@ def test_ddpg_class_balance_trains_on_the_env_and_refuses_bad_settings(dataset):
         make_agent("ddpg", _env(dataset), seed=0, class_balance=1.0, replay_buffer_class=DictReplayBuffer)
 
 
+@pytest.mark.parametrize("name", ["ddpg", "td3"])
+def test_store_selections_keeps_the_draws_that_the_rewards_measured(dataset, tmp_path, name):
+    """``store_selections``: a step whose reward measures the env's Bernoulli draws is stored with the draws
+    (1 selected, -1 not, in the scaled action space), one whose reward measures the probabilities themselves
+    (weighted reward, deterministic validation) with the probabilities, as without the option."""
+    from stable_baselines3.common.buffers import ReplayBuffer
+
+    env = _env(dataset, reward="weighted", stochastic_validation=False)
+    kwargs = dict(seed=0, learning_starts=100, replay_buffer_class=ReplayBuffer, gamma=0.0)
+    agent = make_agent(name, env, store_selections=True, **kwargs)
+    infos = []
+
+    class Record(BaseCallback):
+        def _on_step(self) -> bool:
+            infos.append(self.locals["infos"][0])
+            return True
+
+    agent.learn(2 * env.episode_length, callback=Record())
+    stored = agent.replay_buffer.actions[: agent.replay_buffer.pos, 0]
+    assert len(stored) == len(infos) == 2 * env.episode_length
+    phases = {info["rewarded_action"] for info in infos}
+    assert phases == {"selection", "probabilities"}
+    for action, info in zip(stored, infos):
+        if info["rewarded_action"] == "selection":
+            np.testing.assert_array_equal(action, np.where(info["selection"], 1.0, -1.0))
+        else:
+            assert not np.all(np.isin(action, (-1.0, 1.0)))  # the probabilities, scaled
+    plain = make_agent(name, _env(dataset, reward="weighted", stochastic_validation=False), **kwargs)
+    plain.learn(2 * env.episode_length)
+    stored_plain = plain.replay_buffer.actions[: plain.replay_buffer.pos, 0]
+    kept = np.array([info["rewarded_action"] == "probabilities" for info in infos])
+    np.testing.assert_allclose(stored_plain[kept], stored[kept])  # the same run, the same probabilities
+    assert not np.allclose(stored_plain[~kept], stored[~kept])
+    agent.save(tmp_path / name)
+    assert type(agent).load(tmp_path / name, device="cpu").store_selections is True
+    with pytest.raises(TypeError, match="store_selections must be True or False, got str"):
+        make_agent(name, env, seed=0, store_selections="yes")
+
+    class Silent(gym.Wrapper):  # an env that does not say what its rewards measure
+        def step(self, action):
+            obs, reward, terminated, truncated, info = self.env.step(action)
+            return obs, reward, terminated, truncated, {k: v for k, v in info.items() if k != "rewarded_action"}
+
+    silent = make_agent(name, Silent(_env(dataset, reward="fixed")), store_selections=True, **kwargs)
+    with pytest.raises(ValueError, match=r"store_selections needs the env to report each step's Bernoulli draws"):
+        silent.learn(4)
+
+
 def test_a_standardising_ratio_critic_keeps_its_action_gradient_when_the_embeddings_shrink(dataset, tmp_path):
     """``critic_standardise``: the ratio critic sees the images' differences at a scale its trunk cannot shrink."""
     from agents.policies import RatioQNetwork
