@@ -198,17 +198,22 @@ class _StoredSelectionsMixin:
     measured to do.
     """
 
-    action_space: Any
-
     def __init__(self, *args: Any, store_selections: bool = False, **kwargs: Any) -> None:
         if not isinstance(store_selections, (bool, np.bool_)):
             raise TypeError(f"store_selections must be True or False, got {type(store_selections).__name__}")
         self.store_selections = bool(store_selections)
         super().__init__(*args, **kwargs)
 
-    def _store_transition(self, replay_buffer: Any, buffer_action: np.ndarray, *args: Any) -> None:
+    def _store_transition(
+        self,
+        replay_buffer: Any,
+        buffer_action: np.ndarray,
+        new_obs: Any,
+        reward: np.ndarray,
+        dones: np.ndarray,
+        infos: list[dict[str, Any]],
+    ) -> None:
         if self.store_selections:
-            infos = args[-1]
             missing = [i for i, info in enumerate(infos) if "rewarded_action" not in info or "selection" not in info]
             if missing:
                 raise ValueError(
@@ -222,7 +227,7 @@ class _StoredSelectionsMixin:
                     drawn = np.asarray(info["selection"], dtype=bool).reshape(buffer_action[i].shape)
                     valid = np.asarray(info.get("valid", np.ones_like(drawn)), dtype=bool).reshape(drawn.shape)
                     buffer_action[i] = np.where(valid, np.where(drawn, 1.0, -1.0), buffer_action[i])
-        super()._store_transition(replay_buffer, buffer_action, *args)  # type: ignore[misc]
+        super()._store_transition(replay_buffer, buffer_action, new_obs, reward, dones, infos)  # type: ignore[misc]
 
 
 class DDPG(_StoredSelectionsMixin, _ClassBalanceMixin, _UndiscountedTargetsMixin, SB3DDPG):

@@ -249,8 +249,8 @@ def selection_signal(
         "train": env.train_set.amenable(task).astype(np.float64),
         "validation": env.validation_set.amenable(task).astype(np.float64),
     }
-    num_classes = max(1, len(env.train_set.class_names), int(env.train_set.labels.max()) + 1)
-    names = [str(n) for n in env.train_set.class_names] or [str(c) for c in range(num_classes)]
+    names = list(env.train_set.class_names)  # one per class, labels in [0, len(names))
+    num_classes = len(names)
     _, info = env.reset(seed=seed)
     pending: list[np.ndarray] = []
     pairs: list[tuple[np.ndarray, float]] = []
