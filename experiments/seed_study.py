@@ -68,15 +68,18 @@ def _run(config: TrainConfig, out: str | None = None) -> dict[str, Any]:
 
 
 def _within_classes(summary: dict[str, Any]) -> str:
-    """``"; within class: <name> a -> b, ..."``: the run's AUROC in each class, or "" where unknown."""
+    """``"; within class: <name> a -> b, ...; scores' variance between classes s"``: the run's AUROC
+    in each class and ``final_class_share``, each left out where unknown."""
     initial = summary.get("initial_auroc_by_class") or {}
     final = summary.get("final_auroc_by_class") or {}
+    share = summary.get("final_class_share")
+    between = "" if share is None else f"; scores' variance between classes {share:.2f}"
     if not final:
-        return ""
+        return between
     parts = [
         f"{name} {_fmt(initial.get(name)).strip()} -> {_fmt(value).strip()}" for name, value in final.items()
     ]
-    return "; within class: " + ", ".join(parts)
+    return "; within class: " + ", ".join(parts) + between
 
 
 def study_configs(algos: list[str], rewards: list[str], seeds: list[int], base: TrainConfig) -> list[TrainConfig]:

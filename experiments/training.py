@@ -198,6 +198,23 @@ def scores_auroc_by_class(scores: np.ndarray, holdout, task: str) -> dict[str, f
     }
 
 
+def class_variance_share(scores: np.ndarray, holdout) -> float | None:
+    """The share of the scores' variance that lies between the classes of ``holdout``, in [0, 1].
+
+    0: every class has the same mean score (the scores rank images, not classes); 1: the scores
+    are constant within each class.  A controller that scores a class as a whole shows here
+    (``docs/learning-status.md``, sections 27 and 32).  None with one class or constant scores.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    labels = np.asarray(holdout.labels)
+    if holdout.num_classes < 2 or len(np.unique(labels)) < 2 or scores.var() == 0:
+        return None
+    means = np.zeros_like(scores)
+    for k in np.unique(labels):
+        means[labels == k] = scores[labels == k].mean()
+    return float(means.var() / scores.var())
+
+
 def _atomic_json(path: Path, data: Any) -> None:
     from iqa_env.files import atomic_write_text
 
@@ -644,6 +661,8 @@ def train(
         # one (every score at one value) from one that ranks; compare across seeds of one algorithm.
         "final_score_mean": float(final_scores.mean(dtype=np.float64)),
         "final_score_sd": float(final_scores.std(dtype=np.float64)),
+        # How much of that spread is between the classes rather than within them.
+        "final_class_share": class_variance_share(final_scores, holdout),
         "auroc_curve": [[s, a] for s, a in curve],
         "resumed_from": resumed_from,
         "time_limited": steps < config.steps,

@@ -20,10 +20,12 @@ from iqa_env.networks import (
 )
 from iqa_env.rewards import (
     REWARD_NORMALISATIONS,
+    ClassMixCorrection,
     MovingAverageBaseline,
     check_rejection_ratio,
     check_reward,
     class_log_losses,
+    class_mix_contrast,
     fixed_reward,
     has_validation_phase,
     selective_reward,
@@ -190,7 +192,14 @@ class TaskAmenabilityEnv(gym.Env):
     images.  ``raw_reward`` is the fixed reward after the probe on the
     selection.  The difference removes what both share (the predictor's
     drift, how hard the validation set is to it now) and leaves what this
-    selection's images do for the clean validation loss.
+    selection's images do for the clean validation loss.  It also pays for
+    the selection's class mix, whatever the images' quality (a step on one
+    class moves the predictor's bias between the classes); with
+    ``paired_class_correction=True`` each such reward is corrected by the
+    part that a running least-squares fit over the earlier steps attributes
+    to the selected share of each class minus the rest's
+    (``iqa_env.rewards.ClassMixCorrection``), so that selecting a class
+    pays nothing on average.
     ``reward_baseline="none"`` returns the raw validation rewards, for agents
     with a learnt critic (the critic is their baseline).
     The other training steps (all but the ``fixed`` reward's last, unless
@@ -234,6 +243,7 @@ class TaskAmenabilityEnv(gym.Env):
     | ``baseline_decay`` | ``0.9`` | ``a`` of the moving-average baseline |
     | ``reward_baseline`` | ``"moving_average"`` | ``"moving_average"`` (the paper), ``"non_selective"`` (validation steps), ``"paired"`` (fixed reward: each training step against the rest of its batch) or ``"none"`` |
     | ``probe_lr`` | ``0.1`` | learning rate of the plain gradient steps of the ``paired`` baseline |
+    | ``paired_class_correction`` | ``False`` | remove from each ``paired`` reward the part fitted to the selection's class mix |
     | ``validation_refresh`` | ``False`` | draw a new validation subset (of ``validation_size``) for every episode |
     | ``mean_selection_bounds`` | ``(0.0, 1.0)`` | allowed range of the mean selection probability |
     | ``mean_selection_penalty`` | ``1.0`` | penalty per unit outside those bounds |
@@ -279,6 +289,7 @@ class TaskAmenabilityEnv(gym.Env):
         baseline_decay: float = 0.9,
         reward_baseline: str = "moving_average",
         probe_lr: float = 0.1,
+        paired_class_correction: bool = False,
         validation_refresh: bool = False,
         mean_selection_bounds: tuple[float, float] = (0.0, 1.0),
         mean_selection_penalty: float = 1.0,
@@ -328,6 +339,11 @@ class TaskAmenabilityEnv(gym.Env):
             math.isfinite(probe_lr) and probe_lr > 0
         ):
             raise ValueError(f"probe_lr must be a positive finite number, got {probe_lr!r}")
+        if paired_class_correction and reward_baseline != "paired":
+            raise ValueError(
+                "paired_class_correction removes the class term from the rewards of the paired baseline's "
+                f"training steps, so it needs reward_baseline='paired', got reward_baseline={reward_baseline!r}"
+            )
         lo, hi = (float(b) for b in mean_selection_bounds)
         if not (0.0 <= lo <= hi <= 1.0):
             raise ValueError(
@@ -350,6 +366,7 @@ class TaskAmenabilityEnv(gym.Env):
         self.reward_normalisation = reward_normalisation
         self.reward_baseline = reward_baseline
         self.probe_lr = float(probe_lr)
+        self.paired_class_correction = bool(paired_class_correction)
         self.validation_refresh = bool(validation_refresh)
         self.stochastic_validation = bool(stochastic_validation)
         self.mean_selection_bounds = (lo, hi)
@@ -406,6 +423,7 @@ class TaskAmenabilityEnv(gym.Env):
         self.action_space = spaces.Box(0.0, 1.0, (self.batch_size,), np.float32)
 
         self.baseline = MovingAverageBaseline(baseline_decay)
+        self.class_correction = ClassMixCorrection(max(len(train_set.class_names), 1))
         self.predictor: torch.nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.averaged_predictor: torch.nn.Module | None = None
@@ -591,6 +609,7 @@ class TaskAmenabilityEnv(gym.Env):
         if seeded:
             self._torch_generator.manual_seed(int(self.np_random.integers(2**63 - 1)))
             self.baseline.reset()
+            self.class_correction.reset()
         if seeded or self.validation_refresh:
             order = self.np_random.permutation(len(self.validation_set))[: self._validation_size]
             self._validation_order = np.sort(order) if not self.validation_refresh else order
@@ -646,6 +665,9 @@ class TaskAmenabilityEnv(gym.Env):
         if self._phase == "train":
             if self.reward_baseline == "paired":
                 raw, reward = self._paired_training_step(selection)
+                if self.paired_class_correction:
+                    contrast = class_mix_contrast(selection, classes, self.class_correction.num_classes)
+                    reward = self.class_correction.correct(reward, contrast)
                 reward_ready = True
             elif selection.any():
                 self._train_predictor(self._batch_indices[selection])

@@ -160,3 +160,69 @@ class MovingAverageBaseline:
 
     def reset(self) -> None:
         self.values.clear()
+
+
+def class_mix_contrast(selection: np.ndarray, classes: np.ndarray, num_classes: int) -> np.ndarray | None:
+    """The selection's class mix against the rest's: ``(num_classes - 1,)``, or None.
+
+    Entry ``c - 1`` is the share of class ``c`` among the selected images minus its share among
+    the images not selected (class 0 is the reference: the shares of all classes sum to 1 on
+    each side).  None when either side is empty.
+    """
+    selection = np.asarray(selection, dtype=bool)
+    classes = np.asarray(classes, dtype=np.int64)
+    if not selection.any() or selection.all():
+        return None
+    one_hot = np.eye(num_classes)[classes][:, 1:]
+    return one_hot[selection].mean(0) - one_hot[~selection].mean(0)
+
+
+class ClassMixCorrection:
+    """Removes from a reward the part that a running fit attributes to the selection's class mix.
+
+    The paired fixed reward pays for *which classes* a step selects as well as for the images'
+    quality: on the built-in set most of what it explains is a preference for the organ-absent
+    frames, whatever their quality (``docs/learning-status.md``, sections 31-32).  A controller
+    that follows that term scores a class.  Each reward ``r_t`` is corrected to
+    ``r_t - w_t . c_t``, with ``c_t`` the step's :func:`class_mix_contrast` and ``w_t`` the
+    least-squares fit of ``r ~ b + w . c`` over the *earlier* steps, each weighted by
+    ``decay ** age`` (so that the fit follows the predictor as it trains); then the step joins
+    the fit.  Steps without a contrast (one side empty) pass unchanged and are not fitted.  Before
+    ``num_classes + 1`` steps have been fitted there is no correction.
+    """
+
+    def __init__(self, num_classes: int, decay: float = 0.99) -> None:
+        if not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+        if not (0.0 < decay <= 1.0):
+            raise ValueError(f"decay must be in (0, 1], got {decay!r}")
+        self.num_classes = int(num_classes)
+        self.decay = float(decay)
+        self.reset()
+
+    def reset(self) -> None:
+        dim = self.num_classes  # intercept and one weight per class but the first
+        self._gram = np.zeros((dim, dim))
+        self._moment = np.zeros(dim)
+        self.fitted = 0
+
+    @property
+    def weights(self) -> np.ndarray | None:
+        """``w`` of the current fit, ``(num_classes - 1,)``; None before enough steps."""
+        if self.fitted < self.num_classes + 1:
+            return None
+        ridge = 1e-9 * max(float(np.trace(self._gram)), 1e-12)
+        solution = np.linalg.solve(self._gram + ridge * np.eye(len(self._moment)), self._moment)
+        return solution[1:]
+
+    def correct(self, reward: float, contrast: np.ndarray | None) -> float:
+        """``reward`` less the fitted class term of ``contrast``; then ``(contrast, reward)`` joins the fit."""
+        if contrast is None or self.num_classes < 2:
+            return float(reward)
+        weights = self.weights
+        corrected = float(reward) - (float(weights @ contrast) if weights is not None else 0.0)
+        row = np.concatenate([[1.0], contrast])
+        self._gram = self.decay * self._gram + np.outer(row, row)
+        self._moment = self.decay * self._moment + row * float(reward)
+        self.fitted += 1
+        return corrected

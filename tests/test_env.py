@@ -473,6 +473,37 @@ def test_paired_baseline_rewards_a_selection_against_the_rest_of_its_batch(tiny_
     assert selection.sum() == 0  # the last step selected nothing: no real step, only the rest's probe
 
 
+def test_paired_class_correction_subtracts_the_fitted_class_term(tiny_synthetic):
+    """``paired_class_correction=True``: the same seed and actions give the same selections and the same
+    uncorrected rewards; each reward is the uncorrected one minus the class term fitted (by
+    ``ClassMixCorrection``) on the earlier steps, and a seeded reset starts the fit afresh."""
+    from iqa_env.rewards import ClassMixCorrection, class_mix_contrast
+
+    kwargs = {**TINY, "reward": "fixed", "reward_baseline": "paired", "train_steps": 4}
+    corrected = TaskAmenabilityEnv(tiny_synthetic, **kwargs, paired_class_correction=True)
+    plain = TaskAmenabilityEnv(tiny_synthetic, **kwargs)
+    reference = ClassMixCorrection(len(tiny_synthetic.class_names))
+    rng = np.random.default_rng(1)
+    differences = []
+    for episode in range(3):
+        for env in (corrected, plain):
+            env.reset(seed=0 if episode == 0 else None)
+        terminated = False
+        while not terminated:
+            action = rng.uniform(0.2, 0.8, 8)
+            _, reward, terminated, _, info = corrected.step(action)
+            _, plain_reward, _, _, plain_info = plain.step(action)
+            assert np.array_equal(info["selection"], plain_info["selection"])
+            contrast = class_mix_contrast(info["selection"], info["classes"], reference.num_classes)
+            assert reward == pytest.approx(reference.correct(plain_reward, contrast), abs=1e-9)
+            differences.append(reward - plain_reward)
+    assert any(abs(d) > 1e-6 for d in differences)  # the correction did act
+    corrected.reset(seed=0)
+    assert corrected.class_correction.fitted == 0
+    with pytest.raises(ValueError, match="paired_class_correction .* needs reward_baseline='paired'"):
+        TaskAmenabilityEnv(tiny_synthetic, **{**TINY, "reward": "fixed"}, paired_class_correction=True)
+
+
 @pytest.mark.parametrize("reward", ["weighted", "selective"])
 def test_class_log_normalisation_is_what_the_rewards_use(tiny_synthetic, reward):
     """``reward_normalisation="class_log"``: the validation phase's losses are log-losses centred per class,

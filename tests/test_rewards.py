@@ -7,8 +7,10 @@ import pytest
 
 from iqa_env.rewards import (
     LOG_LOSS_FLOOR,
+    ClassMixCorrection,
     MovingAverageBaseline,
     class_log_losses,
+    class_mix_contrast,
     fixed_reward,
     kept_by_rejection,
     selective_reward,
@@ -99,3 +101,41 @@ def test_only_the_fixed_reward_has_no_validation_phase():
     assert env.uses_validation_phase and env.validation_steps == 2
     with pytest.raises(ValueError, match=r"reward must be one of \('fixed', 'weighted', 'selective'\), got 'fixd'"):
         has_validation_phase("fixd")
+
+
+def test_class_mix_contrast_is_each_class_share_selected_minus_the_rest():
+    selection = np.array([True, True, False, False, False])
+    classes = np.array([1, 0, 1, 1, 2])
+    # selected: classes 1, 0 -> shares of 1 and 2: 1/2, 0; the rest: 1, 1, 2 -> 2/3, 1/3
+    assert class_mix_contrast(selection, classes, 3) == pytest.approx([0.5 - 2 / 3, -1 / 3])
+    assert class_mix_contrast(np.ones(5, bool), classes, 3) is None
+    assert class_mix_contrast(np.zeros(5, bool), classes, 3) is None
+
+
+def test_class_mix_correction_removes_a_class_term_and_keeps_the_rest():
+    """Rewards made of a class term plus an image term: after the first steps, the corrected rewards no
+    longer follow the class mix and still follow the image term; the fit uses earlier steps only."""
+    rng = np.random.default_rng(0)
+    correction = ClassMixCorrection(num_classes=2, decay=0.99)
+    contrasts, images, corrected = [], [], []
+    for _ in range(400):
+        selection, classes = rng.random(32) < 0.5, rng.integers(0, 2, 32)
+        contrast = class_mix_contrast(selection, classes, 2)
+        image_term = rng.normal()
+        first = correction.weights
+        corrected.append(correction.correct(-1.0 * contrast[0] + 0.2 * image_term, contrast))
+        if first is None:
+            assert corrected[-1] == pytest.approx(-1.0 * contrast[0] + 0.2 * image_term)  # nothing to fit yet
+        contrasts.append(contrast[0])
+        images.append(image_term)
+    assert correction.weights[0] == pytest.approx(-1.0, abs=0.1)
+    late = slice(50, None)
+    assert abs(np.corrcoef(contrasts[late], corrected[late])[0, 1]) < 0.1
+    assert np.corrcoef(images[late], corrected[late])[0, 1] > 0.95
+    # A step without a contrast passes unchanged and does not join the fit.
+    fitted = correction.fitted
+    assert correction.correct(0.3, None) == 0.3 and correction.fitted == fitted
+    correction.reset()
+    assert correction.weights is None and correction.fitted == 0
+    with pytest.raises(ValueError, match="decay must be in"):
+        ClassMixCorrection(2, decay=0.0)

@@ -6,6 +6,7 @@ import json
 import re
 from concurrent.futures import Future
 
+import numpy as np
 import pytest
 
 from agents import recommended_env_kwargs
@@ -42,6 +43,9 @@ def test_seed_study_reports_every_seed(tiny_synthetic_path, tmp_path, capsys):
             initial = run["initial_auroc_by_class"][name]
             shown = "-" if final is None else f"{final:.3f}"
             assert f"{name} {'-' if initial is None else f'{initial:.3f}'} -> {shown}" in line, (name, line)
+        # ... and how much of its scores' spread lies between the classes.
+        assert 0.0 <= run["final_class_share"] <= 1.0
+        assert f"scores' variance between classes {run['final_class_share']:.2f}" in line, line
     # Each run records the env arguments it had, the recommended defaults included.
     assert runs[0]["env_settings"] == {
         **recommended_env_kwargs("reinforce", "weighted"),
@@ -183,3 +187,17 @@ def test_seed_study_shows_each_evaluation_as_it_happens(tiny_synthetic_path, cap
     assert steps == [10, 20], evaluations
     # ... before the run's own line, which comes when it ends.
     assert err.index(evaluations[-1]) < next(i for i, line in enumerate(err) if line.startswith("[1/1] "))
+
+
+def test_class_variance_share_is_the_between_class_part_of_the_scores_variance():
+    from types import SimpleNamespace
+
+    from experiments.training import class_variance_share
+
+    holdout = SimpleNamespace(labels=np.array([0, 0, 1, 1]), num_classes=2)
+    assert class_variance_share(np.array([0.1, 0.1, 0.9, 0.9]), holdout) == pytest.approx(1.0)  # a class score
+    assert class_variance_share(np.array([0.1, 0.9, 0.1, 0.9]), holdout) == pytest.approx(0.0)  # within classes
+    # class means 0.2 and 0.6 around 0.4: between 0.04 of the total 0.04 + 0.01
+    assert class_variance_share(np.array([0.1, 0.3, 0.5, 0.7]), holdout) == pytest.approx(0.04 / 0.05)
+    assert class_variance_share(np.full(4, 0.5), holdout) is None
+    assert class_variance_share(np.arange(4.0), SimpleNamespace(labels=np.zeros(4), num_classes=1)) is None
