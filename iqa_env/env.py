@@ -759,7 +759,8 @@ class TaskAmenabilityEnv(gym.Env):
         """The env's whole mutable state, to resume a run exactly where it stopped.
 
         The task predictor's weights and optimiser state, the env's numpy and
-        torch generators, every moving-average reward baseline, and the
+        torch generators, every moving-average reward baseline, the class
+        correction's fit (``paired_class_correction``), and the
         position in the episode (phase, step, current batch, validation order
         and losses, whether a reset is due).  Not the data or the settings:
         load it into an env built with the same arguments.  It holds tensors
@@ -801,6 +802,7 @@ class TaskAmenabilityEnv(gym.Env):
                 for name, b in vars(self).items()
                 if isinstance(b, MovingAverageBaseline)
             },
+            "class_correction": self.class_correction.state_dict(),
             "phase": self._phase,
             "episode_step": int(self._episode_step),
             "needs_reset": bool(self._needs_reset),
@@ -832,7 +834,7 @@ class TaskAmenabilityEnv(gym.Env):
                 "start the run again"
             )
         # States written before a setting existed had its default.
-        saved = {"reward_normalisation": "none", **state.get("settings", {})}
+        saved = {"reward_normalisation": "none", "paired_class_correction": False, **state.get("settings", {})}
         mine = self._state_settings()
         differ = [f"{k}: saved {saved.get(k)!r}, this env {v!r}" for k, v in mine.items() if saved.get(k) != v]
         if differ:
@@ -871,6 +873,10 @@ class TaskAmenabilityEnv(gym.Env):
                 raise ValueError(f"the env state has a reward baseline {name!r} that this env does not have")
             baseline.decay = float(saved_baseline["decay"])
             baseline.values = {int(k): float(v) for k, v in saved_baseline["values"].items()}
+        if "class_correction" in state:  # states written before the correction existed had none
+            self.class_correction.load_state_dict(state["class_correction"])
+        else:
+            self.class_correction.reset()
         self._phase = str(state["phase"])
         self._episode_step = int(state["episode_step"])
         self._needs_reset = bool(state["needs_reset"])
@@ -894,4 +900,5 @@ class TaskAmenabilityEnv(gym.Env):
             "image_shape": [int(s) for s in self.train_set.image_shape],
             "predictor_average": self.predictor_average,
             "reward_normalisation": self.reward_normalisation,
+            "paired_class_correction": self.paired_class_correction,
         }

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import Any
 
 import numpy as np
 
@@ -214,6 +215,26 @@ class ClassMixCorrection:
         ridge = 1e-9 * max(float(np.trace(self._gram)), 1e-12)
         solution = np.linalg.solve(self._gram + ridge * np.eye(len(self._moment)), self._moment)
         return solution[1:]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The fit, as tensors and plain values (``torch.load(weights_only=True)`` reads it)."""
+        import torch
+
+        return {
+            "num_classes": self.num_classes, "decay": self.decay, "fitted": self.fitted,
+            "gram": torch.from_numpy(self._gram.copy()), "moment": torch.from_numpy(self._moment.copy()),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict` of a correction with as many classes."""
+        if int(state["num_classes"]) != self.num_classes:
+            raise ValueError(
+                f"the class correction's state is for {state['num_classes']} classes, this one has {self.num_classes}"
+            )
+        self.decay = float(state["decay"])
+        self.fitted = int(state["fitted"])
+        self._gram = state["gram"].double().cpu().numpy().copy()
+        self._moment = state["moment"].double().cpu().numpy().copy()
 
     def correct(self, reward: float, contrast: np.ndarray | None) -> float:
         """``reward`` less the fitted class term of ``contrast``; then ``(contrast, reward)`` joins the fit."""

@@ -239,7 +239,10 @@ def _tiny_env(dataset, **kw):
 
 
 @pytest.mark.parametrize(
-    "settings", [{}, {"predictor_augment": True, "predictor_average": 0.9}], ids=["plain", "augment+average"]
+    "settings",
+    [{}, {"predictor_augment": True, "predictor_average": 0.9},
+     {"reward": "fixed", "reward_baseline": "paired", "paired_class_correction": True}],
+    ids=["plain", "augment+average", "paired+class-correction"],
 )
 def test_env_state_dict_round_trip(tiny_synthetic, settings):
     """An env loaded from another's state makes the same next steps (through a weights-only file)."""
@@ -275,7 +278,11 @@ def test_env_state_dict_round_trip(tiny_synthetic, settings):
             assert torch.equal(env.predictor.state_dict()[key], value)
         for key, value in a.evaluated_predictor.state_dict().items():
             assert torch.equal(env.evaluated_predictor.state_dict()[key], value)
-    assert a.baseline.values == never_reset.baseline.values != {}
+    if settings.get("reward_baseline") == "paired":  # no moving average; the class correction's fit instead
+        assert a.class_correction.fitted == never_reset.class_correction.fitted > 0
+        assert np.array_equal(a.class_correction.weights, never_reset.class_correction.weights)
+    else:
+        assert a.baseline.values == never_reset.baseline.values != {}
 
 
 def test_env_state_dict_refuses_other_settings(tiny_synthetic):
@@ -284,6 +291,9 @@ def test_env_state_dict_refuses_other_settings(tiny_synthetic):
     b = _tiny_env(tiny_synthetic, reward="selective")
     with pytest.raises(ValueError, match="reward: saved 'weighted', this env 'selective'"):
         b.load_state_dict(a.state_dict())
+    corrected = _tiny_env(tiny_synthetic, reward="fixed", reward_baseline="paired", paired_class_correction=True)
+    with pytest.raises(ValueError, match="paired_class_correction: saved False, this env True"):
+        corrected.load_state_dict(_tiny_env(tiny_synthetic, reward="fixed", reward_baseline="paired").state_dict())
     older = {**a.state_dict(), "format_version": 1}
     with pytest.raises(ValueError, match="format_version 1, written by another release; this release reads format_version 2"):
         _tiny_env(tiny_synthetic).load_state_dict(older)
