@@ -230,6 +230,7 @@ def selection_signal(
     ``docs/learning-status.md``, section 31).
     """
     from experiments.training import TrainConfig, make_env
+    from iqa_env.rewards import class_mix_contrast
 
     if form not in SIGNAL_FORMS:
         raise ValueError(f"form must be one of {SIGNAL_FORMS}, got {form!r}")
@@ -259,12 +260,12 @@ def selection_signal(
         _, reward, terminated, _, info = env.step(np.full(batch_size, rate, dtype=np.float32))
         chosen, rest = info["selection"] & info["valid"], ~info["selection"] & info["valid"]
         amenable = truth[info["action_phase"]][indices]
-        contrast = None
-        if chosen.any() and rest.any():
-            # Per image: amenable x one-hot class, then the class indicators but the first's.
-            one_hot = np.eye(num_classes)[np.asarray(info["classes"], dtype=np.int64)]
-            features = np.concatenate([amenable[:, None] * one_hot, one_hot[:, 1:]], axis=1)
-            contrast = features[chosen].mean(0) - features[rest].mean(0)
+        classes = np.asarray(info["classes"], dtype=np.int64)
+        # The class terms are the ones the env's paired_class_correction removes.
+        contrast = class_mix_contrast(info["selection"][info["valid"]], classes[info["valid"]], num_classes)
+        if contrast is not None:
+            amenable_by_class = amenable[:, None] * np.eye(num_classes)[classes]
+            contrast = np.concatenate([amenable_by_class[chosen].mean(0) - amenable_by_class[rest].mean(0), contrast])
         if info["reward_scope"] == "step":  # the reward measures this step's selection alone
             if info["reward_ready"] and contrast is not None:
                 pairs.append((contrast, float(reward)))
