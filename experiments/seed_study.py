@@ -24,6 +24,14 @@ again goes on from there (finished runs are read back, not trained again),
 so a study longer than one machine session runs in parts, e.g. one time-
 limited call per session on a shared GPU, with DIR moved from one machine to
 the next.
+
+Each algorithm x reward ends with a tally: how many seeds reach AUROC >=
+0.8, and the seeds' final AUROC against their own untrained controllers
+(mean +- st.d. across seeds at both ends, and a sign test of how many
+ended higher).  ``--summarise FILE [FILE ...]`` trains nothing: it reads
+the ``--json`` files of a study run in parts (``--first-seed`` on several
+machines or sessions) and prints the table and tallies of them all
+together, one group per settings, naming the settings that differ.
 The seed studies of
 ``docs/learning-status.md`` ran as, for example::
 
@@ -125,6 +133,163 @@ def seed_study(
     return [r for r in results if r is not None]
 
 
+def _settings_key(summary: dict[str, Any]) -> str:
+    """What makes runs comparable seeds of one study: algorithm, reward, task, data and every extra argument.
+
+    The budget (``steps``, the time limit), ``eval_every`` and the device are
+    left out: a study split across machines or time limits is still one study,
+    and the table shows each run's steps.
+    """
+    c = summary["config"]
+    keep = {k: c.get(k) for k in ("algo", "reward", "task", "split_seed", "env_kwargs", "agent_kwargs")}
+    keep["dataset"] = summary.get("dataset_fingerprint", c.get("dataset"))
+    return json.dumps(keep, sort_keys=True)
+
+
+def tally(runs: list[dict[str, Any]]) -> str:
+    """One study's seeds in a line: how many reach AUROC >= 0.8, and the end against the start.
+
+    ``"k of n seeds reach AUROC >= 0.8; mean AUROC a +- s at
+    initialisation -> b +- t at the end (st.d. across seeds); higher than
+    at initialisation on h of n (sign test p P)"``, with a note after the
+    first part where runs are paused.  The untrained controller is every
+    seed's own reference (:func:`experiments.evaluation.against_initial`).
+    """
+    from experiments.evaluation import against_initial
+
+    reached = sum(s["final_auroc"] is not None and s["final_auroc"] >= 0.8 for s in runs)
+    text = f"{reached} of {len(runs)} seeds reach AUROC >= 0.8"
+    paused = sum(bool(s.get("paused")) for s in runs)
+    if paused:
+        text += f" ({paused} paused at the time limit ('p'): the same command goes on)"
+    c = against_initial([s["initial_auroc"] for s in runs], [s["final_auroc"] for s in runs])
+    if c["pairs"]:
+        def both(side: dict[str, Any]) -> str:
+            return f"{side['mean']:.3f}" + ("" if side["std"] is None else f" +- {side['std']:.3f}")
+
+        p = "-" if c["sign_test_p"] is None else f"{c['sign_test_p']:.2g}"
+        text += (
+            f"; mean AUROC {both(c['initial'])} at initialisation -> {both(c['final'])} at the end"
+            f" (st.d. across seeds); higher than at initialisation on {c['higher']} of {c['pairs']}"
+            f" (sign test p {p})"
+        )
+    return text
+
+
+def _flat(value: Any, prefix: str) -> dict[str, Any]:
+    """Nested dicts as ``{"a.b": leaf}``, to say which settings tell two studies apart."""
+    if isinstance(value, dict) and value:
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flat(v, f"{prefix}.{k}"))
+        return out
+    return {prefix: value}
+
+
+def _labels(groups: dict[str, list[dict[str, Any]]]) -> dict[str, str]:
+    """``"algo reward"`` per settings group, with the settings that differ where one algorithm x reward has several."""
+    flat = {
+        key: {**_flat(runs[0]["config"].get("env_kwargs") or {}, "env"),
+              **_flat(runs[0]["config"].get("agent_kwargs") or {}, "agent")}
+        for key, runs in groups.items()
+    }
+    labels = {}
+    for key, runs in groups.items():
+        c = runs[0]["config"]
+        label = f"{c['algo']} {c['reward']}"
+        peers = [k for k, r in groups.items() if (r[0]["config"]["algo"], r[0]["config"]["reward"]) == (c["algo"], c["reward"])]
+        if len(peers) > 1:
+            names = sorted({n for k in peers for n in flat[k]})
+            def shown_value(k: str, n: str) -> str:
+                return json.dumps(flat[k][n], sort_keys=True) if n in flat[k] else "(unset)"
+
+            differ = [n for n in names if len({shown_value(k, n) for k in peers}) > 1]
+            shown = ", ".join(f"{n} {shown_value(key, n)}" for n in differ)
+            label += f" [{shown or 'same arguments; task, split or data differ'}]"
+        labels[key] = label
+    return labels
+
+
+def print_report(summaries: list[dict[str, Any]]) -> None:
+    """The study's table (a row per run) and a :func:`tally` per algorithm x reward x settings, on stdout.
+
+    Where one algorithm x reward comes with several settings (studies merged
+    by ``--summarise``), each group's rows follow a line naming the settings
+    that differ, and so does its tally.
+    """
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for s in summaries:
+        groups.setdefault(_settings_key(s), []).append(s)
+    labels = _labels(groups)
+    several = any(label.endswith("]") for label in labels.values())
+    print(
+        f"{'algo':10} {'reward':10} {'seed':>4} {'initial':>8} {'final':>8} {'steps':>6} {'steps/s':>8} "
+        f"{'score mean (sd)':>16}  curve"
+    )
+    for key, runs in (groups.items() if several else [("", summaries)]):
+        if several:
+            print(f"# {labels[key]}")
+        for s in runs:
+            c = s["config"]
+            curve = " ".join(f"{step}:{'-' if a is None else f'{a:.3f}'}" for step, a in s["auroc_curve"])
+            print(
+                f"{c['algo']:10} {c['reward']:10} {c['seed']:>4} {_fmt(s['initial_auroc'])} {_fmt(s['final_auroc'])} "
+                f"{s['steps']:>6}{'p' if s.get('paused') else ' '}{s['steps_per_s']:8.1f} {_spread(s):>16}  {curve}"
+            )
+    for key, runs in groups.items():
+        print(f"{labels[key]}: {tally(runs)}")
+
+
+def read_summaries(paths: list[str]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The runs and heuristics of seed-study JSON files (``--json``), for :func:`print_report`.
+
+    A file is a study's ``{"heuristics": ..., "runs": [...]}``, or a JSON
+    object whose values are such studies or their lists of runs (several
+    kept in one file).  The
+    same seed of the same settings in two places is refused: one of the two
+    would be chosen silently.  Raises ``ValueError`` naming the file and what
+    was expected.
+    """
+    runs: list[dict[str, Any]] = []
+    heuristics: list[dict[str, Any]] = []
+    seen: dict[tuple[str, int], str] = {}
+    for path in paths:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as error:
+            raise ValueError(f"{path}: not a readable JSON file ({error})") from None
+        parts = {k: v for k, v in data.items() if k != "heuristics"} if isinstance(data, dict) else {}
+        if isinstance(data, dict) and isinstance(data.get("runs"), list):
+            studies = [(path, data)]
+        elif parts and all(isinstance(v, list) or (isinstance(v, dict) and isinstance(v.get("runs"), list))
+                           for v in parts.values()):
+            studies = [
+                (f"{path} [{k}]", {"heuristics": data.get("heuristics"), "runs": v} if isinstance(v, list) else v)
+                for k, v in parts.items()
+            ]
+        else:
+            raise ValueError(
+                f"{path}: expected a seed study's JSON ({{\"heuristics\": ..., \"runs\": [...]}}, as --json writes) "
+                "or an object of them (or of their run lists)"
+            )
+        for where, study in studies:
+            if study.get("heuristics") and study["heuristics"] not in heuristics:
+                heuristics.append(study["heuristics"])
+            for k, run in enumerate(study["runs"]):
+                if not (isinstance(run, dict) and isinstance(run.get("config"), dict) and "final_auroc" in run):
+                    raise ValueError(f"{where}: run {k} is not a seed-study run summary (no config or final_auroc)")
+                key = (_settings_key(run), run["config"]["seed"])
+                if key in seen:
+                    raise ValueError(
+                        f"{where}: {run['config']['algo']} {run['config']['reward']} seed {run['config']['seed']} "
+                        f"with the same settings is also in {seen[key]}; keep one"
+                    )
+                seen[key] = where
+                runs.append(run)
+    runs.sort(key=lambda r: (_settings_key(r), r["config"]["seed"]))
+    return runs, heuristics
+
+
 def _fmt(value: float | None) -> str:
     return f"{'-':>8}" if value is None else f"{value:8.3f}"
 
@@ -160,7 +325,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, metavar="DIR",
                    help="a folder per run, with checkpoints: --time-limit pauses the runs, and the same "
                         "command again goes on from where they stopped (default: none, nothing kept)")
+    p.add_argument("--summarise", nargs="+", default=None, metavar="FILE",
+                   help="train nothing: print the table and tallies of seed-study JSON files (--json), "
+                        "merged, e.g. the parts of a study split across machines with --first-seed")
     args = p.parse_args(argv)
+    if args.summarise is not None:
+        try:
+            summaries, heuristics_seen = read_summaries(args.summarise)
+        except ValueError as error:
+            p.error(str(error))
+        for h in heuristics_seen:
+            print("heuristics (holdout AUROC vs ground-truth amenable): "
+                  + ", ".join(f"{k} {_fmt(v).strip()}" for k, v in h.items()))
+        print_report(summaries)
+        return 0
     if args.out is not None and args.json is None:
         args.json = str(Path(args.out) / "seed_study.json")
     base = TrainConfig(
@@ -218,24 +396,7 @@ def main(argv: list[str] | None = None) -> int:
         write_json(finished)  # a stopped study keeps the runs that ended
 
     summaries = seed_study(args.algos, args.rewards, seeds, base, args.workers, on_result=progress, out=args.out)
-    print(
-        f"{'algo':10} {'reward':10} {'seed':>4} {'initial':>8} {'final':>8} {'steps':>6} {'steps/s':>8} "
-        f"{'score mean (sd)':>16}  curve"
-    )
-    for s in summaries:
-        c = s["config"]
-        curve = " ".join(f"{step}:{'-' if a is None else f'{a:.3f}'}" for step, a in s["auroc_curve"])
-        print(
-            f"{c['algo']:10} {c['reward']:10} {c['seed']:>4} {_fmt(s['initial_auroc'])} {_fmt(s['final_auroc'])} "
-            f"{s['steps']:>6}{'p' if s.get('paused') else ' '}{s['steps_per_s']:8.1f} {_spread(s):>16}  {curve}"
-        )
-    for a in args.algos:
-        for r in args.rewards:
-            runs = [s for s in summaries if s["config"]["algo"] == a and s["config"]["reward"] == r]
-            reached = sum(s["final_auroc"] is not None and s["final_auroc"] >= 0.8 for s in runs)
-            paused = sum(bool(s.get("paused")) for s in runs)
-            note = f" ({paused} paused at the time limit ('p'): the same command goes on)" if paused else ""
-            print(f"{a} {r}: {reached} of {len(runs)} seeds reach AUROC >= 0.8{note}")
+    print_report(summaries)
     write_json(summaries)
     return 0
 

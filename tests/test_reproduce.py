@@ -196,6 +196,23 @@ def test_mean_and_std_skips_undefined_values():
     assert ev.mean_and_std([0.5])["std"] is None and ev.mean_and_std([])["mean"] is None
 
 
+def test_against_initial_counts_the_seeds_that_moved_and_sign_tests_them():
+    # Seed 2 has no initial figure and is left out; seed 1 did not move.
+    out = ev.against_initial([0.4, 0.5, None, 0.6, 0.7], [0.6, 0.5, 0.9, 0.8, 0.65])
+    assert (out["pairs"], out["higher"], out["lower"], out["equal"]) == (4, 2, 1, 1)
+    assert out["initial"]["mean"] == pytest.approx(0.55) and out["final"]["mean"] == pytest.approx(0.6375)
+    assert out["gain"]["mean"] == pytest.approx((0.2 + 0.0 + 0.2 - 0.05) / 4)
+    # Two up and one down of three that moved: P(X <= 1 or X >= 2 | 3, 1/2) = 1.
+    assert out["sign_test_p"] == pytest.approx(1.0)
+    # Six of six up: 2 / 2**6; five up and one down: 2 (6 + 1) / 2**6.
+    assert ev.against_initial([0.5] * 6, [0.6] * 6)["sign_test_p"] == pytest.approx(2 / 64)
+    assert ev.against_initial([0.5] * 6, [0.6] * 5 + [0.4])["sign_test_p"] == pytest.approx(14 / 64)
+    nothing = ev.against_initial([0.5, None], [0.5, 0.7])
+    assert nothing["pairs"] == 1 and nothing["equal"] == 1 and nothing["sign_test_p"] is None
+    with pytest.raises(ValueError, match="one figure per seed each, got 2 and 1"):
+        ev.against_initial([0.5, 0.6], [0.7])
+
+
 # ------------------------------------------------------------------ pipeline
 SUMMARY_KEYS = {
     "metric_at_paper_ratio", "patient_std_at_paper_ratio", "p_value", "seeds_better_with_p_below_0.05",

@@ -33,6 +33,17 @@ def test_seed_study_reports_every_seed(tiny_synthetic_path, tmp_path, capsys):
     assert len(lines) == 4 + 2  # one row per run, one tally per reward
     assert "seeds reach AUROC >= 0.8" in text
     runs = json.loads(out.read_text())["runs"]
+    # Each tally sets the seeds' ends against their own untrained controllers.
+    for reward in ("weighted", "selective"):
+        initial = [r["initial_auroc"] for r in runs if r["config"]["reward"] == reward]
+        final = [r["final_auroc"] for r in runs if r["config"]["reward"] == reward]
+        higher = sum(b > a for a, b in zip(initial, final))
+        tally = next(line for line in lines if line.startswith(f"reinforce {reward}:"))
+        assert (
+            f"mean AUROC {np.mean(initial):.3f} +- {np.std(initial, ddof=1):.3f} at initialisation -> "
+            f"{np.mean(final):.3f} +- {np.std(final, ddof=1):.3f} at the end (st.d. across seeds); "
+            f"higher than at initialisation on {higher} of 2 (sign test p "
+        ) in tally, tally
     assert [(r["config"]["reward"], r["config"]["seed"]) for r in runs] == [
         ("weighted", 3), ("weighted", 4), ("selective", 3), ("selective", 4)
     ]
@@ -201,3 +212,66 @@ def test_class_variance_share_is_the_between_class_part_of_the_scores_variance()
     assert class_variance_share(np.array([0.1, 0.3, 0.5, 0.7]), holdout) == pytest.approx(0.04 / 0.05)
     assert class_variance_share(np.full(4, 0.5), holdout) is None
     assert class_variance_share(np.arange(4.0), SimpleNamespace(labels=np.zeros(4), num_classes=1)) is None
+
+
+def _summary(seed: int, initial: float, final: float, env_kwargs: dict, steps: int = 400) -> dict:
+    """A run summary as seed studies write them, with the fields the report reads."""
+    return {
+        "config": {"algo": "ddpg", "reward": "fixed", "task": "classification", "split_seed": 0, "seed": seed,
+                   "dataset": None, "env_kwargs": env_kwargs, "agent_kwargs": {"gamma": 0.0}},
+        "dataset_fingerprint": "builtin", "steps": steps, "steps_per_s": 0.2,
+        "initial_auroc": initial, "final_auroc": final, "final_score_mean": 0.5, "final_score_sd": 0.1,
+        "auroc_curve": [[0, initial], [steps, final]],
+    }
+
+
+def test_seed_study_summarise_merges_the_parts_of_a_study_and_tells_settings_apart(tmp_path, capsys):
+    """Seeds run on different machines (``--first-seed``) read back as one study, grouped by settings."""
+    heuristics = {"mean_intensity": 0.503, "intensity_std": 0.438}
+    corrected, plain = {"reward_baseline": "paired", "paired_class_correction": True}, {"reward_baseline": "paired"}
+    first = tmp_path / "seeds0-1.json"
+    first.write_text(json.dumps({"heuristics": heuristics, "runs": [
+        _summary(0, 0.40, 0.85, corrected), _summary(1, 0.50, 0.70, corrected)]}))
+    # An object of studies or run lists, as hand-kept files hold them.
+    second = tmp_path / "seed2-both.json"
+    second.write_text(json.dumps({"heuristics": heuristics,
+                                  "with": [_summary(2, 0.60, 0.65, corrected, steps=449)],
+                                  "without": {"runs": [_summary(2, 0.60, 0.55, plain)]}}))
+    assert main(["--summarise", str(first), str(second)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "heuristics (holdout AUROC vs ground-truth amenable): mean_intensity 0.503, intensity_std 0.438"
+    with_rows = out.index("# ddpg fixed [env.paired_class_correction true]")
+    assert [line.split()[2] for line in out[with_rows + 1:with_rows + 4]] == ["0", "1", "2"]
+    assert out[with_rows + 3].split()[5] == "449"
+    without_rows = out.index('# ddpg fixed [env.paired_class_correction (unset)]')
+    assert out[without_rows + 1].split()[2:5] == ["2", "0.600", "0.550"]
+    assert (
+        "ddpg fixed [env.paired_class_correction true]: 1 of 3 seeds reach AUROC >= 0.8; mean AUROC 0.500 +- 0.100 "
+        "at initialisation -> 0.733 +- 0.104 at the end (st.d. across seeds); higher than at initialisation on "
+        "3 of 3 (sign test p 0.25)"
+    ) in out
+    assert (
+        "ddpg fixed [env.paired_class_correction (unset)]: 0 of 1 seeds reach AUROC >= 0.8; mean AUROC 0.600 at "
+        "initialisation -> 0.550 at the end (st.d. across seeds); higher than at initialisation on 0 of 1 "
+        "(sign test p 1)"
+    ) in out
+
+
+def test_seed_study_summarise_refuses_a_seed_twice_and_files_that_are_not_studies(tmp_path, capsys):
+    study = tmp_path / "study.json"
+    study.write_text(json.dumps({"runs": [_summary(0, 0.4, 0.8, {})]}))
+    not_json, not_a_study, not_a_run = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "c.json"
+    not_json.write_text("{runs: ")
+    not_a_study.write_text("[1, 2]")
+    not_a_run.write_text(json.dumps({"runs": [{"seed": 0}]}))
+    for argv, message in [
+        ([study, study], "ddpg fixed seed 0 with the same settings is also in " + str(study) + "; keep one"),
+        ([not_json], f"{not_json}: not a readable JSON file"),
+        ([not_a_study], f"{not_a_study}: expected a seed study's JSON"),
+        ([not_a_run], f"{not_a_run}: run 0 is not a seed-study run summary"),
+        ([tmp_path / "missing.json"], "missing.json: not a readable JSON file"),
+    ]:
+        with pytest.raises(SystemExit) as stopped:
+            main(["--summarise", *map(str, argv)])
+        assert stopped.value.code == 2
+        assert message in capsys.readouterr().err
