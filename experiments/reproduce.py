@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 
 from experiments.evaluation import (
+    against_initial,
     PAPER_REJECTION_RATIO,
     RANDOM_BAND_QUANTILES,
     REJECTION_RATIOS,
@@ -590,6 +591,14 @@ def summarise_seeds(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
         ),
         "initial_auroc": mean_and_std([r.get("initial_auroc") for r in runs]),
         "final_auroc": mean_and_std([(r["controller"] or {}).get("auroc") for r in runs]),
+        # Every seed against its own untrained controller: how many ended higher, and a sign test.
+        "auroc_against_initial": {
+            k: v
+            for k, v in against_initial(
+                [r.get("initial_auroc") for r in runs], [(r["controller"] or {}).get("auroc") for r in runs]
+            ).items()
+            if k not in ("initial", "final")  # the two entries above
+        },
         "spearman": mean_and_std([(r["controller"] or {}).get("spearman") for r in runs]),
         "seeds_beating_heuristics": sum(bool(r["beats_heuristics"]) for r in runs),
         "wall_time_s": mean_and_std([r.get("wall_time_s") for r in runs]),
@@ -1005,22 +1014,32 @@ def _baseline_predictor_markdown(task_result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def against_initial_text(summary: dict[str, Any]) -> str:
+    """``"3 of 4 (p 0.62)"``: the seeds whose controller ended above its own untrained one, and the sign test."""
+    c = summary.get("auroc_against_initial")  # absent in results.json written before it existed
+    if not c or not c["pairs"]:
+        return "n/a"
+    return f"{c['higher']} of {c['pairs']}" + ("" if c["sign_test_p"] is None else f" (p {c['sign_test_p']:.2g})")
+
+
 def _auroc_markdown(task_result: dict[str, Any]) -> list[str]:
     lines = [
-        "| scorer | AUROC at initialisation | AUROC at the end | Spearman at the end | seeds beating every heuristic |",
-        "|---|---|---|---|---|",
+        "| scorer | AUROC at initialisation | AUROC at the end | seeds higher than at initialisation (sign test p) "
+        "| Spearman at the end | seeds beating every heuristic |",
+        "|---|---|---|---|---|---|",
     ]
     for label, entry in task_result["runs"].items():
         s = entry["summary"]
         lines.append(
-            f"| controller, {label} | {format_stats(s['initial_auroc'])} | {format_stats(s['final_auroc'])} | {format_stats(s['spearman'])} "
+            f"| controller, {label} | {format_stats(s['initial_auroc'])} | {format_stats(s['final_auroc'])} "
+            f"| {against_initial_text(s)} | {format_stats(s['spearman'])} "
             f"| {s['seeds_beating_heuristics']} of {s['final_auroc']['n']} |"
         )
     for name, h in task_result["heuristics"].items():
-        lines.append(f"| {name} (either sign: {format_stats(h['auroc_either_sign'])}) | — | {format_stats(h['auroc'])} | {format_stats(h['spearman'])} | — |")
+        lines.append(f"| {name} (either sign: {format_stats(h['auroc_either_sign'])}) | — | {format_stats(h['auroc'])} | — | {format_stats(h['spearman'])} | — |")
     human = task_result["human_labels"]
     if human:
-        lines.append(f"| human labels | — | {format_number(human['auroc'])} | {format_number(human['spearman'])} | — |")
+        lines.append(f"| human labels | — | {format_number(human['auroc'])} | — | {format_number(human['spearman'])} | — |")
     return lines
 
 

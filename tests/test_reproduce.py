@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 
 import numpy as np
 import pytest
@@ -218,7 +219,7 @@ SUMMARY_KEYS = {
     "metric_at_paper_ratio", "patient_std_at_paper_ratio", "p_value", "seeds_better_with_p_below_0.05",
     "initial_auroc", "final_auroc", "spearman", "seeds_beating_heuristics", "wall_time_s", "curve", "kappa",
     "contingency_summed", "baseline_predictor_at_paper_ratio", "baseline_predictor_p_value",
-    "baseline_predictor_seeds_better_with_p_below_0.05",
+    "baseline_predictor_seeds_better_with_p_below_0.05", "auroc_against_initial",
 }
 RUN_KEYS = {
     "seed", "folder", "algo", "reward", "steps", "wall_time_s", "initial_auroc", "final_auroc", "auroc_curve",
@@ -257,6 +258,12 @@ def check_task_result(t, labels, seeds):
     for entry in t["runs"].values():
         assert SUMMARY_KEYS <= set(entry["summary"])
         assert [r["seed"] for r in entry["runs"]] == seeds  # every seed reported
+        moved = entry["summary"]["auroc_against_initial"]
+        assert {"pairs", "higher", "lower", "equal", "gain", "sign_test_p"} == set(moved)
+        assert moved["higher"] == sum(
+            r["controller"]["auroc"] > r["initial_auroc"] for r in entry["runs"]
+            if r["initial_auroc"] is not None and (r["controller"] or {}).get("auroc") is not None
+        )
         for run in entry["runs"]:
             assert RUN_KEYS <= set(run)
             assert len(run["curve"]) == len(ev.REJECTION_RATIOS) == len(run["ttest"]) == len(run["random_band"])
@@ -281,7 +288,13 @@ def test_reproduce_end_to_end_then_resume(tiny_synthetic_path, tmp_path, caplog,
     argv = ["reproduce", "--quick", "--task", "both", "--seeds", "1", "--steps", "16", "--workers", "1",
             "--device", "cpu", "--dataset", str(tiny_synthetic_path), "--out", str(out)]
     assert main(argv) == 0
-    assert "baseline" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "baseline" in printed
+    # The controllers' AUROC against the truth, each against its untrained start, beside the heuristics.
+    assert "controller AUROC against the ground truth, at initialisation -> at the end" in printed
+    assert re.search(r"^    fixed +\S+ -> \S+; seeds higher than at initialisation: (n/a|[01] of 1.*); "
+                     r"beating every heuristic: [01] of 1$", printed, re.M), printed
+    assert re.search(r"^    heuristics: mean_intensity \S+, intensity_std \S+, predictor_confidence \S+$", printed, re.M)
 
     names = ["results.json", "report.md", "settings.json"] + [
         f"{kind}_{task}.png" for kind in ("figure3", "figure4", "auroc") for task in ("classification", "segmentation")
@@ -445,7 +458,11 @@ def test_benchmark_algorithms_smoke(tiny_synthetic_path, tmp_path, capsys):
     t = results["tasks"]["classification"]
     check_task_result(t, ["reinforce", "a2c"], [0])
     assert [r["algorithm"] for r in t["table"]] == ["reinforce", "a2c"]
-    assert {"metric_mean", "p_value_median", "initial_auroc", "final_auroc", "wall_time_s", "env_steps_per_s"} <= set(t["table"][0])
+    assert {"metric_mean", "p_value_median", "initial_auroc", "final_auroc", "wall_time_s", "env_steps_per_s",
+            "seeds_higher_than_initial"} <= set(t["table"][0])
+    for row in t["table"]:
+        moved = t["runs"][row["algorithm"]]["summary"]["auroc_against_initial"]
+        assert row["seeds_higher_than_initial"].startswith(f"{moved['higher']} of 1") or moved["pairs"] == 0
     assert "| reinforce |" in (out / "report.md").read_text()
 
 

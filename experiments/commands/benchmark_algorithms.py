@@ -70,8 +70,8 @@ def run(args: argparse.Namespace) -> int:
         for row in t["table"]:
             print(
                 f"  {row['algorithm']:10} {format_number(row['metric_mean'])}  "
-                f"AUROC {format_number(row['initial_auroc']['mean'])} -> {format_number(row['final_auroc']['mean'])}  "
-                f"{row['wall_time_s']['mean'] or 0:.0f} s"
+                f"AUROC {format_number(row['initial_auroc']['mean'])} -> {format_number(row['final_auroc']['mean'])} "
+                f"(higher on {row['seeds_higher_than_initial']})  {row['wall_time_s']['mean'] or 0:.0f} s"
             )
     print(f"report: {args.out}/report.md")
     return 0

@@ -72,7 +72,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from experiments.reproduce import REFERENCES, format_number, format_stats, reproduce, tie_break_text
+    from experiments.reproduce import (
+        REFERENCES,
+        against_initial_text,
+        format_number,
+        format_stats,
+        reproduce,
+        tie_break_text,
+    )
 
     results = reproduce(
         args.out,
@@ -110,5 +117,14 @@ def run(args: argparse.Namespace) -> int:
                 ties = tie_break_text(r)
                 if ties is not None:
                     print(f"    ({ties})")
+        if any(entry["summary"]["final_auroc"]["n"] for entry in t["runs"].values()):
+            print("  controller AUROC against the ground truth, at initialisation -> at the end "
+                  "(mean ± st.d. across seeds):")
+            for label, entry in t["runs"].items():
+                s = entry["summary"]
+                print(f"    {label:10} {format_stats(s['initial_auroc'])} -> {format_stats(s['final_auroc'])}; "
+                      f"seeds higher than at initialisation: {against_initial_text(s)}; "
+                      f"beating every heuristic: {s['seeds_beating_heuristics']} of {s['final_auroc']['n']}")
+            print("    heuristics: " + ", ".join(f"{name} {format_stats(h['auroc'])}" for name, h in t["heuristics"].items()))
     print(f"report: {args.out}/report.md, figures and results.json in {args.out}")
     return 0
