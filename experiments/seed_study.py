@@ -177,8 +177,8 @@ def tally(runs: list[dict[str, Any]]) -> str:
 
 
 def _flat(value: Any, prefix: str) -> dict[str, Any]:
-    """Nested dicts as ``{"a.b": leaf}``, to say which settings tell two studies apart."""
-    if isinstance(value, dict) and value:
+    """Nested dicts as ``{"a.b": leaf}``, to say which settings tell two studies apart (``{}`` sets nothing)."""
+    if isinstance(value, dict):
         out: dict[str, Any] = {}
         for k, v in value.items():
             out.update(_flat(v, f"{prefix}.{k}"))
