@@ -196,6 +196,12 @@ class _StoredSelectionsMixin:
     whose reward measures the probabilities themselves keep them.  Off by
     default; ``docs/learning-status.md`` (section 31) has what it was
     measured to do.
+
+    An env that probes further draws of each step (``TaskAmenability-v0``'s
+    ``paired_draws``, reported as ``info["extra_selections"]`` and
+    ``info["extra_rewards"]``) has each of them stored as a transition of
+    its own, with the step's observations: K measured selections of one
+    batch for the critic to tell its images apart by.
     """
 
     def __init__(self, *args: Any, store_selections: bool = False, **kwargs: Any) -> None:
@@ -224,10 +230,50 @@ class _StoredSelectionsMixin:
             buffer_action = np.array(buffer_action, copy=True)
             for i, info in enumerate(infos):
                 if info["rewarded_action"] == "selection":
-                    drawn = np.asarray(info["selection"], dtype=bool).reshape(buffer_action[i].shape)
-                    valid = np.asarray(info.get("valid", np.ones_like(drawn)), dtype=bool).reshape(drawn.shape)
-                    buffer_action[i] = np.where(valid, np.where(drawn, 1.0, -1.0), buffer_action[i])
+                    buffer_action[i] = _scaled_draw(info["selection"], info, buffer_action[i])
+            extras = self._extra_draws(buffer_action, infos)
+            if extras:
+                replay_buffer = _WithExtraDraws(replay_buffer, extras)
         super()._store_transition(replay_buffer, buffer_action, new_obs, reward, dones, infos)  # type: ignore[misc]
+
+    def _extra_draws(self, buffer_action: np.ndarray, infos: list[dict[str, Any]]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """``(actions, rewards)`` per further draw of the step (the env's ``paired_draws``), every env at once."""
+        counts = {len(info.get("extra_rewards", ())) for info in infos}
+        if counts == {0}:
+            return []
+        if len(counts) > 1:
+            raise ValueError(f"store_selections needs every env to report as many further draws per step, got {sorted(counts)}")
+        if getattr(self, "_vec_normalize_env", None) is not None:
+            raise ValueError(
+                "store_selections cannot store the env's further draws (paired_draws) under VecNormalize: their "
+                "rewards are the env's own, not normalised"
+            )
+        extras = []
+        for k in range(counts.pop()):
+            actions = np.array(buffer_action, copy=True)
+            for i, info in enumerate(infos):
+                actions[i] = _scaled_draw(info["extra_selections"][k], info, buffer_action[i])
+            extras.append((actions, np.array([info["extra_rewards"][k] for info in infos], dtype=np.float32)))
+        return extras
+
+
+def _scaled_draw(drawn: Any, info: dict[str, Any], fallback: np.ndarray) -> np.ndarray:
+    """A Bernoulli draw as an action in the scaled space (selected 1, not -1); padding keeps ``fallback``."""
+    drawn = np.asarray(drawn, dtype=bool).reshape(fallback.shape)
+    valid = np.asarray(info.get("valid", np.ones_like(drawn)), dtype=bool).reshape(drawn.shape)
+    return np.where(valid, np.where(drawn, 1.0, -1.0), fallback)
+
+
+class _WithExtraDraws:
+    """A replay buffer whose ``add`` also stores the step's further draws, each with the same observations."""
+
+    def __init__(self, buffer: Any, extras: list[tuple[np.ndarray, np.ndarray]]) -> None:
+        self.buffer, self.extras = buffer, extras
+
+    def add(self, obs: Any, next_obs: Any, action: np.ndarray, reward: np.ndarray, done: np.ndarray, infos: list) -> None:
+        self.buffer.add(obs, next_obs, action, reward, done, infos)
+        for actions, rewards in self.extras:
+            self.buffer.add(obs, next_obs, actions, rewards, done, infos)
 
 
 class DDPG(_StoredSelectionsMixin, _ClassBalanceMixin, _UndiscountedTargetsMixin, SB3DDPG):

@@ -199,7 +199,15 @@ class TaskAmenabilityEnv(gym.Env):
     part that a running least-squares fit over the earlier steps attributes
     to the selected share of each class minus the rest's
     (``iqa_env.rewards.ClassMixCorrection``), so that selecting a class
-    pays nothing on average.
+    pays nothing on average.  With ``paired_draws=K > 1`` the env also
+    draws ``K - 1`` further selections from the same probabilities and
+    probes each of them from the same starting weights, without training on
+    them: ``info["extra_selections"]`` ``(K - 1, B)`` and
+    ``info["extra_rewards"]`` ``(K - 1,)`` (each corrected and penalised as
+    the step's own reward), so that an agent that learns from draws (DDPG's
+    ``store_selections``) gets K measured selections of each batch instead
+    of one.  The step's reward and the predictor's training stay those of
+    the first draw.
     ``reward_baseline="none"`` returns the raw validation rewards, for agents
     with a learnt critic (the critic is their baseline).
     The other training steps (all but the ``fixed`` reward's last, unless
@@ -244,6 +252,7 @@ class TaskAmenabilityEnv(gym.Env):
     | ``reward_baseline`` | ``"moving_average"`` | ``"moving_average"`` (the paper), ``"non_selective"`` (validation steps), ``"paired"`` (fixed reward: each training step against the rest of its batch) or ``"none"`` |
     | ``probe_lr`` | ``0.1`` | learning rate of the plain gradient steps of the ``paired`` baseline |
     | ``paired_class_correction`` | ``False`` | remove from each ``paired`` reward the part fitted to the selection's class mix |
+    | ``paired_draws`` | ``1`` | selections drawn and probed per ``paired`` training step; the further ones are reported in ``info`` |
     | ``validation_refresh`` | ``False`` | draw a new validation subset (of ``validation_size``) for every episode |
     | ``mean_selection_bounds`` | ``(0.0, 1.0)`` | allowed range of the mean selection probability |
     | ``mean_selection_penalty`` | ``1.0`` | penalty per unit outside those bounds |
@@ -290,6 +299,7 @@ class TaskAmenabilityEnv(gym.Env):
         reward_baseline: str = "moving_average",
         probe_lr: float = 0.1,
         paired_class_correction: bool = False,
+        paired_draws: int = 1,
         validation_refresh: bool = False,
         mean_selection_bounds: tuple[float, float] = (0.0, 1.0),
         mean_selection_penalty: float = 1.0,
@@ -344,6 +354,13 @@ class TaskAmenabilityEnv(gym.Env):
                 "paired_class_correction removes the class term from the rewards of the paired baseline's "
                 f"training steps, so it needs reward_baseline='paired', got reward_baseline={reward_baseline!r}"
             )
+        if isinstance(paired_draws, bool) or not isinstance(paired_draws, (int, np.integer)) or paired_draws < 1:
+            raise ValueError(f"paired_draws must be a whole number >= 1, got {paired_draws!r}")
+        if paired_draws > 1 and reward_baseline != "paired":
+            raise ValueError(
+                "paired_draws probes further selections of each training step as the paired baseline does, so "
+                f"it needs reward_baseline='paired', got reward_baseline={reward_baseline!r}"
+            )
         lo, hi = (float(b) for b in mean_selection_bounds)
         if not (0.0 <= lo <= hi <= 1.0):
             raise ValueError(
@@ -367,6 +384,7 @@ class TaskAmenabilityEnv(gym.Env):
         self.reward_baseline = reward_baseline
         self.probe_lr = float(probe_lr)
         self.paired_class_correction = bool(paired_class_correction)
+        self.paired_draws = int(paired_draws)
         self.validation_refresh = bool(validation_refresh)
         self.stochastic_validation = bool(stochastic_validation)
         self.mean_selection_bounds = (lo, hi)
@@ -547,8 +565,10 @@ class TaskAmenabilityEnv(gym.Env):
             values = self.task.per_sample_loss(outputs, targets)
         return values.double().cpu().numpy()
 
-    def _paired_training_step(self, selection: np.ndarray) -> tuple[float, float]:
-        """The training step of ``reward_baseline="paired"``; returns ``(raw, reward)``.
+    def _paired_training_step(
+        self, selection: np.ndarray, extra: np.ndarray | None = None
+    ) -> tuple[float, float, np.ndarray]:
+        """The training step of ``reward_baseline="paired"``; returns ``(raw, reward, extra_rewards)``.
 
         From the current weights, one plain gradient step of ``probe_lr`` is
         taken on the selected images and the fixed reward measured (``raw``),
@@ -564,18 +584,25 @@ class TaskAmenabilityEnv(gym.Env):
         the batches whose large gradients shrank a momentum step that
         happened to hurt (on the data of ``tests/test_learning.py`` it drove
         the controller to the inverted ranking, holdout AUROC 0.27 -> 0.01).
+
+        ``extra`` ``(K, B)``: further selections probed the same way from the
+        same starting weights (``paired_draws``); their paired rewards are
+        the third value, and the predictor does not train on them.
         """
         assert self.predictor is not None and self.optimizer is not None
         weights = {k: v.detach().clone() for k, v in self.predictor.state_dict().items()}
-        values = []
-        for side in (selection, ~selection):
-            if side.any():
-                self._probe_step(self._batch_indices[side])
-            values.append(fixed_reward(self._compute_validation_losses()))
-            self.predictor.load_state_dict(weights)
+        draws = [selection, *(() if extra is None else extra)]
+        values = np.empty((len(draws), 2))
+        for d, drawn in enumerate(draws):
+            for j, side in enumerate((drawn, ~drawn)):
+                if side.any():
+                    self._probe_step(self._batch_indices[side])
+                values[d, j] = fixed_reward(self._compute_validation_losses())
+                self.predictor.load_state_dict(weights)
         if selection.any():
             self._train_predictor(self._batch_indices[selection])
-        return values[0], values[0] - values[1]
+        paired = values[:, 0] - values[:, 1]
+        return float(values[0, 0]), float(paired[0]), paired[1:]
 
     # ---------------------------------------------------------------- batches
     def _draw_train_batch(self) -> None:
@@ -662,12 +689,19 @@ class TaskAmenabilityEnv(gym.Env):
         reward, raw, reward_ready = 0.0, 0.0, False
         terminated = False
 
+        extra_selections: np.ndarray | None = None
+        extra_rewards = np.empty(0)
         if self._phase == "train":
             if self.reward_baseline == "paired":
-                raw, reward = self._paired_training_step(selection)
+                if self.paired_draws > 1:
+                    extra_selections = self.np_random.random((self.paired_draws - 1, self.batch_size)) < p
+                raw, reward, extra_rewards = self._paired_training_step(selection, extra_selections)
                 if self.paired_class_correction:
                     contrast = class_mix_contrast(selection, classes, self.class_correction.num_classes)
                     reward = self.class_correction.correct(reward, contrast)
+                    for d, drawn in enumerate(() if extra_selections is None else extra_selections):
+                        contrast = class_mix_contrast(drawn, classes, self.class_correction.num_classes)
+                        extra_rewards[d] = self.class_correction.correct(float(extra_rewards[d]), contrast)
                 reward_ready = True
             elif selection.any():
                 self._train_predictor(self._batch_indices[selection])
@@ -735,6 +769,8 @@ class TaskAmenabilityEnv(gym.Env):
             num_selected=int(selection[valid].sum()),
             mean_selection_probability=mean_p,
         )
+        if extra_selections is not None:
+            info.update(extra_selections=extra_selections, extra_rewards=extra_rewards - penalty)
         self._needs_reset = terminated
         return self._observation(), float(reward), terminated, False, info
 
@@ -834,7 +870,7 @@ class TaskAmenabilityEnv(gym.Env):
                 "start the run again"
             )
         # States written before a setting existed had its default.
-        saved = {"reward_normalisation": "none", "paired_class_correction": False, **state.get("settings", {})}
+        saved = {"reward_normalisation": "none", "paired_class_correction": False, "paired_draws": 1, **state.get("settings", {})}
         mine = self._state_settings()
         differ = [f"{k}: saved {saved.get(k)!r}, this env {v!r}" for k, v in mine.items() if saved.get(k) != v]
         if differ:
@@ -901,4 +937,5 @@ class TaskAmenabilityEnv(gym.Env):
             "predictor_average": self.predictor_average,
             "reward_normalisation": self.reward_normalisation,
             "paired_class_correction": self.paired_class_correction,
+            "paired_draws": self.paired_draws,
         }

@@ -375,6 +375,57 @@ def test_store_selections_keeps_the_draws_that_the_rewards_measured(dataset, tmp
         silent.learn(4)
 
 
+def test_store_selections_keeps_every_further_draw_of_a_step_as_its_own_transition(dataset):
+    """With the env's ``paired_draws=3`` each step is stored three times, with the same observations: its own
+    draw with its reward, then each further draw with the reward the env measured for it."""
+    from stable_baselines3.common.buffers import ReplayBuffer
+
+    env = _env(dataset, reward="fixed", reward_baseline="paired", paired_draws=3)
+    agent = make_agent("ddpg", env, seed=0, learning_starts=10, replay_buffer_class=ReplayBuffer, gamma=0.0,
+                       store_selections=True)
+    infos, rewards = [], []
+
+    class Record(BaseCallback):
+        def _on_step(self) -> bool:
+            infos.append(self.locals["infos"][0])
+            rewards.append(float(self.locals["rewards"][0]))
+            return True
+
+    agent.learn(12, callback=Record())
+    buffer = agent.replay_buffer
+    assert buffer.pos == 3 * len(infos) == 36
+    actions, stored_rewards = buffer.actions[: buffer.pos, 0], buffer.rewards[: buffer.pos, 0]
+    observations = buffer.observations[: buffer.pos, 0]
+    for k, (info, reward) in enumerate(zip(infos, rewards)):
+        draws = [info["selection"], *info["extra_selections"]]
+        paid = [reward, *info["extra_rewards"]]
+        for j in range(3):
+            np.testing.assert_array_equal(actions[3 * k + j], np.where(draws[j], 1.0, -1.0))
+            assert stored_rewards[3 * k + j] == pytest.approx(paid[j], rel=1e-6, abs=1e-9)
+            np.testing.assert_array_equal(observations[3 * k + j], observations[3 * k])
+    # Without store_selections the further draws are not what the buffer holds: one transition per step.
+    plain = make_agent("ddpg", _env(dataset, reward="fixed", reward_baseline="paired", paired_draws=3), seed=0,
+                       learning_starts=10, replay_buffer_class=ReplayBuffer, gamma=0.0)
+    plain.learn(12)
+    assert plain.replay_buffer.pos == 12
+
+
+def test_store_selections_refuses_further_draws_it_cannot_store_alike(dataset):
+    from stable_baselines3.common.buffers import ReplayBuffer
+    from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
+
+    def paired(draws: int):
+        return lambda: _env(dataset, reward="fixed", reward_baseline="paired", paired_draws=draws)
+
+    kwargs = dict(seed=0, learning_starts=100, replay_buffer_class=ReplayBuffer, gamma=0.0, store_selections=True)
+    mixed = make_agent("ddpg", DummyVecEnv([paired(3), paired(1)]), **kwargs)
+    with pytest.raises(ValueError, match=r"as many further draws per step, got \[0, 2\]"):
+        mixed.learn(4)
+    normalised = make_agent("ddpg", VecNormalize(DummyVecEnv([paired(2)]), norm_obs=False), **kwargs)
+    with pytest.raises(ValueError, match="cannot store the env's further draws .* under VecNormalize"):
+        normalised.learn(4)
+
+
 def test_a_standardising_ratio_critic_keeps_its_action_gradient_when_the_embeddings_shrink(dataset, tmp_path):
     """``critic_standardise``: the ratio critic sees the images' differences at a scale its trunk cannot shrink."""
     from agents.policies import RatioQNetwork

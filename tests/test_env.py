@@ -504,6 +504,43 @@ def test_paired_class_correction_subtracts_the_fitted_class_term(tiny_synthetic)
         TaskAmenabilityEnv(tiny_synthetic, **{**TINY, "reward": "fixed"}, paired_class_correction=True)
 
 
+def test_paired_draws_probe_further_selections_from_the_same_weights(tiny_synthetic):
+    """``paired_draws=3``: the step's own draw, reward and training are those of ``paired_draws=1``; the two
+    further draws come from the same probabilities, and each further reward is what a step with exactly that
+    selection would have been paid, from the same starting weights (an env given the selection as 0/1
+    probabilities draws it exactly)."""
+    import torch
+
+    kwargs = {**TINY, "reward": "fixed", "reward_baseline": "paired", "train_steps": 4}
+    drawing = TaskAmenabilityEnv(tiny_synthetic, **kwargs, paired_draws=3)
+    single, replay = TaskAmenabilityEnv(tiny_synthetic, **kwargs), TaskAmenabilityEnv(tiny_synthetic, **kwargs)
+    for env in (drawing, single, replay):
+        env.reset(seed=0)
+    action = np.linspace(0.1, 0.9, 8)
+    _, reward, _, _, info = drawing.step(action)
+    _, single_reward, _, _, single_info = single.step(action)
+    assert np.array_equal(info["selection"], single_info["selection"]) and reward == single_reward
+    for mine, theirs in zip(drawing.predictor.state_dict().values(), single.predictor.state_dict().values()):
+        assert torch.equal(mine, theirs)  # the predictor trained on the first draw only
+    extra, extra_rewards = info["extra_selections"], info["extra_rewards"]
+    assert extra.shape == (2, 8) and extra.dtype == bool and extra_rewards.shape == (2,)
+    assert not all(np.array_equal(e, info["selection"]) for e in extra)
+    for drawn, paid in zip(extra, extra_rewards):
+        replay.reset(seed=0)
+        _, replayed, _, _, replay_info = replay.step(drawn.astype(np.float64))
+        assert np.array_equal(replay_info["selection"], drawn)
+        assert paid == pytest.approx(replayed + replay_info["penalty"] - info["penalty"], abs=1e-9)
+    assert "extra_selections" not in single_info
+    # Further draws follow the probabilities: none where p = 0, all where p = 1.
+    _, _, _, _, info = drawing.step(np.r_[np.zeros(4), np.ones(4)])
+    assert not info["extra_selections"][:, :4].any() and info["extra_selections"][:, 4:].all()
+    for bad in (0, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="paired_draws must be a whole number >= 1, got"):
+            TaskAmenabilityEnv(tiny_synthetic, **kwargs, paired_draws=bad)
+    with pytest.raises(ValueError, match="paired_draws probes .* needs reward_baseline='paired'"):
+        TaskAmenabilityEnv(tiny_synthetic, **{**TINY, "reward": "fixed"}, paired_draws=2)
+
+
 @pytest.mark.parametrize("reward", ["weighted", "selective"])
 def test_class_log_normalisation_is_what_the_rewards_use(tiny_synthetic, reward):
     """``reward_normalisation="class_log"``: the validation phase's losses are log-losses centred per class,

@@ -241,8 +241,8 @@ def _tiny_env(dataset, **kw):
 @pytest.mark.parametrize(
     "settings",
     [{}, {"predictor_augment": True, "predictor_average": 0.9},
-     {"reward": "fixed", "reward_baseline": "paired", "paired_class_correction": True}],
-    ids=["plain", "augment+average", "paired+class-correction"],
+     {"reward": "fixed", "reward_baseline": "paired", "paired_class_correction": True, "paired_draws": 3}],
+    ids=["plain", "augment+average", "paired+class-correction+draws"],
 )
 def test_env_state_dict_round_trip(tiny_synthetic, settings):
     """An env loaded from another's state makes the same next steps (through a weights-only file)."""
