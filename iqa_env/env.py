@@ -203,8 +203,9 @@ class TaskAmenabilityEnv(gym.Env):
     draws ``K - 1`` further selections from the same probabilities and
     probes each of them from the same starting weights, without training on
     them: ``info["extra_selections"]`` ``(K - 1, B)`` and
-    ``info["extra_rewards"]`` ``(K - 1,)`` (each corrected and penalised as
-    the step's own reward), so that an agent that learns from draws (DDPG's
+    ``info["extra_rewards"]`` ``(K - 1,)`` (each penalised and, with the
+    class correction, corrected as the step's own reward, the correction's
+    fit also learning from them), so that an agent that learns from draws (DDPG's
     ``store_selections``) gets K measured selections of each batch instead
     of one.  The step's reward and the predictor's training stay those of
     the first draw.
