@@ -32,13 +32,12 @@ import hashlib
 import json
 import logging
 import math
-import multiprocessing
 import os
 import platform
 import shlex
 import time
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,6 +60,7 @@ from experiments.evaluation import (
     rejection_curve,
 )
 from experiments.training import TrainConfig
+from experiments.workers import worker_pool
 
 logger = logging.getLogger(__name__)
 
@@ -410,16 +410,12 @@ def run_stages(stages: Sequence[Stage], workers: int = 1) -> int:
         return len(todo)
     todo.sort(key=lambda s: s.kind == "baseline")  # train() runs first: they are the long ones
     logger.info("running %d stages in %d processes", len(todo), workers)
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    # An interruption ends the workers with this process; finished stages keep their stage.done, and the
+    # next run resumes after them.
+    with worker_pool(workers) as pool:
         futures = {pool.submit(run_stage, stage, 1): stage for stage in todo}
-        try:
-            for future in as_completed(futures):
-                done(futures[future], future.result())
-        except BaseException:
-            # Finished stages keep their stage.done: the next run resumes after them.
-            for future in futures:
-                future.cancel()
-            raise
+        for future in as_completed(futures):
+            done(futures[future], future.result())
     return len(todo)
 
 

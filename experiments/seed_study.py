@@ -44,15 +44,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import multiprocessing
 import sys
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from pathlib import Path
 from typing import Any
 
 from experiments.commands import json_object
 from experiments.training import TrainConfig
+from experiments.workers import worker_pool
 
 
 def _run(config: TrainConfig, out: str | None = None) -> dict[str, Any]:
@@ -119,8 +119,7 @@ def seed_study(
     configs = study_configs(algos, rewards, seeds, base)
     results: list[dict[str, Any] | None] = [None] * len(configs)
     finished: list[dict[str, Any]] = []
-    # spawn, not fork: a forked worker cannot use CUDA once the parent has touched it (--device cuda).
-    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with worker_pool(workers) as pool:  # spawned workers, which end if the study is stopped
         futures = {
             pool.submit(_run, config, None if out is None else str(out)): i for i, config in enumerate(configs)
         }

@@ -156,22 +156,21 @@ def test_seed_study_workers_are_spawned_not_forked(monkeypatch):
 
     seen = {}
 
+    import experiments.workers as workers
+
     class Recorder:
         def __init__(self, max_workers, mp_context=None):
             seen["context"] = mp_context
 
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
+        def shutdown(self, wait=True, cancel_futures=False):
+            pass
 
         def submit(self, fn, config, out):
             future = Future()
             future.set_result({"seed": config.seed})
             return future
 
-    monkeypatch.setattr(study, "ProcessPoolExecutor", Recorder)
+    monkeypatch.setattr(workers, "ProcessPoolExecutor", Recorder)
     ended = []
     out = study.seed_study(
         ["reinforce"], ["weighted"], [0, 1, 2], study.TrainConfig(steps=1), workers=2,
