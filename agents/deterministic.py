@@ -236,13 +236,17 @@ class _StoredSelectionsMixin:
                 replay_buffer = _WithExtraDraws(replay_buffer, extras)
         super()._store_transition(replay_buffer, buffer_action, new_obs, reward, dones, infos)  # type: ignore[misc]
 
-    def _extra_draws(self, buffer_action: np.ndarray, infos: list[dict[str, Any]]) -> list[tuple[np.ndarray, np.ndarray]]:
+    def _extra_draws(
+        self, buffer_action: np.ndarray, infos: list[dict[str, Any]]
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
         """``(actions, rewards)`` per further draw of the step (the env's ``paired_draws``), every env at once."""
         counts = {len(info.get("extra_rewards", ())) for info in infos}
         if counts == {0}:
             return []
         if len(counts) > 1:
-            raise ValueError(f"store_selections needs every env to report as many further draws per step, got {sorted(counts)}")
+            raise ValueError(
+                f"store_selections needs every env to report as many further draws per step, got {sorted(counts)}"
+            )
         if getattr(self, "_vec_normalize_env", None) is not None:
             raise ValueError(
                 "store_selections cannot store the env's further draws (paired_draws) under VecNormalize: their "

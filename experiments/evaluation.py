@@ -97,8 +97,9 @@ def against_initial(initial: Sequence[float | None], final: Sequence[float | Non
     (how many), ``initial`` and ``final`` (:func:`mean_and_std` of each
     side), ``higher`` / ``lower`` / ``equal`` (how many seeds ended above,
     below or at their initial figure), ``gain`` (:func:`mean_and_std` of
-    final - initial) and ``sign_test_p``: the two-sided sign test over the seeds that moved
-    (``scipy.stats.binomtest`` with probability 1/2; None if none moved).
+    final - initial) and ``sign_test_p``: the two-sided sign test over the
+    seeds that moved (``scipy.stats.binomtest`` with probability 1/2; None
+    if none moved).
     The sign test assumes nothing about how the gains are distributed; with
     n seeds its smallest p is ``2 ** (1 - n)`` (0.0078 for 8 seeds, 0.0625
     for 5), so a study of few seeds cannot show more than that.

@@ -239,15 +239,18 @@ def print_report(summaries: list[dict[str, Any]]) -> None:
         print(f"{labels[key]}: {tally(runs)}")
 
 
+#: What :func:`print_report` reads of each run summary besides its config.
+_RUN_FIELDS = ("initial_auroc", "final_auroc", "steps", "steps_per_s", "auroc_curve")
+
+
 def read_summaries(paths: list[str]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The runs and heuristics of seed-study JSON files (``--json``), for :func:`print_report`.
 
     A file is a study's ``{"heuristics": ..., "runs": [...]}``, or a JSON
     object whose values are such studies or their lists of runs (several
-    kept in one file).  The
-    same seed of the same settings in two places is refused: one of the two
-    would be chosen silently.  Raises ``ValueError`` naming the file and what
-    was expected.
+    kept in one file).  The same seed of the same settings in two places is
+    refused: one of the two would be chosen silently.  Raises ``ValueError``
+    naming the file and what was expected.
     """
     runs: list[dict[str, Any]] = []
     heuristics: list[dict[str, Any]] = []
@@ -275,8 +278,13 @@ def read_summaries(paths: list[str]) -> tuple[list[dict[str, Any]], list[dict[st
             if study.get("heuristics") and study["heuristics"] not in heuristics:
                 heuristics.append(study["heuristics"])
             for k, run in enumerate(study["runs"]):
-                if not (isinstance(run, dict) and isinstance(run.get("config"), dict) and "final_auroc" in run):
-                    raise ValueError(f"{where}: run {k} is not a seed-study run summary (no config or final_auroc)")
+                config = run.get("config") if isinstance(run, dict) else None
+                if not (isinstance(config, dict) and {"algo", "reward", "seed"} <= set(config)
+                        and set(_RUN_FIELDS) <= set(run)):
+                    raise ValueError(
+                        f"{where}: run {k} is not a seed-study run summary (expected a config with algo, reward "
+                        f"and seed, and {', '.join(_RUN_FIELDS)})"
+                    )
                 key = (_settings_key(run), run["config"]["seed"])
                 if key in seen:
                     raise ValueError(

@@ -205,9 +205,9 @@ class TaskAmenabilityEnv(gym.Env):
     them: ``info["extra_selections"]`` ``(K - 1, B)`` and
     ``info["extra_rewards"]`` ``(K - 1,)`` (each penalised and, with the
     class correction, corrected as the step's own reward, the correction's
-    fit also learning from them), so that an agent that learns from draws (DDPG's
-    ``store_selections``) gets K measured selections of each batch instead
-    of one.  The step's reward and the predictor's training stay those of
+    fit also learning from them), so that an agent that learns from draws
+    (DDPG's ``store_selections``) gets K measured selections of each batch
+    instead of one.  The step's reward and the predictor's training stay those of
     the first draw.
     ``reward_baseline="none"`` returns the raw validation rewards, for agents
     with a learnt critic (the critic is their baseline).
@@ -871,7 +871,12 @@ class TaskAmenabilityEnv(gym.Env):
                 "start the run again"
             )
         # States written before a setting existed had its default.
-        saved = {"reward_normalisation": "none", "paired_class_correction": False, "paired_draws": 1, **state.get("settings", {})}
+        saved = {
+            "reward_normalisation": "none",
+            "paired_class_correction": False,
+            "paired_draws": 1,
+            **state.get("settings", {}),
+        }
         mine = self._state_settings()
         differ = [f"{k}: saved {saved.get(k)!r}, this env {v!r}" for k, v in mine.items() if saved.get(k) != v]
         if differ:
