@@ -575,6 +575,9 @@ def with_median(stats: dict[str, Any]) -> dict[str, Any]:
 
 def summarise_seeds(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Headline figures of one method across seeds: means +- st.d. (every seed's value listed)."""
+    initial = [r.get("initial_auroc") for r in runs]
+    final = [(r["controller"] or {}).get("auroc") for r in runs]
+    moved = against_initial(initial, final)
     summary: dict[str, Any] = {
         "metric_at_paper_ratio": mean_and_std([r["at_paper_ratio"]["mean"] for r in runs]),
         "patient_std_at_paper_ratio": mean_and_std([r["at_paper_ratio"]["std"] for r in runs]),
@@ -585,16 +588,10 @@ def summarise_seeds(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "baseline_predictor_seeds_better_with_p_below_0.05": sum(
             r["baseline_predictor"]["at_paper_ratio"]["better_with_p_below_0.05"] for r in runs
         ),
-        "initial_auroc": mean_and_std([r.get("initial_auroc") for r in runs]),
-        "final_auroc": mean_and_std([(r["controller"] or {}).get("auroc") for r in runs]),
+        "initial_auroc": mean_and_std(initial),
+        "final_auroc": mean_and_std(final),
         # Every seed against its own untrained controller: how many ended higher, and a sign test.
-        "auroc_against_initial": {
-            k: v
-            for k, v in against_initial(
-                [r.get("initial_auroc") for r in runs], [(r["controller"] or {}).get("auroc") for r in runs]
-            ).items()
-            if k not in ("initial", "final")  # the two entries above
-        },
+        "auroc_against_initial": {k: v for k, v in moved.items() if k not in ("initial", "final")},
         "spearman": mean_and_std([(r["controller"] or {}).get("spearman") for r in runs]),
         "seeds_beating_heuristics": sum(bool(r["beats_heuristics"]) for r in runs),
         "wall_time_s": mean_and_std([r.get("wall_time_s") for r in runs]),

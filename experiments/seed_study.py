@@ -185,6 +185,10 @@ def _flat(value: Any, prefix: str) -> dict[str, Any]:
     return {prefix: value}
 
 
+def _algo_reward(runs: list[dict[str, Any]]) -> tuple[str, str]:
+    return runs[0]["config"]["algo"], runs[0]["config"]["reward"]
+
+
 def _labels(groups: dict[str, list[dict[str, Any]]]) -> dict[str, str]:
     """``"algo reward"`` per settings group, with the settings that differ where one algorithm x reward has several."""
     flat = {
@@ -194,9 +198,8 @@ def _labels(groups: dict[str, list[dict[str, Any]]]) -> dict[str, str]:
     }
     labels = {}
     for key, runs in groups.items():
-        c = runs[0]["config"]
-        label = f"{c['algo']} {c['reward']}"
-        peers = [k for k, r in groups.items() if (r[0]["config"]["algo"], r[0]["config"]["reward"]) == (c["algo"], c["reward"])]
+        label = " ".join(_algo_reward(runs))
+        peers = [k for k, r in groups.items() if _algo_reward(r) == _algo_reward(runs)]
         if len(peers) > 1:
             names = sorted({n for k in peers for n in flat[k]})
             def shown_value(k: str, n: str) -> str:
@@ -220,7 +223,7 @@ def print_report(summaries: list[dict[str, Any]]) -> None:
     for s in summaries:
         groups.setdefault(_settings_key(s), []).append(s)
     labels = _labels(groups)
-    several = any(label.endswith("]") for label in labels.values())
+    several = len({_algo_reward(runs) for runs in groups.values()}) < len(groups)  # one has several settings
     print(
         f"{'algo':10} {'reward':10} {'seed':>4} {'initial':>8} {'final':>8} {'steps':>6} {'steps/s':>8} "
         f"{'score mean (sd)':>16}  curve"

@@ -566,18 +566,19 @@ class TaskAmenabilityEnv(gym.Env):
             values = self.task.per_sample_loss(outputs, targets)
         return values.double().cpu().numpy()
 
-    def _paired_training_step(
-        self, selection: np.ndarray, extra: np.ndarray | None = None
-    ) -> tuple[float, float, np.ndarray]:
-        """The training step of ``reward_baseline="paired"``; returns ``(raw, reward, extra_rewards)``.
+    def _paired_training_step(self, draws: np.ndarray) -> tuple[float, np.ndarray]:
+        """The training step of ``reward_baseline="paired"``; returns ``(raw, rewards)``, a reward per draw.
 
-        From the current weights, one plain gradient step of ``probe_lr`` is
-        taken on the selected images and the fixed reward measured (``raw``),
-        the weights are put back, and the same is done with the images *not*
-        selected; ``reward`` is the difference: what a step on this
+        ``draws`` ``(K, B)``: the step's selection first, then the further
+        ones of ``paired_draws``.  For each, from the current weights, one
+        plain gradient step of ``probe_lr`` is taken on the selected images
+        and the fixed reward measured (``raw``: the first draw's), the
+        weights are put back, and the same is done with the images *not*
+        selected; its reward is the difference: what a step on this
         selection, rather than on the rest of the batch, does to the clean
         validation loss.  A side with no image takes no step.  Then the
-        predictor takes its real (Adam) step on the selected images.
+        predictor takes its real (Adam) step on the first draw's selected
+        images; it does not train on the further draws.
 
         The probes are plain gradient steps, not the optimiser's: an Adam
         step is mostly its momentum, scaled by a second moment that the
@@ -585,14 +586,9 @@ class TaskAmenabilityEnv(gym.Env):
         the batches whose large gradients shrank a momentum step that
         happened to hurt (on the data of ``tests/test_learning.py`` it drove
         the controller to the inverted ranking, holdout AUROC 0.27 -> 0.01).
-
-        ``extra`` ``(K, B)``: further selections probed the same way from the
-        same starting weights (``paired_draws``); their paired rewards are
-        the third value, and the predictor does not train on them.
         """
         assert self.predictor is not None and self.optimizer is not None
         weights = {k: v.detach().clone() for k, v in self.predictor.state_dict().items()}
-        draws = [selection, *(() if extra is None else extra)]
         values = np.empty((len(draws), 2))
         for d, drawn in enumerate(draws):
             for j, side in enumerate((drawn, ~drawn)):
@@ -600,10 +596,9 @@ class TaskAmenabilityEnv(gym.Env):
                     self._probe_step(self._batch_indices[side])
                 values[d, j] = fixed_reward(self._compute_validation_losses())
                 self.predictor.load_state_dict(weights)
-        if selection.any():
-            self._train_predictor(self._batch_indices[selection])
-        paired = values[:, 0] - values[:, 1]
-        return float(values[0, 0]), float(paired[0]), paired[1:]
+        if draws[0].any():
+            self._train_predictor(self._batch_indices[draws[0]])
+        return float(values[0, 0]), values[:, 0] - values[:, 1]
 
     # ---------------------------------------------------------------- batches
     def _draw_train_batch(self) -> None:
@@ -691,18 +686,18 @@ class TaskAmenabilityEnv(gym.Env):
         terminated = False
 
         extra_selections: np.ndarray | None = None
-        extra_rewards = np.empty(0)
         if self._phase == "train":
             if self.reward_baseline == "paired":
+                draws = selection[None]
                 if self.paired_draws > 1:
                     extra_selections = self.np_random.random((self.paired_draws - 1, self.batch_size)) < p
-                raw, reward, extra_rewards = self._paired_training_step(selection, extra_selections)
+                    draws = np.concatenate([draws, extra_selections])
+                raw, paired = self._paired_training_step(draws)
                 if self.paired_class_correction:
-                    contrast = class_mix_contrast(selection, classes, self.class_correction.num_classes)
-                    reward = self.class_correction.correct(reward, contrast)
-                    for d, drawn in enumerate(() if extra_selections is None else extra_selections):
+                    for d, drawn in enumerate(draws):
                         contrast = class_mix_contrast(drawn, classes, self.class_correction.num_classes)
-                        extra_rewards[d] = self.class_correction.correct(float(extra_rewards[d]), contrast)
+                        paired[d] = self.class_correction.correct(float(paired[d]), contrast)
+                reward, extra_rewards = float(paired[0]), paired[1:]
                 reward_ready = True
             elif selection.any():
                 self._train_predictor(self._batch_indices[selection])
