@@ -4,8 +4,9 @@ Imports go one way: ``experiments -> agents -> iqa_env``.
 """
 
 from agents.controller import Controller
+from agents.deterministic import DDPG, TD3
 from agents.factory import ALGORITHMS, default_kwargs, make_agent, recommended_env_kwargs
 from agents.noise import ProbabilityOUNoise
 from agents.reinforce import REINFORCE
 
-__all__ = ["ALGORITHMS", "REINFORCE", "Controller", "ProbabilityOUNoise", "default_kwargs", "make_agent", "recommended_env_kwargs"]
+__all__ = ["ALGORITHMS", "DDPG", "REINFORCE", "TD3", "Controller", "ProbabilityOUNoise", "default_kwargs", "make_agent", "recommended_env_kwargs"]

@@ -95,9 +95,9 @@ class BenchBudget:
     rl_on_policy_episodes: int
     """Whole episodes (rollouts + updates) timed inside REINFORCE's ``learn()`` after its first rollout."""
     rl_off_policy_steps: int
-    """Steps timed inside DDPG's ``learn()`` after ``learning_starts``.  Each costs one gradient
-    step on ``batch_size`` whole observations, which dwarfs the env step, so a part of an
-    episode is representative and keeps the benchmark short."""
+    """Steps timed inside DDPG's ``learn()`` after ``learning_starts``.  Each costs its gradient
+    steps (4 of 16 whole observations with the weighted reward's defaults), which dwarf the env
+    step, so a part of an episode is representative and keeps the benchmark short."""
 
 
 FULL = BenchBudget(

@@ -117,7 +117,8 @@ class TaskAmenabilityEnv(gym.Env):
       step of the task predictor on the selected images only (none selected:
       no update).
     - validation step: the observation is the next mini-batch of validation
-      images (a fixed set, in a fixed order, padded at the end with repeats
+      images (a fixed set, in a fixed order, or with ``validation_refresh``
+      a new subset and order every episode; padded at the end with repeats
       that ``info["valid"]`` marks False); the action is the controller's
       scores for them.  The predictor's per-sample losses on the validation
       set are computed once when the phase starts.

@@ -60,7 +60,6 @@ def test_data_help_lists_the_subcommands(capsys: pytest.CaptureFixture[str]) -> 
 
 
 def test_synth_writes_a_small_dataset(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    pytest.importorskip("iqa_env.data.synthetic")
     out = tmp_path / "s.h5"
     code = main(
         [

@@ -531,6 +531,7 @@ def test_the_documented_error_messages_are_real(tmp_path: Path) -> None:
         (replace("masks", np.zeros((12, 32, 32), np.uint8)), 64),
         (delete_attr("format"), None),
     ]
+    assert len(lines) == len(cases), lines
     for line, (mutate, size) in zip(lines, cases):
         path = tmp_path / "data.h5"
         write_valid(path, size=size or 8)
@@ -559,7 +560,7 @@ def test_cache_dir_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
 def test_default_dataset_is_generated_once_and_cached(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    synthetic = pytest.importorskip("iqa_env.data.synthetic")
+    import iqa_env.data.synthetic as synthetic
     from iqa_env.data import cache
 
     calls: list[int] = []

@@ -103,13 +103,18 @@ def test_the_ground_truth_reference_orders_its_ties_at_random_not_by_index():
     at_random = ~ev.kept_images(ranks, 0.05)
     assert by_index.sum() == at_random.sum() == 20 and np.all(truth[at_random] == 0)
     assert len(set(groups[at_random])) > 2 * len(set(groups[by_index]))
-    # The predictor fails on half the tied images: whichever ones are rejected, the gain is real.
+    # The predictor fails on half the tied images: most orders of the ties pass the test (0.84 of 50
+    # with these seeds), not all, since some put the rejections on the images it gets right.
     metric = np.ones(n)
     metric[np.flatnonzero(~distinct)[::2]] = 0.0
     out = rejecting_by_truth(metric, truth, groups, 0.05, seed=0, draws=50)
     ties = out["tie_breaks"]
     assert ties["tied_at_lowest"] == 100 and ties["draws"] == 50
-    assert ties["mean_difference_median"] > 0 and 0 <= ties["better_with_p_below_0.05_fraction"] <= 1
+    assert ties["mean_difference_median"] > 0 and 0.5 < ties["better_with_p_below_0.05_fraction"] < 1
+    # Failing on a tenth of them, the gain is small and few orders pass (0.04).
+    rare = np.ones(n)
+    rare[np.flatnonzero(~distinct)[::10]] = 0.0
+    assert rejecting_by_truth(rare, truth, groups, 0.05, seed=0, draws=50)["tie_breaks"]["better_with_p_below_0.05_fraction"] < 0.2
     assert out["at_paper_ratio"]["mean"] > ev.metric_across_patients(metric, groups)["mean"]
     # The same seed gives the same order; no ties, nothing to say.
     again = rejecting_by_truth(metric, truth, groups, 0.05, seed=0, draws=50)
@@ -462,7 +467,8 @@ def test_benchmark_algorithms_smoke(tiny_synthetic_path, tmp_path, capsys):
             "seeds_higher_than_initial"} <= set(t["table"][0])
     for row in t["table"]:
         moved = t["runs"][row["algorithm"]]["summary"]["auroc_against_initial"]
-        assert row["seeds_higher_than_initial"].startswith(f"{moved['higher']} of 1") or moved["pairs"] == 0
+        expected = "n/a" if moved["pairs"] == 0 else f"{moved['higher']} of 1"
+        assert row["seeds_higher_than_initial"].startswith(expected), (row, moved)
     assert "| reinforce |" in (out / "report.md").read_text()
 
 

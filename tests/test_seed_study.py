@@ -77,7 +77,7 @@ def test_seed_study_time_limit_stops_every_run_and_says_so(tiny_synthetic_path, 
     code = main(
         ["--algos", "reinforce", "--rewards", "weighted", "--seeds", "2", "--steps", "5000",
          "--dataset", str(tiny_synthetic_path), "--workers", "1", "--json", str(out), "--eval-every", "4",
-         "--time-limit", "0.5", "--env-kwargs", '{"batch_size": 8, "train_steps": 2, "validation_size": 16}']
+         "--time-limit", "1e-9", "--env-kwargs", '{"batch_size": 8, "train_steps": 2, "validation_size": 16}']
     )
     assert code == 0
     runs = json.loads(out.read_text())["runs"]
