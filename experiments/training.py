@@ -83,6 +83,10 @@ class TrainConfig:
             raise ValueError(f"reward must be one of {REWARD_NAMES}, got {self.reward!r}")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
+        for name in ("seed", "split_seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
         from iqa_env.env import resolve_device
         from iqa_env.rewards import check_rejection_ratio
 
@@ -156,9 +160,19 @@ def make_env(config: TrainConfig, train_set, validation_set):
     (:func:`agents.recommended_env_kwargs`), the fields of ``config``, then
     ``config.env_kwargs``.
     """
+    import inspect
+
     from iqa_env.env import TaskAmenabilityEnv
 
-    return TaskAmenabilityEnv(train_set, validation_dataset=validation_set, **env_settings(config))
+    settings = env_settings(config)
+    known = set(inspect.signature(TaskAmenabilityEnv).parameters)
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise ValueError(
+            f"env_kwargs: unknown TaskAmenabilityEnv argument(s) {', '.join(map(repr, unknown))}; "
+            "docs/environment.md lists them"
+        )
+    return TaskAmenabilityEnv(train_set, validation_dataset=validation_set, **settings)
 
 
 def controller_auroc(controller, holdout, task: str) -> float | None:
@@ -436,6 +450,12 @@ def train(
         )
     # The data and the env first: a dataset or setting they refuse (a bad file, one class, too few
     # patients, a batch larger than the training set) fails before the run folder is touched.
+    if out_dir is not None:
+        from iqa_env.files import blocking_file
+
+        in_the_way = blocking_file(out_dir)
+        if in_the_way is not None:
+            raise ValueError(f"run folder {out_dir}: {in_the_way} is a file, not a folder; give a folder")
     _, (train_set, validation_set, holdout) = load_splits(config.dataset, config.split_seed)
     env = make_env(config, train_set, validation_set)
     # The env arguments the run has, defaults included, as they read back from JSON: recorded in its
@@ -457,7 +477,6 @@ def train(
                 out, found["run"], found["steps"],
             )
             return {**found, "already_finished": True}
-        _atomic_json(out / "config.json", dataclasses.asdict(config))
     logger.info("training %s: %s", config.run_name, dataclasses.asdict(config))
     agent_kwargs = dict(config.agent_kwargs)
     if out is not None:
@@ -497,7 +516,17 @@ def train(
     else:
         # No env.reset(seed) here: learn() makes the seeded reset (make_agent's seed reaches the env
         # through SB3's VecEnv.seed), and a second one would rebuild and warm up the predictor again.
-        agent = make_agent(config.algo, env, seed=config.seed, **agent_kwargs)
+        try:
+            agent = make_agent(config.algo, env, seed=config.seed, **agent_kwargs)
+        except (TypeError, ValueError) as e:
+            env.close()
+            raise ValueError(
+                f"cannot build {config.algo} with agent_kwargs {json.dumps(config.agent_kwargs)}: {e} "
+                f"(agents.default_kwargs({config.algo!r}, env) and the algorithm's constructor list its arguments)"
+            ) from e
+    if out is not None:
+        # Once the agent is built: settings it refuses leave no config.json to block the corrected call.
+        _atomic_json(out / "config.json", dataclasses.asdict(config))
 
     def current_auroc() -> float | None:
         return controller_auroc(Controller.from_agent(agent), holdout, config.task)

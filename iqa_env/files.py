@@ -10,6 +10,25 @@ from pathlib import Path
 from typing import Any
 
 
+def blocking_file(folder: str | os.PathLike[str]) -> Path | None:
+    """The file (or other non-folder) at ``folder`` or at the nearest of its parents that exists, or None.
+
+    A folder cannot be made, nor a file written into it, where one of these
+    stands: ``mkdir`` says "File exists" or "Not a directory", which names
+    neither the path at fault nor what to do.
+    """
+    for p in (Path(folder), *Path(folder).parents):
+        if p.exists():
+            return None if p.is_dir() else p
+    return None
+
+
+def not_a_folder_hint(path: str | os.PathLike[str]) -> str:
+    """For an error writing the file ``path``: why, where a file stands in the way of its folder, else ''."""
+    p = blocking_file(Path(path).parent)
+    return "" if p is None else f"{p} is a file, not a folder"
+
+
 def atomic_write(path: str | os.PathLike[str], write: Callable[[str], object]) -> Path:
     """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it over ``path``.
 

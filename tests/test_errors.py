@@ -671,6 +671,14 @@ def test_refused_train_leaves_the_run_folder_untouched(
     assert_mentions(message, "the classification task needs training images of at least 2 classes")
     message = cli_error(["train", "--dataset", tiny_synthetic_path, "--batch-size", "1000", *tiny], capsys)
     assert_mentions(message, "batch_size 1000 is larger than the training set")
+    # Arguments the algorithm or the env does not take, or values it refuses: named with the option.
+    good = ["train", "--dataset", tiny_synthetic_path, "--batch-size", "8"]
+    message = cli_error([*good, "--agent-kwargs", '{"nope": 1}', *tiny], capsys)
+    assert_mentions(message, 'cannot build reinforce with agent_kwargs {"nope": 1}', "unexpected keyword argument 'nope'")
+    message = cli_error([*good, "--agent-kwargs", '{"learning_rate": -1}', *tiny], capsys)
+    assert_mentions(message, 'cannot build reinforce with agent_kwargs {"learning_rate": -1}')
+    message = cli_error([*good, "--env-kwargs", '{"no_such_arg": 1}', *tiny], capsys)
+    assert message == "env_kwargs: unknown TaskAmenabilityEnv argument(s) 'no_such_arg'; docs/environment.md lists them"
     assert [p.name for p in run.iterdir()] == ["notes.txt"]
     # The corrected command trains there (no config.json of a failed run for it to disagree with).
     capsys.readouterr()
@@ -686,6 +694,18 @@ def test_steps_not_positive(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     message = api_error(ValueError, lambda: TrainConfig(steps=0).validate())
     assert message == "steps must be >= 1, got 0"
     assert cli_error(["train", "--steps", "0", "--out", tmp_path / "run"], capsys) == message
+    assert not (tmp_path / "run").exists()
+
+
+def test_seed_or_validation_size_negative(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from experiments.training import TrainConfig
+
+    message = api_error(ValueError, lambda: TrainConfig(seed=-1).validate())
+    assert message == "seed must be an integer >= 0, got -1"
+    assert cli_error(["train", "--seed", "-1", "--out", tmp_path / "run"], capsys) == message
+    assert api_error(ValueError, lambda: TrainConfig(split_seed=-2).validate()) == "split_seed must be an integer >= 0, got -2"
+    message = usage_error(["train", "--validation-size", "-5", "--out", str(tmp_path / "run")], capsys)
+    assert_mentions(message, "argument --validation-size: expected a whole number >= 0, got '-5'")
     assert not (tmp_path / "run").exists()
 
 
@@ -828,6 +848,23 @@ def test_output_path_is_a_folder(
     preview = cli_error(["data", "inspect", tiny_synthetic_path, "--preview", folder], capsys)
     assert_mentions(preview, f"--preview {folder}: is a folder")
     assert list(folder.iterdir()) == []
+
+
+def test_output_folder_that_is_a_file(
+    tmp_path: Path, controller_dir: Path, tiny_synthetic_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A file where an output's folder should be: named, before any work (train) or with the write error."""
+    a_file = tmp_path / "notes.h5"
+    a_file.write_bytes(b"the user's own file")
+    for out in (a_file, a_file / "run"):
+        message = cli_error(["train", "--dataset", tiny_synthetic_path, "--steps", "8", "--out", out], capsys)
+        assert message == f"run folder {out}: {a_file} is a file, not a folder; give a folder"
+    data = save_dataset(dataset(n=20), tmp_path / "d.h5")  # the controller's image shape
+    message = cli_error(["score", "--controller", controller_dir, data, "--out", a_file / "s.csv"], capsys)
+    assert_mentions(message, f"cannot write {a_file / 's.csv'} ({a_file} is a file, not a folder)")
+    message = cli_error(["data", "synth", "--out", a_file / "s.h5", *SMALL_SYNTH], capsys)
+    assert_mentions(message, f"cannot write {a_file / 's.h5'} ({a_file} is a file, not a folder)")
+    assert a_file.read_bytes() == b"the user's own file"
 
 
 def test_failing_inspect_keeps_the_existing_preview(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

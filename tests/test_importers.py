@@ -289,8 +289,13 @@ def test_medmnist_missing_not_npz_unknown_split(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="MedMNIST .npz file not found"):
         import_medmnist(tmp_path / "none.npz")
     (tmp_path / "text.npz").write_text("hello")
-    with pytest.raises(ValueError, match=r"text\.npz: cannot be read as a \.npz archive"):
+    with pytest.raises(ValueError, match=r"text\.npz: not a \.npz archive; expected a zip of \.npy arrays") as info:
         import_medmnist(tmp_path / "text.npz")
+    assert "pickle" not in str(info.value)  # numpy's own message would invite unsafe loading
+    np.save(tmp_path / "one.npy", np.zeros(3))
+    (tmp_path / "one.npy").rename(tmp_path / "one.npz")
+    with pytest.raises(ValueError, match=r"one\.npz: holds a single array \(\.npy\)"):
+        import_medmnist(tmp_path / "one.npz")
     write_medmnist(tmp_path / "m.npz")
     with pytest.raises(ValueError, match="split must be one of"):
         import_medmnist(tmp_path / "m.npz", split="validation")

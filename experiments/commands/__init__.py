@@ -50,6 +50,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    """``type=`` of options that take a whole number >= 0 (where 0 has a meaning the help states)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return value
+
+
 def json_object(text: str) -> dict[str, Any]:
     """``type=`` of options that take a JSON object of keyword arguments (``--env-kwargs``, ``--agent-kwargs``)."""
     try:

@@ -103,8 +103,10 @@ def _save_and_report(ds: ImageDataset, args: argparse.Namespace, what: str, seco
     except OSError as e:
         # Disk full, no permission, ...: one line, like every other error.  The
         # write is atomic, so a file already at --out is still there, unchanged.
+        from iqa_env.files import not_a_folder_hint
+
         print(
-            f"iqa {args.command}: error: cannot write {args.out} ({e.strerror or e}); nothing was "
+            f"iqa {args.command}: error: cannot write {args.out} ({not_a_folder_hint(args.out) or e.strerror or e}); nothing was "
             "changed there: check the folder's free space and permissions, or choose another --out",
             file=sys.stderr,
         )

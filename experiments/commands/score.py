@@ -104,13 +104,18 @@ def run(args: argparse.Namespace) -> int:
     except OSError as e:
         # Disk full, no permission, ...: one line, like every other error; the
         # write is atomic, so a previous CSV is still there, unchanged.
-        reason = e.strerror or str(e)
+        from iqa_env.files import not_a_folder_hint
+
+        reason = not_a_folder_hint(out) or e.strerror or str(e)
         print(
             f"iqa {args.command}: error: cannot write {out} ({reason}); nothing was changed there: "
             "check the folder's free space and permissions, or choose another --out",
             file=sys.stderr,
         )
         return 2
-    how = "of the controller's reference images" if args.reject_by == "reference" else "of these images"
-    print(f"scored {len(scores)} images -> {out} ({int(rejected.sum())} rejected: the lowest {ratio:g} {how})")
+    if args.reject_by == "reference":
+        how = f"the lowest {ratio:g} of the controller's reference images"
+    else:
+        how = f"the lowest {ratio:g} of these images, keeping floor((1 - {ratio:g}) x {len(scores)}) as the paper does"
+    print(f"scored {len(scores)} images -> {out} ({int(rejected.sum())} rejected: {how})")
     return 0

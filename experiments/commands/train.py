@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from experiments.commands import HelpFormatter, json_object
+from experiments.commands import HelpFormatter, json_object, non_negative_int
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -34,12 +34,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--task", choices=TASK_NAMES, default="classification", help="target task")
     p.add_argument("--reward", choices=REWARD_NAMES, default="weighted", help="validation reward")
     p.add_argument("--dataset", default=None, help="HDF5 dataset (default: the built-in synthetic ultrasound set)")
-    p.add_argument("--steps", type=int, default=4000, help="env steps to train for")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=4000,
+        help="env steps to train for (at least: REINFORCE, PPO and A2C finish the rollout they are in)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the agent and the env")
     p.add_argument("--batch-size", type=int, default=32, help="images per env step")
     p.add_argument("--train-steps", type=int, default=8, help="predictor training steps per episode")
     p.add_argument(
-        "--validation-size", type=int, default=256, help="validation images per reward (0: all)"
+        "--validation-size", type=non_negative_int, default=256, help="validation images per reward (0: all)"
     )
     p.add_argument("--eval-every", type=int, default=500, help="env steps between holdout AUROC evaluations")
     p.add_argument(
@@ -93,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
         agent_kwargs=args.agent_kwargs,
     )
     summary = train(config, args.out, progress=not args.no_progress, overwrite=args.overwrite)
-    if summary.get("already_finished"):
+    finished = bool(summary.get("already_finished"))
+    if finished:
         print(
             f"{args.out} holds a finished run ({summary['steps']} steps); nothing to do "
             "(--overwrite trains it again)"
@@ -106,5 +112,9 @@ def run(args: argparse.Namespace) -> int:
             indent=2,
         )
     )
-    print(f"controller saved to {args.out}/controller (score images with: iqa score --controller {args.out}/controller INPUT)")
+    where = f"{args.out}/controller"
+    print(
+        f"controller {'in' if finished else 'saved to'} {where} "
+        f"(score images with: iqa score --controller {where} INPUT)"
+    )
     return 0

@@ -439,12 +439,20 @@ def import_medmnist(
         raise ValueError(f"split must be one of {MEDMNIST_SPLITS} or None (all), got {split!r}")
     if group_size < 1:
         raise ValueError(f"group_size must be a positive number of images, got {group_size}")
+    with npz_path.open("rb") as f:
+        magic = f.read(6)
+    if magic == b"\x93NUMPY":
+        raise ValueError(f"{npz_path}: holds a single array (.npy); expected a MedMNIST .npz archive")
+    if not zipfile.is_zipfile(npz_path):
+        # numpy would try it as a pickle and say so; it is simply not an archive.
+        raise ValueError(
+            f"{npz_path}: not a .npz archive; expected a zip of .npy arrays (train_images, train_labels, ...) "
+            "as MedMNIST and numpy.savez write"
+        )
     try:
         archive = np.load(npz_path, allow_pickle=False)
     except (OSError, ValueError, zipfile.BadZipFile) as e:
         raise ValueError(f"{npz_path}: cannot be read as a .npz archive ({e})") from e
-    if not isinstance(archive, np.lib.npyio.NpzFile):
-        raise ValueError(f"{npz_path}: holds a single array; expected a MedMNIST .npz archive")
     with archive:
         wanted = (
             [split]
