@@ -39,26 +39,25 @@ class HelpFormatter(argparse.HelpFormatter):
         return text
 
 
-def positive_int(text: str) -> int:
-    """``type=`` of options that take a positive integer: a clear one-line error otherwise."""
+def _whole_number(text: str, least: int, expected: str) -> int:
+    """``int(text)`` if it is at least ``least``, else argparse's error saying ``expected``."""
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+        value = least - 1
+    if value < least:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """``type=`` of options that take a positive integer: a clear one-line error otherwise."""
+    return _whole_number(text, 1, "a positive integer")
 
 
 def non_negative_int(text: str) -> int:
     """``type=`` of options that take a whole number >= 0 (where 0 has a meaning the help states)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
-    return value
+    return _whole_number(text, 0, "a whole number >= 0")
 
 
 def json_object(text: str) -> dict[str, Any]:
