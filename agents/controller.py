@@ -247,9 +247,11 @@ class Controller:
         config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
         for p in (config_path, weights_path):
             if not p.is_file():
+                inside = folder / "controller"  # given `iqa train`'s run folder instead of its controller
+                hint = f"; did you mean {inside}?" if (inside / CONFIG_NAME).is_file() else ""
                 raise FileNotFoundError(
                     f"{p} not found: a controller is a folder with {CONFIG_NAME} and {WEIGHTS_NAME} "
-                    "(written by Controller.save or `iqa train`)"
+                    f"(written by Controller.save or `iqa train`){hint}"
                 )
         from iqa_env.files import read_versioned_json
 

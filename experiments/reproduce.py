@@ -80,6 +80,8 @@ FULL: dict[str, Any] = {"seeds": 8, "steps": 12_000}
 REWARDS: tuple[str, ...] = ("fixed", "weighted", "selective")
 #: Random rejections per ratio behind the random-rejection band.
 RANDOM_DRAWS = 1000
+#: Below this many holdout patients, reproduce warns that its paired t-tests can show little.
+FEW_HOLDOUT_PATIENTS = 10
 #: The paper's Table 1 (means only; the paper's clinical data are not public).
 PAPER_TABLE1: dict[str, dict[str, float]] = {
     "classification": {"baseline": 0.897, "fixed": 0.935, "weighted": 0.926, "selective": 0.913},
@@ -1095,7 +1097,10 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
         lines += [
             f"## {task.capitalize()}",
             "",
-            (f"Holdout: {h['images']} images of {h['patients']} patients. Table 1: {t['metric']} on the holdout images "
+            (f"Holdout: {h['images']} images of {h['patients']} patients"
+            + (f" (too few for the paired t-tests across patients to show much: under {FEW_HOLDOUT_PATIENTS})"
+               if h["patients"] < FEW_HOLDOUT_PATIENTS else "")
+            + f". Table 1: {t['metric']} on the holdout images "
             f"kept after rejecting the {t['paper_rejection_ratio']:.0%} lowest-scored (the baseline keeps all), "
             "mean over patients; the p-value is a paired t-test across patients against the baseline of the same seed."),
             "",
@@ -1177,7 +1182,14 @@ def check_dataset(base: TrainConfig, tasks: Sequence[str], rewards: Sequence[str
 
     if base.dataset is not None and not Path(base.dataset).is_file():
         raise FileNotFoundError(f"dataset file {base.dataset} does not exist")
-    full, (_, validation, _) = load_splits(base.dataset, base.split_seed)
+    full, (_, validation, holdout) = load_splits(base.dataset, base.split_seed)
+    patients = int(np.unique(holdout.groups).size)
+    if patients < FEW_HOLDOUT_PATIENTS:
+        logger.warning(
+            "the holdout has %d patient(s): the paired t-tests across patients need at least 2 and say little "
+            "below about %d; p-values will be n/a or weak (a dataset with more patients gives a holdout that can "
+            "show an effect)", patients, FEW_HOLDOUT_PATIENTS,
+        )
     for task in tasks:
         if task == "segmentation":
             full.require_masks("the segmentation task")

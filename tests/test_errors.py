@@ -12,6 +12,7 @@ import errno
 import json
 import math
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -505,6 +506,11 @@ def test_score_controller_missing_or_corrupt(
     missing = api_error(FileNotFoundError, lambda: Controller.load(tmp_path / "nowhere"))
     assert_mentions(missing, "controller.json not found", "written by Controller.save or `iqa train`")
     assert cli_error(["score", "--controller", tmp_path / "nowhere", data, "--out", existing_csv], capsys) == missing
+    # A run folder of `iqa train` given instead of its controller/ inside.
+    run = tmp_path / "run"
+    shutil.copytree(controller_dir, run / "controller")
+    message = cli_error(["score", "--controller", run, data, "--out", existing_csv], capsys)
+    assert_mentions(message, f"{run / 'controller.json'} not found", f"did you mean {run / 'controller'}?")
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
     (corrupt / "controller.json").write_bytes((controller_dir / "controller.json").read_bytes())

@@ -330,6 +330,11 @@ def test_reproduce_end_to_end_then_resume(tiny_synthetic_path, tmp_path, caplog,
                 "paper"} <= set(t["table1"][1])
     report = (out / "report.md").read_text()
     assert "| baseline |" in report and "figure4_classification.png" in report and results["command"] in report
+    # The tiny set's holdout has a handful of patients: said at the start, and in the report.
+    patients = results["tasks"]["classification"]["holdout"]["patients"]
+    assert patients < 10
+    assert f"the holdout has {patients} patient(s)" in caplog.text
+    assert f"{patients} patients (too few for the paired t-tests" in report
 
     # The same command again: every stage is skipped, the summaries are rewritten.
     before = markers(out)
