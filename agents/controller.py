@@ -289,7 +289,9 @@ class Controller:
             backbone.load_state_dict(state)
         except Exception as e:  # noqa: BLE001 - torch's unpickler fails in many ways on a bad file
             # One line, not too long: torch's messages span many lines.
-            reason = " ".join(str(e).split())[:200] or type(e).__name__
+            from iqa_env.files import short_reason
+
+            reason = short_reason(e)
             raise ValueError(
                 f"{weights_path}: not a controller weights file for {config_path} ({reason}); expected "
                 "the controller.pt written with it by Controller.save"

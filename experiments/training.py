@@ -752,7 +752,9 @@ def load_predictor(run_dir: str | os.PathLike[str], dataset: Any = None, device:
         state = torch.load(weights, map_location="cpu", weights_only=True)
         predictor.load_state_dict(state)
     except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as e:
-        reason = " ".join(str(e).split())[:200]
+        from iqa_env.files import short_reason
+
+        reason = short_reason(e)
         raise ValueError(f"{weights}: not a predictor weights file for this task and dataset ({reason})") from e
     return predictor.to(device).eval()
 

@@ -10,6 +10,21 @@ from pathlib import Path
 from typing import Any
 
 
+def short_reason(error: BaseException, limit: int = 200) -> str:
+    """A library's error message on one line, for our own: whole sentences up to ``limit`` characters.
+
+    torch's messages span lines and run on for several sentences; cut
+    mid-sentence they read as a different claim.  Falls back to the
+    exception's type name when the message is empty, and to a cut marked
+    with "..." when the first sentence alone is longer than ``limit``.
+    """
+    text = " ".join(str(error).split()) or type(error).__name__
+    if len(text) <= limit:
+        return text
+    end = text.rfind(". ", 0, limit)
+    return text[: end + 1] if end > 0 else text[: limit - 4].rstrip() + " ..."
+
+
 def blocking_file(folder: str | os.PathLike[str]) -> Path | None:
     """The file (or other non-folder) at ``folder`` or at the nearest of its parents that exists, or None.
 
