@@ -299,6 +299,8 @@ def test_medmnist_missing_not_npz_unknown_split(tmp_path: Path) -> None:
     write_medmnist(tmp_path / "m.npz")
     with pytest.raises(ValueError, match="split must be one of"):
         import_medmnist(tmp_path / "m.npz", split="validation")
+    with pytest.raises(ValueError, match=r"m\.npz: class_names \(--class-names\) gives 1 name\(s\) \['a'\], but the labels go up to 2; expected one name per class, 3 or more"):
+        import_medmnist(tmp_path / "m.npz", class_names=("a",))
 
 
 # ------------------------------------------------------- corruption protocol

@@ -513,6 +513,11 @@ def import_medmnist(
         raise ValueError(f"{npz_path}: the selected split(s) {wanted} hold no images")
     if class_names is None:
         class_names = tuple(str(i) for i in range(int(labels.max()) + 1))
+    elif len(class_names) <= int(labels.max()):
+        raise ValueError(
+            f"{npz_path}: class_names (--class-names) gives {len(class_names)} name(s) {list(class_names)}, but the "
+            f"labels go up to {int(labels.max())}; expected one name per class, {int(labels.max()) + 1} or more"
+        )
 
     metadata: dict[str, Any] = {
         "source": "medmnist",
