@@ -420,8 +420,10 @@ def train(
 
     Settings, datasets and envs that are refused (``TrainConfig.validate``,
     a bad dataset file, a dataset the task or reward cannot use, a batch
-    larger than the training set) raise before ``out_dir`` is created or
-    changed, so a corrected call on the same folder starts cleanly.
+    larger than the training set, an unknown env argument) raise before
+    ``out_dir`` is created or changed; algorithm arguments the agent
+    refuses raise before anything is written in it (``config.json``
+    included), so a corrected call on the same folder starts cleanly.
 
     With ``pause_at_time_limit`` (it needs ``out_dir`` and checkpoints),
     ``config.time_limit_s`` pauses the run instead of finishing it: at the
@@ -448,14 +450,14 @@ def train(
             f"got out_dir={out_dir!r} and checkpoint_every={config.checkpoint_every!r}: a paused run resumes "
             "from its checkpoint"
         )
-    # The data and the env first: a dataset or setting they refuse (a bad file, one class, too few
-    # patients, a batch larger than the training set) fails before the run folder is touched.
     if out_dir is not None:
         from iqa_env.files import blocking_file
 
         in_the_way = blocking_file(out_dir)
         if in_the_way is not None:
             raise ValueError(f"run folder {out_dir}: {in_the_way} is a file, not a folder; give a folder")
+    # The data and the env first: a dataset or setting they refuse (a bad file, one class, too few
+    # patients, a batch larger than the training set) fails before the run folder is touched.
     _, (train_set, validation_set, holdout) = load_splits(config.dataset, config.split_seed)
     env = make_env(config, train_set, validation_set)
     # The env arguments the run has, defaults included, as they read back from JSON: recorded in its
