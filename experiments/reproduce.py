@@ -1205,9 +1205,12 @@ def prepare(
     """Check the data and the output folder; returns the folder, the data's fingerprint and the size of its validation split."""
     validation_images = check_dataset(base, tasks, rewards)
     fingerprint = dataset_fingerprint(base.dataset)
+    from iqa_env.files import blocking_file
+
     folder = Path(out)
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(f"--out {folder} is a file; give a folder")
+    in_the_way = blocking_file(folder)
+    if in_the_way is not None:
+        raise ValueError(f"--out {folder}: {in_the_way} is a file, not a folder; give a folder")
     check_settings(folder, {"kind": kind, "dataset": fingerprint, "config": _identity(base, drop)})
     return folder, fingerprint, validation_images
 

@@ -870,6 +870,9 @@ def test_output_folder_that_is_a_file(
     assert_mentions(message, f"cannot write {a_file / 's.csv'} ({a_file} is a file, not a folder)")
     message = cli_error(["data", "synth", "--out", a_file / "s.h5", *SMALL_SYNTH], capsys)
     assert_mentions(message, f"cannot write {a_file / 's.h5'} ({a_file} is a file, not a folder)")
+    for out in (a_file, a_file / "rep"):
+        message = cli_error(["reproduce", "--quick", "--dataset", tiny_synthetic_path, "--out", out], capsys)
+        assert message == f"--out {out}: {a_file} is a file, not a folder; give a folder"
     assert a_file.read_bytes() == b"the user's own file"
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import textwrap
 from typing import Any
 
@@ -58,6 +60,23 @@ def positive_int(text: str) -> int:
 def non_negative_int(text: str) -> int:
     """``type=`` of options that take a whole number >= 0 (where 0 has a meaning the help states)."""
     return _whole_number(text, 0, "a whole number >= 0")
+
+
+def report_write_error(command: str, path: str | os.PathLike[str], error: OSError) -> int:
+    """Print the one-line error of an output that could not be written; returns the exit status, 2.
+
+    Disk full, no permission, a file where the folder should be: the writes
+    are atomic, so whatever was at ``path`` is still there, unchanged.
+    """
+    from iqa_env.files import not_a_folder_hint
+
+    reason = not_a_folder_hint(path) or error.strerror or str(error)
+    print(
+        f"iqa {command}: error: cannot write {path} ({reason}); nothing was changed there: "
+        "check the folder's free space and permissions, or choose another --out",
+        file=sys.stderr,
+    )
+    return 2
 
 
 def json_object(text: str) -> dict[str, Any]:

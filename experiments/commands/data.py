@@ -15,12 +15,11 @@ stays fast.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from experiments.commands import HelpFormatter
+from experiments.commands import HelpFormatter, report_write_error
 
 if TYPE_CHECKING:
     import numpy as np
@@ -101,16 +100,7 @@ def _save_and_report(ds: ImageDataset, args: argparse.Namespace, what: str, seco
     try:
         path = save_dataset(ds, args.out, compression=not args.no_compression)
     except OSError as e:
-        # Disk full, no permission, ...: one line, like every other error.  The
-        # write is atomic, so a file already at --out is still there, unchanged.
-        from iqa_env.files import not_a_folder_hint
-
-        print(
-            f"iqa {args.command}: error: cannot write {args.out} ({not_a_folder_hint(args.out) or e.strerror or e}); nothing was "
-            "changed there: check the folder's free space and permissions, or choose another --out",
-            file=sys.stderr,
-        )
-        return 2
+        return report_write_error(args.command, args.out, e)
     write_seconds = time.perf_counter() - start
     c, h, w = ds.image_shape
     print(

@@ -5,10 +5,9 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import sys
 from pathlib import Path
 
-from experiments.commands import HelpFormatter
+from experiments.commands import HelpFormatter, report_write_error
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -102,17 +101,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         atomic_write_text(out, lines.getvalue(), newline="")
     except OSError as e:
-        # Disk full, no permission, ...: one line, like every other error; the
-        # write is atomic, so a previous CSV is still there, unchanged.
-        from iqa_env.files import not_a_folder_hint
-
-        reason = not_a_folder_hint(out) or e.strerror or str(e)
-        print(
-            f"iqa {args.command}: error: cannot write {out} ({reason}); nothing was changed there: "
-            "check the folder's free space and permissions, or choose another --out",
-            file=sys.stderr,
-        )
-        return 2
+        return report_write_error(args.command, out, e)
     if args.reject_by == "reference":
         how = f"the lowest {ratio:g} of the controller's reference images"
     else:
