@@ -634,12 +634,25 @@ def train(
         def _on_training_start(self) -> None:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=config.steps, initial=int(self.model.num_timesteps), unit="step",
+            self.bar = tqdm(total=self._expected_total(), initial=int(self.model.num_timesteps), unit="step",
                             desc=config.run_name, dynamic_ncols=True)
+
+        def _expected_total(self) -> int:
+            """The steps learn() will take: algorithms that collect whole rollouts (PPO, A2C, REINFORCE)
+            finish the last one, so they stop at the next multiple of ``n_steps x n_envs``."""
+            from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
+
+            from agents.reinforce import REINFORCE
+
+            now = int(self.model.num_timesteps)
+            if not isinstance(self.model, (OnPolicyAlgorithm, REINFORCE)) or now >= config.steps:
+                return max(int(config.steps), now)
+            rollout = int(self.model.n_steps) * int(self.model.n_envs)
+            return now + -(-(int(config.steps) - now) // rollout) * rollout
 
         def _on_step(self) -> bool:
             now = int(self.model.num_timesteps)
-            if now > self.bar.total:  # on-policy algorithms finish their last rollout
+            if now > self.bar.total:  # any other overshoot still ends the bar full
                 self.bar.total = now
             self.bar.update(now - self.bar.n)
             if curve[-1][1] is not None:

@@ -36,6 +36,7 @@ from iqa_env.tasks import Task, make_task, random_shift
 PHASES: tuple[str, str] = ("train", "validation")
 REWARD_METRICS: tuple[str, str] = ("metric", "loss")
 REWARD_BASELINES: tuple[str, ...] = ("moving_average", "non_selective", "paired", "none")
+CLASS_CORRECTIONS: tuple[str, ...] = ("history", "step")
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -200,7 +201,11 @@ class TaskAmenabilityEnv(gym.Env):
     part that a running least-squares fit over the earlier steps attributes
     to the selected share of each class minus the rest's
     (``iqa_env.rewards.ClassMixCorrection``), so that selecting a class
-    pays nothing on average.  With ``paired_draws=K > 1`` the env also
+    pays nothing on average (``True`` is ``"history"``); with
+    ``paired_class_correction="step"`` the class term is fitted instead on
+    the step's own ``paired_draws`` (``K > num_classes`` needed), so that it
+    follows the predictor's class bias as it is at that step.  With
+    ``paired_draws=K > 1`` the env also
     draws ``K - 1`` further selections from the same probabilities and
     probes each of them from the same starting weights, without training on
     them: ``info["extra_selections"]`` ``(K - 1, B)`` and
@@ -253,7 +258,7 @@ class TaskAmenabilityEnv(gym.Env):
     | ``baseline_decay`` | ``0.9`` | ``a`` of the moving-average baseline |
     | ``reward_baseline`` | ``"moving_average"`` | ``"moving_average"`` (the paper), ``"non_selective"`` (validation steps), ``"paired"`` (fixed reward: each training step against the rest of its batch) or ``"none"`` |
     | ``probe_lr`` | ``0.1`` | learning rate of the plain gradient steps of the ``paired`` baseline |
-    | ``paired_class_correction`` | ``False`` | remove from each ``paired`` reward the part fitted to the selection's class mix |
+    | ``paired_class_correction`` | ``False`` | remove from each ``paired`` reward the part fitted to the selection's class mix: ``True``/``"history"`` (a running fit over the earlier steps) or ``"step"`` (a fit on the step's own draws) |
     | ``paired_draws`` | ``1`` | selections drawn and probed per ``paired`` training step; the further ones are reported in ``info`` |
     | ``validation_refresh`` | ``False`` | draw a new validation subset (of ``validation_size``) for every episode |
     | ``mean_selection_bounds`` | ``(0.0, 1.0)`` | allowed range of the mean selection probability |
@@ -300,7 +305,7 @@ class TaskAmenabilityEnv(gym.Env):
         baseline_decay: float = 0.9,
         reward_baseline: str = "moving_average",
         probe_lr: float = 0.1,
-        paired_class_correction: bool = False,
+        paired_class_correction: bool | str = False,
         paired_draws: int = 1,
         validation_refresh: bool = False,
         mean_selection_bounds: tuple[float, float] = (0.0, 1.0),
@@ -351,6 +356,13 @@ class TaskAmenabilityEnv(gym.Env):
             math.isfinite(probe_lr) and probe_lr > 0
         ):
             raise ValueError(f"probe_lr must be a positive finite number, got {probe_lr!r}")
+        if isinstance(paired_class_correction, (bool, np.bool_)):
+            paired_class_correction = "history" if paired_class_correction else False
+        if paired_class_correction is not False and paired_class_correction not in CLASS_CORRECTIONS:
+            raise ValueError(
+                f"paired_class_correction must be False, True (= 'history') or one of {CLASS_CORRECTIONS}, "
+                f"got {paired_class_correction!r}"
+            )
         if paired_class_correction and reward_baseline != "paired":
             raise ValueError(
                 "paired_class_correction removes the class term from the rewards of the paired baseline's "
@@ -385,7 +397,7 @@ class TaskAmenabilityEnv(gym.Env):
         self.reward_normalisation = reward_normalisation
         self.reward_baseline = reward_baseline
         self.probe_lr = float(probe_lr)
-        self.paired_class_correction = bool(paired_class_correction)
+        self.paired_class_correction: bool | str = paired_class_correction
         self.paired_draws = int(paired_draws)
         self.validation_refresh = bool(validation_refresh)
         self.stochastic_validation = bool(stochastic_validation)
@@ -444,6 +456,12 @@ class TaskAmenabilityEnv(gym.Env):
 
         self.baseline = MovingAverageBaseline(baseline_decay)
         self.class_correction = ClassMixCorrection(max(len(train_set.class_names), 1))
+        if self.paired_class_correction == "step" and self.paired_draws <= self.class_correction.num_classes:
+            raise ValueError(
+                "paired_class_correction='step' fits the class term on each step's own draws, one weight per "
+                f"class but the first and an intercept, so with {self.class_correction.num_classes} classes it "
+                f"needs paired_draws >= {self.class_correction.num_classes + 1}, got paired_draws={self.paired_draws}"
+            )
         self.predictor: torch.nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.averaged_predictor: torch.nn.Module | None = None
@@ -695,9 +713,12 @@ class TaskAmenabilityEnv(gym.Env):
                     draws = np.concatenate([draws, extra_selections])
                 raw, paired = self._paired_training_step(draws)
                 if self.paired_class_correction:
-                    for d, drawn in enumerate(draws):
-                        contrast = class_mix_contrast(drawn, classes, self.class_correction.num_classes)
-                        paired[d] = self.class_correction.correct(float(paired[d]), contrast)
+                    contrasts = [class_mix_contrast(d, classes, self.class_correction.num_classes) for d in draws]
+                    if self.paired_class_correction == "step":
+                        paired = self.class_correction.correct_step(paired, contrasts)
+                    else:
+                        for d, contrast in enumerate(contrasts):
+                            paired[d] = self.class_correction.correct(float(paired[d]), contrast)
                 reward, extra_rewards = float(paired[0]), paired[1:]
                 reward_ready = True
             elif selection.any():
@@ -873,6 +894,8 @@ class TaskAmenabilityEnv(gym.Env):
             "paired_draws": 1,
             **state.get("settings", {}),
         }
+        if saved["paired_class_correction"] is True:  # states written before "step" existed
+            saved["paired_class_correction"] = "history"
         mine = self._state_settings()
         differ = [f"{k}: saved {saved.get(k)!r}, this env {v!r}" for k, v in mine.items() if saved.get(k) != v]
         if differ:

@@ -243,7 +243,41 @@ class ClassMixCorrection:
         weights = self.weights
         corrected = float(reward) - (float(weights @ contrast) if weights is not None else 0.0)
         row = np.concatenate([[1.0], contrast])
-        self._gram = self.decay * self._gram + np.outer(row, row)
-        self._moment = self.decay * self._moment + row * float(reward)
-        self.fitted += 1
+        self._join(contrast, float(reward))
         return corrected
+
+    def correct_step(self, rewards: np.ndarray, contrasts: list[np.ndarray | None]) -> np.ndarray:
+        """The rewards of one step's K draws of the same batch, each less a class term fitted on those draws.
+
+        ``w`` is the least-squares fit of ``r_d ~ b + w . c_d`` over the step's draws that have a
+        contrast, so it follows the class term as it is *at this step*, which the running fit of
+        :meth:`correct` only averages over the earlier ones.  Where the draws do not determine
+        ``w`` (fewer than ``num_classes + 1`` draws with a contrast, or contrasts that do not
+        vary), the running fit's ``w`` is used instead (none before it has enough steps).  Then
+        every draw joins the running fit.  Returns the corrected rewards, ``(K,)``.
+        """
+        rewards = np.asarray(rewards, dtype=np.float64)
+        if len(contrasts) != len(rewards):
+            raise ValueError(f"got {len(rewards)} rewards and {len(contrasts)} contrasts; expected one per draw")
+        corrected = rewards.copy()
+        if self.num_classes < 2:
+            return corrected
+        rows = [d for d, c in enumerate(contrasts) if c is not None]
+        weights = None
+        if len(rows) > self.num_classes:
+            design = np.array([np.concatenate([[1.0], contrasts[d]]) for d in rows])
+            if np.linalg.matrix_rank(design) == design.shape[1]:
+                weights = np.linalg.lstsq(design, rewards[rows], rcond=None)[0][1:]
+        if weights is None:
+            weights = self.weights
+        for d in rows:
+            if weights is not None:
+                corrected[d] -= float(weights @ contrasts[d])
+            self._join(contrasts[d], float(rewards[d]))
+        return corrected
+
+    def _join(self, contrast: np.ndarray, reward: float) -> None:
+        row = np.concatenate([[1.0], contrast])
+        self._gram = self.decay * self._gram + np.outer(row, row)
+        self._moment = self.decay * self._moment + row * reward
+        self.fitted += 1

@@ -505,6 +505,37 @@ def test_paired_class_correction_subtracts_the_fitted_class_term(tiny_synthetic)
         TaskAmenabilityEnv(tiny_synthetic, **{**TINY, "reward": "fixed"}, paired_class_correction=True)
 
 
+def test_paired_class_correction_per_step_fits_the_steps_own_draws(tiny_synthetic):
+    """``paired_class_correction="step"``: the same seed and actions as without the correction give the
+    same selections and uncorrected rewards (the step's and the further draws'); the rewards are those
+    less the class term fitted on that step's draws (``ClassMixCorrection.correct_step``)."""
+    from iqa_env.rewards import ClassMixCorrection, class_mix_contrast
+
+    kwargs = {**TINY, "reward": "fixed", "reward_baseline": "paired", "train_steps": 4, "paired_draws": 4}
+    corrected = TaskAmenabilityEnv(tiny_synthetic, **kwargs, paired_class_correction="step")
+    plain = TaskAmenabilityEnv(tiny_synthetic, **kwargs)
+    reference = ClassMixCorrection(len(tiny_synthetic.class_names))
+    rng = np.random.default_rng(1)
+    for env in (corrected, plain):
+        env.reset(seed=0)
+    acted = 0
+    for _ in range(4):
+        action = rng.uniform(0.2, 0.8, 8)
+        _, reward, _, _, info = corrected.step(action)
+        _, plain_reward, _, _, plain_info = plain.step(action)
+        draws = np.concatenate([info["selection"][None], info["extra_selections"]])
+        assert np.array_equal(draws[1:], plain_info["extra_selections"])
+        contrasts = [class_mix_contrast(d, info["classes"], reference.num_classes) for d in draws]
+        expected = reference.correct_step(np.r_[plain_reward, plain_info["extra_rewards"]], contrasts)
+        assert np.r_[reward, info["extra_rewards"]] == pytest.approx(expected, abs=1e-9)
+        acted += not np.allclose(expected, np.r_[plain_reward, plain_info["extra_rewards"]])
+    assert acted > 0  # the correction did act
+    with pytest.raises(ValueError, match="with 2 classes it needs paired_draws >= 3, got paired_draws=2"):
+        TaskAmenabilityEnv(tiny_synthetic, **{**kwargs, "paired_draws": 2}, paired_class_correction="step")
+    with pytest.raises(ValueError, match=r"must be False, True \(= 'history'\) or one of \('history', 'step'\), got 'steps'"):
+        TaskAmenabilityEnv(tiny_synthetic, **kwargs, paired_class_correction="steps")
+
+
 def test_paired_draws_probe_further_selections_from_the_same_weights(tiny_synthetic):
     """``paired_draws=3``: the step's own draw, reward and training are those of ``paired_draws=1``; the two
     further draws come from the same probabilities, and each further reward is what a step with exactly that

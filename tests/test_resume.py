@@ -241,8 +241,9 @@ def _tiny_env(dataset, **kw):
 @pytest.mark.parametrize(
     "settings",
     [{}, {"predictor_augment": True, "predictor_average": 0.9},
-     {"reward": "fixed", "reward_baseline": "paired", "paired_class_correction": True, "paired_draws": 3}],
-    ids=["plain", "augment+average", "paired+class-correction+draws"],
+     {"reward": "fixed", "reward_baseline": "paired", "paired_class_correction": True, "paired_draws": 3},
+     {"reward": "fixed", "reward_baseline": "paired", "paired_class_correction": "step", "paired_draws": 3}],
+    ids=["plain", "augment+average", "paired+class-correction+draws", "paired+step-correction"],
 )
 def test_env_state_dict_round_trip(tiny_synthetic, settings):
     """An env loaded from another's state makes the same next steps (through a weights-only file)."""
@@ -292,8 +293,19 @@ def test_env_state_dict_refuses_other_settings(tiny_synthetic):
     with pytest.raises(ValueError, match="reward: saved 'weighted', this env 'selective'"):
         b.load_state_dict(a.state_dict())
     corrected = _tiny_env(tiny_synthetic, reward="fixed", reward_baseline="paired", paired_class_correction=True)
-    with pytest.raises(ValueError, match="paired_class_correction: saved False, this env True"):
+    with pytest.raises(ValueError, match="paired_class_correction: saved False, this env 'history'"):
         corrected.load_state_dict(_tiny_env(tiny_synthetic, reward="fixed", reward_baseline="paired").state_dict())
+    # A state written when the setting was a bool (True: the running fit) loads into the same env ...
+    state = corrected.state_dict()
+    _tiny_env(tiny_synthetic, reward="fixed", reward_baseline="paired", paired_class_correction="history").load_state_dict(
+        {**state, "settings": {**state["settings"], "paired_class_correction": True}}
+    )
+    # ... and not into one that fits each step's draws.
+    per_step = _tiny_env(
+        tiny_synthetic, reward="fixed", reward_baseline="paired", paired_class_correction="step", paired_draws=3
+    )
+    with pytest.raises(ValueError, match="paired_class_correction: saved 'history', this env 'step'"):
+        per_step.load_state_dict({**state, "settings": {**state["settings"], "paired_draws": 3}})
     older = {**a.state_dict(), "format_version": 1}
     with pytest.raises(ValueError, match="format_version 1, written by another release; this release reads format_version 2"):
         _tiny_env(tiny_synthetic).load_state_dict(older)

@@ -139,3 +139,56 @@ def test_class_mix_correction_removes_a_class_term_and_keeps_the_rest():
     assert correction.weights is None and correction.fitted == 0
     with pytest.raises(ValueError, match="decay must be in"):
         ClassMixCorrection(2, decay=0.0)
+
+
+def test_class_mix_correction_per_step_follows_a_class_term_that_changes_every_step():
+    """Eight draws of each step's batch, paid a class term whose weight changes from step to step (the
+    predictor's class bias) plus an image term.  The running fit only removes the class term's average;
+    the fit on each step's own draws removes it within the step and keeps the image term."""
+    rng = np.random.default_rng(0)
+    running, per_step = ClassMixCorrection(2), ClassMixCorrection(2)
+    residual = {"running": [], "step": []}
+    contrasts, images = [], []
+    for _ in range(200):
+        classes, weight = rng.integers(0, 2, 32), rng.normal(-1.0, 1.0)
+        draws = rng.random((8, 32)) < 0.5
+        step_contrasts = [class_mix_contrast(d, classes, 2) for d in draws]
+        image_terms = rng.normal(size=8)
+        rewards = np.array([weight * c[0] for c in step_contrasts]) + 0.2 * image_terms
+        residual["running"].append([running.correct(r, c) for r, c in zip(rewards, step_contrasts)])
+        residual["step"].append(per_step.correct_step(rewards, step_contrasts))
+        contrasts.append([c[0] for c in step_contrasts])
+        images.append(image_terms)
+    late = slice(50, None)
+    c, i = np.ravel(contrasts[late]), np.ravel(images[late])
+    running_r, step_r = np.ravel(residual["running"][late]), np.ravel(residual["step"][late])
+    # Within each step, how much of the corrected rewards' spread the class mix still explains:
+    def class_share(r):
+        r, cs = np.reshape(r, (-1, 8)), np.reshape(c, (-1, 8))
+        r, cs = r - r.mean(1, keepdims=True), cs - cs.mean(1, keepdims=True)
+        slopes = (r * cs).sum(1) / (cs**2).sum(1)
+        return float(((slopes[:, None] * cs) ** 2).sum() / (r**2).sum())
+    assert class_share(step_r) < 1e-9 and class_share(running_r) > 0.3
+    assert np.corrcoef(i, step_r)[0, 1] > 0.8 > np.corrcoef(i, running_r)[0, 1]
+    # Both fits learn the average class weight from every draw.
+    assert running.fitted == per_step.fitted == 200 * 8
+    assert running.weights[0] == pytest.approx(-1.0, abs=0.3) and per_step.weights[0] == pytest.approx(-1.0, abs=0.3)
+
+
+def test_class_mix_correction_per_step_falls_back_to_the_running_fit():
+    """Draws that do not determine the step's class weight (too few with a contrast, or one contrast for
+    all) are corrected by the running fit, or not at all before it has enough steps."""
+    same = [np.array([0.25])] * 4
+    assert np.array_equal(ClassMixCorrection(2).correct_step(np.array([0.1, 0.2, 0.3, 0.4]), same), [0.1, 0.2, 0.3, 0.4])
+    correction = ClassMixCorrection(2)
+    for _ in range(10):  # a running fit of weight 2
+        for c in (-0.5, 0.5):
+            correction.correct(2.0 * c, np.array([c]))
+    assert correction.weights[0] == pytest.approx(2.0)
+    out = correction.correct_step(np.array([1.0, 1.0, 1.0, 5.0]), [np.array([0.5])] * 3 + [None])
+    assert out == pytest.approx([0.0, 0.0, 0.0, 5.0], abs=1e-6)  # None: no contrast, passed unchanged
+    # Two draws with a contrast do not determine a slope and an intercept with anything left over.
+    out = correction.correct_step(np.array([0.0, 1.0]), [np.array([0.1]), np.array([0.3])])
+    assert out == pytest.approx([-0.2, 0.4], abs=1e-6)
+    with pytest.raises(ValueError, match="got 2 rewards and 1 contrasts; expected one per draw"):
+        correction.correct_step(np.array([0.0, 1.0]), [np.array([0.1])])
