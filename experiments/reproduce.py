@@ -876,11 +876,14 @@ def plot_rejection(task_result: dict[str, Any], path: Path) -> Path:
         if name in base["rejecting_by"]:
             values = [c["mean"] for c in base["rejecting_by"][name]["curve"]]
             ax.plot(x, [np.nan if v is None else v for v in values], color="0.4", ls=style, label=f"baseline, rejecting by {text}")
+    # Each reward's points a little to the side of the others', so that error bars of equal means stay apart.
+    n_runs = len(task_result["runs"])
     for i, (label, entry) in enumerate(task_result["runs"].items()):
         curve = entry["summary"]["curve"]
         mean = np.array([np.nan if c["mean"] is None else c["mean"] for c in curve])
         std = np.array([0.0 if c["std"] is None else c["std"] for c in curve])
-        ax.errorbar(x, mean, yerr=std, marker="o", ms=4, capsize=3, color=f"C{i}", label=label)
+        dodge = 0.4 * (i - (n_runs - 1) / 2)
+        ax.errorbar(x + dodge, mean, yerr=std, marker="o", ms=4, capsize=3, color=f"C{i}", label=label)
         # The same seeds' baseline predictors on the images this controller keeps: the score's own effect.
         filtered = [[np.nan if c["mean"] is None else c["mean"] for c in r["baseline_predictor"]["curve"]] for r in entry["runs"]]
         if filtered:
