@@ -62,6 +62,16 @@ metric on the clean and on all images.  If ``oracle`` is not below
 ``random``, no controller can learn the truth from the fixed reward on that
 dataset; if it is, what the fixed reward lacks is per-step credit
 (``docs/learning-status.md``, section 30).
+
+``--class-ceiling`` trains nothing: it asks what overall holdout AUROC a
+controller can reach if it ranks one class's images and not the others'
+(a reward that carries the quality of one class only, as the fixed reward
+does on the built-in set, section 31).  For each class in turn it scores
+that class's holdout images by the ground truth plus Gaussian noise of
+st.d. ``sigma`` (0: a perfect ranking), the other classes' images at
+random, and prints the ranked class's AUROC and the overall AUROC, without
+and with the best shift of the ranked class's scores against the rest
+(mean over ``--reps`` draws; section 35).
 """
 
 from __future__ import annotations
@@ -479,6 +489,46 @@ def plot_ceiling(runs: list[dict[str, Any]], path: str | Path, title: str = "") 
     return save_figure(fig, Path(path))
 
 
+CEILING_NOISE: tuple[float, ...] = (0.0, 0.3, 0.45, 0.6, 1.0)
+
+
+def class_ceiling(
+    truth: np.ndarray, labels: np.ndarray, ranked_class: int, noise: float, reps: int = 50, seed: int = 0
+) -> dict[str, Any]:
+    """Overall AUROC of scores that rank one class by the truth and the other classes at random.
+
+    The images of ``ranked_class`` score ``truth + noise * N(0, 1)`` (``truth`` 0/1), the others
+    ``N(0, 1)``.  Returns the means over ``reps`` draws of the ranked class's own AUROC
+    (``within``), of the overall AUROC (``overall``), and of the overall AUROC at the best shift of
+    the ranked class's scores against the rest, over a grid of shifts from -4 to 4 (``best_shift``).
+    """
+    truth = np.asarray(truth, dtype=np.float64)
+    labels = np.asarray(labels)
+    if truth.shape != labels.shape or truth.ndim != 1:
+        raise ValueError(f"truth and labels must be 1-D and alike, got shapes {truth.shape} and {labels.shape}")
+    if not np.isin(truth, (0.0, 1.0)).all():
+        raise ValueError("truth must be 0/1 (not amenable / amenable)")
+    ranked = labels == ranked_class
+    if not ranked.any() or ranked.all():
+        raise ValueError(f"class {ranked_class} must hold some of the images and not all, got {int(ranked.sum())} of {len(labels)}")
+    if not noise >= 0 or reps < 1:
+        raise ValueError(f"noise must be >= 0 and reps >= 1, got noise {noise!r}, reps {reps!r}")
+    rng = np.random.default_rng(seed)
+    shifts = np.linspace(-4.0, 4.0, 81)
+    within, overall, best = [], [], []
+    for _ in range(reps):
+        scores = rng.normal(size=len(truth))
+        scores[ranked] = truth[ranked] + noise * scores[ranked]
+        within.append(auroc_or_none(scores[ranked], truth[ranked]))
+        overall.append(auroc_or_none(scores, truth))
+        best.append(max(auroc_or_none(scores + shift * ranked, truth) for shift in shifts))
+    def mean(values: list[float | None]) -> float | None:  # None where a class has one truth value only
+        return None if None in values else float(np.mean(values))
+
+    return {"ranked_class": int(ranked_class), "noise": float(noise), "within": mean(within),
+            "overall": mean(overall), "best_shift": mean(best)}
+
+
 def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
@@ -512,7 +562,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="with --fixed-objective: the selection rules (default: oracle random inverse all)")
     p.add_argument("--rate", type=float, default=0.5, help="with --selection-signal: selection probability")
     p.add_argument("--batch-size", type=int, default=32, help="with --selection-signal or --fixed-objective: images per step")
+    p.add_argument("--class-ceiling", action="store_true",
+                   help="train nothing: the overall holdout AUROC of a ranking of one class's images alone")
+    p.add_argument("--reps", type=int, default=50, help="with --class-ceiling: random draws per figure (default: 50)")
     args = p.parse_args(argv)
+    if args.class_ceiling:
+        if args.selection_signal or args.fixed_objective:
+            p.error("--class-ceiling is a measurement of its own: give it without --selection-signal or --fixed-objective")
+        if args.reps < 1:
+            p.error(f"--reps must be a positive integer, got {args.reps}")
+        return _class_ceiling_main(args)
     if args.seeds < 1:
         p.error(f"--seeds must be a positive integer, got {args.seeds}")
     env_kwargs = args.env_kwargs
@@ -588,6 +647,27 @@ def _selection_signal_main(args: argparse.Namespace, parser: argparse.ArgumentPa
             {"task": args.task, "steps": args.steps, "rate": args.rate, "env_kwargs": args.env_kwargs,
              "selection_signal": results}, indent=2
         ))
+    return 0
+
+
+def _class_ceiling_main(args: argparse.Namespace) -> int:
+    if args.task != "classification":
+        raise SystemExit(f"--class-ceiling compares the classes of a classification task, got --task {args.task}")
+    _, _, holdout = _splits_with_truth(args.dataset, args.task, 0, "--class-ceiling")
+    truth = holdout.amenable(args.task).astype(np.float64)
+    labels = np.asarray(holdout.labels)
+    print(f"holdout: {len(truth)} images; " + ", ".join(
+        f"{name} {int((labels == k).sum())} ({truth[labels == k].mean():.0%} amenable)"
+        for k, name in enumerate(holdout.class_names)))
+    print("ranked class, noise: its own AUROC -> overall AUROC (at the best shift against the other classes)")
+    results = []
+    for k, name in enumerate(holdout.class_names):
+        for noise in CEILING_NOISE:
+            r = class_ceiling(truth, labels, k, noise, reps=args.reps)
+            print(f"  {name}, {noise:.2f}: {_fmt(r['within'])} -> {_fmt(r['overall'])} ({_fmt(r['best_shift'])})", flush=True)
+            results.append({**r, "class_name": name})
+    if args.json:
+        Path(args.json).write_text(json.dumps({"task": args.task, "reps": args.reps, "class_ceiling": results}, indent=2))
     return 0
 
 

@@ -95,6 +95,7 @@ def test_reward_ceiling_cli_passes_env_settings_and_picks_controllers(tiny_synth
         (["--env-kwargs", "[1]"], "argument --env-kwargs: must be a JSON object"),
         (["--selection-signal", "--rate", "1.0"], "--rate must be a selection probability in (0, 1)"),
         (["--selection-signal", "--forms", "none"], "invalid choice: 'none'"),
+        (["--class-ceiling", "--reps", "0"], "--reps must be a positive integer, got 0"),
     ],
 )
 def test_reward_ceiling_cli_refuses_impossible_settings(argv, message, capsys):
@@ -227,3 +228,48 @@ def test_fixed_objective_refuses_what_it_cannot_measure(tiny_synthetic_path, cap
     with pytest.raises(SystemExit):
         main(["--dataset", str(tiny_synthetic_path), "--fixed-objective", "--selection-signal"])
     assert "two measurements" in capsys.readouterr().err
+
+
+def test_class_ceiling_is_the_auroc_of_one_class_ranked_and_the_rest_at_random():
+    """One class ranked perfectly (scores 0/1), the other at random (N(0, 1)): the overall AUROC is, pair by
+    pair, 1 within the ranked class, 1/2 within the other, Phi(1) for a ranked amenable image against an
+    other non-amenable one and 1/2 for the reverse; the draws' mean matches that."""
+    from scipy.stats import norm
+
+    from experiments.reward_ceiling import class_ceiling
+
+    n1, n0, m1, m0 = 30, 20, 200, 100  # ranked class: amenable, not; the other class: amenable, not
+    truth = np.r_[np.ones(n1), np.zeros(n0), np.ones(m1), np.zeros(m0)]
+    labels = np.r_[np.zeros(n1 + n0, int), np.ones(m1 + m0, int)]
+    expected = (n1 * n0 + 0.5 * m1 * m0 + norm.cdf(1.0) * n1 * m0 + 0.5 * m1 * n0) / ((n1 + m1) * (n0 + m0))
+    r = class_ceiling(truth, labels, ranked_class=0, noise=0.0, reps=200, seed=0)
+    assert r["within"] == 1.0
+    assert r["overall"] == pytest.approx(expected, abs=0.005)
+    assert r["overall"] < r["best_shift"] < 1.0
+    noisy = class_ceiling(truth, labels, ranked_class=0, noise=1.0, reps=200, seed=0)
+    assert 0.5 < noisy["within"] < 0.9 and noisy["overall"] < r["overall"]
+    for bad, message in [
+        ({"ranked_class": 2}, "class 2 must hold some of the images and not all, got 0 of 350"),
+        ({"noise": -1.0}, "noise must be >= 0 and reps >= 1, got noise -1.0, reps 50"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            class_ceiling(truth, labels, **{"ranked_class": 0, "noise": 0.0, **bad})
+    with pytest.raises(ValueError, match="truth must be 0/1"):
+        class_ceiling(truth * 0.5, labels, 0, 0.0)
+
+
+def test_class_ceiling_cli_prints_and_writes_every_class_and_noise(tiny_synthetic_path, tmp_path, capsys):
+    from experiments.reward_ceiling import CEILING_NOISE
+
+    out = tmp_path / "ceiling.json"
+    assert main(["--class-ceiling", "--dataset", str(tiny_synthetic_path), "--reps", "5", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    rows = json.loads(out.read_text())["class_ceiling"]
+    assert len(rows) == 2 * len(CEILING_NOISE) and {r["class_name"] for r in rows} == {"organ absent", "organ present"}
+    for r in rows:
+        assert f"  {r['class_name']}, {r['noise']:.2f}: " in printed
+    with pytest.raises(SystemExit):
+        main(["--class-ceiling", "--fixed-objective"])
+    assert "--class-ceiling is a measurement of its own" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="compares the classes of a classification task, got --task segmentation"):
+        main(["--class-ceiling", "--task", "segmentation"])
