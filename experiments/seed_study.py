@@ -154,25 +154,59 @@ def tally(runs: list[dict[str, Any]]) -> str:
     first part where runs are paused.  The untrained controller is every
     seed's own reference (:func:`experiments.evaluation.against_initial`).
     """
-    from experiments.evaluation import against_initial
-
     reached = sum(s["final_auroc"] is not None and s["final_auroc"] >= 0.8 for s in runs)
     text = f"{reached} of {len(runs)} seeds reach AUROC >= 0.8"
     paused = sum(bool(s.get("paused")) for s in runs)
     if paused:
         text += f" ({paused} paused at the time limit ('p'): the same command goes on)"
-    c = against_initial([s["initial_auroc"] for s in runs], [s["final_auroc"] for s in runs])
-    if c["pairs"]:
-        def both(side: dict[str, Any]) -> str:
-            return f"{side['mean']:.3f}" + ("" if side["std"] is None else f" +- {side['std']:.3f}")
+    against = _against_initial_text([s["initial_auroc"] for s in runs], [s["final_auroc"] for s in runs])
+    return text + (f"; {against}" if against else "")
 
-        p = "-" if c["sign_test_p"] is None else f"{c['sign_test_p']:.2g}"
-        text += (
-            f"; mean AUROC {both(c['initial'])} at initialisation -> {both(c['final'])} at the end"
-            f" (st.d. across seeds); higher than at initialisation on {c['higher']} of {c['pairs']}"
-            f" (sign test p {p})"
-        )
-    return text
+
+def class_tallies(runs: list[dict[str, Any]]) -> list[str]:
+    """The end against the start within each class (``initial_auroc_by_class`` / ``final_auroc_by_class``).
+
+    One line per class, ``"within C: mean AUROC a +- s at initialisation -> b
+    +- t at the end (st.d. across seeds); higher than at initialisation on h
+    of n (sign test p P)"``, over the runs that recorded both; none for runs
+    written before the by-class figures existed.  A reward that carries the
+    quality of one class only shows here (``docs/learning-status.md``,
+    section 35).
+    """
+    names: list[str] = []
+    for s in runs:
+        for name in (s.get("initial_auroc_by_class") or {}):
+            if name not in names:
+                names.append(name)
+    lines = []
+    for name in names:
+        pairs = [
+            ((s.get("initial_auroc_by_class") or {}).get(name), (s.get("final_auroc_by_class") or {}).get(name))
+            for s in runs
+        ]
+        against = _against_initial_text([a for a, _ in pairs], [b for _, b in pairs])
+        if against:
+            lines.append(f"within {name}: {against}")
+    return lines
+
+
+def _against_initial_text(initial: list[float | None], final: list[float | None]) -> str:
+    """``"mean AUROC a +- s at initialisation -> b +- t at the end (...); higher ... (sign test p P)"``; "" without pairs."""
+    from experiments.evaluation import against_initial
+
+    c = against_initial(initial, final)
+    if not c["pairs"]:
+        return ""
+
+    def both(side: dict[str, Any]) -> str:
+        return f"{side['mean']:.3f}" + ("" if side["std"] is None else f" +- {side['std']:.3f}")
+
+    p = "-" if c["sign_test_p"] is None else f"{c['sign_test_p']:.2g}"
+    return (
+        f"mean AUROC {both(c['initial'])} at initialisation -> {both(c['final'])} at the end"
+        f" (st.d. across seeds); higher than at initialisation on {c['higher']} of {c['pairs']}"
+        f" (sign test p {p})"
+    )
 
 
 def _flat(value: Any, prefix: str) -> dict[str, Any]:
@@ -240,6 +274,8 @@ def print_report(summaries: list[dict[str, Any]]) -> None:
             )
     for key, runs in groups.items():
         print(f"{labels[key]}: {tally(runs)}")
+        for line in class_tallies(runs):
+            print(f"  {line}")
 
 
 #: What :func:`print_report` reads of each run summary besides its config.

@@ -256,6 +256,33 @@ def test_seed_study_summarise_merges_the_parts_of_a_study_and_tells_settings_apa
     ) in out
 
 
+def test_seed_study_tallies_each_class_where_the_runs_recorded_it(tmp_path, capsys):
+    """Runs with AUROCs by class get a line per class under their tally (the sign test over the seeds of that
+    class); runs written before the by-class figures existed get none, and a seed missing one class's figure
+    (None: that class had one truth value) is left out of that class only."""
+    by_class = []
+    for seed, (absent, present) in enumerate([((0.5, 0.4), (0.4, 0.9)), ((0.6, 0.5), (0.5, 0.8)), ((0.4, None), (0.6, 0.7))]):
+        run = _summary(seed, 0.5, 0.7, {"reward_baseline": "paired"})
+        run["initial_auroc_by_class"] = {"organ absent": absent[0], "organ present": present[0]}
+        run["final_auroc_by_class"] = {"organ absent": absent[1], "organ present": present[1]}
+        by_class.append(run)
+    study = tmp_path / "by-class.json"
+    study.write_text(json.dumps({"runs": by_class}))
+    assert main(["--summarise", str(study)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    tally_line = next(i for i, line in enumerate(out) if line.startswith("ddpg fixed: "))
+    assert out[tally_line + 1:] == [
+        "  within organ absent: mean AUROC 0.550 +- 0.071 at initialisation -> 0.450 +- 0.071 at the end "
+        "(st.d. across seeds); higher than at initialisation on 0 of 2 (sign test p 0.5)",
+        "  within organ present: mean AUROC 0.500 +- 0.100 at initialisation -> 0.800 +- 0.100 at the end "
+        "(st.d. across seeds); higher than at initialisation on 3 of 3 (sign test p 0.25)",
+    ]
+    plain = tmp_path / "plain.json"
+    plain.write_text(json.dumps({"runs": [_summary(0, 0.5, 0.7, {})]}))
+    assert main(["--summarise", str(plain)]) == 0
+    assert not any("within" in line for line in capsys.readouterr().out.splitlines())
+
+
 def test_seed_study_summarise_refuses_a_seed_twice_and_files_that_are_not_studies(tmp_path, capsys):
     study = tmp_path / "study.json"
     study.write_text(json.dumps({"runs": [_summary(0, 0.4, 0.8, {})]}))
