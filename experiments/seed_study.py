@@ -28,7 +28,9 @@ the next.
 Each algorithm x reward ends with a tally: how many seeds reach AUROC >=
 0.8, and the seeds' final AUROC against their own untrained controllers
 (mean +- st.d. across seeds at both ends, and a sign test of how many
-ended higher).  ``--summarise FILE [FILE ...]`` trains nothing: it reads
+ended higher), then the same within each class of images, where the
+runs recorded it (a reward that carries one class's quality only shows
+there).  ``--summarise FILE [FILE ...]`` trains nothing: it reads
 the ``--json`` files of a study run in parts (``--first-seed`` on several
 machines or sessions) and prints the table and tallies of them all
 together, one group per settings, naming the settings that differ.
