@@ -522,6 +522,7 @@ def class_ceiling(
         within.append(auroc_or_none(scores[ranked], truth[ranked]))
         overall.append(auroc_or_none(scores, truth))
         best.append(max(auroc_or_none(scores + shift * ranked, truth) for shift in shifts))
+
     def mean(values: list[float | None]) -> float | None:  # None where a class has one truth value only
         return None if None in values else float(np.mean(values))
 

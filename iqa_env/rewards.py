@@ -189,7 +189,8 @@ class ClassMixCorrection:
     least-squares fit of ``r ~ b + w . c`` over the *earlier* steps, each weighted by
     ``decay ** age`` (so that the fit follows the predictor as it trains); then the step joins
     the fit.  Steps without a contrast (one side empty) pass unchanged and are not fitted.  Before
-    ``num_classes + 1`` steps have been fitted there is no correction.
+    ``num_classes + 1`` steps have been fitted there is no correction.  :meth:`correct_step` fits
+    ``w`` on one step's several draws instead (the env's ``paired_class_correction="step"``).
     """
 
     def __init__(self, num_classes: int, decay: float = 0.99) -> None:
@@ -242,7 +243,6 @@ class ClassMixCorrection:
             return float(reward)
         weights = self.weights
         corrected = float(reward) - (float(weights @ contrast) if weights is not None else 0.0)
-        row = np.concatenate([[1.0], contrast])
         self._join(contrast, float(reward))
         return corrected
 
