@@ -429,6 +429,13 @@ class TaskAmenabilityEnv(gym.Env):
                 "use a smaller batch_size or more data"
             )
         self.task.check_dataset(train_set, "training")
+        num_classes = max(len(train_set.class_names), 1)
+        if self.paired_class_correction == "step" and self.paired_draws <= num_classes:
+            raise ValueError(
+                "paired_class_correction='step' fits the class term on each step's own draws, one weight per "
+                f"class but the first and an intercept, so with {num_classes} classes it "
+                f"needs paired_draws >= {num_classes + 1}, got paired_draws={self.paired_draws}"
+            )
         if self.reward_name == "fixed":
             clean = validation_set.require_human_amenability(self.task.name, "the fixed reward") == 1
             if not clean.any():
@@ -455,13 +462,7 @@ class TaskAmenabilityEnv(gym.Env):
         self.action_space = spaces.Box(0.0, 1.0, (self.batch_size,), np.float32)
 
         self.baseline = MovingAverageBaseline(baseline_decay)
-        self.class_correction = ClassMixCorrection(max(len(train_set.class_names), 1))
-        if self.paired_class_correction == "step" and self.paired_draws <= self.class_correction.num_classes:
-            raise ValueError(
-                "paired_class_correction='step' fits the class term on each step's own draws, one weight per "
-                f"class but the first and an intercept, so with {self.class_correction.num_classes} classes it "
-                f"needs paired_draws >= {self.class_correction.num_classes + 1}, got paired_draws={self.paired_draws}"
-            )
+        self.class_correction = ClassMixCorrection(num_classes)
         self.predictor: torch.nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.averaged_predictor: torch.nn.Module | None = None
