@@ -293,8 +293,10 @@ def train_baseline(config: TrainConfig, folder: Path, train_set: Any, validation
     It runs one env episode of ``config.steps`` training steps with every
     image selected (the reward is irrelevant: no controller learns), after
     the env's own predictor warm-up, if any.  Returns the predictor updates.
+    Every ``config.eval_every`` updates it logs how far it is on
+    :data:`~experiments.training.evaluation_logger`, as train() logs its holdout evaluations.
     """
-    from experiments.training import make_env, save_predictor
+    from experiments.training import evaluation_logger, make_env, save_predictor
 
     steps = config.steps
     env = make_env(
@@ -304,8 +306,14 @@ def train_baseline(config: TrainConfig, folder: Path, train_set: Any, validation
     )
     env.reset(seed=config.seed)
     select_all = np.ones(env.action_space.shape, dtype=np.float32)
-    for _ in range(steps):
+    start = time.perf_counter()
+    for step in range(1, steps + 1):
         env.step(select_all)
+        if step % config.eval_every == 0 or step == steps:
+            evaluation_logger.debug(
+                "%s-baseline-seed%d: predictor update %d of %d (%.0f s)",
+                config.task, config.seed, step, steps, time.perf_counter() - start,
+            )
     save_predictor(env, folder / "predictor.pt")
     env.close()
     return steps
@@ -350,11 +358,12 @@ def run_stage(stage: Stage, threads: int | None = None) -> dict[str, Any]:
     """Run one stage to completion and write its ``stage.done`` record last; returns the record."""
     import torch
 
-    from experiments.training import load_splits, train
+    from experiments.training import load_splits, show_evaluations, train
     from iqa_env.files import atomic_write_text
 
     if threads is not None:
         torch.set_num_threads(threads)
+    show_evaluations()  # a stage's holdout evaluations (or predictor updates) as they happen
     start = time.perf_counter()
     config = stage.config
     stage.folder.mkdir(parents=True, exist_ok=True)

@@ -58,20 +58,12 @@ from experiments.workers import worker_pool
 
 
 def _run(config: TrainConfig, out: str | None = None) -> dict[str, Any]:
-    import logging
-
     import torch
 
     torch.set_num_threads(1)
-    from experiments.training import evaluation_logger, train
+    from experiments.training import show_evaluations, train
 
-    # Each holdout evaluation as it happens, on stderr: a DDPG run on a CPU takes half an hour.
-    if not evaluation_logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("  %(message)s"))
-        evaluation_logger.addHandler(handler)
-        evaluation_logger.setLevel(logging.DEBUG)
-        evaluation_logger.propagate = False
+    show_evaluations()  # each holdout evaluation as it happens: a DDPG run on a CPU takes half an hour
     if out is None:
         return train(config)
     return train(config, Path(out) / config.run_name, pause_at_time_limit=True)

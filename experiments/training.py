@@ -15,6 +15,7 @@ import logging
 import os
 import pickle
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,8 +26,40 @@ import torch
 
 logger = logging.getLogger(__name__)
 #: One DEBUG line per holdout evaluation of a run (``<run>: step N, holdout AUROC x (T s)``):
-#: ``iqa -v train`` shows them, and ``experiments/seed_study.py`` shows them for each of its runs.
+#: ``iqa -v train`` shows them; ``experiments/seed_study.py`` and ``iqa reproduce`` show them for each of
+#: their runs (:func:`show_evaluations`), and the latter also logs its baseline predictors' updates here.
 evaluation_logger = logging.getLogger(__name__ + ".evaluations")
+
+
+class _CurrentStderr(logging.StreamHandler):
+    """A stream handler that writes to whatever ``sys.stderr`` is when a line is logged, not when it was made
+    (a caller that replaces ``sys.stderr`` later, as pytest does for each test, still gets the lines)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self):  # noqa: D102
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def show_evaluations() -> None:
+    """Print :data:`evaluation_logger`'s lines on stderr, indented, whatever the logging set-up.
+
+    For the runs of long studies, in their worker processes (spawned: they do not inherit the
+    caller's logging) or in the caller: each run then says where it stands as it goes.  Calling it
+    again adds no second handler.
+    """
+    if not any(isinstance(h, _CurrentStderr) for h in evaluation_logger.handlers):
+        handler = _CurrentStderr()
+        handler.setFormatter(logging.Formatter("  %(message)s"))
+        evaluation_logger.addHandler(handler)
+    evaluation_logger.setLevel(logging.DEBUG)
+    evaluation_logger.propagate = False
 
 
 @dataclass

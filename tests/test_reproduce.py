@@ -293,8 +293,13 @@ def test_reproduce_end_to_end_then_resume(tiny_synthetic_path, tmp_path, caplog,
     argv = ["reproduce", "--quick", "--task", "both", "--seeds", "1", "--steps", "16", "--workers", "1",
             "--device", "cpu", "--dataset", str(tiny_synthetic_path), "--out", str(out)]
     assert main(argv) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "baseline" in printed
+    # Each stage says how far it is as it runs (here the baselines' last update; the controller runs'
+    # 16 steps are short of the quick budget's evaluation interval).
+    for task in ("classification", "segmentation"):
+        assert re.search(rf"^  {task}-baseline-seed0: predictor update 16 of 16 \(\d+ s\)$", captured.err, re.M)
     # The controllers' AUROC against the truth, each against its untrained start, beside the heuristics.
     assert "controller AUROC against the ground truth, at initialisation -> at the end" in printed
     assert re.search(r"^    fixed +\S+ -> \S+; seeds higher than at initialisation: (n/a|[01] of 1.*); "
