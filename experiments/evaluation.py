@@ -89,6 +89,16 @@ def mean_and_std(values: Sequence[float | None]) -> dict[str, Any]:
     }
 
 
+def seeds_higher_text(comparison: dict[str, Any] | None) -> str:
+    """``"3 of 4 (sign test p 0.62)"``: how many seeds of an :func:`against_initial` result ended higher,
+    and its sign test (left out where no seed moved); ``"n/a"`` without pairs (or without the result,
+    as in files written before it existed).  The one wording of it, for every report that prints it."""
+    if not comparison or not comparison["pairs"]:
+        return "n/a"
+    p = comparison["sign_test_p"]
+    return f"{comparison['higher']} of {comparison['pairs']}" + ("" if p is None else f" (sign test p {p:.2g})")
+
+
 def against_initial(initial: Sequence[float | None], final: Sequence[float | None]) -> dict[str, Any]:
     """Runs' final figures against their own initial ones, across seeds (e.g. a controller's AUROC).
 

@@ -58,6 +58,7 @@ from experiments.evaluation import (
     random_rejection_band,
     ranking_agreement,
     rejection_curve,
+    seeds_higher_text,
 )
 from experiments.training import TrainConfig
 from experiments.workers import worker_pool
@@ -1023,11 +1024,9 @@ def _baseline_predictor_markdown(task_result: dict[str, Any]) -> list[str]:
 
 
 def against_initial_text(summary: dict[str, Any]) -> str:
-    """``"3 of 4 (p 0.62)"``: the seeds whose controller ended above its own untrained one, and the sign test."""
-    c = summary.get("auroc_against_initial")  # absent in results.json written before it existed
-    if not c or not c["pairs"]:
-        return "n/a"
-    return f"{c['higher']} of {c['pairs']}" + ("" if c["sign_test_p"] is None else f" (p {c['sign_test_p']:.2g})")
+    """``"3 of 4 (sign test p 0.62)"``: the seeds whose controller ended above its own untrained one, and
+    the sign test (:func:`~experiments.evaluation.seeds_higher_text` of ``auroc_against_initial``)."""
+    return seeds_higher_text(summary.get("auroc_against_initial"))  # absent in results.json written before it
 
 
 def _auroc_markdown(task_result: dict[str, Any]) -> list[str]:

@@ -186,7 +186,7 @@ def class_tallies(runs: list[dict[str, Any]]) -> list[str]:
 
 def _against_initial_text(initial: list[float | None], final: list[float | None]) -> str:
     """``"mean AUROC a +- s at initialisation -> b +- t at the end (...); higher ... (sign test p P)"``; "" without pairs."""
-    from experiments.evaluation import against_initial
+    from experiments.evaluation import against_initial, seeds_higher_text
 
     c = against_initial(initial, final)
     if not c["pairs"]:
@@ -195,11 +195,9 @@ def _against_initial_text(initial: list[float | None], final: list[float | None]
     def both(side: dict[str, Any]) -> str:
         return f"{side['mean']:.3f}" + ("" if side["std"] is None else f" +- {side['std']:.3f}")
 
-    p = "-" if c["sign_test_p"] is None else f"{c['sign_test_p']:.2g}"
     return (
         f"mean AUROC {both(c['initial'])} at initialisation -> {both(c['final'])} at the end"
-        f" (st.d. across seeds); higher than at initialisation on {c['higher']} of {c['pairs']}"
-        f" (sign test p {p})"
+        f" (st.d. across seeds); higher than at initialisation on {seeds_higher_text(c)}"
     )
 
 

@@ -217,6 +217,11 @@ def test_against_initial_counts_the_seeds_that_moved_and_sign_tests_them():
     assert nothing["pairs"] == 1 and nothing["equal"] == 1 and nothing["sign_test_p"] is None
     with pytest.raises(ValueError, match="one figure per seed each, got 2 and 1"):
         ev.against_initial([0.5, 0.6], [0.7])
+    # One wording for every report: the count, then the sign test where a seed moved.
+    assert ev.seeds_higher_text(out) == "2 of 4 (sign test p 1)"
+    assert ev.seeds_higher_text(ev.against_initial([0.5] * 6, [0.6] * 6)) == "6 of 6 (sign test p 0.031)"
+    assert ev.seeds_higher_text(nothing) == "0 of 1"
+    assert ev.seeds_higher_text(None) == ev.seeds_higher_text(ev.against_initial([None], [0.5])) == "n/a"
 
 
 # ------------------------------------------------------------------ pipeline
