@@ -222,7 +222,7 @@ class Stage:
         # The baseline ignores the reward and the algorithm: it has neither. The env and algorithm
         # settings that the defaults add count too, so that a stage finished by a checkout with other
         # defaults is not reused.
-        config = self.config
+        config = self.config.resolved()
         fields = _identity(config, ("reward", "algo") if self.kind == "baseline" else ())
         settings = _plain(recommended_env_kwargs(config.algo, config.reward))
         identity = {"kind": self.kind, **fields, "env_settings": settings}
@@ -230,7 +230,9 @@ class Stage:
             env = env_settings(config)  # what make_env gives the run's env
             size = min(env["validation_size"] or self.validation_images, self.validation_images)
             episode = env["train_steps"] + validation_steps_of(env["reward"], size, env["batch_size"])
-            agent = default_settings(config.algo, env["reward"], env["batch_size"], episode)
+            agent = default_settings(
+                config.algo, env["reward"], env["batch_size"], episode, env.get("reward_baseline")
+            )
             identity["agent_settings"] = _plain(agent)
         return identity
 

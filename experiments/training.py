@@ -84,8 +84,9 @@ class TrainConfig:
     """Images per env step."""
     train_steps: int = 8
     """Predictor training steps per episode."""
-    validation_size: int | None = 256
-    """Validation images per reward (None: all)."""
+    validation_size: int | str | None = "auto"
+    """Validation images per reward (None: all; "auto": the algorithm's recommended number,
+    ``agents.recommended_env_kwargs``', 32 for DDPG with the fixed reward, else 256)."""
     rejection_ratio: float = 0.05
     """Rejection ratio of the selective reward."""
     device: str = "auto"
@@ -127,12 +128,15 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.validation_size is not None and (
+        if self.validation_size is not None and self.validation_size != "auto" and (
             isinstance(self.validation_size, bool)
             or not isinstance(self.validation_size, (int, np.integer))
             or self.validation_size < 1
         ):
-            raise ValueError(f"validation_size must be a positive integer or None, got {self.validation_size!r}")
+            raise ValueError(
+                f"validation_size must be a positive integer, None (all) or 'auto' (the algorithm's "
+                f"recommended number), got {self.validation_size!r}"
+            )
         check_rejection_ratio(self.rejection_ratio)
         resolve_device(self.device)
         if not isinstance(self.checkpoint_every, (int, np.integer)) or self.checkpoint_every < 0:
@@ -153,6 +157,16 @@ class TrainConfig:
         if self.dataset is not None and not Path(self.dataset).exists():
             raise FileNotFoundError(f"dataset file {self.dataset} does not exist")
         return self
+
+    def resolved(self) -> TrainConfig:
+        """A copy with ``validation_size="auto"`` replaced by the number it stands for (what a run records)."""
+        if self.validation_size != "auto":
+            return self
+        from agents import recommended_env_kwargs
+        from agents.factory import DEFAULT_VALIDATION_SIZE
+
+        size = recommended_env_kwargs(self.algo, self.reward).get("validation_size", DEFAULT_VALIDATION_SIZE)
+        return dataclasses.replace(self, validation_size=size)
 
     @property
     def run_name(self) -> str:
@@ -178,7 +192,7 @@ def env_settings(config: TrainConfig) -> dict[str, Any]:
         rejection_ratio=config.rejection_ratio,
         batch_size=config.batch_size,
         train_steps=config.train_steps,
-        validation_size=config.validation_size,
+        validation_size=config.resolved().validation_size,
         device=config.device,
     )
     settings.update(config.env_kwargs)
@@ -287,8 +301,8 @@ def config_differences(saved: dict[str, Any], config: TrainConfig) -> list[str]:
     Fields missing from ``saved`` (written by an older version) count as their
     defaults; :data:`RUN_MANAGEMENT_FIELDS` are not compared.
     """
-    defaults = _json_config(TrainConfig())
-    now = _json_config(config)
+    defaults = _json_config(TrainConfig().resolved())
+    now = _json_config(config.resolved())
     before = {**defaults, **saved}
     return [
         f"{name}: saved {before.get(name)!r}, now {value!r}"
@@ -476,7 +490,7 @@ def train(
     from agents.factory import agent_class
     from experiments import checkpoint as ckpt
 
-    config.validate()
+    config = config.validate().resolved()
     if pause_at_time_limit and (out_dir is None or config.checkpoint_every == 0):
         raise ValueError(
             "pause_at_time_limit needs a run folder (out_dir) and checkpoints (checkpoint_every > 0), "

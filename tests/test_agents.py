@@ -413,9 +413,10 @@ def test_store_selections_keeps_every_further_draw_of_a_step_as_its_own_transiti
             np.testing.assert_array_equal(actions[3 * k + j], np.where(draws[j], 1.0, -1.0))
             assert stored_rewards[3 * k + j] == pytest.approx(paid[j], rel=1e-6, abs=1e-9)
             np.testing.assert_array_equal(observations[3 * k + j], observations[3 * k])
-    # Without store_selections the further draws are not what the buffer holds: one transition per step.
+    # Without store_selections (on by default on this env, agents.factory.PAIRED_DEFAULTS) the further draws
+    # are not what the buffer holds: one transition per step.
     plain = make_agent("ddpg", _env(dataset, reward="fixed", reward_baseline="paired", paired_draws=3), seed=0,
-                       learning_starts=10, replay_buffer_class=ReplayBuffer, gamma=0.0)
+                       learning_starts=10, replay_buffer_class=ReplayBuffer, gamma=0.0, store_selections=False)
     plain.learn(12)
     assert plain.replay_buffer.pos == 12
 

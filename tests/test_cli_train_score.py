@@ -148,3 +148,42 @@ def test_cli_errors_are_one_line(tmp_path, monkeypatch, capsys, argv, message):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+def test_ddpg_with_the_fixed_reward_gets_its_measured_settings(tiny_synthetic_path, tmp_path, capsys):
+    """DDPG with the fixed reward trains, by default, with the set-up measured to learn: each training step
+    rewarded against a step on the rest of its batch on 32 validation images, 8 draws per step with the
+    class term fitted on them, and a bandit critic fitted on the draws; an explicit size wins."""
+    from agents import make_agent, recommended_env_kwargs
+    from experiments.training import TrainConfig, env_settings, load_splits, make_env
+
+    base = ["train", "--algo", "ddpg", "--reward", "fixed", "--dataset", str(tiny_synthetic_path), "--steps", "6",
+            "--batch-size", "8", "--train-steps", "2", "--device", "cpu", "--no-progress"]
+    assert main([*base, "--out", str(tmp_path / "run")]) == 0
+    capsys.readouterr()
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["validation_size"] == 32  # "auto", as the run records it
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    paired = {"reward_baseline": "paired", "validation_size": 32, "paired_draws": 8, "paired_class_correction": "step"}
+    assert {key: summary["env_settings"][key] for key in paired} == paired
+    # The same command with another size on the same folder is a different run, refused without --overwrite.
+    assert main([*base, "--validation-size", "16", "--out", str(tmp_path / "run")]) == 2
+    assert "validation_size: saved 32, now 16" in capsys.readouterr().err
+    # Other algorithms and rewards keep 256 and their own baselines.
+    assert env_settings(TrainConfig(algo="reinforce", reward="fixed"))["validation_size"] == 256
+    assert "reward_baseline" not in env_settings(TrainConfig(algo="td3", reward="fixed"))  # the paper's form
+    assert "reward_baseline" not in recommended_env_kwargs("reinforce", "fixed")
+    assert env_settings(TrainConfig(algo="ddpg", reward="weighted"))["validation_size"] == 256
+    assert env_settings(TrainConfig(algo="ddpg", reward="fixed", validation_size=None))["validation_size"] is None
+    # make_agent on that env builds the bandit critic fitted on the draws; on the paper's form, the pooled one.
+    config = TrainConfig(algo="ddpg", reward="fixed", dataset=str(tiny_synthetic_path), batch_size=8,
+                         train_steps=2, device="cpu")
+    _, (train_set, validation_set, _) = load_splits(config.dataset)
+    for env_kwargs, gamma, store in (({}, 0.0, True), ({"reward_baseline": "moving_average", "paired_draws": 1,
+                                                       "paired_class_correction": False}, 0.9, False)):
+        env = make_env(TrainConfig(**{**config.__dict__, "env_kwargs": env_kwargs}), train_set, validation_set)
+        try:
+            agent = make_agent("ddpg", env, seed=0)
+            assert (agent.gamma, agent.store_selections) == (gamma, store)
+        finally:
+            env.close()

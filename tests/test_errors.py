@@ -542,9 +542,11 @@ def test_batch_size_not_positive(tiny_synthetic_path: Path, tmp_path: Path, caps
     for field, value in (("batch_size", True), ("train_steps", 0), ("train_steps", 2.5)):
         refused = api_error(ValueError, lambda f=field, v=value: TrainConfig(**{f: v}).validate())
         assert refused == f"{field} must be a positive integer, got {value!r}"
-    assert api_error(ValueError, lambda: TrainConfig(validation_size=0).validate()) == (
-        "validation_size must be a positive integer or None, got 0"
-    )
+    for value in (0, "all"):
+        assert api_error(ValueError, lambda v=value: TrainConfig(validation_size=v).validate()) == (
+            "validation_size must be a positive integer, None (all) or 'auto' (the algorithm's recommended "
+            f"number), got {value!r}"
+        )
     argv = ["train", "--dataset", tiny_synthetic_path, "--batch-size", "0", "--device", "cpu"]
     assert cli_error(argv + ["--out", tmp_path / "run", "--no-progress"], capsys) == message
     assert not (tmp_path / "run").exists()

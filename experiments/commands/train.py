@@ -44,7 +44,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="images per env step")
     p.add_argument("--train-steps", type=int, default=8, help="predictor training steps per episode")
     p.add_argument(
-        "--validation-size", type=non_negative_int, default=256, help="validation images per reward (0: all)"
+        "--validation-size",
+        type=non_negative_int,
+        default=None,
+        help="validation images per reward (0: all; default: the algorithm's recommended number, "
+        "32 for DDPG with the fixed reward, else 256)",
     )
     p.add_argument("--eval-every", type=int, default=500, help="env steps between holdout AUROC evaluations")
     p.add_argument(
@@ -90,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         batch_size=args.batch_size,
         train_steps=args.train_steps,
-        validation_size=args.validation_size or None,
+        validation_size="auto" if args.validation_size is None else args.validation_size or None,
         eval_every=args.eval_every,
         checkpoint_every=args.checkpoint_every,
         device=args.device,
