@@ -152,7 +152,24 @@ def _identity(config: TrainConfig, drop: Iterable[str] = ()) -> dict[str, Any]:
     """The fields of ``config`` that decide a stage's results (JSON-normalised, so it compares with a loaded one)."""
     from experiments import training
 
+    from agents import ALGORITHMS
+    from iqa_env.rewards import REWARD_NAMES
+
+    drop = tuple(drop)
     fields = dataclasses.asdict(config)
+    if fields.get("validation_size") == "auto":
+        # The number "auto" stands for, where it is one for every algorithm and reward the stages vary over
+        # (256 for REINFORCE: what folders made before "auto" recorded, so that they resume); else "auto".
+        # A train stage's own identity has its algorithm's and reward's number.
+        algos = ALGORITHMS if "algo" in drop else (config.algo,)
+        rewards = REWARD_NAMES if "reward" in drop else (config.reward,)
+        sizes = {
+            dataclasses.replace(config, algo=algo, reward=reward).resolved().validation_size
+            for algo in algos
+            for reward in rewards
+        }
+        if len(sizes) == 1:
+            fields["validation_size"] = sizes.pop()
     for name in (*_LOCATION_FIELDS, *getattr(training, "RUN_MANAGEMENT_FIELDS", ()), *drop):
         fields.pop(name, None)
     return _plain(fields)

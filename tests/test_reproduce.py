@@ -524,3 +524,23 @@ def test_budgets_live_in_one_place():
     assert (config.steps, config.algo, seeds) == (7, "ddpg", QUICK["seeds"])
     with pytest.raises(TypeError):
         budget_config(overrides={"no_such_field": 1})
+
+
+def test_a_folder_records_the_validation_size_that_auto_stands_for():
+    """``validation_size="auto"`` is recorded as its number where every stage has the same one (REINFORCE's
+    256, what folders made before "auto" recorded, so that they resume), as "auto" where the stages differ
+    (DDPG's fixed reward has 32), and each train stage records its own number."""
+    from pathlib import Path
+
+    from experiments.reproduce import _identity, make_stage
+    from experiments.training import TrainConfig
+
+    stages = ("task", "reward", "seed")
+    assert _identity(TrainConfig(), stages)["validation_size"] == 256
+    assert _identity(TrainConfig(algo="ddpg"), stages)["validation_size"] == "auto"
+    assert _identity(TrainConfig(reward="fixed"), ("task", "algo", "seed"))["validation_size"] == "auto"
+    assert _identity(TrainConfig(reward="weighted"), ("task", "algo", "seed"))["validation_size"] == 256
+    stage = make_stage(Path("out"), "train", TrainConfig(algo="ddpg", reward="fixed"), "fixed", 600)
+    identity = stage.identity()
+    assert identity["validation_size"] == 32 and identity["env_settings"]["reward_baseline"] == "paired"
+    assert identity["agent_settings"]["store_selections"] is True and identity["agent_settings"]["gamma"] == 0.0
