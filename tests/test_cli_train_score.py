@@ -97,11 +97,16 @@ def test_train_passes_env_and_agent_arguments(tiny_synthetic_path, tmp_path, cap
             "--device", "cpu", "--no-progress"]
     run = tmp_path / "run"
     assert main([*base, "--out", str(run), "--env-kwargs", '{"reward_normalisation": "none"}',
-                 "--agent-kwargs", '{"controller_average": 0.5}']) == 0
+                 "--agent-kwargs", '{"controller_average": 0.5}', "--eval-every", "8"]) == 0
     config = json.loads((run / "config.json").read_text())
     assert config["env_kwargs"] == {"reward_normalisation": "none"}
     assert config["agent_kwargs"] == {"controller_average": 0.5}
-    capsys.readouterr()
+    # Without the progress bar each holdout evaluation during the run is a line on stderr.
+    curve = json.loads((run / "summary.json").read_text())["auroc_curve"]
+    pattern = r"classification-weighted-reinforce-seed0: step (\d+), holdout AUROC (\S+) \("
+    lines = [(int(step), float(value)) for step, value in re.findall(pattern, capsys.readouterr().err)]
+    assert [step for step, _ in lines] == [8, 16]
+    assert lines == [(step, pytest.approx(value, abs=5e-4)) for step, value in curve if step in (8, 16)]
     # A setting the env does not know is the env's own one-line error.
     assert main([*base, "--out", str(tmp_path / "bad"), "--env-kwargs", '{"reward_normalisation": "z"}']) == 2
     err = capsys.readouterr().err.strip()

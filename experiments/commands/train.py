@@ -78,12 +78,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--out", required=True, help="run folder (created)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bar: a line on stderr at each holdout evaluation instead (for logs)",
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from experiments.training import TrainConfig, train
+    from experiments.training import TrainConfig, show_evaluations, train
 
     config = TrainConfig(
         algo=args.algo,
@@ -101,6 +105,8 @@ def run(args: argparse.Namespace) -> int:
         env_kwargs=args.env_kwargs,
         agent_kwargs=args.agent_kwargs,
     )
+    if args.no_progress:
+        show_evaluations()  # the bar shows the holdout AUROC; without it, a line per evaluation
     summary = train(config, args.out, progress=not args.no_progress, overwrite=args.overwrite)
     finished = bool(summary.get("already_finished"))
     if finished:
