@@ -26,8 +26,9 @@ import torch
 
 logger = logging.getLogger(__name__)
 #: One DEBUG line per holdout evaluation of a run (``<run>: step N, holdout AUROC x (T s)``):
-#: ``iqa -v train`` and ``iqa train --no-progress`` show them; ``experiments/seed_study.py`` and ``iqa reproduce`` show them for each of
-#: their runs (:func:`show_evaluations`), and the latter also logs its baseline predictors' updates here.
+#: ``iqa -v train`` and ``iqa train --no-progress`` show them; ``experiments/seed_study.py`` and
+#: ``iqa reproduce`` show them for each of their runs (:func:`show_evaluations`), and the latter also
+#: logs its baseline predictors' updates here.
 evaluation_logger = logging.getLogger(__name__ + ".evaluations")
 
 
