@@ -150,9 +150,8 @@ def _plain(value: Any) -> Any:
 
 def _identity(config: TrainConfig, drop: Iterable[str] = ()) -> dict[str, Any]:
     """The fields of ``config`` that decide a stage's results (JSON-normalised, so it compares with a loaded one)."""
-    from experiments import training
-
     from agents import ALGORITHMS
+    from experiments import training
     from iqa_env.rewards import REWARD_NAMES
 
     drop = tuple(drop)

@@ -86,8 +86,8 @@ class TrainConfig:
     train_steps: int = 8
     """Predictor training steps per episode."""
     validation_size: int | str | None = "auto"
-    """Validation images per reward (None: all; "auto": the algorithm's recommended number,
-    ``agents.recommended_env_kwargs``', 32 for DDPG with the fixed reward, else 256)."""
+    """Validation images per reward (None: all; "auto": the number ``agents.recommended_env_kwargs``
+    gives the algorithm and reward, 32 for DDPG with the fixed reward, else 256; a run records the number)."""
     rejection_ratio: float = 0.05
     """Rejection ratio of the selective reward."""
     device: str = "auto"

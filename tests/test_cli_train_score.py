@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import re
 
@@ -186,7 +187,7 @@ def test_ddpg_with_the_fixed_reward_gets_its_measured_settings(tiny_synthetic_pa
     _, (train_set, validation_set, _) = load_splits(config.dataset)
     for env_kwargs, gamma, store in (({}, 0.0, True), ({"reward_baseline": "moving_average", "paired_draws": 1,
                                                        "paired_class_correction": False}, 0.9, False)):
-        env = make_env(TrainConfig(**{**config.__dict__, "env_kwargs": env_kwargs}), train_set, validation_set)
+        env = make_env(dataclasses.replace(config, env_kwargs=env_kwargs), train_set, validation_set)
         try:
             agent = make_agent("ddpg", env, seed=0)
             assert (agent.gamma, agent.store_selections) == (gamma, store)
