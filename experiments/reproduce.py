@@ -188,7 +188,7 @@ def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> 
 def check_settings(out: Path, settings: dict[str, Any]) -> None:
     """Write ``out/settings.json``, or check that the run already in ``out`` has the same settings.
 
-    Seeds and tasks may differ (stages are per task and seed: new ones run,
+    Seeds, tasks and rewards may differ (stages are per task, reward and seed: new ones run,
     finished ones are reused); anything else that changes results is an error.
     """
     from iqa_env.files import atomic_write_text
@@ -1197,6 +1197,20 @@ def check_tasks(tasks: str | Sequence[str]) -> tuple[str, ...]:
     return tasks
 
 
+def check_rewards(rewards: str | Sequence[str] | None) -> tuple[str, ...]:
+    """The rewards to train, in Table 1's order (None: all of :data:`REWARDS`)."""
+    if rewards is None:
+        return REWARDS
+    if isinstance(rewards, str):
+        rewards = (rewards,)
+    unknown = [r for r in rewards if r not in REWARDS]
+    if unknown:
+        raise ValueError(f"rewards must be among {REWARDS}, got {unknown[0]!r}")
+    if not rewards:
+        raise ValueError(f"give at least one reward of {REWARDS}")
+    return tuple(r for r in REWARDS if r in rewards)
+
+
 def check_seeds(seeds: int) -> list[int]:
     if not isinstance(seeds, (int, np.integer)) or seeds < 1:
         raise ValueError(f"seeds must be a positive integer, got {seeds!r}")
@@ -1258,6 +1272,7 @@ def reproduce(
     random_draws: int = RANDOM_DRAWS,
     env_kwargs: dict[str, Any] | None = None,
     agent_kwargs: dict[str, Any] | None = None,
+    rewards: str | Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) the paper's experiment into ``out``; returns what it writes to ``out/results.json``.
 
@@ -1274,8 +1289,11 @@ def reproduce(
     :param random_draws: random rejections per ratio behind the random band
     :param env_kwargs: ``TaskAmenabilityEnv`` arguments over the recommended ones, for every run
     :param agent_kwargs: arguments of the algorithm over its defaults, for every trained run
+    :param rewards: the rewards to train (default: all of ``REWARDS``, Table 1's rows); the stages of a
+        reward are the same whichever others run, so a folder made with some rewards resumes with more
     """
     task_names = check_tasks(tasks)
+    reward_names = check_rewards(rewards)
     fields = dict(overrides or {})
     for name, extra in (("env_kwargs", env_kwargs), ("agent_kwargs", agent_kwargs)):
         if extra:
@@ -1285,6 +1303,7 @@ def reproduce(
     options = {
         "dataset": dataset,
         "task": "both" if len(task_names) == 2 else task_names[0],
+        "rewards": None if reward_names == REWARDS else list(reward_names),
         "quick": quick,
         "seeds": seeds,
         "algo": algo,
@@ -1292,7 +1311,7 @@ def reproduce(
         "env_kwargs": env_kwargs or None,
         "agent_kwargs": agent_kwargs or None,
     }
-    runs = [{"label": r, "reward": r} for r in REWARDS]
+    runs = [{"label": r, "reward": r} for r in reward_names]
     folder, results = run_experiment(
         "reproduce", out, base, task_names, seed_list, runs, ("task", "reward", "seed"), options, overrides,
         workers, random_draws, quick=quick,

@@ -544,3 +544,44 @@ def test_a_folder_records_the_validation_size_that_auto_stands_for():
     identity = stage.identity()
     assert identity["validation_size"] == 32 and identity["env_settings"]["reward_baseline"] == "paired"
     assert identity["agent_settings"]["store_selections"] is True and identity["agent_settings"]["gamma"] == 0.0
+
+
+def test_reproduce_trains_the_rewards_asked_for_and_adds_more_on_resume(tiny_synthetic_path, tmp_path, capsys):
+    """``--rewards`` trains those rewards only, in Table 1's order; rerun with more into the same folder,
+    it runs only the new rewards' stages and reports every reward."""
+    out = tmp_path / "rep"
+    argv = ["reproduce", "--task", "classification", "--seeds", "1", "--steps", "8", "--workers", "1",
+            "--device", "cpu", "--dataset", str(tiny_synthetic_path), "--out", str(out)]
+    assert main([*argv, "--rewards", "selective", "weighted"]) == 0
+    first = json.loads((out / "results.json").read_text())
+    t = first["tasks"]["classification"]
+    check_task_result(t, ["weighted", "selective"], [0])
+    assert [row["method"] for row in t["table1"]] == ["baseline", "weighted", "selective"]
+    assert "--rewards weighted selective" in first["command"]
+    assert not (out / "classification" / "fixed").exists()
+    done = markers(out)
+    assert len(done) == 3  # the baseline and two rewards
+
+    capsys.readouterr()
+    assert main(argv) == 0  # all three rewards: only the fixed reward's stage is new
+    after = markers(out)
+    assert set(after) - set(done) == {"classification/fixed/seed0/stage.done"}
+    assert all(after[k] == v for k, v in done.items()), "a finished stage was run again"
+    second = json.loads((out / "results.json").read_text())
+    check_task_result(second["tasks"]["classification"], ["fixed", "weighted", "selective"], [0])
+    assert "--rewards" not in second["command"]
+    assert second["invocations"][-1]["stages_run"] == 1
+    assert "    fixed " in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "rewards, message",
+    [(("weighted", "random"), "rewards must be among ('fixed', 'weighted', 'selective'), got 'random'"),
+     ((), "give at least one reward")],
+)
+def test_reproduce_names_a_reward_it_does_not_know(tmp_path, rewards, message):
+    from experiments.reproduce import reproduce
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        reproduce(tmp_path / "rep", rewards=rewards)
+    assert not (tmp_path / "rep").exists()

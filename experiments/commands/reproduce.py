@@ -46,6 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Examples:\n\n"
             "  iqa reproduce --quick --task classification --out runs/reproduce-quick\n"
             "  iqa reproduce --task both --seeds 8 --out runs/reproduce\n"
+            "  iqa reproduce --rewards weighted selective --seeds 4 --steps 4000 --out runs/reproduce-long\n"
             "  iqa reproduce --dataset fm.h5 --quick --out runs/reproduce-fm"
         ),
     )
@@ -53,6 +54,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p.add_argument(
         "--task", choices=("classification", "segmentation", "both"), default="classification", help="target task(s)"
+    )
+    from experiments.reproduce import REWARDS
+
+    p.add_argument(
+        "--rewards",
+        nargs="+",
+        choices=REWARDS,
+        default=None,
+        metavar="REWARD",
+        help=f"the rewards to train, any of {', '.join(REWARDS)} (default: all three, Table 1's rows); "
+        "rerun into the same --out with more of them to add their stages",
     )
     p.add_argument("--algo", choices=ALGORITHMS, default=None, help="RL algorithm (default: TrainConfig's, reinforce)")
     add_budget_arguments(p)
@@ -93,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         env_kwargs=args.env_kwargs,
         agent_kwargs=args.agent_kwargs,
+        rewards=args.rewards,
     )
     for task, t in results["tasks"].items():
         print(f"{task} ({t['metric']} at {t['paper_rejection_ratio']:.0%} rejection, mean ± st.d. across seeds):")
