@@ -142,6 +142,29 @@ def test_earlier_invocations_carry_over_and_a_bad_file_is_skipped_with_a_warning
     assert earlier_invocations(path) == []
 
 
+def test_every_ratio_is_tested_and_summed_over_seeds():
+    """``rejecting_by`` tests every ratio; ``by_ratio`` counts, ratio by ratio, the seeds better with p < 0.05."""
+    from experiments.reproduce import by_ratio, rejecting_by
+
+    rng = np.random.default_rng(0)
+    groups = np.repeat(np.arange(20), 20)
+    bad = rng.random(400) < 0.2  # a fifth of the images wrong, the rest right
+    metric = (~bad).astype(float)
+    perfect = rejecting_by(metric, metric + rng.random(400) * 0.5, groups, 0.05)  # rejects wrong images first
+    useless = rejecting_by(metric, rng.random(400), groups, 0.05)
+    assert [t["ratio"] for t in perfect["ttest"]] == list(ev.REJECTION_RATIOS)
+    assert perfect["ttest"][0]["p"] is None  # no rejection: nothing differs
+    assert all(t["mean_difference"] > 0 and t["p"] < 0.05 for t in perfect["ttest"][1:])
+    rows = by_ratio([perfect["ttest"], perfect["ttest"], useless["ttest"]])
+    assert [r["seeds"] for r in rows] == [3] * len(ev.REJECTION_RATIOS)
+    assert rows[0]["seeds_better_with_p_below_0.05"] == 0
+    useless_better = [t["p"] is not None and t["p"] < 0.05 and t["mean_difference"] > 0 for t in useless["ttest"]]
+    assert [r["seeds_better_with_p_below_0.05"] for r in rows[1:]] == [2 + b for b in useless_better[1:]]
+    for i, r in enumerate(rows):
+        gains = [perfect["ttest"][i]["mean_difference"]] * 2 + [useless["ttest"][i]["mean_difference"]]
+        assert r["mean_difference"]["mean"] == pytest.approx(np.mean(gains))
+
+
 def test_paired_ttest_pairs_patients_and_drops_those_with_nothing_kept():
     metric = np.array([1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0])
     baseline = np.array([1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 1.0])
@@ -229,7 +252,7 @@ SUMMARY_KEYS = {
     "metric_at_paper_ratio", "patient_std_at_paper_ratio", "p_value", "seeds_better_with_p_below_0.05",
     "initial_auroc", "final_auroc", "spearman", "seeds_beating_heuristics", "wall_time_s", "curve", "kappa",
     "contingency_summed", "baseline_predictor_at_paper_ratio", "baseline_predictor_p_value",
-    "baseline_predictor_seeds_better_with_p_below_0.05", "auroc_against_initial",
+    "baseline_predictor_seeds_better_with_p_below_0.05", "auroc_against_initial", "by_ratio",
 }
 RUN_KEYS = {
     "seed", "folder", "algo", "reward", "steps", "wall_time_s", "initial_auroc", "final_auroc", "auroc_curve",
@@ -263,6 +286,7 @@ def check_task_result(t, labels, seeds):
     )
     for r in baseline["summary"]["rejecting_by"].values():
         assert r["at_paper_ratio"]["n"] == len(seeds) and "median" in r["p_value"]
+        check_by_ratio(r["by_ratio"], seeds)
         assert len(r["curve"]) == len(ev.REJECTION_RATIOS) and "seeds_better_with_p_below_0.05" in r
     assert list(t["runs"]) == labels
     for entry in t["runs"].values():
@@ -274,8 +298,12 @@ def check_task_result(t, labels, seeds):
             r["controller"]["auroc"] > r["initial_auroc"] for r in entry["runs"]
             if r["initial_auroc"] is not None and (r["controller"] or {}).get("auroc") is not None
         )
+        assert set(entry["summary"]["by_ratio"]) == {"co_trained", "baseline_predictor"}
+        for rows in entry["summary"]["by_ratio"].values():
+            check_by_ratio(rows, seeds)
         for run in entry["runs"]:
             assert RUN_KEYS <= set(run)
+            assert [t["ratio"] for t in run["baseline_predictor"]["ttest"]] == list(ev.REJECTION_RATIOS)
             assert len(run["curve"]) == len(ev.REJECTION_RATIOS) == len(run["ttest"]) == len(run["random_band"])
             assert {"ratio", "mean", "std", "p", "t", "mean_difference"} <= set(run["at_paper_ratio"])
             assert {"ratio", "mean", "std", "p", "t", "mean_difference"} <= set(run["baseline_predictor"]["at_paper_ratio"])
@@ -287,6 +315,13 @@ def check_task_result(t, labels, seeds):
             assert set(run["initial_auroc_by_class"]) == set(run["final_auroc_by_class"]) == {
                 "organ absent", "organ present"
             }
+
+
+def check_by_ratio(rows, seeds):
+    assert [r["ratio"] for r in rows] == list(ev.REJECTION_RATIOS)
+    for r in rows:
+        assert {"mean_difference", "p_median", "seeds_better_with_p_below_0.05", "seeds"} <= set(r)
+        assert r["seeds"] == len(seeds) and 0 <= r["seeds_better_with_p_below_0.05"] <= len(seeds)
 
 
 def markers(out):
@@ -340,6 +375,8 @@ def test_reproduce_end_to_end_then_resume(tiny_synthetic_path, tmp_path, caplog,
                 "paper"} <= set(t["table1"][1])
     report = (out / "report.md").read_text()
     assert "| baseline |" in report and "figure4_classification.png" in report and results["command"] in report
+    assert "| rejecting by (predictor) | 0% | 5% | 10% | 15% | 20% | 25% | 30% |" in report
+    assert re.search(r"^\| controller, weighted \(co-trained\) \| [+-]\d\.\d{3} \([01] of 1\) \|", report, re.M)
     # The tiny set's holdout has a handful of patients: said at the start, and in the report.
     patients = results["tasks"]["classification"]["holdout"]["patients"]
     assert patients < 10
