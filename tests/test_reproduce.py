@@ -345,6 +345,10 @@ def test_reproduce_end_to_end_then_resume(tiny_synthetic_path, tmp_path, caplog,
     assert re.search(r"^    fixed +\S+ -> \S+; seeds higher than at initialisation: (n/a|[01] of 1.*); "
                      r"beating every heuristic: [01] of 1$", printed, re.M), printed
     assert re.search(r"^    heuristics: mean_intensity \S+, intensity_std \S+, predictor_confidence \S+$", printed, re.M)
+    # Every ratio's count of seeds better with p < 0.05, for the references and each controller.
+    assert "seeds better than no rejection with p < 0.05 at 5% 10% 15% 20% 25% 30%:" in printed
+    for name in ("the ground truth", "its own confidence", "controller, fixed", "controller, selective"):
+        assert re.search(rf"^    {name} +([01] +){{5}}[01]  of 1$", printed, re.M), (name, printed)
 
     names = ["results.json", "report.md", "settings.json"] + [
         f"{kind}_{task}.png" for kind in ("figure3", "figure4", "auroc") for task in ("classification", "segmentation")

@@ -130,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
                 ties = tie_break_text(r)
                 if ties is not None:
                     print(f"    ({ties})")
+        print_by_ratio(t, REFERENCES)
         if any(entry["summary"]["final_auroc"]["n"] for entry in t["runs"].values()):
             print("  controller AUROC against the ground truth, at initialisation -> at the end "
                   "(mean ± st.d. across seeds):")
@@ -141,3 +142,27 @@ def run(args: argparse.Namespace) -> int:
             print("    heuristics: " + ", ".join(f"{name} {format_stats(h['auroc'])}" for name, h in t["heuristics"].items()))
     print(f"report: {args.out}/report.md, figures and results.json in {args.out}")
     return 0
+
+
+def print_by_ratio(task_result: dict, references: tuple) -> None:
+    """The baseline predictor's seeds better with p < 0.05 at every ratio, rejecting by each reference and
+    each controller (the report's "At every rejection ratio" table, in counts)."""
+    rows = []
+    summary = task_result["baseline"]["summary"]["rejecting_by"]
+    for name, text in references:
+        if name in summary and summary[name].get("by_ratio"):
+            rows.append((text.split(" (")[0], summary[name]["by_ratio"]))
+    for label, entry in task_result["runs"].items():
+        by_ratio = entry["summary"].get("by_ratio")
+        if by_ratio:
+            rows.append((f"controller, {label}", by_ratio["baseline_predictor"]))
+    if not rows:
+        return
+    ratios = [r["ratio"] for r in rows[0][1] if r["ratio"] > 0]
+    width = max(len(name) for name, _ in rows)
+    print("  baseline predictor rejecting by each, seeds better than no rejection with p < 0.05 at "
+          + " ".join(f"{r:.0%}" for r in ratios) + ":")
+    for name, by_ratio in rows:
+        counts = [str(r["seeds_better_with_p_below_0.05"]) for r in by_ratio if r["ratio"] > 0]
+        print(f"    {name:{width}} " + " ".join(f"{c:>{len(f'{r:.0%}')}}" for c, r in zip(counts, ratios))
+              + f"  of {by_ratio[0]['seeds']}")
