@@ -51,7 +51,7 @@ from torch import nn
 
 from agents.buffers import WITH_CLASS_LABELS, ClassLabelledSamples, _ClassLabelsMixin
 from agents.policies import action_logits
-from agents.reinforce import between_class_variance
+from agents.reinforce import LoadsOnTheEnvsDevice, between_class_variance
 
 __all__ = ["DDPG", "TD3"]
 
@@ -280,8 +280,10 @@ class _WithExtraDraws:
             self.buffer.add(obs, next_obs, actions, rewards, done, infos)
 
 
-class DDPG(_StoredSelectionsMixin, _ClassBalanceMixin, _UndiscountedTargetsMixin, SB3DDPG):
+class DDPG(LoadsOnTheEnvsDevice, _StoredSelectionsMixin, _ClassBalanceMixin, _UndiscountedTargetsMixin, SB3DDPG):
     """stable-baselines3's :class:`~stable_baselines3.DDPG`; with ``gamma = 0`` the target networks are not run.
+
+    ``DDPG.load(path, env=env)`` puts it on the env's device (:class:`~agents.reinforce.LoadsOnTheEnvsDevice`).
 
     :param class_balance: weight of the penalty on the class separation of the actor's logits
         (default 0: none); see the module's docstring.
@@ -291,7 +293,7 @@ class DDPG(_StoredSelectionsMixin, _ClassBalanceMixin, _UndiscountedTargetsMixin
     """
 
 
-class TD3(_StoredSelectionsMixin, _ClassBalanceMixin, _UndiscountedTargetsMixin, SB3TD3):
+class TD3(LoadsOnTheEnvsDevice, _StoredSelectionsMixin, _ClassBalanceMixin, _UndiscountedTargetsMixin, SB3TD3):
     """stable-baselines3's :class:`~stable_baselines3.TD3`; with ``gamma = 0`` the target networks are not run.
 
     :param class_balance: as :class:`DDPG`'s.

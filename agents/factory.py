@@ -149,6 +149,11 @@ def default_kwargs(name: str, env: GymEnv, seed: int | None = None) -> dict[str,
     Fashion-MNIST) the rate of 0.3 ranked worse: pass
     ``policy_kwargs=dict(initial_selection_probability=0.5)`` there.
     ``docs/design-decisions.md`` says why.
+
+    The agent's ``device`` is the env's (``TaskAmenabilityEnv(device=...)``),
+    not stable-baselines3's ``"auto"``: a CPU env on a machine with a GPU gets
+    a CPU controller, and a CUDA env a CUDA one. Pass ``device=`` to
+    :func:`make_agent` to put it elsewhere.
     """
     batch = int(env.action_space.shape[0])  # type: ignore[index]
     episode = _episode_length(env)
@@ -179,6 +184,9 @@ def default_kwargs(name: str, env: GymEnv, seed: int | None = None) -> dict[str,
             options[key] = {**options.get(key, {}), **value} if isinstance(value, dict) else value
     elif env_attr(env, "reward_baseline", None) == "paired":
         options.update(copy.deepcopy(PAIRED_DEFAULTS.get(name, {})))
+    device = env_attr(env, "device", None)
+    if device is not None:  # the controller lives where the env's data and predictor do
+        options["device"] = device
     return options
 
 

@@ -139,7 +139,23 @@ class SelectionRewardModel(torch.nn.Module):
         return probabilities * q(rest_sum + c, rest + 1.0) + (1.0 - probabilities) * q(rest_sum, rest)
 
 
-class REINFORCE(BaseAlgorithm):
+class LoadsOnTheEnvsDevice:
+    """``load(path, env=env)`` puts the agent on the env's device, as :func:`agents.make_agent` does.
+
+    stable-baselines3's ``load`` defaults to ``device="auto"``: a CUDA agent for a
+    CPU env on a machine with a GPU. Here ``device=None`` (the default) means the
+    env's device, or ``"auto"`` without an env or one with no ``device``; a
+    device given is used as it is.
+    """
+
+    @classmethod
+    def load(cls, path: Any, env: GymEnv | None = None, device: torch.device | str | None = None, **kwargs: Any) -> Any:
+        if device is None:
+            device = env_attr(env, "device", None) if env is not None else None
+        return super().load(path, env=env, device="auto" if device is None else device, **kwargs)  # type: ignore[misc]
+
+
+class REINFORCE(LoadsOnTheEnvsDevice, BaseAlgorithm):
     """REINFORCE (Williams, 1992) as used by Saeed et al., IPMI 2021 (https://arxiv.org/abs/2102.07615).
 
     The policy gives selection probabilities ``h``; the *env* draws the

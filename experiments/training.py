@@ -550,7 +550,7 @@ def train(
             agent_class(config.algo),
             env,
             pool=pool,
-            device=agent_kwargs.get("device", "auto"),
+            device=agent_kwargs.get("device", env.device),  # the controller lives with the env, as make_agent's
             tensorboard_log=agent_kwargs.get("tensorboard_log"),
         )
         callbacks.append(ckpt.action_noise_restorer(agent))

@@ -738,6 +738,39 @@ def test_controller_save_load_round_trip(dataset, tmp_path):
     assert loaded.score(dataset.images[:0]).shape == (0,)
 
 
+@pytest.mark.parametrize("name", ["reinforce", "ddpg"])
+def test_the_agent_lives_on_the_envs_device(dataset, tmp_path, name):
+    """The controller is made where the env's data and predictor are, not on stable-baselines3's "auto".
+
+    Before, a CPU env on a machine with a GPU got a CUDA agent: every test here that feeds
+    the policy a CPU tensor failed on a GPU machine, and ``iqa train --device cpu`` trained
+    its controller on the GPU.
+    """
+    from agents import default_kwargs
+
+    env = _env(dataset)
+    assert default_kwargs(name, env)["device"] == env.device == torch.device("cpu")
+    assert make_agent(name, env, seed=0).device == torch.device("cpu")
+    assert make_agent(name, env, seed=0, device="cpu").device == torch.device("cpu")  # an explicit device stays
+    agent = make_agent(name, env, seed=0)
+    agent.save(tmp_path / "cpu.zip")
+    assert type(agent).load(tmp_path / "cpu.zip", env=env).device == torch.device("cpu")  # so does loading one
+    if not torch.cuda.is_available():
+        return
+    env = _env(dataset, device="cuda")
+    agent = make_agent(name, env, seed=0)
+    assert agent.device.type == "cuda" and default_kwargs(name, env)["device"].type == "cuda"
+    agent.learn(40)
+    controller = Controller.from_agent(agent)
+    assert controller.device.type == "cuda"
+    on_gpu = controller.score(dataset.images)
+    np.testing.assert_allclose(controller.to("cpu").score(dataset.images), on_gpu, rtol=0, atol=1e-5)
+    agent.save(tmp_path / "cuda.zip")
+    assert type(agent).load(tmp_path / "cuda.zip", env=env).device.type == "cuda"
+    assert type(agent).load(tmp_path / "cuda.zip", env=_env(dataset)).device == torch.device("cpu")
+    assert type(agent).load(tmp_path / "cuda.zip", env=_env(dataset), device="cuda").device.type == "cuda"
+
+
 def test_controller_percentiles_and_threshold_against_its_reference(dataset, tmp_path):
     """Percentiles are the mid-rank among the reference images' scores; they survive save/load, and ride any scale."""
     controller = Controller.from_agent(make_agent("reinforce", _env(dataset), seed=0))
