@@ -36,7 +36,7 @@ import os
 import platform
 import shlex
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -474,14 +474,76 @@ def ratio_tests(
     return [{"ratio": float(r), **paired_ttest(metric, kept_images(scores, r), reference, groups)} for r in REJECTION_RATIOS]
 
 
-def rejecting_by(metric: np.ndarray, scores: np.ndarray, groups: np.ndarray, ratio: float) -> dict[str, Any]:
+def rejecting_by(
+    metric: np.ndarray,
+    scores: np.ndarray,
+    groups: np.ndarray,
+    ratio: float,
+    describe: Callable[[np.ndarray], dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     """``metric`` after rejecting by ``scores``: the curve, the paired t-test against no rejection at every
-    ratio (``ttest``), and the paper's ratio with its test."""
+    ratio (``ttest``), and the paper's ratio with its test; with ``describe`` (:func:`rejected_describer`),
+    also what the images rejected at the paper's ratio are (``rejected``)."""
     curve = rejection_curve(metric, scores, groups)
     tests = ratio_tests(metric, scores, metric, groups)
     at = next(c for c in curve if math.isclose(c["ratio"], ratio))
     test = next(t for t in tests if math.isclose(t["ratio"], ratio))
-    return {"curve": curve, "ttest": tests, "at_paper_ratio": _at_ratio(ratio, at, test)}
+    result = {"curve": curve, "ttest": tests, "at_paper_ratio": _at_ratio(ratio, at, test)}
+    if describe is not None:
+        result["rejected"] = describe(~kept_images(scores, ratio))
+    return result
+
+
+def rejected_describer(task: str, holdout: Any, metric: np.ndarray) -> Callable[[np.ndarray], dict[str, Any]]:
+    """A function of a mask of rejected holdout images: what they are, for ``rejecting_by(describe=...)``.
+
+    ``images``: how many; ``metric_rejected`` and ``metric_all``: the
+    predictor's per-image metric on them and on every image (a score that
+    finds this predictor's failures rejects images of a low metric);
+    ``at_lowest_truth``: the share of them at the ground truth's lowest
+    amenability (None where the data has none); ``class_shares``: each class's
+    share of them, and ``holdout_class_shares`` of the holdout (a score can
+    reject one class, which moves accuracy by the class's difficulty alone;
+    None for a holdout without labels).
+    """
+    metric = np.asarray(metric, dtype=np.float64)
+    truth = np.asarray(holdout.amenability[task], dtype=np.float64) if task in holdout.amenability else None
+    labels = None if getattr(holdout, "labels", None) is None else np.asarray(holdout.labels)
+    names = [str(n) for n in getattr(holdout, "class_names", ())]
+    if labels is not None and not names:
+        names = [str(c) for c in range(int(labels.max(initial=0)) + 1)]
+
+    def shares(mask: np.ndarray) -> dict[str, float] | None:
+        n = int(mask.sum())
+        if labels is None or not n:
+            return None
+        return {name: float(np.sum(labels[mask] == c) / n) for c, name in enumerate(names)}
+
+    def describe(rejected: np.ndarray) -> dict[str, Any]:
+        n = int(rejected.sum())
+        return {
+            "images": n,
+            "metric_rejected": float(metric[rejected].mean()) if n else None,
+            "metric_all": float(metric.mean()),
+            "at_lowest_truth": float(np.mean(truth[rejected] == truth.min())) if n and truth is not None else None,
+            "class_shares": shares(rejected),
+            "holdout_class_shares": shares(np.ones(len(metric), dtype=bool)),
+        }
+
+    return describe
+
+
+def summarise_rejected(per_seed: Sequence[dict[str, Any] | None]) -> dict[str, Any] | None:
+    """:func:`rejected_describer`'s figures of several seeds: means +- st.d. (None if any seed lacks them)."""
+    if not per_seed or any(r is None for r in per_seed):
+        return None
+    classes = per_seed[0]["class_shares"] or {}
+    return {
+        "images": mean_and_std([r["images"] for r in per_seed]),
+        **{key: mean_and_std([r[key] for r in per_seed]) for key in ("metric_rejected", "metric_all", "at_lowest_truth")},
+        "class_shares": {c: mean_and_std([(r["class_shares"] or {}).get(c) for r in per_seed]) for c in classes},
+        "holdout_class_shares": per_seed[0]["holdout_class_shares"],
+    }
 
 
 def by_ratio(per_seed: Sequence[Sequence[dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -516,7 +578,13 @@ def untied(scores: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def rejecting_by_truth(
-    metric: np.ndarray, truth: np.ndarray, groups: np.ndarray, ratio: float, seed: int, draws: int = TIE_BREAK_DRAWS
+    metric: np.ndarray,
+    truth: np.ndarray,
+    groups: np.ndarray,
+    ratio: float,
+    seed: int,
+    draws: int = TIE_BREAK_DRAWS,
+    describe: Callable[[np.ndarray], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """:func:`rejecting_by` a perfect ranking of ``truth``, its ties in random order, and how that order matters.
 
@@ -528,7 +596,7 @@ def rejecting_by_truth(
     """
     truth = np.asarray(truth, dtype=np.float64)
     rng = np.random.default_rng(seed)
-    result = rejecting_by(metric, untied(truth, rng), groups, ratio)
+    result = rejecting_by(metric, untied(truth, rng), groups, ratio, describe)
     tests = [paired_ttest(metric, kept_images(untied(truth, rng), ratio), metric, groups) for _ in range(draws)]
     p_values = [t["p"] for t in tests if t["p"] is not None]
     result["tie_breaks"] = {
@@ -553,15 +621,18 @@ def summarise_baseline(task: str, holdout: Any, arrays: dict[str, np.ndarray], s
     """
     metric, groups = arrays["metric"], holdout.groups
     ratio = PAPER_REJECTION_RATIO[task]
+    describe = rejected_describer(task, holdout, metric)
     out: dict[str, Any] = {
         "seed": seed,
         "metric": metric_across_patients(metric, groups),
         "random_band": random_rejection_band(metric, groups, draws=draws, seed=seed),
-        "rejecting_by": {"predictor_confidence": rejecting_by(metric, arrays["confidence"], groups, ratio)},
+        "rejecting_by": {"predictor_confidence": rejecting_by(metric, arrays["confidence"], groups, ratio, describe)},
         "heuristics": {},
     }
     if task in holdout.amenability:
-        out["rejecting_by"]["ground_truth"] = rejecting_by_truth(metric, holdout.amenability[task], groups, ratio, seed)
+        out["rejecting_by"]["ground_truth"] = rejecting_by_truth(
+            metric, holdout.amenability[task], groups, ratio, seed, describe=describe
+        )
         for name, scores in heuristic_scores(holdout.images, arrays["confidence"]).items():
             ranking = ranking_agreement(scores, holdout.amenability[task])
             a = ranking["auroc"]
@@ -607,7 +678,9 @@ def summarise_run(
         "curve": curve,
         "ttest": tests,
         "at_paper_ratio": _at_ratio(ratio, at, test),
-        "baseline_predictor": rejecting_by(baseline["metric"], scores, groups, ratio),
+        "baseline_predictor": rejecting_by(
+            baseline["metric"], scores, groups, ratio, rejected_describer(task, holdout, baseline["metric"])
+        ),
         "random_band": random_rejection_band(metric, groups, draws=draws, seed=seed),
         "contingency": None,
         "controller": None,
@@ -645,6 +718,8 @@ def summarise_seeds(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "baseline_predictor_seeds_better_with_p_below_0.05": sum(
             r["baseline_predictor"]["at_paper_ratio"]["better_with_p_below_0.05"] for r in runs
         ),
+        # What the controller rejects at the paper's ratio, seen by the baseline predictor.
+        "baseline_predictor_rejected": summarise_rejected([r["baseline_predictor"].get("rejected") for r in runs]),
         "initial_auroc": mean_and_std(initial),
         "final_auroc": mean_and_std(final),
         # Every seed against its own untrained controller: how many ended higher, and a sign test.
@@ -681,6 +756,7 @@ def summarise_rejecting_by(per_seed: Sequence[dict[str, Any]]) -> dict[str, Any]
         "p_value": with_median(mean_and_std([r["at_paper_ratio"]["p"] for r in per_seed])),
         "seeds_better_with_p_below_0.05": sum(r["at_paper_ratio"]["better_with_p_below_0.05"] for r in per_seed),
         "by_ratio": by_ratio([r["ttest"] for r in per_seed]),
+        "rejected": summarise_rejected([r.get("rejected") for r in per_seed]),
         "curve": [
             {"ratio": float(r), **mean_and_std([run["curve"][i]["mean"] for run in per_seed])}
             for i, r in enumerate(REJECTION_RATIOS)
@@ -1075,6 +1151,45 @@ def _baseline_predictor_markdown(task_result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _rejected_markdown(task_result: dict[str, Any]) -> list[str]:
+    """What each reference and each controller rejects at the paper's ratio, seen by the baseline predictor
+    (none where ``results.json`` was written before the field existed)."""
+    rows: list[tuple[str, dict[str, Any]]] = []
+    references = task_result["baseline"]["summary"]["rejecting_by"]
+    for name, text in REFERENCES:
+        if (references.get(name) or {}).get("rejected"):
+            rows.append((text, references[name]["rejected"]))
+    for label, entry in task_result["runs"].items():
+        if entry["summary"].get("baseline_predictor_rejected"):
+            rows.append((f"controller, {label}", entry["summary"]["baseline_predictor_rejected"]))
+    if not rows:
+        return []
+    metric, ratio = task_result["metric"], task_result["paper_rejection_ratio"]
+    classes = list(rows[0][1]["holdout_class_shares"] or {})
+    holdout = rows[0][1]["holdout_class_shares"] or {}
+    lines = [
+        (f"What each rejects at {ratio:.0%}: the baseline predictor's {metric} on the rejected images (on every "
+         f"holdout image: {format_number(rows[0][1]['metric_all']['mean'])}), the share of them at the ground "
+         "truth's lowest amenability"
+         + (", and each class's share (of the holdout: " + ", ".join(f"{c} {holdout[c]:.0%}" for c in classes) + ")"
+            if classes else "")
+         + "; means over seeds. A score that finds the "
+         "predictor's failures rejects images of a low metric; one that rejects a class moves accuracy by that "
+         "class's difficulty alone."),
+        "",
+        f"| rejecting by | images | baseline predictor's {metric} on them | at the lowest ground truth | "
+        + " | ".join(f"share: {c}" for c in classes) + " |",
+        "|---" * (4 + len(classes)) + "|",
+    ]
+    for text, r in rows:
+        shares = [format_number((r["class_shares"].get(c) or {}).get("mean"), 2) for c in classes]
+        lines.append(
+            f"| {text} | {format_number(r['images']['mean'], 0)} | {format_stats(r['metric_rejected'])} "
+            f"| {format_number(r['at_lowest_truth']['mean'], 2)} | " + " | ".join(shares) + " |"
+        )
+    return [*lines, ""]
+
+
 def _by_ratio_markdown(task_result: dict[str, Any]) -> list[str]:
     """Every ratio's gain and seeds better with p < 0.05, for the references and each controller."""
     header = "| rejecting by (predictor) | " + " | ".join(f"{r:.0%}" for r in REJECTION_RATIOS) + " |"
@@ -1215,6 +1330,7 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
             "",
             *_by_ratio_markdown(t),
             "",
+            *_rejected_markdown(t),
             f"### Figure 3: controller against human labels at {t['paper_rejection_ratio']:.0%} rejection",
             "",
             *_contingency_markdown(t),

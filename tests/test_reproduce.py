@@ -165,6 +165,43 @@ def test_every_ratio_is_tested_and_summed_over_seeds():
         assert r["mean_difference"]["mean"] == pytest.approx(np.mean(gains))
 
 
+def test_what_a_score_rejects_is_described():
+    """``rejected_describer``: the predictor's metric on the rejected images, their share at the truth's lowest
+    value and each class's share, worked out by hand on eight images; summed over seeds by ``summarise_rejected``."""
+    from types import SimpleNamespace
+
+    from experiments.reproduce import rejected_describer, rejecting_by, summarise_rejected
+
+    holdout = SimpleNamespace(
+        amenability={"classification": np.array([0.0, 0.0, 0.5, 1.0, 0.0, 0.7, 0.9, 1.0])},
+        labels=np.array([1, 1, 0, 0, 1, 0, 1, 0]),
+        class_names=("absent", "present"),
+    )
+    metric = np.array([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0])
+    describe = rejected_describer("classification", holdout, metric)
+    # Rejecting images 0, 1 and 2: truth 0, 0, 0.5; classes 1, 1, 0; metric 1, 0, 0.
+    got = describe(np.array([True, True, True, False, False, False, False, False]))
+    assert got["images"] == 3 and got["metric_rejected"] == pytest.approx(1 / 3) and got["metric_all"] == 0.75
+    assert got["at_lowest_truth"] == pytest.approx(2 / 3)
+    assert got["class_shares"] == pytest.approx({"absent": 1 / 3, "present": 2 / 3})
+    assert got["holdout_class_shares"] == {"absent": 0.5, "present": 0.5}
+    # Through rejecting_by: 25 % of 8 rejects the two lowest-scored images (5 and 3 here).
+    scores = np.array([0.9, 0.8, 0.7, 0.2, 0.6, 0.1, 0.5, 0.4])
+    via = rejecting_by(metric, scores, np.arange(8) // 2, 0.25, describe)["rejected"]
+    assert via["images"] == 2 and via["metric_rejected"] == 1.0 and via["at_lowest_truth"] == 0.0
+    assert via["class_shares"] == {"absent": 1.0, "present": 0.0}
+    summary = summarise_rejected([got, via])
+    assert summary["metric_rejected"]["mean"] == pytest.approx((1 / 3 + 1) / 2)
+    assert summary["class_shares"]["present"]["values"] == pytest.approx([2 / 3, 0.0])
+    assert summarise_rejected([got, None]) is None  # a seed without it: no summary
+    # Without ground truth the share at its lowest value is undefined, not 0.
+    no_truth = SimpleNamespace(amenability={}, labels=holdout.labels, class_names=())
+    blind = rejected_describer("classification", no_truth, metric)(scores < 0.3)
+    assert blind["at_lowest_truth"] is None and set(blind["class_shares"]) == {"0", "1"}
+    unlabelled = rejected_describer("classification", SimpleNamespace(amenability={}), metric)(scores < 0.3)
+    assert unlabelled["class_shares"] is None and unlabelled["holdout_class_shares"] is None
+
+
 def test_paired_ttest_pairs_patients_and_drops_those_with_nothing_kept():
     metric = np.array([1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0])
     baseline = np.array([1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 1.0])
@@ -287,6 +324,7 @@ def check_task_result(t, labels, seeds):
     for r in baseline["summary"]["rejecting_by"].values():
         assert r["at_paper_ratio"]["n"] == len(seeds) and "median" in r["p_value"]
         check_by_ratio(r["by_ratio"], seeds)
+        check_rejected(r["rejected"], seeds, t)
         assert len(r["curve"]) == len(ev.REJECTION_RATIOS) and "seeds_better_with_p_below_0.05" in r
     assert list(t["runs"]) == labels
     for entry in t["runs"].values():
@@ -301,6 +339,7 @@ def check_task_result(t, labels, seeds):
         assert set(entry["summary"]["by_ratio"]) == {"co_trained", "baseline_predictor"}
         for rows in entry["summary"]["by_ratio"].values():
             check_by_ratio(rows, seeds)
+        check_rejected(entry["summary"]["baseline_predictor_rejected"], seeds, t)
         for run in entry["runs"]:
             assert RUN_KEYS <= set(run)
             assert [t["ratio"] for t in run["baseline_predictor"]["ttest"]] == list(ev.REJECTION_RATIOS)
@@ -315,6 +354,15 @@ def check_task_result(t, labels, seeds):
             assert set(run["initial_auroc_by_class"]) == set(run["final_auroc_by_class"]) == {
                 "organ absent", "organ present"
             }
+
+
+def check_rejected(summary, seeds, t):
+    """``summarise_rejected``: what a score rejects at the paper's ratio, every seed counted."""
+    assert {"images", "metric_rejected", "metric_all", "at_lowest_truth", "class_shares", "holdout_class_shares"} == set(summary)
+    assert summary["images"]["n"] == len(seeds) and summary["images"]["mean"] >= 1
+    assert set(summary["class_shares"]) == set(summary["holdout_class_shares"]) == {"organ absent", "organ present"}
+    assert sum(c["mean"] for c in summary["class_shares"].values()) == pytest.approx(1.0)
+    assert 0.0 <= summary["at_lowest_truth"]["mean"] <= 1.0
 
 
 def check_by_ratio(rows, seeds):
