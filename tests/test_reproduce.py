@@ -397,6 +397,11 @@ def test_reproduce_end_to_end_then_resume(tiny_synthetic_path, tmp_path, caplog,
     assert "seeds better than no rejection with p < 0.05 at 5% 10% 15% 20% 25% 30%:" in printed
     for name in ("the ground truth", "its own confidence", "controller, fixed", "controller, selective"):
         assert re.search(rf"^    {name} +([01] +){{5}}[01]  of 1$", printed, re.M), (name, printed)
+    # The baseline predictor's metric on what each rejects, beside its metric on every image.
+    assert re.search(r"^  baseline predictor's accuracy on the images each rejects at 5% \(on all: \S+\): "
+                     r"the ground truth \S+; its own confidence \S+; controller, fixed \S+; .*controller, selective \S+$",
+                     printed, re.M), printed
+    assert re.search(r"^  baseline predictor's Dice on the images each rejects at 15% \(on all: \S+\): ", printed, re.M)
 
     names = ["results.json", "report.md", "settings.json"] + [
         f"{kind}_{task}.png" for kind in ("figure3", "figure4", "auroc") for task in ("classification", "segmentation")

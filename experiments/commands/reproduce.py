@@ -131,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
                 if ties is not None:
                     print(f"    ({ties})")
         print_by_ratio(t, REFERENCES)
+        print_rejected(t, REFERENCES)
         if any(entry["summary"]["final_auroc"]["n"] for entry in t["runs"].values()):
             print("  controller AUROC against the ground truth, at initialisation -> at the end "
                   "(mean ± st.d. across seeds):")
@@ -142,6 +143,28 @@ def run(args: argparse.Namespace) -> int:
             print("    heuristics: " + ", ".join(f"{name} {format_stats(h['auroc'])}" for name, h in t["heuristics"].items()))
     print(f"report: {args.out}/report.md, figures and results.json in {args.out}")
     return 0
+
+
+def print_rejected(task_result: dict, references: tuple) -> None:
+    """The baseline predictor's metric on the images each reference and each controller rejects at the
+    paper's ratio (the report's "What each rejects" table, its first column): a score that finds the
+    predictor's failures rejects images of a low metric."""
+    from experiments.reproduce import format_number
+
+    parts, overall = [], None
+    summary = task_result["baseline"]["summary"]["rejecting_by"]
+    for name, text in references:
+        rejected = (summary.get(name) or {}).get("rejected")
+        if rejected:
+            parts.append(f"{text.split(' (')[0]} {format_number(rejected['metric_rejected']['mean'])}")
+            overall = rejected["metric_all"]["mean"]
+    for label, entry in task_result["runs"].items():
+        rejected = entry["summary"].get("baseline_predictor_rejected")
+        if rejected:
+            parts.append(f"controller, {label} {format_number(rejected['metric_rejected']['mean'])}")
+    if parts:
+        print(f"  baseline predictor's {task_result['metric']} on the images each rejects at "
+              f"{task_result['paper_rejection_ratio']:.0%} (on all: {format_number(overall)}): " + "; ".join(parts))
 
 
 def print_by_ratio(task_result: dict, references: tuple) -> None:
