@@ -269,7 +269,7 @@ class TaskAmenabilityEnv(gym.Env):
     | ``predictor_average`` | ``0.0`` | decay of an exponential moving average of the predictor's weights that the rewards and ``evaluate()`` use (``0``: the weights themselves) |
     | ``reinitialise_predictor_on_seed`` | ``True`` | fresh predictor on ``reset(seed=...)`` |
     | ``split_seed`` | ``0`` | seed of the patient-level split |
-    | ``device`` | ``"auto"`` | ``"auto"``, ``"cpu"`` or ``"cuda[:N]"``; data, predictor and optimiser live there |
+    | ``device`` | ``"auto"`` | ``"auto"``, ``"cpu"`` or ``"cuda[:N]"``; data, predictor and optimiser live there; ``agents.make_agent(name, env)`` puts the agent there too (``device=`` to put it elsewhere) |
     | ``render_mode`` | ``None`` | ``"rgb_array"``: a grid of the batch with probabilities and selections |
 
     ```python
