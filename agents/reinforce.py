@@ -151,7 +151,7 @@ class LoadsOnTheEnvsDevice:
     @classmethod
     def load(cls, path: Any, env: GymEnv | None = None, device: torch.device | str | None = None, **kwargs: Any) -> Any:
         if device is None:
-            device = env_attr(env, "device", None) if env is not None else None
+            device = env_attr(env, "device", None)  # None without an env, or for an env with no device
         return super().load(path, env=env, device="auto" if device is None else device, **kwargs)  # type: ignore[misc]
 
 

@@ -1165,8 +1165,8 @@ def _rejected_markdown(task_result: dict[str, Any]) -> list[str]:
     if not rows:
         return []
     metric, ratio = task_result["metric"], task_result["paper_rejection_ratio"]
-    classes = list(rows[0][1]["holdout_class_shares"] or {})
     holdout = rows[0][1]["holdout_class_shares"] or {}
+    classes = list(holdout)
     lines = [
         (f"What each rejects at {ratio:.0%}: the baseline predictor's {metric} on the rejected images (on every "
          f"holdout image: {format_number(rows[0][1]['metric_all']['mean'])}), the share of them at the ground "

@@ -324,7 +324,7 @@ def check_task_result(t, labels, seeds):
     for r in baseline["summary"]["rejecting_by"].values():
         assert r["at_paper_ratio"]["n"] == len(seeds) and "median" in r["p_value"]
         check_by_ratio(r["by_ratio"], seeds)
-        check_rejected(r["rejected"], seeds, t)
+        check_rejected(r["rejected"], seeds)
         assert len(r["curve"]) == len(ev.REJECTION_RATIOS) and "seeds_better_with_p_below_0.05" in r
     assert list(t["runs"]) == labels
     for entry in t["runs"].values():
@@ -339,7 +339,7 @@ def check_task_result(t, labels, seeds):
         assert set(entry["summary"]["by_ratio"]) == {"co_trained", "baseline_predictor"}
         for rows in entry["summary"]["by_ratio"].values():
             check_by_ratio(rows, seeds)
-        check_rejected(entry["summary"]["baseline_predictor_rejected"], seeds, t)
+        check_rejected(entry["summary"]["baseline_predictor_rejected"], seeds)
         for run in entry["runs"]:
             assert RUN_KEYS <= set(run)
             assert [t["ratio"] for t in run["baseline_predictor"]["ttest"]] == list(ev.REJECTION_RATIOS)
@@ -356,7 +356,7 @@ def check_task_result(t, labels, seeds):
             }
 
 
-def check_rejected(summary, seeds, t):
+def check_rejected(summary, seeds):
     """``summarise_rejected``: what a score rejects at the paper's ratio, every seed counted."""
     assert {"images", "metric_rejected", "metric_all", "at_lowest_truth", "class_shares", "holdout_class_shares"} == set(summary)
     assert summary["images"]["n"] == len(seeds) and summary["images"]["mean"] >= 1
