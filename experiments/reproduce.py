@@ -1126,6 +1126,35 @@ def _tie_break_markdown(task_result: dict[str, Any]) -> list[str]:
     return [] if text is None else [f"The ground-truth row is one random order of its ties: {text}.", ""]
 
 
+def each_scorer(
+    task_result: dict[str, Any],
+    reference: Callable[[dict[str, Any]], Any],
+    controller: Callable[[dict[str, Any]], Any],
+    references: Sequence[tuple[str, str]] = REFERENCES,
+    short: bool = False,
+) -> list[tuple[str, str, Any]]:
+    """The rows of every table that sets the scores side by side: each reference, then each controller.
+
+    Returns ``(kind, label, value)`` with ``kind`` ``"reference"`` or
+    ``"controller"``.  ``value`` is ``reference(task_result["baseline"]["summary"]["rejecting_by"][name])``
+    for a reference, or ``controller(run summary)`` for a controller.  Rows
+    whose value is empty are left out: the reference is absent, or
+    ``results.json`` was written before the field existed.  ``short`` drops
+    a reference's explanation in brackets (the console's labels).
+    """
+    rows: list[tuple[str, str, Any]] = []
+    summary = task_result["baseline"]["summary"]["rejecting_by"]
+    for name, text in references:
+        value = reference(summary[name]) if name in summary else None
+        if value:
+            rows.append(("reference", text.split(" (")[0] if short else text, value))
+    for label, entry in task_result["runs"].items():
+        value = controller(entry["summary"])
+        if value:
+            rows.append(("controller", f"controller, {label}", value))
+    return rows
+
+
 def _baseline_predictor_markdown(task_result: dict[str, Any]) -> list[str]:
     metric = task_result["metric"]
     lines = [
@@ -1133,20 +1162,15 @@ def _baseline_predictor_markdown(task_result: dict[str, Any]) -> list[str]:
         "|---|---|---|---|",
         f"| nothing (baseline) | {format_stats(task_result['baseline']['summary']['metric'])} | n/a | — |",
     ]
-    references = task_result["baseline"]["summary"]["rejecting_by"]
-    for name, text in REFERENCES:
-        if name in references:
-            r = references[name]
-            lines.append(
-                f"| {text} | {format_stats(r['at_paper_ratio'])} | {format_number(r['p_value']['median'], 4)} "
-                f"| {r['seeds_better_with_p_below_0.05']} of {r['at_paper_ratio']['n']} |"
-            )
-    for label, entry in task_result["runs"].items():
-        s = entry["summary"]
+    rows = each_scorer(
+        task_result,
+        lambda r: (r["at_paper_ratio"], r["p_value"], r["seeds_better_with_p_below_0.05"]),
+        lambda s: (s["baseline_predictor_at_paper_ratio"], s["baseline_predictor_p_value"],
+                   s["baseline_predictor_seeds_better_with_p_below_0.05"]),
+    )
+    for _, label, (at_ratio, p_value, better) in rows:
         lines.append(
-            f"| controller, {label} | {format_stats(s['baseline_predictor_at_paper_ratio'])} "
-            f"| {format_number(s['baseline_predictor_p_value']['median'], 4)} "
-            f"| {s['baseline_predictor_seeds_better_with_p_below_0.05']} of {s['baseline_predictor_at_paper_ratio']['n']} |"
+            f"| {label} | {format_stats(at_ratio)} | {format_number(p_value['median'], 4)} | {better} of {at_ratio['n']} |"
         )
     return lines
 
@@ -1154,14 +1178,12 @@ def _baseline_predictor_markdown(task_result: dict[str, Any]) -> list[str]:
 def _rejected_markdown(task_result: dict[str, Any]) -> list[str]:
     """What each reference and each controller rejects at the paper's ratio, seen by the baseline predictor
     (none where ``results.json`` was written before the field existed)."""
-    rows: list[tuple[str, dict[str, Any]]] = []
-    references = task_result["baseline"]["summary"]["rejecting_by"]
-    for name, text in REFERENCES:
-        if (references.get(name) or {}).get("rejected"):
-            rows.append((text, references[name]["rejected"]))
-    for label, entry in task_result["runs"].items():
-        if entry["summary"].get("baseline_predictor_rejected"):
-            rows.append((f"controller, {label}", entry["summary"]["baseline_predictor_rejected"]))
+    rows = [
+        (label, value)
+        for _, label, value in each_scorer(
+            task_result, lambda r: r.get("rejected"), lambda s: s.get("baseline_predictor_rejected")
+        )
+    ]
     if not rows:
         return []
     metric, ratio = task_result["metric"], task_result["paper_rejection_ratio"]
@@ -1207,14 +1229,12 @@ def _by_ratio_markdown(task_result: dict[str, Any]) -> list[str]:
                 cells.append(f"{gain:+.3f} ({r['seeds_better_with_p_below_0.05']} of {r['seeds']})")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
 
-    references = task_result["baseline"]["summary"]["rejecting_by"]
-    for name, text in REFERENCES:
-        if name in references:
-            row(f"{text} (baseline)", references[name].get("by_ratio"))
-    for label, entry in task_result["runs"].items():
-        ratios = entry["summary"].get("by_ratio") or {}
-        row(f"controller, {label} (baseline)", ratios.get("baseline_predictor"))
-        row(f"controller, {label} (co-trained)", ratios.get("co_trained"), against_itself=False)
+    for kind, label, value in each_scorer(task_result, lambda r: r.get("by_ratio"), lambda s: s.get("by_ratio")):
+        if kind == "reference":
+            row(f"{label} (baseline)", value)
+        else:
+            row(f"{label} (baseline)", value.get("baseline_predictor"))
+            row(f"{label} (co-trained)", value.get("co_trained"), against_itself=False)
     return lines
 
 

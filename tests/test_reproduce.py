@@ -165,6 +165,28 @@ def test_every_ratio_is_tested_and_summed_over_seeds():
         assert r["mean_difference"]["mean"] == pytest.approx(np.mean(gains))
 
 
+def test_the_tables_list_each_reference_then_each_controller_and_skip_what_is_missing():
+    from experiments.reproduce import each_scorer
+
+    task_result = {
+        "baseline": {"summary": {"rejecting_by": {
+            "predictor_confidence": {"x": 2},
+            "ground_truth": {"x": 1},
+            "unlisted": {"x": 9},
+        }}},
+        "runs": {"weighted": {"summary": {"y": 3}}, "selective": {"summary": {}}, "fixed": {"summary": {"y": 4}}},
+    }
+    references = (("ground_truth", "the truth (ties in random order)"), ("predictor_confidence", "its confidence"),
+                  ("human", "the raters"))
+    rows = each_scorer(task_result, lambda r: r.get("x"), lambda s: s.get("y"), references)
+    # The references in the given order (not the file's), then the runs in theirs; empty values left out.
+    assert rows == [("reference", "the truth (ties in random order)", 1), ("reference", "its confidence", 2),
+                    ("controller", "controller, weighted", 3), ("controller", "controller, fixed", 4)]
+    short = each_scorer(task_result, lambda r: r.get("x"), lambda s: s.get("y"), references, short=True)
+    assert [label for _, label, _ in short][:2] == ["the truth", "its confidence"]
+    assert each_scorer(task_result, lambda r: None, lambda s: None, references) == []
+
+
 def test_what_a_score_rejects_is_described():
     """``rejected_describer``: the predictor's metric on the rejected images, their share at the truth's lowest
     value and each class's share, worked out by hand on eight images; summed over seeds by ``summarise_rejected``."""

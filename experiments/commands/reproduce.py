@@ -149,19 +149,12 @@ def print_rejected(task_result: dict, references: tuple) -> None:
     """The baseline predictor's metric on the images each reference and each controller rejects at the
     paper's ratio (the report's "What each rejects" table, its first column): a score that finds the
     predictor's failures rejects images of a low metric."""
-    from experiments.reproduce import format_number
+    from experiments.reproduce import each_scorer, format_number
 
-    parts, overall = [], None
-    summary = task_result["baseline"]["summary"]["rejecting_by"]
-    for name, text in references:
-        rejected = (summary.get(name) or {}).get("rejected")
-        if rejected:
-            parts.append(f"{text.split(' (')[0]} {format_number(rejected['metric_rejected']['mean'])}")
-            overall = rejected["metric_all"]["mean"]
-    for label, entry in task_result["runs"].items():
-        rejected = entry["summary"].get("baseline_predictor_rejected")
-        if rejected:
-            parts.append(f"controller, {label} {format_number(rejected['metric_rejected']['mean'])}")
+    rows = each_scorer(task_result, lambda r: r.get("rejected"), lambda s: s.get("baseline_predictor_rejected"),
+                       references, short=True)
+    parts = [f"{label} {format_number(rejected['metric_rejected']['mean'])}" for _, label, rejected in rows]
+    overall = next((rejected["metric_all"]["mean"] for kind, _, rejected in reversed(rows) if kind == "reference"), None)
     if parts:
         print(f"  baseline predictor's {task_result['metric']} on the images each rejects at "
               f"{task_result['paper_rejection_ratio']:.0%} (on all: {format_number(overall)}): " + "; ".join(parts))
@@ -170,15 +163,15 @@ def print_rejected(task_result: dict, references: tuple) -> None:
 def print_by_ratio(task_result: dict, references: tuple) -> None:
     """The baseline predictor's seeds better with p < 0.05 at every ratio, rejecting by each reference and
     each controller (the report's "At every rejection ratio" table, in counts)."""
-    rows = []
-    summary = task_result["baseline"]["summary"]["rejecting_by"]
-    for name, text in references:
-        if name in summary and summary[name].get("by_ratio"):
-            rows.append((text.split(" (")[0], summary[name]["by_ratio"]))
-    for label, entry in task_result["runs"].items():
-        by_ratio = entry["summary"].get("by_ratio")
-        if by_ratio:
-            rows.append((f"controller, {label}", by_ratio["baseline_predictor"]))
+    from experiments.reproduce import each_scorer
+
+    rows = [
+        (label, by_ratio)
+        for _, label, by_ratio in each_scorer(
+            task_result, lambda r: r.get("by_ratio"), lambda s: (s.get("by_ratio") or {}).get("baseline_predictor"),
+            references, short=True,
+        )
+    ]
     if not rows:
         return
     ratios = [r["ratio"] for r in rows[0][1] if r["ratio"] > 0]
