@@ -519,15 +519,17 @@ def rejected_describer(task: str, holdout: Any, metric: np.ndarray) -> Callable[
             return None
         return {name: float(np.sum(labels[mask] == c) / n) for c, name in enumerate(names)}
 
+    metric_all, holdout_shares = float(metric.mean()), shares(np.ones(len(metric), dtype=bool))
+
     def describe(rejected: np.ndarray) -> dict[str, Any]:
         n = int(rejected.sum())
         return {
             "images": n,
             "metric_rejected": float(metric[rejected].mean()) if n else None,
-            "metric_all": float(metric.mean()),
+            "metric_all": metric_all,
             "at_lowest_truth": float(np.mean(truth[rejected] == truth.min())) if n and truth is not None else None,
             "class_shares": shares(rejected),
-            "holdout_class_shares": shares(np.ones(len(metric), dtype=bool)),
+            "holdout_class_shares": holdout_shares,
         }
 
     return describe

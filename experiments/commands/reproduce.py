@@ -154,8 +154,8 @@ def print_rejected(task_result: dict, references: tuple) -> None:
     rows = each_scorer(task_result, lambda r: r.get("rejected"), lambda s: s.get("baseline_predictor_rejected"),
                        references, short=True)
     parts = [f"{label} {format_number(rejected['metric_rejected']['mean'])}" for _, label, rejected in rows]
-    overall = next((rejected["metric_all"]["mean"] for kind, _, rejected in reversed(rows) if kind == "reference"), None)
-    if parts:
+    if rows:  # every row's metric_all is the same baseline predictors' on every image, as in the report's table
+        overall = rows[0][2]["metric_all"]["mean"]
         print(f"  baseline predictor's {task_result['metric']} on the images each rejects at "
               f"{task_result['paper_rejection_ratio']:.0%} (on all: {format_number(overall)}): " + "; ".join(parts))
 
