@@ -672,8 +672,8 @@ def summarise_run(
     at = next(c for c in curve if math.isclose(c["ratio"], ratio))
     test = next(t for t in tests if math.isclose(t["ratio"], ratio))
     # The same seed's baseline predictor on the images this controller keeps: what the score alone adds,
-    # apart from how well the co-trained predictor was trained (with the weighted and selective rewards it
-    # sees only the images the controller selects, about 30 % of each batch, which alone costs it about 0.03
+    # apart from how well the co-trained predictor was trained (it sees only the images the controller selects:
+    # with REINFORCE's defaults for the weighted and selective rewards about 30 % of each batch, which costs it 0.03
     # of accuracy: docs/reproduce.md, "Why the co-trained predictors are below the baseline").
     run: dict[str, Any] = {
         "seed": seed,
