@@ -86,6 +86,24 @@ def test_synth_writes_a_small_dataset(tmp_path: Path, capsys: pytest.CaptureFixt
     assert {"classification", "segmentation"} <= set(ds.amenability)
 
 
+def test_synth_balances_the_hidden_frames_on_request(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "b.h5"
+    args = ["data", "synth", "--out", str(out), "--patients", "12", "--frames", "20", "--size", "16"]
+    assert main([*args, "--strong-present-fraction", "0.5"]) == 0
+    ds = load_dataset(out)
+    strong = ds.degradations["severity"] >= 0.75
+    assert ds.metadata["strong_present_fraction"] == 0.5
+    assert abs(ds.labels[strong].mean() - 0.5) < 0.12
+    before = out.read_bytes()
+    capsys.readouterr()
+    assert main([*args, "--strong-present-fraction", "1.5"]) == 2
+    err = capsys.readouterr().err
+    assert "strong_present_fraction must be None or in (0, 1), got 1.5" in err
+    assert out.read_bytes() == before
+
+
 def test_inspect_prints_counts_aurocs_and_writes_a_preview(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -229,6 +229,8 @@ def test_a_config_object_and_overrides() -> None:
         ({"dynamic_range_min_db": 60.0, "dynamic_range_max_db": 50.0}, "dynamic_range_max_db"),
         ({"n_raters": 2}, "n_raters"),
         ({"seed": -1}, "seed"),
+        ({"strong_present_fraction": 1.0}, "strong_present_fraction"),
+        ({"strong_present_fraction": float("nan")}, "strong_present_fraction"),
     ],
 )
 def test_bad_settings_raise_value_errors_naming_them(overrides: dict, message: str) -> None:
@@ -256,6 +258,23 @@ def test_fractions_of_negatives_and_strongly_degraded(default_set: ImageDataset)
         assert np.mean(a[ds.degradations["severity"] < 0.2] >= 0.5) > 0.98
         # The rest is graded: a real spread of values in between.
         assert np.mean((a > 0.1) & (a < 0.9)) > 0.08
+
+
+def test_strong_present_fraction_balances_the_hidden_frames() -> None:
+    """Set, it decides the class balance of the strongly degraded frames and nothing else."""
+    settings: dict[str, Any] = dict(n_patients=40, frames_per_patient=30, size=32, seed=2)
+    plain = generate_synthetic(**settings)
+    for target in (0.5, 0.2):
+        ds = generate_synthetic(**settings, strong_present_fraction=target)
+        strong = ds.degradations["severity"] >= STRONG_SEVERITY
+        assert abs(ds.labels[strong].mean() - target) < 0.08, target
+        # The same sweeps (labels) and about the same share of strongly degraded frames.
+        np.testing.assert_array_equal(ds.labels, plain.labels)
+        assert abs(strong.mean() - (plain.degradations["severity"] >= STRONG_SEVERITY).mean()) < 0.04
+        assert ds.metadata["strong_present_fraction"] == target
+    # Unset, the degradations ignore the organ: hidden frames are as often present as all frames.
+    strong = plain.degradations["severity"] >= STRONG_SEVERITY
+    assert abs(plain.labels[strong].mean() - plain.labels.mean()) < 0.08
 
 
 def test_the_two_tasks_have_different_amenability(default_set: ImageDataset) -> None:

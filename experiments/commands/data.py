@@ -2,7 +2,7 @@
 
 Subcommands::
 
-    iqa data synth --out data.h5 [--patients N] [--frames F] [--size S] [--seed K]
+    iqa data synth --out data.h5 [--patients N] [--frames F] [--size S] [--seed K] [--strong-present-fraction B]
     iqa data fashion-mnist --out fmnist.h5 [--corrupt-fraction 0.5] [--n-images N] ...
     iqa data import-folder IMAGES_DIR --out mine.h5 [--masks DIR] [--labels CSV] ...
     iqa data import-medmnist pneumoniamnist.npz --out pneumonia.h5 [--split train] ...
@@ -123,6 +123,7 @@ def _synth(args: argparse.Namespace) -> int:
             ("frames_per_patient", args.frames),
             ("size", args.size),
             ("seed", args.seed),
+            ("strong_present_fraction", args.strong_present_fraction),
         )
         if value is not None
     }
@@ -407,6 +408,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--size", type=_positive_int, metavar="S", help="image height and width in pixels"
     )
     p.add_argument("--seed", type=int, metavar="K", help="random seed (same seed, same file)")
+    p.add_argument(
+        "--strong-present-fraction",
+        type=float,
+        metavar="B",
+        help=(
+            "fraction of organ-present frames among the strongly degraded ones, in (0, 1); "
+            "0.5 makes their labels coin flips (default: degradations ignore the organ)"
+        ),
+    )
     p.set_defaults(func=_synth)
 
     p = sub.add_parser(

@@ -149,6 +149,14 @@ class SyntheticConfig:
     graded_fraction: float = 0.40
     """Target fraction of frames with an intermediate degradation; the rest are mildly degraded or clean."""
 
+    strong_present_fraction: float | None = None
+    """Target fraction of organ-present frames among the strongly degraded ones.
+    ``None`` draws the degradations without regard to the organ, so about
+    ``1 - negative_fraction`` of them show it and a predictor that calls every
+    hidden frame "present" is right that often.  0.5 makes a hidden frame's
+    label a coin flip: no predictor can do better than chance on it, as the
+    method assumes of images that are not amenable (docs/synthetic-data.md)."""
+
     max_depth_cm: float = 7.0
     """Imaging depth below the probe surface."""
 
@@ -229,6 +237,12 @@ def _validate(cfg: SyntheticConfig) -> None:
     )
     need(is_num(cfg.strong_fraction) and 0 <= cfg.strong_fraction <= 1, "strong_fraction", "in [0, 1]")
     need(is_num(cfg.graded_fraction) and 0 <= cfg.graded_fraction <= 1, "graded_fraction", "in [0, 1]")
+    need(
+        cfg.strong_present_fraction is None
+        or (is_num(cfg.strong_present_fraction) and 0 < cfg.strong_present_fraction < 1),
+        "strong_present_fraction",
+        "None or in (0, 1)",
+    )
     if cfg.strong_fraction + cfg.graded_fraction > 1:
         raise ValueError(
             "SyntheticConfig.strong_fraction + graded_fraction must be at most 1, got "
@@ -865,19 +879,29 @@ class _Frames:
 
 
 def _draw_degradations(
-    rng: np.random.Generator, cfg: SyntheticConfig, n: int
+    rng: np.random.Generator, cfg: SyntheticConfig, present: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """Severity ``(F, T)`` and aiming ``(F, T)`` of each degradation type.
 
     A frame is strongly degraded (one hiding degradation aimed at the gland,
     severity >= 0.75, maybe a milder second one), graded (one or two types of
     severity 0.2-0.75, mostly aimed at the gland) or mild (none to two
-    types of severity < 0.2), with patient-specific propensities.
+    types of severity < 0.2), with patient-specific propensities.  With
+    ``cfg.strong_present_fraction`` set, the chance of a strong degradation
+    differs between organ-present and organ-absent frames so that about that
+    fraction of the strongly degraded frames show the organ, the patient's
+    share of strongly degraded frames unchanged (as far as a chance of 0.95
+    allows).
     """
+    n = present.size
     t = len(DEGRADATION_TYPES)
     propensity = rng.uniform(0.5, 1.5)
     p_strong = min(cfg.strong_fraction * propensity, 0.95)
     p_graded = min(cfg.graded_fraction * rng.uniform(0.7, 1.3), 1.0 - p_strong)
+    if cfg.strong_present_fraction is not None and 0 < present.mean() < 1:
+        b, pi = cfg.strong_present_fraction, present.mean()
+        p_strong = np.where(present, min(b * p_strong / pi, 0.95), min((1 - b) * p_strong / (1 - pi), 0.95))
+        p_graded = np.minimum(p_graded, 1.0 - p_strong)
     u = rng.random(n)
     strong, graded = u < p_strong, (u >= p_strong) & (u < p_strong + p_graded)
     mild = ~(strong | graded)
@@ -1256,7 +1280,7 @@ def _simulate_patient(
     present = (scale > 0) & np.any(rho_pix < 1.0, axis=1)
     scale = np.where(present, scale, 0.0)
 
-    severity, aimed = _draw_degradations(rng, cfg, n)
+    severity, aimed = _draw_degradations(rng, cfg, present)
     overall = severity.max(axis=1)
     gain_db = p.gain_db + rng.normal(0.0, 1.5, n)
     dr_db = np.clip(p.dynamic_range_db + rng.normal(0.0, 2.0, n), 20.0, 100.0)
