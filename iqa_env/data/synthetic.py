@@ -153,9 +153,10 @@ class SyntheticConfig:
     """Target fraction of organ-present frames among the strongly degraded ones.
     ``None`` draws the degradations without regard to the organ, so about
     ``1 - negative_fraction`` of them show it and a predictor that calls every
-    hidden frame "present" is right that often.  0.5 makes a hidden frame's
-    label a coin flip: no predictor can do better than chance on it, as the
-    method assumes of images that are not amenable (docs/synthetic-data.md)."""
+    hidden frame "present" is right that often.  0.5 gives the hidden frames
+    an even class prior, so a predictor that cannot see the organ is at chance
+    on them, as the method assumes of images that are not amenable (some
+    hiding degradations still leave a cue it can use: docs/synthetic-data.md)."""
 
     max_depth_cm: float = 7.0
     """Imaging depth below the probe surface."""
