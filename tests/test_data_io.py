@@ -557,6 +557,31 @@ def test_cache_dir_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
     assert cache_dir() == tmp_path / "home" / ".cache" / "iqa"
 
 
+def test_the_cache_name_follows_the_default_data(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A changed default renames the built-in set's cache; a new setting that is off (None) does not."""
+    import dataclasses
+
+    import iqa_env.data.synthetic as synthetic
+    from iqa_env.data import cache
+
+    before = cache._default_config_tag()
+    original = synthetic.SyntheticConfig
+
+    @dataclasses.dataclass(frozen=True)
+    class WithAnOption(original):  # type: ignore[valid-type, misc]
+        some_new_option: float | None = None
+
+    monkeypatch.setattr(synthetic, "SyntheticConfig", WithAnOption)
+    assert cache._default_config_tag() == before
+
+    @dataclasses.dataclass(frozen=True)
+    class OtherDefault(original):  # type: ignore[valid-type, misc]
+        n_patients: int = original.n_patients + 1
+
+    monkeypatch.setattr(synthetic, "SyntheticConfig", OtherDefault)
+    assert cache._default_config_tag() != before
+
+
 def test_default_dataset_is_generated_once_and_cached(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

@@ -47,6 +47,9 @@ def _default_config_tag() -> str:
 
     config = synthetic.SyntheticConfig()
     settings = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else vars(config)
+    # A setting that is off by default (None) leaves the default data as it was, so it leaves the
+    # name too: the cache, and the fingerprint runs record for the built-in set, stay valid.
+    settings = {name: value for name, value in settings.items() if value is not None}
     digest = hashlib.sha256(
         json.dumps(settings, sort_keys=True, default=repr).encode("utf-8")
     ).hexdigest()[:12]
