@@ -12,6 +12,7 @@ from PIL import Image
 from experiments.cli import main
 from iqa_env.data import ImageDataset, load_dataset, save_dataset
 from iqa_env.data.fashion_mnist import DEFAULT_ROOT
+from iqa_env.data.synthetic import STRONG_SEVERITY
 
 SUBCOMMANDS = ("synth", "fashion-mnist", "import-folder", "import-medmnist", "inspect")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -93,7 +94,7 @@ def test_synth_balances_the_hidden_frames_on_request(
     args = ["data", "synth", "--out", str(out), "--patients", "12", "--frames", "20", "--size", "16"]
     assert main([*args, "--strong-present-fraction", "0.5"]) == 0
     ds = load_dataset(out)
-    strong = ds.degradations["severity"] >= 0.75
+    strong = ds.degradations["severity"] >= STRONG_SEVERITY
     assert ds.metadata["strong_present_fraction"] == 0.5
     assert abs(ds.labels[strong].mean() - 0.5) < 0.12
     before = out.read_bytes()

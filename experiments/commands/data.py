@@ -414,7 +414,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="B",
         help=(
             "fraction of organ-present frames among the strongly degraded ones, in (0, 1); "
-            "0.5 makes their labels coin flips (default: degradations ignore the organ)"
+            "0.5 gives them an even class prior (default: degradations ignore the organ)"
         ),
     )
     p.set_defaults(func=_synth)

@@ -899,8 +899,9 @@ def _draw_degradations(
     propensity = rng.uniform(0.5, 1.5)
     p_strong = min(cfg.strong_fraction * propensity, 0.95)
     p_graded = min(cfg.graded_fraction * rng.uniform(0.7, 1.3), 1.0 - p_strong)
-    if cfg.strong_present_fraction is not None and 0 < present.mean() < 1:
-        b, pi = cfg.strong_present_fraction, present.mean()
+    pi = present.mean()
+    if cfg.strong_present_fraction is not None and 0 < pi < 1:
+        b = cfg.strong_present_fraction
         p_strong = np.where(present, min(b * p_strong / pi, 0.95), min((1 - b) * p_strong / (1 - pi), 0.95))
         p_graded = np.minimum(p_graded, 1.0 - p_strong)
     u = rng.random(n)
