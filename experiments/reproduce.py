@@ -245,7 +245,8 @@ class Stage:
         if self.kind != "baseline":
             env = env_settings(config)  # what make_env gives the run's env
             size = min(env["validation_size"] or self.validation_images, self.validation_images)
-            episode = env["train_steps"] + validation_steps_of(env["reward"], size, env["batch_size"])
+            per_step = env.get("validation_batch_size") or env["batch_size"]
+            episode = env["train_steps"] + validation_steps_of(env["reward"], size, per_step)
             agent = default_settings(
                 config.algo, env["reward"], env["batch_size"], episode, env.get("reward_baseline")
             )

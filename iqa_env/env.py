@@ -88,7 +88,9 @@ def validation_steps_of(reward: str, validation_images: int, batch_size: int) ->
     """Validation steps per episode of a ``TaskAmenabilityEnv`` with this reward (0 for ``fixed``).
 
     ``validation_images`` is the number of images each reward scores (the
-    env's ``validation_size``, at most the validation set's size).
+    env's ``validation_size``, at most the validation set's size);
+    ``batch_size`` the validation images per step (the env's
+    ``validation_batch_size``, which is its ``batch_size`` unless set).
     """
     return math.ceil(validation_images / batch_size) if has_validation_phase(reward) else 0
 
@@ -121,8 +123,13 @@ class TaskAmenabilityEnv(gym.Env):
       images (a fixed set, in a fixed order, or with ``validation_refresh``
       a new subset and order every episode; padded at the end with repeats
       that ``info["valid"]`` marks False); the action is the controller's
-      scores for them.  The predictor's per-sample losses on the validation
-      set are computed once when the phase starts.
+      scores for them.  With ``validation_batch_size`` k < ``batch_size``
+      only the first k images of each validation observation count (the
+      rest, the next images of the order, are marked False in
+      ``info["valid"]``), so that each validation reward credits k scores
+      while training steps still train on ``batch_size`` images.  The
+      predictor's per-sample losses on the validation set are computed once
+      when the phase starts.
 
     So any RL algorithm, from any library, trains with any reward through
     ``step()`` alone: the controller's validation scores are its actions.
@@ -252,6 +259,7 @@ class TaskAmenabilityEnv(gym.Env):
     | ``batch_size`` | ``32`` | images per step |
     | ``train_steps`` | ``8`` | training steps per episode |
     | ``validation_size`` | ``None`` | validation images used for rewards (``None``: all) |
+    | ``validation_batch_size`` | ``None`` | validation images each validation step scores and rewards (``None``: ``batch_size``; at most ``batch_size``, the rest of the observation marked not valid) |
     | ``reward_metric`` | ``"metric"`` | ``"metric"`` (1 - accuracy / 1 - Dice) or ``"loss"`` |
     | ``reward_normalisation`` | ``"none"`` | ``"class_log"``: each validation loss as ``log l_j`` minus the mean ``log l`` of its class (weighted and selective rewards, ``reward_metric="loss"``) |
     | ``stochastic_validation`` | ``True`` | weight validation losses by Bernoulli selections rather than scores |
@@ -299,6 +307,7 @@ class TaskAmenabilityEnv(gym.Env):
         batch_size: int = 32,
         train_steps: int = 8,
         validation_size: int | None = None,
+        validation_batch_size: int | None = None,
         reward_metric: str = "metric",
         reward_normalisation: str = "none",
         stochastic_validation: bool = True,
@@ -331,6 +340,16 @@ class TaskAmenabilityEnv(gym.Env):
             not isinstance(validation_size, (int, np.integer)) or validation_size < 1
         ):
             raise ValueError(f"validation_size must be a positive integer or None, got {validation_size!r}")
+        if validation_batch_size is not None and (
+            isinstance(validation_batch_size, bool)
+            or not isinstance(validation_batch_size, (int, np.integer))
+            or not 1 <= validation_batch_size <= batch_size
+        ):
+            raise ValueError(
+                f"validation_batch_size must be None (batch_size) or a whole number from 1 to batch_size "
+                f"({batch_size}): the images a validation step scores fill part of its observation, got "
+                f"{validation_batch_size!r}"
+            )
         if reward_baseline not in REWARD_BASELINES:
             raise ValueError(f"reward_baseline must be one of {REWARD_BASELINES}, got {reward_baseline!r}")
         if reward_metric not in REWARD_METRICS:
@@ -392,6 +411,7 @@ class TaskAmenabilityEnv(gym.Env):
                 f"render_mode must be None or one of {self.metadata['render_modes']}, got {render_mode!r}"
             )
         self.batch_size = int(batch_size)
+        self.validation_batch_size = self.batch_size if validation_batch_size is None else int(validation_batch_size)
         self.train_steps = int(train_steps)
         self.reward_metric = reward_metric
         self.reward_normalisation = reward_normalisation
@@ -487,7 +507,7 @@ class TaskAmenabilityEnv(gym.Env):
     @property
     def validation_steps(self) -> int:
         """Validation steps per episode (0 for the ``fixed`` reward)."""
-        return validation_steps_of(self.reward_name, self._validation_size, self.batch_size)
+        return validation_steps_of(self.reward_name, self._validation_size, self.validation_batch_size)
 
     @property
     def episode_length(self) -> int:
@@ -625,9 +645,15 @@ class TaskAmenabilityEnv(gym.Env):
         self._batch_indices = self.np_random.choice(len(self.train_set), self.batch_size, replace=False)
         self._batch_valid = np.ones(self.batch_size, dtype=bool)
 
+    def _validation_positions(self, k: int) -> np.ndarray:
+        """Positions in the validation order of validation step ``k``'s observation, ``(batch_size,)``."""
+        return k * self.validation_batch_size + np.arange(self.batch_size)
+
     def _set_validation_batch(self, k: int) -> None:
-        positions = np.arange(k * self.batch_size, (k + 1) * self.batch_size)
-        self._batch_valid = positions < self._validation_size
+        positions = self._validation_positions(k)
+        self._batch_valid = (np.arange(self.batch_size) < self.validation_batch_size) & (
+            positions < self._validation_size
+        )
         self._batch_indices = self._validation_order[positions % self._validation_size]
 
     def _observation(self) -> np.ndarray:
@@ -743,7 +769,7 @@ class TaskAmenabilityEnv(gym.Env):
         else:
             k = self._episode_step - self.train_steps
             assert self._validation_losses is not None
-            positions = np.arange(k * self.batch_size, (k + 1) * self.batch_size)[valid]
+            positions = self._validation_positions(k)[valid]
             losses = self._validation_losses[positions]
             scores, chosen = p[valid], selection[valid]
             if self.reward_name == "weighted":
@@ -964,4 +990,6 @@ class TaskAmenabilityEnv(gym.Env):
             "reward_normalisation": self.reward_normalisation,
             "paired_class_correction": self.paired_class_correction,
             "paired_draws": self.paired_draws,
+            # Only where it is set, so that the states of envs made before the option still load.
+            **({"validation_batch_size": self.validation_batch_size} if self.validation_batch_size != self.batch_size else {}),
         }

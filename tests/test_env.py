@@ -126,6 +126,48 @@ def test_episode_structure_and_info(tiny_synthetic):
     assert int(info["valid"].sum()) == 20 - env.batch_size * (env.validation_steps - 1)
 
 
+def test_validation_batch_size_rewards_part_of_each_validation_observation(tiny_synthetic):
+    from iqa_env.rewards import weighted_reward
+
+    def episode(env, invalid_score):
+        _, info = env.reset(seed=3)
+        seen, raws = [], []
+        terminated = False
+        while not terminated:
+            acted, phase, k = info["batch_indices"], info["phase"], info["episode_step"] - env.train_steps
+            p = np.full(env.batch_size, 0.5)
+            if phase == "validation":
+                p[~env._batch_valid] = invalid_score  # scores of images the step does not reward
+                positions = env._validation_positions(k)[env._batch_valid]
+                losses = env._validation_losses[positions]
+            _, _, terminated, _, info = env.step(p)
+            if phase == "train":
+                assert info["valid"].all()
+                continue
+            valid = info["valid"]
+            assert valid.sum() == min(3, 20 - len(seen)) and valid[: valid.sum()].all()
+            seen.extend(acted[valid].tolist())
+            # The reward is that of the valid images alone, with their own draws.
+            assert info["raw_reward"] == weighted_reward(losses, info["selection"][valid].astype(np.float64))
+            raws.append(info["raw_reward"])
+        return seen, raws
+
+    env = make(tiny_synthetic, reward="weighted", validation_batch_size=3)
+    assert env.validation_steps == 7 and env.episode_length == env.train_steps + 7
+    seen, raws = episode(env, 0.0)
+    assert sorted(seen) == sorted(env._validation_order.tolist())  # every image rewarded once
+    # What the action says of the images a step does not reward changes no reward.
+    assert episode(make(tiny_synthetic, reward="weighted", validation_batch_size=3), 1.0)[1] == raws
+    # The default is a whole batch per step.
+    assert make(tiny_synthetic).validation_batch_size == TINY["batch_size"]
+
+
+@pytest.mark.parametrize("value", [0, 9, 2.5, True])
+def test_validation_batch_size_outside_the_batch_is_refused(tiny_synthetic, value):
+    with pytest.raises(ValueError, match="validation_batch_size must be None"):
+        make(tiny_synthetic, validation_batch_size=value)
+
+
 def test_zero_selected_is_no_update(tiny_synthetic):
     import torch
 

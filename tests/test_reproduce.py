@@ -662,6 +662,22 @@ def test_a_folder_records_the_validation_size_that_auto_stands_for():
     assert identity["agent_settings"]["store_selections"] is True and identity["agent_settings"]["gamma"] == 0.0
 
 
+def test_a_stage_counts_the_validation_steps_of_its_validation_batch_size():
+    """A stage's agent settings follow its env's episode: with ``validation_batch_size`` 16 of a batch of 32,
+    256 validation images make 16 validation steps, not 8 (DDPG waits two episodes before learning)."""
+    from pathlib import Path
+
+    from experiments.reproduce import make_stage
+    from experiments.training import TrainConfig
+
+    def learning_starts(**env_kwargs) -> int:
+        config = TrainConfig(algo="ddpg", batch_size=32, env_kwargs=env_kwargs)
+        return make_stage(Path("out"), "train", config, "weighted", 600).identity()["agent_settings"]["learning_starts"]
+
+    assert learning_starts() == 2 * (8 + 8)
+    assert learning_starts(validation_batch_size=16) == 2 * (8 + 16)
+
+
 def test_reproduce_trains_the_rewards_asked_for_and_adds_more_on_resume(tiny_synthetic_path, tmp_path, capsys):
     """``--rewards`` trains those rewards only, in Table 1's order; rerun with more into the same folder,
     it runs only the new rewards' stages and reports every reward."""
