@@ -73,7 +73,7 @@ SCHEMA = "iqa-reproduce/1"
 # learning configuration (algorithm, env and agent settings) is TrainConfig's
 # and agents.default_kwargs' defaults.
 #: ``--quick``: a reduced budget (classification on 2 CPU cores: see docs/reproduce.md for the measured time).
-QUICK: dict[str, Any] = {"seeds": 4, "steps": 500, "eval_every": 100}
+QUICK: dict[str, Any] = {"seeds": 4, "steps": 2000, "eval_every": 100}
 #: The default budget: eight seeds of 12,000 env steps, about where REINFORCE's holdout AUROC stops rising on the
 #: built-in set (docs/learning-status.md, sweep 4); hours on a CPU, minutes on a GPU with one worker per seed.
 FULL: dict[str, Any] = {"seeds": 8, "steps": 12_000}
@@ -156,19 +156,21 @@ def _identity(config: TrainConfig, drop: Iterable[str] = ()) -> dict[str, Any]:
 
     drop = tuple(drop)
     fields = dataclasses.asdict(config)
-    if fields.get("validation_size") == "auto":
+    for size_field in ("validation_size", "batch_size"):
+        if fields.get(size_field) != "auto":
+            continue
         # The number "auto" stands for, where it is one for every algorithm and reward the stages vary over
-        # (256 for REINFORCE: what folders made before "auto" recorded, so that they resume); else "auto".
-        # A train stage's own identity has its algorithm's and reward's number.
+        # (validation_size: 256 for REINFORCE, what folders made before "auto" recorded, so that they
+        # resume); else "auto".  A train stage's own identity has its algorithm's and reward's number.
         algos = ALGORITHMS if "algo" in drop else (config.algo,)
         rewards = REWARD_NAMES if "reward" in drop else (config.reward,)
         sizes = {
-            dataclasses.replace(config, algo=algo, reward=reward).resolved().validation_size
+            getattr(dataclasses.replace(config, algo=algo, reward=reward).resolved(), size_field)
             for algo in algos
             for reward in rewards
         }
         if len(sizes) == 1:
-            fields["validation_size"] = sizes.pop()
+            fields[size_field] = sizes.pop()
     for name in (*_LOCATION_FIELDS, *getattr(training, "RUN_MANAGEMENT_FIELDS", ()), *drop):
         fields.pop(name, None)
     return _plain(fields)

@@ -81,8 +81,9 @@ class TrainConfig:
     """Seed of the agent and the env (the patient split uses ``split_seed``)."""
     split_seed: int = 0
     """Seed of the 70/15/15 patient-level split."""
-    batch_size: int = 32
-    """Images per env step."""
+    batch_size: int | str = "auto"
+    """Images per env step ("auto": the number ``agents.recommended_env_kwargs`` gives the algorithm,
+    16 for REINFORCE, else 32; a run records the number)."""
     train_steps: int = 8
     """Predictor training steps per episode."""
     validation_size: int | str | None = "auto"
@@ -127,8 +128,11 @@ class TrainConfig:
 
         for name in ("batch_size", "train_steps"):
             value = getattr(self, name)
+            if name == "batch_size" and value == "auto":
+                continue
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+                also = " or 'auto' (the algorithm's recommended number)" if name == "batch_size" else ""
+                raise ValueError(f"{name} must be a positive integer{also}, got {value!r}")
         if self.validation_size is not None and self.validation_size != "auto" and (
             isinstance(self.validation_size, bool)
             or not isinstance(self.validation_size, (int, np.integer))
@@ -160,14 +164,19 @@ class TrainConfig:
         return self
 
     def resolved(self) -> TrainConfig:
-        """A copy with ``validation_size="auto"`` replaced by the number it stands for (what a run records)."""
-        if self.validation_size != "auto":
+        """A copy with ``"auto"`` sizes replaced by the numbers they stand for (what a run records)."""
+        if self.validation_size != "auto" and self.batch_size != "auto":
             return self
         from agents import recommended_env_kwargs
-        from agents.factory import DEFAULT_VALIDATION_SIZE
+        from agents.factory import DEFAULT_BATCH_SIZE, DEFAULT_VALIDATION_SIZE
 
-        size = recommended_env_kwargs(self.algo, self.reward).get("validation_size", DEFAULT_VALIDATION_SIZE)
-        return dataclasses.replace(self, validation_size=size)
+        recommended = recommended_env_kwargs(self.algo, self.reward)
+        fields: dict[str, Any] = {}
+        if self.validation_size == "auto":
+            fields["validation_size"] = recommended.get("validation_size", DEFAULT_VALIDATION_SIZE)
+        if self.batch_size == "auto":
+            fields["batch_size"] = recommended.get("batch_size", DEFAULT_BATCH_SIZE)
+        return dataclasses.replace(self, **fields)
 
     @property
     def run_name(self) -> str:
@@ -187,13 +196,14 @@ def env_settings(config: TrainConfig) -> dict[str, Any]:
     from agents import recommended_env_kwargs
 
     settings = recommended_env_kwargs(config.algo, config.reward)
+    resolved = config.resolved()
     settings.update(
         task=config.task,
         reward=config.reward,
         rejection_ratio=config.rejection_ratio,
-        batch_size=config.batch_size,
+        batch_size=resolved.batch_size,
         train_steps=config.train_steps,
-        validation_size=config.resolved().validation_size,
+        validation_size=resolved.validation_size,
         device=config.device,
     )
     settings.update(config.env_kwargs)

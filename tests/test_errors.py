@@ -537,18 +537,24 @@ def test_batch_size_not_positive(tiny_synthetic_path: Path, tmp_path: Path, caps
 
     message = api_error(ValueError, lambda: TaskAmenabilityEnv(tiny_synthetic_path, **{**TINY, "batch_size": 0}))
     assert_mentions(message, "batch_size must be a positive integer, got 0")
-    assert api_error(ValueError, lambda: TrainConfig(batch_size=0).validate()) == message
-    # TrainConfig checks the env's other sizes too, before anything is loaded.
-    for field, value in (("batch_size", True), ("train_steps", 0), ("train_steps", 2.5)):
-        refused = api_error(ValueError, lambda f=field, v=value: TrainConfig(**{f: v}).validate())
-        assert refused == f"{field} must be a positive integer, got {value!r}"
+    # TrainConfig checks the env's sizes too, before anything is loaded.
+    for value in (0, True, "all"):
+        assert api_error(ValueError, lambda v=value: TrainConfig(batch_size=v).validate()) == (
+            f"batch_size must be a positive integer or 'auto' (the algorithm's recommended number), got {value!r}"
+        )
+    for value in (0, 2.5):
+        refused = api_error(ValueError, lambda v=value: TrainConfig(train_steps=v).validate())
+        assert refused == f"train_steps must be a positive integer, got {value!r}"
     for value in (0, "all"):
         assert api_error(ValueError, lambda v=value: TrainConfig(validation_size=v).validate()) == (
             "validation_size must be a positive integer, None (all) or 'auto' (the algorithm's recommended "
             f"number), got {value!r}"
         )
+    # The command line says what TrainConfig says (leaving --batch-size out is its "auto").
     argv = ["train", "--dataset", tiny_synthetic_path, "--batch-size", "0", "--device", "cpu"]
-    assert cli_error(argv + ["--out", tmp_path / "run", "--no-progress"], capsys) == message
+    assert cli_error(argv + ["--out", tmp_path / "run", "--no-progress"], capsys) == (
+        "batch_size must be a positive integer or 'auto' (the algorithm's recommended number), got 0"
+    )
     assert not (tmp_path / "run").exists()
 
 
@@ -669,7 +675,7 @@ def test_refused_train_leaves_the_run_folder_untouched(
     tiny += ["--out", run]
     # A refused setting: the folder is not even created.
     message = cli_error(["train", "--dataset", tiny_synthetic_path, "--batch-size", "0", *tiny], capsys)
-    assert message == "batch_size must be a positive integer, got 0"
+    assert message == "batch_size must be a positive integer or 'auto' (the algorithm's recommended number), got 0"
     assert not run.exists()
     # A dataset the task cannot use, or a batch larger than the training set, into a folder that
     # exists already: the folder is left as it was.

@@ -32,10 +32,8 @@ def _learn(
     """(initial, final) holdout AUROC of the controller against the known amenability."""
     train, validation, holdout = splits
     settings = {"validation_size": 64, **recommended_env_kwargs(algo, reward)}
-    settings.update(predictor_warmup_steps=100, **env_kwargs)
-    env = TaskAmenabilityEnv(
-        train, validation_dataset=validation, reward=reward, batch_size=16, train_steps=4, device="cpu", **settings,
-    )
+    settings.update(predictor_warmup_steps=100, batch_size=16, **env_kwargs)
+    env = TaskAmenabilityEnv(train, validation_dataset=validation, reward=reward, train_steps=4, device="cpu", **settings)
     # learn() makes the seeded reset (and the predictor's warm-up) once.
     agent = make_agent(
         algo, env, seed=seed, **({} if algo == "reinforce" else {"learning_starts": 16}), **(agent_kwargs or {})

@@ -660,6 +660,12 @@ def test_a_folder_records_the_validation_size_that_auto_stands_for():
     identity = stage.identity()
     assert identity["validation_size"] == 32 and identity["env_settings"]["reward_baseline"] == "paired"
     assert identity["agent_settings"]["store_selections"] is True and identity["agent_settings"]["gamma"] == 0.0
+    # batch_size="auto" the same way: REINFORCE's 16 for every reward, DDPG's 32, "auto" across algorithms.
+    assert _identity(TrainConfig(), stages)["batch_size"] == 16
+    assert _identity(TrainConfig(reward="fixed"), ("task", "reward", "seed"))["batch_size"] == 16
+    assert _identity(TrainConfig(algo="ddpg"), stages)["batch_size"] == 32
+    assert _identity(TrainConfig(), ("task", "algo", "seed"))["batch_size"] == "auto"
+    assert make_stage(Path("out"), "train", TrainConfig(), "weighted", 600).identity()["batch_size"] == 16
 
 
 def test_a_stage_counts_the_validation_steps_of_its_validation_batch_size():

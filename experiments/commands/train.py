@@ -41,7 +41,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="env steps to train for (at least: REINFORCE, PPO and A2C finish the rollout they are in)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the agent and the env")
-    p.add_argument("--batch-size", type=int, default=32, help="images per env step")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="images per env step (default: the algorithm's recommended number, 16 for REINFORCE, else 32)",
+    )
     p.add_argument("--train-steps", type=int, default=8, help="predictor training steps per episode")
     p.add_argument(
         "--validation-size",
@@ -96,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
         dataset=args.dataset,
         steps=args.steps,
         seed=args.seed,
-        batch_size=args.batch_size,
+        batch_size="auto" if args.batch_size is None else args.batch_size,
         train_steps=args.train_steps,
         validation_size="auto" if args.validation_size is None else args.validation_size or None,
         eval_every=args.eval_every,
