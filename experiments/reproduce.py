@@ -235,7 +235,7 @@ class Stage:
         from agents import recommended_env_kwargs
         from agents.factory import default_settings
         from experiments.training import env_settings
-        from iqa_env.env import validation_steps_of
+        from iqa_env.env import validation_images_per_step, validation_steps_of
 
         # The baseline ignores the reward and the algorithm: it has neither. The env and algorithm
         # settings that the defaults add count too, so that a stage finished by a checkout with other
@@ -247,7 +247,7 @@ class Stage:
         if self.kind != "baseline":
             env = env_settings(config)  # what make_env gives the run's env
             size = min(env["validation_size"] or self.validation_images, self.validation_images)
-            per_step = env.get("validation_batch_size") or env["batch_size"]
+            per_step = validation_images_per_step(env["batch_size"], env.get("validation_batch_size"))
             episode = env["train_steps"] + validation_steps_of(env["reward"], size, per_step)
             agent = default_settings(
                 config.algo, env["reward"], env["batch_size"], episode, env.get("reward_baseline")

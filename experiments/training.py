@@ -126,18 +126,17 @@ class TrainConfig:
         from iqa_env.env import resolve_device
         from iqa_env.rewards import check_rejection_ratio
 
-        for name in ("batch_size", "train_steps"):
-            value = getattr(self, name)
-            if name == "batch_size" and value == "auto":
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                also = " or 'auto' (the algorithm's recommended number)" if name == "batch_size" else ""
-                raise ValueError(f"{name} must be a positive integer{also}, got {value!r}")
-        if self.validation_size is not None and self.validation_size != "auto" and (
-            isinstance(self.validation_size, bool)
-            or not isinstance(self.validation_size, (int, np.integer))
-            or self.validation_size < 1
-        ):
+        def positive(value: Any) -> bool:
+            return not isinstance(value, bool) and isinstance(value, (int, np.integer)) and value >= 1
+
+        if self.batch_size != "auto" and not positive(self.batch_size):
+            raise ValueError(
+                f"batch_size must be a positive integer or 'auto' (the algorithm's recommended number), "
+                f"got {self.batch_size!r}"
+            )
+        if not positive(self.train_steps):
+            raise ValueError(f"train_steps must be a positive integer, got {self.train_steps!r}")
+        if self.validation_size is not None and self.validation_size != "auto" and not positive(self.validation_size):
             raise ValueError(
                 f"validation_size must be a positive integer, None (all) or 'auto' (the algorithm's "
                 f"recommended number), got {self.validation_size!r}"

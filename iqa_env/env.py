@@ -84,6 +84,11 @@ def as_dataset(dataset: ImageDataset | str | os.PathLike[str] | None) -> ImageDa
     )
 
 
+def validation_images_per_step(batch_size: int, validation_batch_size: int | None = None) -> int:
+    """The validation images each validation step rewards: ``validation_batch_size``, or the whole batch if None."""
+    return int(batch_size) if validation_batch_size is None else int(validation_batch_size)
+
+
 def validation_steps_of(reward: str, validation_images: int, batch_size: int) -> int:
     """Validation steps per episode of a ``TaskAmenabilityEnv`` with this reward (0 for ``fixed``).
 
@@ -411,7 +416,7 @@ class TaskAmenabilityEnv(gym.Env):
                 f"render_mode must be None or one of {self.metadata['render_modes']}, got {render_mode!r}"
             )
         self.batch_size = int(batch_size)
-        self.validation_batch_size = self.batch_size if validation_batch_size is None else int(validation_batch_size)
+        self.validation_batch_size = validation_images_per_step(self.batch_size, validation_batch_size)
         self.train_steps = int(train_steps)
         self.reward_metric = reward_metric
         self.reward_normalisation = reward_normalisation
