@@ -707,6 +707,45 @@ def test_reinforce_credits_each_step_whose_reward_is_its_own_with_that_reward(da
     assert agent._returns(rewards, dones, validation, validation)[:, 0] == pytest.approx([2.0, 2.0, 1.0, 3.0])
 
 
+def test_reinforce_gradient_step_in_passes_is_the_one_pass_step(dataset):
+    """``images_per_pass`` splits a gradient step's forward-backward into passes of whole env steps; the
+    accumulated gradient, hence the step, is the one-pass one (class penalty and entropy included)."""
+    from stable_baselines3.common.logger import Logger
+
+    rollout = _class_rollout(dataset, make_agent("reinforce", _env(dataset), seed=0), n_batches=6)
+    rng = np.random.default_rng(1)
+    rollout["returns"] = rng.normal(size=(6, 1))
+    rollout["valid"][2, 0, -3:] = False  # a padded batch weighs its valid images only
+
+    def trained(images_per_pass):
+        agent = make_agent(  # plain SGD steps of rate 1: the step is the (clipped) gradient itself
+            "reinforce", _env(dataset), seed=0, class_balance=1.0, ent_coef=0.1, images_per_pass=images_per_pass,
+            learning_rate=1.0, policy_kwargs={"optimizer_class": torch.optim.SGD},
+        )
+        agent.set_logger(Logger(folder=None, output_formats=[]))
+        before = [p.detach().clone() for p in agent.policy.parameters()]
+        passes = []
+        agent.policy.features_extractor.register_forward_hook(lambda *_: passes.append(1))
+        np.random.seed(0)  # the rollout's step order
+        agent.train(rollout)
+        return before, [p.detach().clone() for p in agent.policy.parameters()], len(passes)
+
+    before, one, n_one = trained(None)
+    _, per_step, n_per_step = trained(8)  # TINY's batch of 8: one env step per pass
+    _, auto, n_auto = trained("auto")  # on a CPU 32 images: 4 steps per pass
+    assert (n_one, n_per_step, n_auto) == (1, 6, 2)
+    assert max(float((a - b).abs().max()) for a, b in zip(one, before)) > 1e-2  # the step moved the controller
+    for a, b, c in zip(one, per_step, auto):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(c, a, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("images", [0, -4, 2.5, True, "all"])
+def test_reinforce_refuses_an_impossible_images_per_pass(dataset, images):
+    with pytest.raises(ValueError, match=r"images_per_pass must be an integer >= 1, 'auto' or None, got"):
+        make_agent("reinforce", _env(dataset), seed=0, images_per_pass=images)
+
+
 @pytest.mark.parametrize("decay", [1.0, -0.1, True, "0.9"])
 def test_reinforce_refuses_an_impossible_controller_average(dataset, decay):
     with pytest.raises(ValueError, match=r"controller_average must be a decay in \[0, 1\)"):
