@@ -691,6 +691,8 @@ def summarise_run(
         "contingency": None,
         "controller": None,
         "beats_heuristics": None,
+        # The controller's AUROC minus the best heuristic's (either sign) on the same seed: how far ahead it is.
+        "margin_over_heuristics": None,
     }
     if task in holdout.human_amenability:
         run["contingency"] = contingency(scores, holdout.human_amenability[task], ratio)
@@ -700,6 +702,7 @@ def summarise_run(
         final = run["controller"]["auroc"]
         if final is not None and best:
             run["beats_heuristics"] = bool(final > max(best))
+            run["margin_over_heuristics"] = float(final - max(best))
     return run
 
 
@@ -732,6 +735,7 @@ def summarise_seeds(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "auroc_against_initial": {k: v for k, v in moved.items() if k not in ("initial", "final")},
         "spearman": mean_and_std([(r["controller"] or {}).get("spearman") for r in runs]),
         "seeds_beating_heuristics": sum(bool(r["beats_heuristics"]) for r in runs),
+        "margin_over_heuristics": mean_and_std([r.get("margin_over_heuristics") for r in runs]),
         "wall_time_s": mean_and_std([r.get("wall_time_s") for r in runs]),
         "curve": [
             {"ratio": float(ratio), **mean_and_std([r["curve"][i]["mean"] for r in runs])}
@@ -1250,24 +1254,33 @@ def against_initial_text(summary: dict[str, Any]) -> str:
     return seeds_higher_text(summary.get("auroc_against_initial"))  # absent in results.json written before it
 
 
+def margin_text(summary: dict[str, Any]) -> str:
+    """``"+0.009 ± 0.018"``: the controllers' AUROC minus the same seed's best heuristic's, across seeds
+    (``"n/a"`` without it, as in results.json written before it existed)."""
+    stats = summary.get("margin_over_heuristics")
+    if not stats or stats["mean"] is None:
+        return "n/a"
+    return f"{stats['mean']:+.3f}" + ("" if stats["std"] is None else f" ± {stats['std']:.3f}")
+
+
 def _auroc_markdown(task_result: dict[str, Any]) -> list[str]:
     lines = [
         "| scorer | AUROC at initialisation | AUROC at the end | seeds higher than at initialisation (sign test p) "
-        "| Spearman at the end | seeds beating every heuristic |",
-        "|---|---|---|---|---|---|",
+        "| Spearman at the end | seeds beating every heuristic | AUROC minus the best heuristic's, same seed |",
+        "|---|---|---|---|---|---|---|",
     ]
     for label, entry in task_result["runs"].items():
         s = entry["summary"]
         lines.append(
             f"| controller, {label} | {format_stats(s['initial_auroc'])} | {format_stats(s['final_auroc'])} "
             f"| {against_initial_text(s)} | {format_stats(s['spearman'])} "
-            f"| {s['seeds_beating_heuristics']} of {s['final_auroc']['n']} |"
+            f"| {s['seeds_beating_heuristics']} of {s['final_auroc']['n']} | {margin_text(s)} |"
         )
     for name, h in task_result["heuristics"].items():
-        lines.append(f"| {name} (either sign: {format_stats(h['auroc_either_sign'])}) | — | {format_stats(h['auroc'])} | — | {format_stats(h['spearman'])} | — |")
+        lines.append(f"| {name} (either sign: {format_stats(h['auroc_either_sign'])}) | — | {format_stats(h['auroc'])} | — | {format_stats(h['spearman'])} | — | — |")
     human = task_result["human_labels"]
     if human:
-        lines.append(f"| human labels | — | {format_number(human['auroc'])} | — | {format_number(human['spearman'])} | — |")
+        lines.append(f"| human labels | — | {format_number(human['auroc'])} | — | {format_number(human['spearman'])} | — | — |")
     return lines
 
 

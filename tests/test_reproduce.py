@@ -311,12 +311,12 @@ SUMMARY_KEYS = {
     "metric_at_paper_ratio", "patient_std_at_paper_ratio", "p_value", "seeds_better_with_p_below_0.05",
     "initial_auroc", "final_auroc", "spearman", "seeds_beating_heuristics", "wall_time_s", "curve", "kappa",
     "contingency_summed", "baseline_predictor_at_paper_ratio", "baseline_predictor_p_value",
-    "baseline_predictor_seeds_better_with_p_below_0.05", "auroc_against_initial", "by_ratio",
+    "baseline_predictor_seeds_better_with_p_below_0.05", "auroc_against_initial", "by_ratio", "margin_over_heuristics",
 }
 RUN_KEYS = {
     "seed", "folder", "algo", "reward", "steps", "wall_time_s", "initial_auroc", "final_auroc", "auroc_curve",
     "initial_auroc_by_class", "final_auroc_by_class", "mean_score", "curve", "ttest", "at_paper_ratio", "baseline_predictor", "random_band", "contingency", "controller",
-    "beats_heuristics",
+    "beats_heuristics", "margin_over_heuristics",
 }
 TASK_KEYS = {"metric", "paper_rejection_ratio", "holdout", "human_labels", "heuristics", "baseline", "runs", "figures"}
 
@@ -372,10 +372,16 @@ def check_task_result(t, labels, seeds):
             assert {"table", "kappa", "ratio"} <= set(run["contingency"])
             assert set(run["controller"]) == {"auroc", "spearman"}
             assert 0.0 <= run["initial_auroc"] <= 1.0 and 0.0 <= run["final_auroc"] <= 1.0
+            # How far ahead of the same seed's best heuristic (either sign) the controller ends.
+            best = max(h["auroc_either_sign"] for h in next(b for b in baseline["runs"] if b["seed"] == run["seed"])["heuristics"].values())
+            assert run["margin_over_heuristics"] == pytest.approx(run["controller"]["auroc"] - best)
+            assert run["beats_heuristics"] == (run["margin_over_heuristics"] > 0)
             # Within each class of the synthetic set, as the stage's summary.json has them.
             assert set(run["initial_auroc_by_class"]) == set(run["final_auroc_by_class"]) == {
                 "organ absent", "organ present"
             }
+        margins = [r["margin_over_heuristics"] for r in entry["runs"]]
+        assert entry["summary"]["margin_over_heuristics"]["mean"] == pytest.approx(np.mean(margins))
 
 
 def check_rejected(summary, seeds):
@@ -413,7 +419,8 @@ def test_reproduce_end_to_end_then_resume(tiny_synthetic_path, tmp_path, caplog,
     # The controllers' AUROC against the truth, each against its untrained start, beside the heuristics.
     assert "controller AUROC against the ground truth, at initialisation -> at the end" in printed
     assert re.search(r"^    fixed +\S+ -> \S+; seeds higher than at initialisation: (n/a|[01] of 1.*); "
-                     r"beating every heuristic: [01] of 1$", printed, re.M), printed
+                     r"beating every heuristic: [01] of 1 \(AUROC minus the best heuristic's, same seed: [+-]\d\.\d{3}\)$",
+                     printed, re.M), printed
     assert re.search(r"^    heuristics: mean_intensity \S+, intensity_std \S+, predictor_confidence \S+$", printed, re.M)
     # Every ratio's count of seeds better with p < 0.05, for the references and each controller.
     assert "seeds better than no rejection with p < 0.05 at 5% 10% 15% 20% 25% 30%:" in printed

@@ -89,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
         against_initial_text,
         format_number,
         format_stats,
+        margin_text,
         reproduce,
         tie_break_text,
     )
@@ -139,7 +140,8 @@ def run(args: argparse.Namespace) -> int:
                 s = entry["summary"]
                 print(f"    {label:10} {format_stats(s['initial_auroc'])} -> {format_stats(s['final_auroc'])}; "
                       f"seeds higher than at initialisation: {against_initial_text(s)}; "
-                      f"beating every heuristic: {s['seeds_beating_heuristics']} of {s['final_auroc']['n']}")
+                      f"beating every heuristic: {s['seeds_beating_heuristics']} of {s['final_auroc']['n']} "
+                      f"(AUROC minus the best heuristic's, same seed: {margin_text(s)})")
             print("    heuristics: " + ", ".join(f"{name} {format_stats(h['auroc'])}" for name, h in t["heuristics"].items()))
     print(f"report: {args.out}/report.md, figures and results.json in {args.out}")
     return 0
