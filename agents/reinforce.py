@@ -15,6 +15,7 @@ from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedul
 from stable_baselines3.common.utils import safe_mean
 
 from agents.policies import BernoulliSelectionPolicy
+from iqa_env.env import is_count
 from iqa_env.networks import (
     check_average_decay,
     update_weight_average,
@@ -285,8 +286,7 @@ class REINFORCE(LoadsOnTheEnvsDevice, BaseAlgorithm):
             raise ValueError(f"class_balance must be a finite number >= 0, got {class_balance!r}")
         if image_baseline not in IMAGE_BASELINES:
             raise ValueError(f"image_baseline must be one of {IMAGE_BASELINES}, got {image_baseline!r}")
-        memory = reward_model_memory
-        if isinstance(memory, bool) or not isinstance(memory, (int, np.integer)) or memory < 1:
+        if not is_count(reward_model_memory):
             raise ValueError(f"reward_model_memory must be an integer >= 1, got {reward_model_memory!r}")
         if image_baseline == "counterfactual" and self.env is not None:
             # another env (no such attribute): its info["action_phase"] tells at run time
@@ -304,9 +304,7 @@ class REINFORCE(LoadsOnTheEnvsDevice, BaseAlgorithm):
             raise ValueError(f"n_steps must be >= 1, got {n_steps!r}")
         if minibatch_steps is not None and minibatch_steps < 1:
             raise ValueError(f"minibatch_steps must be >= 1 or None, got {minibatch_steps!r}")
-        if images_per_pass not in ("auto", None) and (
-            isinstance(images_per_pass, bool) or not isinstance(images_per_pass, (int, np.integer)) or images_per_pass < 1
-        ):
+        if images_per_pass not in ("auto", None) and not is_count(images_per_pass):
             raise ValueError(f"images_per_pass must be an integer >= 1, 'auto' or None, got {images_per_pass!r}")
         self.n_steps = n_steps
         self.minibatch_steps = minibatch_steps

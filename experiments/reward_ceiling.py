@@ -88,6 +88,7 @@ import torch
 from torch.nn import functional as F
 
 from experiments.commands import json_object
+from iqa_env.env import is_count
 from iqa_env.metrics import auroc_or_none
 from iqa_env.rewards import class_log_losses
 
@@ -96,7 +97,7 @@ CONTROLLERS: tuple[str, ...] = ("all", "oracle")
 
 def _check_steps(steps: int, eval_every: int) -> None:
     for name, value in (("steps", steps), ("eval_every", eval_every)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        if not is_count(value):
             raise ValueError(f"{name} must be a positive integer (predictor updates), got {value!r}")
 
 

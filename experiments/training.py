@@ -123,20 +123,17 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
-        from iqa_env.env import resolve_device
+        from iqa_env.env import is_count, resolve_device
         from iqa_env.rewards import check_rejection_ratio
 
-        def positive(value: Any) -> bool:
-            return not isinstance(value, bool) and isinstance(value, (int, np.integer)) and value >= 1
-
-        if self.batch_size != "auto" and not positive(self.batch_size):
+        if self.batch_size != "auto" and not is_count(self.batch_size):
             raise ValueError(
                 f"batch_size must be a positive integer or 'auto' (the algorithm's recommended number), "
                 f"got {self.batch_size!r}"
             )
-        if not positive(self.train_steps):
+        if not is_count(self.train_steps):
             raise ValueError(f"train_steps must be a positive integer, got {self.train_steps!r}")
-        if self.validation_size is not None and self.validation_size != "auto" and not positive(self.validation_size):
+        if self.validation_size is not None and self.validation_size != "auto" and not is_count(self.validation_size):
             raise ValueError(
                 f"validation_size must be a positive integer, None (all) or 'auto' (the algorithm's "
                 f"recommended number), got {self.validation_size!r}"

@@ -84,6 +84,11 @@ def as_dataset(dataset: ImageDataset | str | os.PathLike[str] | None) -> ImageDa
     )
 
 
+def is_count(value: Any) -> bool:
+    """Whether ``value`` is a whole number >= 1: a Python or numpy integer, not a bool (``True`` is not a count)."""
+    return not isinstance(value, bool) and isinstance(value, (int, np.integer)) and value >= 1
+
+
 def validation_images_per_step(batch_size: int, validation_batch_size: int | None = None) -> int:
     """The validation images each validation step rewards: ``validation_batch_size``, or the whole batch if None."""
     return int(batch_size) if validation_batch_size is None else int(validation_batch_size)
@@ -392,7 +397,7 @@ class TaskAmenabilityEnv(gym.Env):
                 "paired_class_correction removes the class term from the rewards of the paired baseline's "
                 f"training steps, so it needs reward_baseline='paired', got reward_baseline={reward_baseline!r}"
             )
-        if isinstance(paired_draws, bool) or not isinstance(paired_draws, (int, np.integer)) or paired_draws < 1:
+        if not is_count(paired_draws):
             raise ValueError(f"paired_draws must be a whole number >= 1, got {paired_draws!r}")
         if paired_draws > 1 and reward_baseline != "paired":
             raise ValueError(
