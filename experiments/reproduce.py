@@ -701,8 +701,8 @@ def summarise_run(
         best = [h["auroc_either_sign"] for h in (heuristics or {}).values() if h["auroc_either_sign"] is not None]
         final = run["controller"]["auroc"]
         if final is not None and best:
-            run["beats_heuristics"] = bool(final > max(best))
             run["margin_over_heuristics"] = float(final - max(best))
+            run["beats_heuristics"] = run["margin_over_heuristics"] > 0
     return run
 
 
@@ -960,16 +960,17 @@ def command_line(name: str, options: dict[str, Any]) -> str:
     return shlex.join(argv)
 
 
-def format_number(value: float | None, digits: int = 3) -> str:
-    """``0.123`` (``n/a`` for an undefined figure)."""
-    return "n/a" if value is None else f"{value:.{digits}f}"
+def format_number(value: float | None, digits: int = 3, signed: bool = False) -> str:
+    """``0.123`` (``+0.123`` with ``signed``; ``n/a`` for an undefined figure)."""
+    return "n/a" if value is None else f"{value:{'+' if signed else ''}.{digits}f}"
 
 
-def format_stats(stats: dict[str, Any], digits: int = 3) -> str:
-    """``mean ± std`` of a :func:`~experiments.evaluation.mean_and_std` record (the std only where defined)."""
+def format_stats(stats: dict[str, Any], digits: int = 3, signed: bool = False) -> str:
+    """``mean ± std`` of a :func:`~experiments.evaluation.mean_and_std` record (the std only where defined;
+    the mean's sign always with ``signed``)."""
     if stats["mean"] is None:
         return "n/a"
-    return format_number(stats["mean"], digits) + ("" if stats["std"] is None else f" ± {format_number(stats['std'], digits)}")
+    return format_number(stats["mean"], digits, signed) + ("" if stats["std"] is None else f" ± {format_number(stats['std'], digits)}")
 
 
 # ------------------------------------------------------------------ outputs
@@ -1258,9 +1259,7 @@ def margin_text(summary: dict[str, Any]) -> str:
     """``"+0.009 ± 0.018"``: the controllers' AUROC minus the same seed's best heuristic's, across seeds
     (``"n/a"`` without it, as in results.json written before it existed)."""
     stats = summary.get("margin_over_heuristics")
-    if not stats or stats["mean"] is None:
-        return "n/a"
-    return f"{stats['mean']:+.3f}" + ("" if stats["std"] is None else f" ± {stats['std']:.3f}")
+    return "n/a" if not stats else format_stats(stats, signed=True)
 
 
 def _auroc_markdown(task_result: dict[str, Any]) -> list[str]:
