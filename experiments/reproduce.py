@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import hashlib
 import json
 import logging
 import math
@@ -60,7 +59,7 @@ from experiments.evaluation import (
     rejection_curve,
     seeds_higher_text,
 )
-from experiments.training import TrainConfig
+from experiments.training import TrainConfig, dataset_fingerprint
 from experiments.workers import worker_pool
 
 logger = logging.getLogger(__name__)
@@ -128,19 +127,6 @@ def budget_config(
         fields["steps"] = steps
     config = TrainConfig(dataset=None if dataset is None else str(dataset), device=device, **fields)
     return config.validate(), seeds
-
-
-def dataset_fingerprint(dataset: str | os.PathLike[str] | None) -> str:
-    """What identifies the data: the built-in set's cache name (version + settings hash) or a file's SHA-256."""
-    from iqa_env.data import default_dataset_path
-
-    if dataset is None:
-        return f"built-in:{default_dataset_path().name}"
-    digest = hashlib.sha256()
-    with open(dataset, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return f"sha256:{digest.hexdigest()}"
 
 
 def _plain(value: Any) -> Any:

@@ -337,11 +337,18 @@ def env_settings_differences(saved: dict[str, Any], now: dict[str, Any]) -> list
 
 
 def dataset_fingerprint(dataset: str | os.PathLike[str] | None) -> str:
-    """``"builtin"`` for the built-in set, else ``"sha256:..."`` of the dataset file's bytes."""
+    """What identifies the data: the built-in set's cache name (generator version + settings hash), else a file's SHA-256.
+
+    ``"built-in:synthetic-default-v<version>-<hash>.h5"`` for the built-in set
+    (runs made before it carried its version recorded ``"builtin"``), else
+    ``"sha256:..."`` of the dataset file's bytes.
+    """
     import hashlib
 
     if dataset is None:
-        return "builtin"
+        from iqa_env.data import default_dataset_name
+
+        return f"built-in:{default_dataset_name()}"
     digest = hashlib.sha256()
     with open(dataset, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -397,6 +404,11 @@ def _prepare_run_dir(config: TrainConfig, settings: dict[str, Any], out: Path, o
             if fingerprint is not None and fingerprint == dataset_fingerprint(config.dataset):
                 logger.info("%s: the dataset is now at %s (same content as the run's)", out, config.dataset)
                 differ = [d for d in differ if d not in moved]
+        elif config.dataset is None:
+            # The built-in set has versions: a run made on another one must not go on (or count as done) on this.
+            fingerprint, now = recorded.get("dataset_fingerprint"), dataset_fingerprint(None)
+            if fingerprint is not None and fingerprint != now:
+                differ.append(f"dataset_fingerprint: {fingerprint!r} there, {now!r} now (the built-in set changed)")
         # The env arguments the run recorded, defaults included: the same config gives other settings
         # once agents.recommended_env_kwargs changes, and a run must not go on (or count as done) with them.
         # (Compared when the config matches: a config field that differs is named once, as itself.)

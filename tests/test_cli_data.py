@@ -105,6 +105,18 @@ def test_synth_balances_the_hidden_frames_on_request(
     assert out.read_bytes() == before
 
 
+def test_synth_takes_the_absent_reference(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "r.h5"
+    args = ["data", "synth", "--out", str(out), "--patients", "6", "--frames", "20", "--size", "16"]
+    assert main([*args, "--absent-reference", "fixed"]) == 0
+    assert load_dataset(out).metadata["absent_reference"] == "fixed"
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--absent-reference", "random"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'random'" in capsys.readouterr().err
+
+
 def test_inspect_prints_counts_aurocs_and_writes_a_preview(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

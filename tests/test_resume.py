@@ -232,6 +232,32 @@ def test_a_run_made_under_other_env_defaults_is_not_resumed_or_reused(tiny_synth
     assert "did not record its env settings" in caplog.text
 
 
+def test_a_run_on_another_version_of_the_built_in_set_is_not_resumed_or_reused(tiny_synthetic, tmp_path, monkeypatch):
+    """The built-in set is named by its generator version and settings: a run made on one version is not done on another."""
+    from experiments.training import TrainConfig, train
+    from iqa_env.data import cache
+
+    monkeypatch.setattr(cache, "default_dataset", lambda: tiny_synthetic)
+    monkeypatch.setattr(cache, "default_dataset_name", lambda: "synthetic-default-v1-aaaaaaaaaaaa.h5")
+    config = TrainConfig(
+        algo="reinforce", steps=6, seed=0, batch_size=8, train_steps=2, validation_size=8, device="cpu",
+        eval_every=3, checkpoint_every=3,
+    )
+    run = tmp_path / "run"
+    summary = train(config, run)
+    assert config.dataset is None and summary["dataset_fingerprint"] == "built-in:synthetic-default-v1-aaaaaaaaaaaa.h5"
+    assert train(config, run)["already_finished"]
+
+    monkeypatch.setattr(cache, "default_dataset_name", lambda: "synthetic-default-v2-bbbbbbbbbbbb.h5")
+    with pytest.raises(ValueError, match=(
+        r"dataset_fingerprint: 'built-in:synthetic-default-v1-aaaaaaaaaaaa.h5' there, "
+        r"'built-in:synthetic-default-v2-bbbbbbbbbbbb.h5' now \(the built-in set changed\).*overwrite"
+    )):
+        train(config, run)
+    summary = train(config, run, overwrite=True)
+    assert summary["dataset_fingerprint"] == "built-in:synthetic-default-v2-bbbbbbbbbbbb.h5"
+
+
 def _tiny_env(dataset, **kw):
     from iqa_env.env import TaskAmenabilityEnv
 

@@ -192,7 +192,7 @@ def test_fields_shapes_and_dtypes() -> None:
         ds.degradations["severity"], np.max([ds.degradations[t] for t in DEGRADATION_TYPES], axis=0)
     )
     assert ds.metadata["source"] == "synthetic-ultrasound"
-    assert ds.metadata["version"] == GENERATOR_VERSION == 1
+    assert ds.metadata["version"] == GENERATOR_VERSION == 2
     for field in dataclasses.fields(SyntheticConfig):
         assert field.name in ds.metadata
     assert ds.metadata["n_patients"] == 8 and ds.metadata["seed"] == 1
@@ -231,6 +231,7 @@ def test_a_config_object_and_overrides() -> None:
         ({"seed": -1}, "seed"),
         ({"strong_present_fraction": 1.0}, "strong_present_fraction"),
         ({"strong_present_fraction": float("nan")}, "strong_present_fraction"),
+        ({"absent_reference": "random"}, "absent_reference must be 'sweep' or 'fixed'"),
     ],
 )
 def test_bad_settings_raise_value_errors_naming_them(overrides: dict, message: str) -> None:
@@ -275,6 +276,38 @@ def test_strong_present_fraction_balances_the_hidden_frames() -> None:
     # Unset, the degradations ignore the organ: hidden frames are as often present as all frames.
     strong = plain.degradations["severity"] >= STRONG_SEVERITY
     assert abs(plain.labels[strong].mean() - plain.labels.mean()) < 0.08
+
+
+def test_absent_reference_sweep_hides_the_label_in_a_hiding_degradations_footprint() -> None:
+    """A shadow or contact loss aimed at the gland is sized to it.  With the
+    fixed reference (generator version 1) the organ-absent frames all get a
+    0.6-size footprint, so how much of a hidden frame is black tells the label;
+    with ``"sweep"`` (the default) they get one of the sweep's own sections and
+    it hardly does.  Nothing else moves."""
+    settings: dict[str, Any] = dict(n_patients=60, frames_per_patient=30, size=32, seed=2)
+    sweep = generate_synthetic(**settings)
+    fixed = generate_synthetic(**settings, absent_reference="fixed")
+
+    def black_area_auroc(ds: ImageDataset) -> float:
+        d = ds.degradations
+        hiding = (d["contact_loss"] >= STRONG_SEVERITY) | (d["shadow"] >= STRONG_SEVERITY)
+        hidden = hiding & (ds.amenability["classification"] < 0.05)
+        assert hidden.sum() > 100
+        fan = (ds.images[:, 0] > 0).mean(axis=0) > 0.5
+        black = ((ds.images[hidden, 0] < 20) & fan).reshape(int(hidden.sum()), -1).mean(axis=1)
+        return auroc(black, ds.labels[hidden])
+
+    leak, fair = black_area_auroc(fixed), black_area_auroc(sweep)
+    assert leak > 0.65 and fair < 0.6 and leak - fair > 0.1, (leak, fair)
+    # The sweeps, the organ-present frames and every frame without an aimed degradation are as they were.
+    np.testing.assert_array_equal(sweep.labels, fixed.labels)
+    for name in DEGRADATION_TYPES:
+        np.testing.assert_array_equal(sweep.degradations[name], fixed.degradations[name])
+    present = fixed.labels == 1
+    np.testing.assert_array_equal(sweep.images[present], fixed.images[present])
+    changed = (sweep.images != fixed.images).reshape(len(fixed), -1).any(axis=1)
+    assert changed.any() and not changed[present].any()
+    assert sweep.metadata["absent_reference"] == "sweep" and fixed.metadata["absent_reference"] == "fixed"
 
 
 def test_the_two_tasks_have_different_amenability(default_set: ImageDataset) -> None:

@@ -3,6 +3,7 @@
 Subcommands::
 
     iqa data synth --out data.h5 [--patients N] [--frames F] [--size S] [--seed K] [--strong-present-fraction B]
+                  [--absent-reference sweep|fixed]
     iqa data fashion-mnist --out fmnist.h5 [--corrupt-fraction 0.5] [--n-images N] ...
     iqa data import-folder IMAGES_DIR --out mine.h5 [--masks DIR] [--labels CSV] ...
     iqa data import-medmnist pneumoniamnist.npz --out pneumonia.h5 [--split train] ...
@@ -124,6 +125,7 @@ def _synth(args: argparse.Namespace) -> int:
             ("size", args.size),
             ("seed", args.seed),
             ("strong_present_fraction", args.strong_present_fraction),
+            ("absent_reference", args.absent_reference),
         )
         if value is not None
     }
@@ -415,6 +417,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help=(
             "fraction of organ-present frames among the strongly degraded ones, in (0, 1); "
             "0.5 gives them an even class prior (default: degradations ignore the organ)"
+        ),
+    )
+    p.add_argument(
+        "--absent-reference",
+        choices=("sweep", "fixed"),
+        help=(
+            "where degradations aimed at the gland go on organ-absent frames: 'sweep' (default) one "
+            "of the sweep's own sections, so that a hiding degradation's footprint does not tell the "
+            "label; 'fixed' a 0.6-size section at the sweep's end (generator version 1's data)"
         ),
     )
     p.set_defaults(func=_synth)

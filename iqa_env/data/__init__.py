@@ -20,6 +20,7 @@ _EXPORTS = {
     "generate_synthetic": "iqa_env.data.synthetic",
     "SyntheticConfig": "iqa_env.data.synthetic",
     "default_dataset": "iqa_env.data.cache",
+    "default_dataset_name": "iqa_env.data.cache",
     "default_dataset_path": "iqa_env.data.cache",
     "cache_dir": "iqa_env.data.cache",
     "load_fashion_mnist": "iqa_env.data.fashion_mnist",

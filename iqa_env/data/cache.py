@@ -59,6 +59,16 @@ def _default_config_tag() -> str:
     return f"v{version}-{digest}"
 
 
+def default_dataset_name() -> str:
+    """File name of the built-in set's cache, ``synthetic-default-v<version>-<hash>.h5``.
+
+    It names the data (the generator's version and a hash of its default
+    settings), so runs record it to tell the built-in set's versions apart;
+    nothing is generated.
+    """
+    return f"synthetic-default-{_default_config_tag()}.h5"
+
+
 def default_dataset_path() -> Path:
     """Path of the built-in synthetic dataset, generating and saving it on first use.
 
@@ -66,7 +76,7 @@ def default_dataset_path() -> Path:
     file and atomically renames it into place, so readers only ever see a
     complete file (the copies are identical: generation is deterministic).
     """
-    path = cache_dir() / f"synthetic-default-{_default_config_tag()}.h5"
+    path = cache_dir() / default_dataset_name()
     if path.is_file():
         return path
     from iqa_env.data.io import save_dataset

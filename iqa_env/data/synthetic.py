@@ -97,7 +97,7 @@ _LOG_SPECKLE_STD_DB: float = 10.0 * math.pi / (math.sqrt(6.0) * math.log(10.0))
 
 #: Bumped whenever the same settings start to give different data (cached files
 #: of the built-in dataset carry it in their name).
-GENERATOR_VERSION: int = 1
+GENERATOR_VERSION: int = 2
 _SOURCE = "synthetic-ultrasound"
 
 # The display window is [top - dynamic range, top] dB relative to the mean tissue
@@ -157,6 +157,19 @@ class SyntheticConfig:
     an even class prior, so a predictor that cannot see the organ is at chance
     on them, as the method assumes of images that are not amenable (some
     hiding degradations still leave a cue it can use: docs/synthetic-data.md)."""
+
+    absent_reference: str = "sweep"
+    """Where the degradations aimed at the gland go on an organ-absent frame,
+    and the hypothetical gland its ground truth asks about.  An aimed
+    degradation is sized to the gland it hides.  ``"sweep"`` (the built-in set
+    since generator version 2): the size and place of one of the same sweep's
+    organ-present sections, drawn at random, so a hiding degradation's
+    footprint has the same distribution on both classes.  ``"fixed"``
+    (version 1): a section of 0.6 of the full size where the sweep leaves the
+    gland; the footprint is then the real section's on an organ-present frame
+    and always that one on an organ-absent frame, so a predictor reads the
+    label of a hidden frame from the footprint (docs/synthetic-data.md).  With
+    ``"fixed"`` the arrays are version 1's, bit for bit."""
 
     max_depth_cm: float = 7.0
     """Imaging depth below the probe surface."""
@@ -244,6 +257,7 @@ def _validate(cfg: SyntheticConfig) -> None:
         "strong_present_fraction",
         "None or in (0, 1)",
     )
+    need(cfg.absent_reference in ("sweep", "fixed"), "absent_reference", "'sweep' or 'fixed'")
     if cfg.strong_fraction + cfg.graded_fraction > 1:
         raise ValueError(
             "SyntheticConfig.strong_fraction + graded_fraction must be at most 1, got "
@@ -1289,8 +1303,16 @@ def _simulate_patient(
 
     # Reference gland: the actual section, or for organ-absent frames a typical
     # section where the sweep would show it; moved out of view where required.
+    ref_y = np.clip(y, -_PRESENT_Y, _PRESENT_Y)
     ref_scale = np.where(present, scale, _REFERENCE_SCALE)
-    rx, rz = _gland_centre(p, np.clip(y, -_PRESENT_Y, _PRESENT_Y))
+    if cfg.absent_reference == "sweep" and present.any():
+        # One of this sweep's own sections, from a stream of its own so that
+        # every other draw of the patient stays as it is with "fixed".
+        own = np.random.default_rng(rng.bit_generator.seed_seq.spawn(1)[0])
+        pick = own.choice(np.flatnonzero(present), size=n)
+        ref_y = np.where(present, ref_y, y[pick])
+        ref_scale = np.where(present, scale, scale[pick])
+    rx, rz = _gland_centre(p, ref_y)
     rz = rz + geom.probe_radius_cm
     oov = severity[:, _T["out_of_view"]]
     fraction_out = np.clip(1.3 * oov - 0.15, 0.0, 1.0)
