@@ -155,8 +155,9 @@ class SyntheticConfig:
     ``1 - negative_fraction`` of them show it and a predictor that calls every
     hidden frame "present" is right that often.  0.5 gives the hidden frames
     an even class prior, so a predictor that cannot see the organ is at chance
-    on them, as the method assumes of images that are not amenable (some
-    hiding degradations still leave a cue it can use: docs/synthetic-data.md)."""
+    on them, as the method assumes of images that are not amenable (on
+    generator version 1 the hiding degradations' footprint left a cue it
+    could use: ``absent_reference`` and docs/synthetic-data.md)."""
 
     absent_reference: str = "sweep"
     """Where the degradations aimed at the gland go on an organ-absent frame,
@@ -1301,8 +1302,8 @@ def _simulate_patient(
     gain_db = p.gain_db + rng.normal(0.0, 1.5, n)
     dr_db = np.clip(p.dynamic_range_db + rng.normal(0.0, 2.0, n), 20.0, 100.0)
 
-    # Reference gland: the actual section, or for organ-absent frames a typical
-    # section where the sweep would show it; moved out of view where required.
+    # Reference gland: the actual section, or for organ-absent frames one the
+    # sweep would show (cfg.absent_reference); moved out of view where required.
     ref_y = np.clip(y, -_PRESENT_Y, _PRESENT_Y)
     ref_scale = np.where(present, scale, _REFERENCE_SCALE)
     if cfg.absent_reference == "sweep" and present.any():
