@@ -349,11 +349,21 @@ def dataset_fingerprint(dataset: str | os.PathLike[str] | None) -> str:
         from iqa_env.data import default_dataset_name
 
         return f"built-in:{default_dataset_name()}"
-    digest = hashlib.sha256()
-    with open(dataset, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return f"sha256:{digest.hexdigest()}"
+    path = Path(dataset).resolve()
+    stat = path.stat()
+    # A study checks every run's folder against the same file: hash it once while it is unchanged.
+    key = (str(path), stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+    if key not in _FINGERPRINTS:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        _FINGERPRINTS[key] = f"sha256:{digest.hexdigest()}"
+    return _FINGERPRINTS[key]
+
+
+#: Dataset files hashed in this process, by resolved path, inode, size and modification and change times.
+_FINGERPRINTS: dict[tuple[str, int, int, int, int], str] = {}
 
 
 def _read_json(path: Path) -> Any:
@@ -398,17 +408,19 @@ def _prepare_run_dir(config: TrainConfig, settings: dict[str, Any], out: Path, o
     if isinstance(saved, dict):
         differ = config_differences(saved, config)
         moved = [d for d in differ if d.startswith("dataset: ")]
-        if moved:
-            # The same file under another path (moved, or named relative to another folder) is the same run.
-            fingerprint = recorded.get("dataset_fingerprint")
-            if fingerprint is not None and fingerprint == dataset_fingerprint(config.dataset):
-                logger.info("%s: the dataset is now at %s (same content as the run's)", out, config.dataset)
+        # The data's content, not its path, is what the run trained on: a file moved (or named relative to
+        # another folder) is the same run; a file rewritten at the same path, or the built-in set of
+        # another generator version, is not.
+        fingerprint = recorded.get("dataset_fingerprint")
+        if fingerprint is not None and (moved or not differ):
+            now = dataset_fingerprint(config.dataset)
+            if fingerprint == now:
+                if moved:
+                    logger.info("%s: the dataset is now at %s (same content as the run's)", out, config.dataset)
                 differ = [d for d in differ if d not in moved]
-        elif config.dataset is None:
-            # The built-in set has versions: a run made on another one must not go on (or count as done) on this.
-            fingerprint, now = recorded.get("dataset_fingerprint"), dataset_fingerprint(None)
-            if fingerprint is not None and fingerprint != now:
-                differ.append(f"dataset_fingerprint: {fingerprint!r} there, {now!r} now (the built-in set changed)")
+            elif not moved:
+                changed = "the built-in set changed" if config.dataset is None else f"{config.dataset} changed since the run"
+                differ.append(f"dataset_fingerprint: {fingerprint!r} there, {now!r} now ({changed})")
         # The env arguments the run recorded, defaults included: the same config gives other settings
         # once agents.recommended_env_kwargs changes, and a run must not go on (or count as done) with them.
         # (Compared when the config matches: a config field that differs is named once, as itself.)

@@ -258,6 +258,38 @@ def test_a_run_on_another_version_of_the_built_in_set_is_not_resumed_or_reused(t
     assert summary["dataset_fingerprint"] == "built-in:synthetic-default-v2-bbbbbbbbbbbb.h5"
 
 
+def test_a_dataset_file_rewritten_at_the_same_path_is_not_resumed_or_reused(tiny_synthetic, tmp_path):
+    """A run is tied to its data's content: other data under the same path is refused, the same data elsewhere is kept."""
+    import re
+    import shutil
+
+    from experiments.training import run_folder_state, train
+    from iqa_env.data import generate_synthetic, save_dataset
+
+    data = tmp_path / "data.h5"
+    save_dataset(tiny_synthetic, data)
+    config = _config("reinforce", data, 6, 3)
+    run = tmp_path / "run"
+    recorded = train(config, run)["dataset_fingerprint"]
+    assert re.fullmatch(r"sha256:[0-9a-f]{64}", recorded)
+
+    moved = tmp_path / "elsewhere" / "moved.h5"
+    moved.parent.mkdir()
+    shutil.copy(data, moved)
+    assert train(_config("reinforce", moved, 6, 3), run)["already_finished"]  # the same content at another path
+
+    # The file regenerated with another seed under the same name: the run's config is unchanged, its data is not.
+    save_dataset(generate_synthetic(n_patients=16, frames_per_patient=12, size=32, seed=1), data)
+    refused = rf"dataset_fingerprint: '{recorded}' there, 'sha256:[0-9a-f]{{64}}' now \({re.escape(str(data))} changed since the run\).*overwrite"
+    with pytest.raises(ValueError, match=refused):
+        run_folder_state(config, run)
+    with pytest.raises(ValueError, match=refused):
+        train(config, run)
+    assert (run / "summary.json").exists()  # refusing writes nothing
+    summary = train(config, run, overwrite=True)
+    assert summary["dataset_fingerprint"] not in (recorded, None) and summary["steps"] == 6
+
+
 def _tiny_env(dataset, **kw):
     from iqa_env.env import TaskAmenabilityEnv
 
