@@ -327,17 +327,30 @@ def train_baseline(config: TrainConfig, folder: Path, train_set: Any, validation
     return steps
 
 
-def evaluate_stage(config: TrainConfig, folder: Path, splits: tuple[Any, Any, Any], controller: bool) -> dict[str, np.ndarray]:
+def evaluate_stage(
+    config: TrainConfig,
+    folder: Path,
+    splits: tuple[Any, Any, Any],
+    controller: bool,
+    initial_auroc: float | None = None,
+) -> dict[str, np.ndarray]:
     """Per-image holdout arrays of a stage's saved predictor (and controller); saved to ``evaluation.npz``.
 
     The predictor is loaded (``weights_only``) into a fresh env built from
     ``config``: ``metric``, ``loss`` and ``confidence`` come from
-    ``env.evaluate``; ``scores`` from the saved controller.
+    ``env.evaluate``; ``scores`` from the saved controller.  A controller
+    stage also gets ``initial_scores``: the scores of the controller the run
+    started from, built again as train() built it (same algorithm, seed and
+    arguments), so that every claim about what a trained controller rejects
+    can be set against what it rejected before it learnt anything.  Where
+    the run recorded its initial AUROC (``initial_auroc``) and the rebuilt
+    controller's differs (a checkout whose agents are built otherwise), a
+    warning says so and ``initial_scores`` is left out.
     """
     import torch
 
-    from agents import Controller
-    from experiments.training import make_env
+    from agents import Controller, make_agent
+    from experiments.training import make_env, scores_auroc
     from iqa_env.files import atomic_write
 
     train_set, validation_set, holdout = splits
@@ -352,6 +365,16 @@ def evaluate_stage(config: TrainConfig, folder: Path, splits: tuple[Any, Any, An
     arrays = env.evaluate(holdout)
     if controller:
         arrays["scores"] = Controller.load(folder / "controller", device=env.device).score(holdout.images)
+        untrained = Controller.from_agent(make_agent(config.algo, env, seed=config.seed, **config.agent_kwargs))
+        initial = untrained.score(holdout.images)
+        rebuilt = scores_auroc(initial, holdout, config.task)
+        if initial_auroc is not None and rebuilt is not None and not math.isclose(rebuilt, initial_auroc, abs_tol=1e-6):
+            logger.warning(
+                "%s: the untrained controller built again ranks the holdout at AUROC %.6f, the run recorded %.6f "
+                "at its start; its scores are left out of evaluation.npz", folder, rebuilt, initial_auroc,
+            )
+        else:
+            arrays["initial_scores"] = initial
     env.close()
 
     def write(tmp: str) -> None:
@@ -382,7 +405,7 @@ def run_stage(stage: Stage, threads: int | None = None) -> dict[str, Any]:
         evaluate_stage(config, stage.folder, splits, controller=False)
     else:
         summary = train(config, stage.folder)
-        evaluate_stage(config, stage.folder, splits, controller=True)
+        evaluate_stage(config, stage.folder, splits, controller=True, initial_auroc=summary["initial_auroc"])
         record.update(initial_auroc=summary["initial_auroc"], final_auroc=summary["final_auroc"])
     record["elapsed_s"] = time.perf_counter() - start
     record["finished"] = datetime.datetime.now().isoformat(timespec="seconds")
@@ -680,6 +703,12 @@ def summarise_run(
         # The controller's AUROC minus the best heuristic's (either sign) on the same seed: how far ahead it is.
         "margin_over_heuristics": None,
     }
+    if "initial_scores" in arrays:
+        # The same predictor on the images the run's untrained controller keeps: what rejecting by a
+        # network that has learnt nothing gives (an untrained network's lowest scores are not random images).
+        run["untrained_baseline_predictor"] = rejecting_by(
+            baseline["metric"], arrays["initial_scores"], groups, ratio, rejected_describer(task, holdout, baseline["metric"])
+        )
     if task in holdout.human_amenability:
         run["contingency"] = contingency(scores, holdout.human_amenability[task], ratio)
     if task in holdout.amenability:
@@ -738,6 +767,10 @@ def summarise_seeds(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
     for key in ("p_value", "baseline_predictor_p_value"):
         summary[key] = with_median(summary[key])
+    # The baseline predictor rejecting by each seed's untrained controller, shaped as a reference's summary
+    # (None where a stage was evaluated before its initial scores were kept).
+    untrained = [r.get("untrained_baseline_predictor") for r in runs]
+    summary["untrained"] = summarise_rejecting_by(untrained) if untrained and all(untrained) else None
     tables = [r["contingency"] for r in runs if r["contingency"] is not None]
     if tables:
         summary["kappa"] = mean_and_std([t["kappa"] for t in tables])
@@ -1132,9 +1165,13 @@ def each_scorer(
 ) -> list[tuple[str, str, Any]]:
     """The rows of every table that sets the scores side by side: each reference, then each controller.
 
-    Returns ``(kind, label, value)`` with ``kind`` ``"reference"`` or
-    ``"controller"``.  ``value`` is ``reference(task_result["baseline"]["summary"]["rejecting_by"][name])``
-    for a reference, or ``controller(run summary)`` for a controller.  Rows
+    Returns ``(kind, label, value)`` with ``kind`` ``"reference"``,
+    ``"untrained"`` or ``"controller"``.  ``value`` is ``reference(task_result["baseline"]["summary"]["rejecting_by"][name])``
+    for a reference, ``reference(run summary["untrained"])`` for the
+    controller a run started from (one row after the references when every
+    run started from the same one, as the rewards of ``iqa reproduce`` do;
+    else one before each controller), or ``controller(run summary)`` for a
+    controller.  Rows
     whose value is empty are left out: the reference is absent, or
     ``results.json`` was written before the field existed.  ``short`` drops
     a reference's explanation in brackets (the console's labels).
@@ -1145,11 +1182,26 @@ def each_scorer(
         value = reference(summary[name]) if name in summary else None
         if value:
             rows.append(("reference", text.split(" (")[0] if short else text, value))
+    untrained = {label: entry["summary"].get("untrained") for label, entry in task_result["runs"].items()}
+    shared = len({json.dumps(to_json(u), sort_keys=True) for u in untrained.values()}) == 1
+    if untrained and shared and all(untrained.values()):
+        # Every run started from the same controller (same algorithm and seeds): one row for them all.
+        value = reference(next(iter(untrained.values())))
+        if value:
+            rows.append(("untrained", UNTRAINED_TEXT.split(" (")[0] if short else UNTRAINED_TEXT, value))
+        untrained = {}
     for label, entry in task_result["runs"].items():
+        value = reference(untrained[label]) if untrained.get(label) else None
+        if value:
+            rows.append(("untrained", f"controller, {label}, untrained", value))
         value = controller(entry["summary"])
         if value:
             rows.append(("controller", f"controller, {label}", value))
     return rows
+
+
+#: The row of the controller every run started from, where they all started from the same one.
+UNTRAINED_TEXT = "the untrained controller (each seed's, before any training)"
 
 
 def _baseline_predictor_markdown(task_result: dict[str, Any]) -> list[str]:
@@ -1227,7 +1279,7 @@ def _by_ratio_markdown(task_result: dict[str, Any]) -> list[str]:
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
 
     for kind, label, value in each_scorer(task_result, lambda r: r.get("by_ratio"), lambda s: s.get("by_ratio")):
-        if kind == "reference":
+        if kind != "controller":
             row(f"{label} (baseline)", value)
         else:
             row(f"{label} (baseline)", value.get("baseline_predictor"))
@@ -1341,7 +1393,9 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
             "rejection: what the controller's score adds on its own, whatever the co-trained predictor learnt "
             "(p: paired t-test across patients against the baseline predictor on all images). "
             "Beside them, the same predictor rejecting by the ground-truth amenability (where the data has it: "
-            "what a controller that ranked the truth perfectly would give) and by its own confidence."),
+            "what a controller that ranked the truth perfectly would give), by its own confidence, and by the "
+            "controller each run started from, before any training (an untrained network's lowest scores are not "
+            "random images: what a trained controller adds is its gain over that row)."),
             "",
             *_baseline_predictor_markdown(t),
             "",

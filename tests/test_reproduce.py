@@ -187,6 +187,35 @@ def test_the_tables_list_each_reference_then_each_controller_and_skip_what_is_mi
     assert each_scorer(task_result, lambda r: None, lambda s: None, references) == []
 
 
+def test_the_untrained_controller_is_one_row_when_every_run_started_from_it():
+    """Runs that started from the same controller (``iqa reproduce``'s rewards) share one row after the
+    references; runs that started from different ones (the benchmark's algorithms) get one each."""
+    from experiments.reproduce import UNTRAINED_TEXT, each_scorer
+
+    def result(untrained):
+        return {
+            "baseline": {"summary": {"rejecting_by": {"ground_truth": {"x": 1}}}},
+            "runs": {label: {"summary": {"y": i, "untrained": u}} for i, (label, u) in enumerate(untrained.items(), 5)},
+        }
+
+    references = (("ground_truth", "the truth"),)
+    same = result({"fixed": {"x": 7}, "weighted": {"x": 7}})
+    assert each_scorer(same, lambda r: r.get("x"), lambda s: s.get("y"), references) == [
+        ("reference", "the truth", 1), ("untrained", UNTRAINED_TEXT, 7),
+        ("controller", "controller, fixed", 5), ("controller", "controller, weighted", 6),
+    ]
+    assert each_scorer(same, lambda r: r.get("x"), lambda s: s.get("y"), references, short=True)[1] == (
+        "untrained", "the untrained controller", 7
+    )
+    other = result({"reinforce": {"x": 7}, "ddpg": {"x": 8}, "ppo": None})  # ppo's evaluated before they were kept
+    assert each_scorer(other, lambda r: r.get("x"), lambda s: s.get("y"), references) == [
+        ("reference", "the truth", 1),
+        ("untrained", "controller, reinforce, untrained", 7), ("controller", "controller, reinforce", 5),
+        ("untrained", "controller, ddpg, untrained", 8), ("controller", "controller, ddpg", 6),
+        ("controller", "controller, ppo", 7),
+    ]
+
+
 def test_what_a_score_rejects_is_described():
     """``rejected_describer``: the predictor's metric on the rejected images, their share at the truth's lowest
     value and each class's share, worked out by hand on eight images; summed over seeds by ``summarise_rejected``."""
@@ -312,11 +341,12 @@ SUMMARY_KEYS = {
     "initial_auroc", "final_auroc", "spearman", "seeds_beating_heuristics", "wall_time_s", "curve", "kappa",
     "contingency_summed", "baseline_predictor_at_paper_ratio", "baseline_predictor_p_value",
     "baseline_predictor_seeds_better_with_p_below_0.05", "auroc_against_initial", "by_ratio", "margin_over_heuristics",
+    "untrained",
 }
 RUN_KEYS = {
     "seed", "folder", "algo", "reward", "steps", "wall_time_s", "initial_auroc", "final_auroc", "auroc_curve",
     "initial_auroc_by_class", "final_auroc_by_class", "mean_score", "curve", "ttest", "at_paper_ratio", "baseline_predictor", "random_band", "contingency", "controller",
-    "beats_heuristics", "margin_over_heuristics",
+    "beats_heuristics", "margin_over_heuristics", "untrained_baseline_predictor",
 }
 TASK_KEYS = {"metric", "paper_rejection_ratio", "holdout", "human_labels", "heuristics", "baseline", "runs", "figures"}
 
@@ -362,8 +392,14 @@ def check_task_result(t, labels, seeds):
         for rows in entry["summary"]["by_ratio"].values():
             check_by_ratio(rows, seeds)
         check_rejected(entry["summary"]["baseline_predictor_rejected"], seeds)
+        # The baseline predictor rejecting by the controller each run started from: a reference's summary.
+        untrained = entry["summary"]["untrained"]
+        assert untrained["at_paper_ratio"]["n"] == len(seeds) and "median" in untrained["p_value"]
+        check_by_ratio(untrained["by_ratio"], seeds)
+        check_rejected(untrained["rejected"], seeds)
         for run in entry["runs"]:
             assert RUN_KEYS <= set(run)
+            assert [t["ratio"] for t in run["untrained_baseline_predictor"]["ttest"]] == list(ev.REJECTION_RATIOS)
             assert [t["ratio"] for t in run["baseline_predictor"]["ttest"]] == list(ev.REJECTION_RATIOS)
             assert len(run["curve"]) == len(ev.REJECTION_RATIOS) == len(run["ttest"]) == len(run["random_band"])
             assert {"ratio", "mean", "std", "p", "t", "mean_difference"} <= set(run["at_paper_ratio"])
@@ -424,11 +460,14 @@ def test_reproduce_end_to_end_then_resume(tiny_synthetic_path, tmp_path, caplog,
     assert re.search(r"^    heuristics: mean_intensity \S+, intensity_std \S+, predictor_confidence \S+$", printed, re.M)
     # Every ratio's count of seeds better with p < 0.05, for the references and each controller.
     assert "seeds better than no rejection with p < 0.05 at 5% 10% 15% 20% 25% 30%:" in printed
-    for name in ("the ground truth", "its own confidence", "controller, fixed", "controller, selective"):
+    for name in ("the ground truth", "its own confidence", "the untrained controller", "controller, fixed", "controller, selective"):
         assert re.search(rf"^    {name} +([01] +){{5}}[01]  of 1$", printed, re.M), (name, printed)
+    assert re.search(r"^  baseline predictor rejecting by the untrained controller \(each seed's, before any training\): \S+",
+                     printed, re.M), printed
     # The baseline predictor's metric on what each rejects, beside its metric on every image.
     assert re.search(r"^  baseline predictor's accuracy on the images each rejects at 5% \(on all: \S+\): "
-                     r"the ground truth \S+; its own confidence \S+; controller, fixed \S+; .*controller, selective \S+$",
+                     r"the ground truth \S+; its own confidence \S+; the untrained controller \S+; controller, fixed \S+; "
+                     r".*controller, selective \S+$",
                      printed, re.M), printed
     assert re.search(r"^  baseline predictor's Dice on the images each rejects at 15% \(on all: \S+\): ", printed, re.M)
 
@@ -437,6 +476,9 @@ def test_reproduce_end_to_end_then_resume(tiny_synthetic_path, tmp_path, caplog,
     ]
     for name in names:
         assert (out / name).is_file(), name
+    from experiments.training import load_splits, scores_auroc
+
+    holdout = load_splits(str(tiny_synthetic_path))[1][2]
     for task in ("classification", "segmentation"):
         stage = out / task / "baseline" / "seed0"
         assert all((stage / f).is_file() for f in ("predictor.pt", "evaluation.npz", "stage.done"))
@@ -446,6 +488,12 @@ def test_reproduce_end_to_end_then_resume(tiny_synthetic_path, tmp_path, caplog,
                       "controller/controller.pt", "evaluation.npz", "stage.done"):
                 assert (stage / f).is_file(), f"{stage}/{f}"
             assert any((stage / "tensorboard").iterdir())
+            # The untrained controller's scores, built again: the ranking the run recorded at its start.
+            summary = json.loads((stage / "summary.json").read_text())
+            with np.load(stage / "evaluation.npz") as arrays:
+                assert arrays["initial_scores"].shape == arrays["scores"].shape
+                initial = scores_auroc(arrays["initial_scores"], holdout, task)
+            assert initial == pytest.approx(summary["initial_auroc"], abs=1e-9)
 
     results = json.loads((out / "results.json").read_text())
     assert results["schema"] == "iqa-reproduce/1" and results["command"].startswith("iqa reproduce --dataset")
@@ -463,6 +511,8 @@ def test_reproduce_end_to_end_then_resume(tiny_synthetic_path, tmp_path, caplog,
     assert "| baseline |" in report and "figure4_classification.png" in report and results["command"] in report
     assert "| rejecting by (predictor) | 0% | 5% | 10% | 15% | 20% | 25% | 30% |" in report
     assert re.search(r"^\| controller, weighted \(co-trained\) \| [+-]\d\.\d{3} \([01] of 1\) \|", report, re.M)
+    assert re.search(r"^\| the untrained controller \(each seed's, before any training\) \(baseline\) \| — \| [+-]\d\.\d{3} \([01] of 1\) \|",
+                     report, re.M), report
     # The tiny set's holdout has a handful of patients: said at the start, and in the report.
     patients = results["tasks"]["classification"]["holdout"]["patients"]
     assert patients < 10
@@ -531,6 +581,20 @@ def test_reproduce_end_to_end_then_resume(tiny_synthetic_path, tmp_path, caplog,
     monkeypatch.undo()
     assert main(argv) == 0  # the checkout's own defaults: every stage is reused again
     assert markers(out) == after
+
+    # A checkout that builds the untrained controller otherwise than the run did: said, and its scores left out.
+    from experiments.reproduce import evaluate_stage
+    from experiments.training import TrainConfig, load_splits
+
+    stage = out / "classification" / "weighted" / "seed0"
+    config = TrainConfig(**json.loads((stage / "config.json").read_text()))
+    recorded = json.loads((stage / "summary.json").read_text())["initial_auroc"]
+    splits = load_splits(config.dataset, config.split_seed)[1]
+    caplog.clear()
+    arrays = evaluate_stage(config, stage, splits, controller=True, initial_auroc=recorded - 0.25)
+    assert "initial_scores" not in arrays and "scores" in arrays
+    assert "the untrained controller built again ranks the holdout at AUROC" in caplog.text
+    assert "initial_scores" in evaluate_stage(config, stage, splits, controller=True, initial_auroc=recorded)
 
 
 @pytest.mark.parametrize("algo, reward", [("ddpg", "weighted"), ("ddpg", "fixed"), ("ppo", "selective"), ("reinforce", "weighted")])

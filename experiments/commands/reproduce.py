@@ -87,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
     from experiments.reproduce import (
         REFERENCES,
         against_initial_text,
+        each_scorer,
         format_number,
         format_stats,
         margin_text,
@@ -121,16 +122,14 @@ def run(args: argparse.Namespace) -> int:
                     line += f"; baseline predictor on the images it keeps: {format_number(base)}"
                     line += "" if base_p is None else f" (median p {base_p:.3g})"
             print(line)
-        references = t["baseline"]["summary"]["rejecting_by"]
-        for name, text in REFERENCES:
-            if name in references and references[name]["at_paper_ratio"]["mean"] is not None:
-                r = references[name]
-                p = r["p_value"]["median"]
-                print(f"  baseline predictor rejecting by {text}: {format_stats(r['at_paper_ratio'])}"
-                      + ("" if p is None else f" (median p {p:.3g})"))
-                ties = tie_break_text(r)
-                if ties is not None:
-                    print(f"    ({ties})")
+        # The references, then the untrained controller(s) the runs started from.
+        for _, text, r in each_scorer(t, lambda r: r if r["at_paper_ratio"]["mean"] is not None else None, lambda s: None):
+            p = r["p_value"]["median"]
+            print(f"  baseline predictor rejecting by {text}: {format_stats(r['at_paper_ratio'])}"
+                  + ("" if p is None else f" (median p {p:.3g})"))
+            ties = tie_break_text(r)
+            if ties is not None:
+                print(f"    ({ties})")
         print_by_ratio(t, REFERENCES)
         print_rejected(t, REFERENCES)
         if any(entry["summary"]["final_auroc"]["n"] for entry in t["runs"].values()):
