@@ -1323,18 +1323,30 @@ def _auroc_markdown(task_result: dict[str, Any]) -> list[str]:
 
 def per_seed_markdown(task_result: dict[str, Any]) -> list[str]:
     metric = task_result["metric"]
+    ratio = f"{task_result['paper_rejection_ratio']:.0%}"
     lines = [
-        (f"| method | seed | {metric} at {task_result['paper_rejection_ratio']:.0%} (± across patients) | p | kappa "
+        (f"| method | seed | {metric} at {ratio} (± across patients) | p | baseline predictor at {ratio} on what the "
+        f"controller keeps: gain (p) | the same, its untrained controller | kappa "
         "| AUROC initial | AUROC final | mean score | env steps | wall time (s) |"),
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def gain(rejecting: dict[str, Any] | None) -> str:
+        """``"+0.009 (0.153)"``: the baseline predictor's gain over no rejection at the paper's ratio, and its p."""
+        if not rejecting:  # a stage evaluated before it was kept
+            return "—"
+        at = rejecting["at_paper_ratio"]
+        return f"{format_number(at['mean_difference'], signed=True)} ({format_number(at['p'], 3)})"
+
     for b in task_result["baseline"]["runs"]:
-        lines.append(f"| baseline | {b['seed']} | {format_stats(b['metric'])} | — | — | — | — | — | {b['predictor_updates']} predictor updates | — |")
+        lines.append(f"| baseline | {b['seed']} | {format_stats(b['metric'])} | — | — | — | — | — | — | — "
+                     f"| {b['predictor_updates']} predictor updates | — |")
     for label, entry in task_result["runs"].items():
         for r in entry["runs"]:
             kappa = (r["contingency"] or {}).get("kappa")
             lines.append(
                 f"| {label} | {r['seed']} | {format_stats(r['at_paper_ratio'])} | {format_number(r['at_paper_ratio']['p'], 4)} "
+                f"| {gain(r['baseline_predictor'])} | {gain(r.get('untrained_baseline_predictor'))} "
                 f"| {format_number(kappa, 2)} | {format_number(r.get('initial_auroc'))} | {format_number((r['controller'] or {}).get('auroc'))} "
                 f"| {format_number(r['mean_score'])} | {r.get('steps')} | {format_number(r.get('wall_time_s'), 0)} |"
             )

@@ -513,6 +513,10 @@ def test_reproduce_end_to_end_then_resume(tiny_synthetic_path, tmp_path, caplog,
     assert re.search(r"^\| controller, weighted \(co-trained\) \| [+-]\d\.\d{3} \([01] of 1\) \|", report, re.M)
     assert re.search(r"^\| the untrained controller \(each seed's, before any training\) \(baseline\) \| — \| [+-]\d\.\d{3} \([01] of 1\) \|",
                      report, re.M), report
+    # Every seed: the baseline predictor's gain on what the trained controller keeps, beside its untrained one's.
+    assert "| baseline predictor at 5% on what the controller keeps: gain (p) | the same, its untrained controller |" in report
+    assert re.search(r"^\| weighted \| 0 \| [^|]+ \| [^|]+ \| [+-]\d\.\d{3} \((\d\.\d{3}|n/a)\) \| [+-]\d\.\d{3} \((\d\.\d{3}|n/a)\) \|",
+                     report, re.M), report
     # The tiny set's holdout has a handful of patients: said at the start, and in the report.
     patients = results["tasks"]["classification"]["holdout"]["patients"]
     assert patients < 10
