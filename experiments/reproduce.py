@@ -864,6 +864,14 @@ def collect_task(
             run.update(folder=stage.name, algo=stage.config.algo, reward=stage.config.reward, **read_train_run(stage))
             per_seed.append(run)
         runs[label] = {"runs": per_seed, "summary": summarise_seeds(per_seed)}
+        unevaluated = [run["folder"] for run in per_seed if "untrained_baseline_predictor" not in run]
+        if unevaluated:
+            logger.info(
+                "%s: evaluated without the untrained controller's scores (a stage finished before they were kept, or "
+                "one whose rebuilt controller did not match its run), so its rows are left out; delete the stage's "
+                "stage.done and run the same command to evaluate it again (its training is not repeated)",
+                ", ".join(unevaluated),
+            )
     ratio = PAPER_REJECTION_RATIO[task]
     return {
         "metric": METRIC_NAMES[task],

@@ -436,6 +436,10 @@ def check_by_ratio(rows, seeds):
         assert r["seeds"] == len(seeds) and 0 <= r["seeds_better_with_p_below_0.05"] <= len(seeds)
 
 
+def results_of(out):
+    return json.loads((out / "results.json").read_text())
+
+
 def markers(out):
     return {p.relative_to(out).as_posix(): p.stat().st_mtime_ns for p in out.rglob("stage.done")}
 
@@ -598,6 +602,12 @@ def test_reproduce_end_to_end_then_resume(tiny_synthetic_path, tmp_path, caplog,
     arrays = evaluate_stage(config, stage, splits, controller=True, initial_auroc=recorded - 0.25)
     assert "initial_scores" not in arrays and "scores" in arrays
     assert "the untrained controller built again ranks the holdout at AUROC" in caplog.text
+    # A report collected from it says which stage lacks the row and how to evaluate it again.
+    caplog.clear()
+    assert main(argv) == 0
+    assert "classification/weighted/seed0: evaluated without the untrained controller's scores" in caplog.text
+    assert results_of(out)["tasks"]["classification"]["runs"]["weighted"]["summary"]["untrained"] is None
+    assert results_of(out)["tasks"]["classification"]["runs"]["fixed"]["summary"]["untrained"] is not None
     assert "initial_scores" in evaluate_stage(config, stage, splits, controller=True, initial_auroc=recorded)
 
 
