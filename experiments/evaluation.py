@@ -171,19 +171,22 @@ def paired_ttest(
     keep: np.ndarray,
     baseline_metric: np.ndarray,
     groups: np.ndarray,
+    baseline_keep: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Paired t-test across patients: kept images of the selective predictor vs all images of the baseline.
 
     Returns ``t``, two-sided ``p``, ``mean_difference`` (selective - baseline,
     over the pairs), ``patients`` (pairs) and ``patients_dropped`` (patients
-    whose images were all rejected).
+    whose images were all rejected).  With ``baseline_keep`` the baseline's
+    side is its mean over those images instead of all (two rejections
+    compared), and a patient is dropped when either side kept none.
     """
     from scipy import stats
 
     _check_lengths(metric=metric, keep=keep, baseline_metric=baseline_metric, groups=groups)
     selective = patient_means(metric, groups, keep)
-    baseline = patient_means(baseline_metric, groups)
-    paired = sorted(selective)
+    baseline = patient_means(baseline_metric, groups, baseline_keep)
+    paired = sorted(set(selective) & set(baseline))
     a = np.array([selective[g] for g in paired], dtype=np.float64)
     b = np.array([baseline[g] for g in paired], dtype=np.float64)
     t = p = None
@@ -195,7 +198,7 @@ def paired_ttest(
         "p": p,
         "mean_difference": float(np.mean(a - b)) if len(paired) else None,
         "patients": len(paired),
-        "patients_dropped": len(baseline) - len(paired),
+        "patients_dropped": int(np.unique(groups).size) - len(paired),
     }
 
 

@@ -704,11 +704,27 @@ def summarise_run(
         "margin_over_heuristics": None,
     }
     if "initial_scores" in arrays:
+        initial = arrays["initial_scores"]
         # The same predictor on the images the run's untrained controller keeps: what rejecting by a
         # network that has learnt nothing gives (an untrained network's lowest scores are not random images).
         run["untrained_baseline_predictor"] = rejecting_by(
-            baseline["metric"], arrays["initial_scores"], groups, ratio, rejected_describer(task, holdout, baseline["metric"])
+            baseline["metric"], initial, groups, ratio, rejected_describer(task, holdout, baseline["metric"])
         )
+        # What the training added, tested: the predictor on what this controller keeps against on what its
+        # untrained start keeps, patient by patient, at every ratio.
+        against = [
+            {"ratio": float(r), **paired_ttest(baseline["metric"], kept_images(scores, r), baseline["metric"], groups,
+                                               kept_images(initial, r))}
+            for r in REJECTION_RATIOS
+        ]
+        test = next(t for t in against if math.isclose(t["ratio"], ratio))
+        run["baseline_predictor"]["against_untrained"] = {
+            "ttest": against,
+            "at_paper_ratio": {
+                "ratio": ratio, "p": test["p"], "t": test["t"], "mean_difference": test["mean_difference"],
+                "better_with_p_below_0.05": better_than_baseline(test),
+            },
+        }
     if task in holdout.human_amenability:
         run["contingency"] = contingency(scores, holdout.human_amenability[task], ratio)
     if task in holdout.amenability:
@@ -771,6 +787,19 @@ def summarise_seeds(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     # (None where a stage was evaluated before its initial scores were kept).
     untrained = [r.get("untrained_baseline_predictor") for r in runs]
     summary["untrained"] = summarise_rejecting_by(untrained) if untrained and all(untrained) else None
+    against = [r["baseline_predictor"].get("against_untrained") for r in runs]
+    summary["baseline_predictor_against_untrained"] = None
+    if against and all(against):
+        at = [a["at_paper_ratio"] for a in against]
+        summary["baseline_predictor_against_untrained"] = {
+            "mean_difference": mean_and_std([a["mean_difference"] for a in at]),
+            "p_value": with_median(mean_and_std([a["p"] for a in at])),
+            "seeds_better_with_p_below_0.05": sum(a["better_with_p_below_0.05"] for a in at),
+            "seeds_worse_with_p_below_0.05": sum(
+                a["p"] is not None and a["p"] < 0.05 and (a["mean_difference"] or 0) < 0 for a in at
+            ),
+        }
+        summary["by_ratio"]["against_untrained"] = by_ratio([a["ttest"] for a in against])
     tables = [r["contingency"] for r in runs if r["contingency"] is not None]
     if tables:
         summary["kappa"] = mean_and_std([t["kappa"] for t in tables])
@@ -1291,6 +1320,7 @@ def _by_ratio_markdown(task_result: dict[str, Any]) -> list[str]:
             row(f"{label} (baseline)", value)
         else:
             row(f"{label} (baseline)", value.get("baseline_predictor"))
+            row(f"{label} (baseline, against its untrained start)", value.get("against_untrained"))
             row(f"{label} (co-trained)", value.get("co_trained"), against_itself=False)
     return lines
 
@@ -1422,7 +1452,9 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
             *_tie_break_markdown(t),
             ("At every rejection ratio: the gain over the baseline with no rejection (mean across seeds) and, "
             "in brackets, the seeds better with p < 0.05. \"(baseline)\": the baseline predictor on the images "
-            "kept, against itself on all of them; \"(co-trained)\": the controller's own predictor against the "
+            "kept, against itself on all of them; \"(baseline, against its untrained start)\": the same, against "
+            "itself on the images the controller's untrained start keeps (what the training added); "
+            "\"(co-trained)\": the controller's own predictor against the "
             "baseline. Table 1 tests the paper's ratio alone; this shows from which ratio on the data show an "
             "effect (a small holdout has little power at small ratios)."),
             "",

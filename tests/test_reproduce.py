@@ -266,6 +266,15 @@ def test_paired_ttest_pairs_patients_and_drops_those_with_nothing_kept():
     assert out["mean_difference"] == pytest.approx(2 / 3)
     same = ev.paired_ttest(baseline, np.ones(8, bool), baseline, groups)
     assert same["p"] is None and same["mean_difference"] == 0.0
+    # Two rejections compared: the baseline's side is its mean over the images it keeps, and a patient with
+    # nothing kept on either side is dropped (patient 3 by keep, patient 0 by other).
+    other = np.array([False, False, True, True, True, False, True, True])
+    two = ev.paired_ttest(metric, keep, metric, groups, baseline_keep=other)
+    expected = stats.ttest_rel([1.0, 1.0], [0.5, 1.0])  # patients 1 and 2: kept means 1, 1; other's 0.5, 1
+    assert two["patients"] == 2 and two["patients_dropped"] == 2
+    assert two["mean_difference"] == pytest.approx(0.25) and two["p"] == pytest.approx(expected.pvalue)
+    with pytest.raises(ValueError):
+        ev.paired_ttest(metric, keep, metric, groups, baseline_keep=other[:5])
 
 
 def test_random_rejection_band():
@@ -341,7 +350,7 @@ SUMMARY_KEYS = {
     "initial_auroc", "final_auroc", "spearman", "seeds_beating_heuristics", "wall_time_s", "curve", "kappa",
     "contingency_summed", "baseline_predictor_at_paper_ratio", "baseline_predictor_p_value",
     "baseline_predictor_seeds_better_with_p_below_0.05", "auroc_against_initial", "by_ratio", "margin_over_heuristics",
-    "untrained",
+    "untrained", "baseline_predictor_against_untrained",
 }
 RUN_KEYS = {
     "seed", "folder", "algo", "reward", "steps", "wall_time_s", "initial_auroc", "final_auroc", "auroc_curve",
@@ -388,7 +397,10 @@ def check_task_result(t, labels, seeds):
             r["controller"]["auroc"] > r["initial_auroc"] for r in entry["runs"]
             if r["initial_auroc"] is not None and (r["controller"] or {}).get("auroc") is not None
         )
-        assert set(entry["summary"]["by_ratio"]) == {"co_trained", "baseline_predictor"}
+        assert set(entry["summary"]["by_ratio"]) == {"co_trained", "baseline_predictor", "against_untrained"}
+        against = entry["summary"]["baseline_predictor_against_untrained"]
+        assert against["mean_difference"]["n"] == len(seeds) and "median" in against["p_value"]
+        assert 0 <= against["seeds_better_with_p_below_0.05"] + against["seeds_worse_with_p_below_0.05"] <= len(seeds)
         for rows in entry["summary"]["by_ratio"].values():
             check_by_ratio(rows, seeds)
         check_rejected(entry["summary"]["baseline_predictor_rejected"], seeds)
@@ -400,6 +412,13 @@ def check_task_result(t, labels, seeds):
         for run in entry["runs"]:
             assert RUN_KEYS <= set(run)
             assert [t["ratio"] for t in run["untrained_baseline_predictor"]["ttest"]] == list(ev.REJECTION_RATIOS)
+            against = run["baseline_predictor"]["against_untrained"]
+            assert [t["ratio"] for t in against["ttest"]] == list(ev.REJECTION_RATIOS)
+            # Its gain is the difference of the two gains over no rejection, patient by patient.
+            gains = [run[k]["at_paper_ratio"]["mean_difference"] for k in ("baseline_predictor", "untrained_baseline_predictor")]
+            at = against["at_paper_ratio"]
+            if next(t for t in against["ttest"] if t["ratio"] == at["ratio"])["patients_dropped"] == 0:  # same patients
+                assert at["mean_difference"] == pytest.approx(gains[0] - gains[1])
             assert [t["ratio"] for t in run["baseline_predictor"]["ttest"]] == list(ev.REJECTION_RATIOS)
             assert len(run["curve"]) == len(ev.REJECTION_RATIOS) == len(run["ttest"]) == len(run["random_band"])
             assert {"ratio", "mean", "std", "p", "t", "mean_difference"} <= set(run["at_paper_ratio"])
@@ -468,6 +487,9 @@ def test_reproduce_end_to_end_then_resume(tiny_synthetic_path, tmp_path, caplog,
         assert re.search(rf"^    {name} +([01] +){{5}}[01]  of 1$", printed, re.M), (name, printed)
     assert re.search(r"^  baseline predictor rejecting by the untrained controller \(each seed's, before any training\): \S+",
                      printed, re.M), printed
+    assert re.search(r"^  baseline predictor on the images each controller keeps at 5%, against on those its untrained start "
+                     r"keeps: fixed \S+ \(median p \S+; better with p < 0.05 on [01] of 1, worse on [01]\); weighted ",
+                     printed, re.M), printed
     # The baseline predictor's metric on what each rejects, beside its metric on every image.
     assert re.search(r"^  baseline predictor's accuracy on the images each rejects at 5% \(on all: \S+\): "
                      r"the ground truth \S+; its own confidence \S+; the untrained controller \S+; controller, fixed \S+; "
@@ -516,6 +538,8 @@ def test_reproduce_end_to_end_then_resume(tiny_synthetic_path, tmp_path, caplog,
     assert "| rejecting by (predictor) | 0% | 5% | 10% | 15% | 20% | 25% | 30% |" in report
     assert re.search(r"^\| controller, weighted \(co-trained\) \| [+-]\d\.\d{3} \([01] of 1\) \|", report, re.M)
     assert re.search(r"^\| the untrained controller \(each seed's, before any training\) \(baseline\) \| — \| [+-]\d\.\d{3} \([01] of 1\) \|",
+                     report, re.M), report
+    assert re.search(r"^\| controller, weighted \(baseline, against its untrained start\) \| — \| [+-]\d\.\d{3} \([01] of 1\) \|",
                      report, re.M), report
     # Every seed: the baseline predictor's gain on what the trained controller keeps, beside its untrained one's.
     assert "| baseline predictor at 5% on what the controller keeps: gain (p) | the same, its untrained controller |" in report

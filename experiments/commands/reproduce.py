@@ -131,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
             if ties is not None:
                 print(f"    ({ties})")
         print_by_ratio(t, REFERENCES)
+        print_against_untrained(t)
         print_rejected(t, REFERENCES)
         if any(entry["summary"]["final_auroc"]["n"] for entry in t["runs"].values()):
             print("  controller AUROC against the ground truth, at initialisation -> at the end "
@@ -159,6 +160,25 @@ def print_rejected(task_result: dict, references: tuple) -> None:
         overall = rows[0][2]["metric_all"]["mean"]
         print(f"  baseline predictor's {task_result['metric']} on the images each rejects at "
               f"{task_result['paper_rejection_ratio']:.0%} (on all: {format_number(overall)}): " + "; ".join(parts))
+
+
+def print_against_untrained(task_result: dict) -> None:
+    """The baseline predictor on what each controller keeps at the paper's ratio against on what its untrained
+    start keeps, patient by patient: what the training added (none where the stages lack the untrained scores)."""
+    from experiments.reproduce import format_number, format_stats
+
+    parts = []
+    for label, entry in task_result["runs"].items():
+        a = entry["summary"].get("baseline_predictor_against_untrained")
+        if a and a["mean_difference"]["mean"] is not None:
+            parts.append(
+                f"{label} {format_stats(a['mean_difference'], signed=True)} (median p {format_number(a['p_value']['median'], 3)}; "
+                f"better with p < 0.05 on {a['seeds_better_with_p_below_0.05']} of {a['mean_difference']['n']}, "
+                f"worse on {a['seeds_worse_with_p_below_0.05']})"
+            )
+    if parts:
+        print(f"  baseline predictor on the images each controller keeps at {task_result['paper_rejection_ratio']:.0%}, "
+              "against on those its untrained start keeps: " + "; ".join(parts))
 
 
 def print_by_ratio(task_result: dict, references: tuple) -> None:
