@@ -54,7 +54,7 @@ def between_class_variance(logits: torch.Tensor, classes: torch.Tensor, valid: t
     return (counts / n.unsqueeze(1) * (class_means - mean.unsqueeze(1)) ** 2).sum(dim=1)
 
 
-IMAGE_BASELINES: tuple[str, ...] = ("none", "counterfactual")
+IMAGE_BASELINES: tuple[str, ...] = ("none", "counterfactual", "leave_one_out")
 
 
 def _explained_variance(targets: torch.Tensor, predictions: torch.Tensor) -> float:
@@ -217,6 +217,14 @@ class REINFORCE(LoadsOnTheEnvsDevice, BaseAlgorithm):
         the built-in set with the env's ``reward_baseline="non_selective"`` (8 seeds): ahead
         of the default by 0.013-0.037 holdout AUROC to 1,500 env steps, level at 3,000; with
         the moving-average reward, no change (``docs/learning-status.md``, section 13).
+        ``"leave_one_out"``: on steps whose ``info`` has ``image_rewards`` (validation steps of
+        ``TaskAmenability-v0`` with stochastic validation: the step's reward had image ``j``'s draw
+        been 0 or 1, the others as drawn), image ``j``'s return is the step's minus
+        ``h_j r_j(1) + (1 - h_j) r_j(0)``, the reward expected over its own draw alone.  Exact
+        where the counterfactual model is learnt, and unbiased for the same reason: the
+        baseline does not depend on ``a_j``.  What is left of ``j``'s credit is
+        ``(a_j - h_j) (r_j(1) - r_j(0))``: its own draw's effect, none of the other images'
+        (``docs/learning-status.md``, section 50).
     :param reward_model_memory: rollouts whose validation steps the reward model is fitted on
     :param images_per_pass: images the controller takes in one forward and backward pass of a
         gradient step; the step's gradient is accumulated over such passes, each of whole env
@@ -288,12 +296,19 @@ class REINFORCE(LoadsOnTheEnvsDevice, BaseAlgorithm):
             raise ValueError(f"image_baseline must be one of {IMAGE_BASELINES}, got {image_baseline!r}")
         if not is_count(reward_model_memory):
             raise ValueError(f"reward_model_memory must be an integer >= 1, got {reward_model_memory!r}")
-        if image_baseline == "counterfactual" and self.env is not None:
+        if image_baseline != "none" and self.env is not None:
             # another env (no such attribute): its info["action_phase"] tells at run time
             if not bool(env_attr(self.env, "uses_validation_phase", True)):
                 raise ValueError(
-                    "image_baseline='counterfactual' models the rewards of validation steps, and this env "
-                    "has none (the fixed reward): use the weighted or selective reward, or image_baseline='none'"
+                    f"image_baseline={image_baseline!r} is a baseline for the rewards of validation steps, and "
+                    "this env has none (the fixed reward): use the weighted or selective reward, or "
+                    "image_baseline='none'"
+                )
+            if image_baseline == "leave_one_out" and not bool(env_attr(self.env, "stochastic_validation", True)):
+                raise ValueError(
+                    "image_baseline='leave_one_out' needs the rewards of the validation steps' Bernoulli "
+                    "draws (info['image_rewards']), and this env rewards the scores themselves "
+                    "(stochastic_validation=False): use stochastic_validation=True or image_baseline='none'"
                 )
         if n_steps is None and self.env is not None:
             n_steps = int(env_attr(self.env, "episode_length", 32))
@@ -347,7 +362,7 @@ class REINFORCE(LoadsOnTheEnvsDevice, BaseAlgorithm):
         """``n_steps`` steps in every env; returns the arrays :meth:`train` needs (None if stopped)."""
         assert self.env is not None and self._last_obs is not None
         n_envs = self.env.num_envs
-        obs_buf, sel_buf, valid_buf, class_buf = [], [], [], []
+        obs_buf, sel_buf, valid_buf, class_buf, base_buf = [], [], [], [], []
         rew_buf = np.zeros((self.n_steps, n_envs))
         done_buf = np.zeros((self.n_steps, n_envs), dtype=bool)
         validation_buf = np.zeros((self.n_steps, n_envs), dtype=bool)
@@ -379,6 +394,8 @@ class REINFORCE(LoadsOnTheEnvsDevice, BaseAlgorithm):
                     )
                 class_buf.append(np.stack([info["classes"] for info in infos]))
             obs_buf.append(obs)
+            if self.image_baseline == "leave_one_out":
+                base_buf.append(self._leave_one_out_baselines(probabilities, infos))
             sel_buf.append(np.stack([info["selection"] for info in infos]))
             valid_buf.append(np.stack([info.get("valid", np.ones_like(info["selection"])) for info in infos]))
             validation_buf[t] = [info.get("action_phase") == "validation" for info in infos]
@@ -395,7 +412,20 @@ class REINFORCE(LoadsOnTheEnvsDevice, BaseAlgorithm):
         }
         if class_buf:
             rollout["classes"] = np.stack(class_buf)
+        if base_buf:
+            rollout["image_baselines"] = np.stack(base_buf)
         return rollout
+
+    @staticmethod
+    def _leave_one_out_baselines(probabilities: np.ndarray, infos: list[dict[str, Any]]) -> np.ndarray:
+        """``(n_envs, B)``: each image's reward expected over its own draw alone (NaN: none reported)."""
+        out = np.full(np.shape(probabilities), np.nan)
+        for i, info in enumerate(infos):
+            if "image_rewards" in info:
+                flipped = np.asarray(info["image_rewards"], dtype=np.float64)
+                h = np.clip(np.asarray(probabilities[i], dtype=np.float64), 0.0, 1.0)
+                out[i] = h * flipped[:, 1] + (1.0 - h) * flipped[:, 0]
+        return out
 
     def _returns(self, rewards: np.ndarray, dones: np.ndarray, validation: np.ndarray, own: np.ndarray) -> np.ndarray:
         """Per-step returns; ``own`` marks the steps whose reward measures their own action alone."""
@@ -423,14 +453,22 @@ class REINFORCE(LoadsOnTheEnvsDevice, BaseAlgorithm):
         self.policy.set_training_mode(True)
         self._update_learning_rate(self.policy.optimizer)
         returns = rollout["returns"].reshape(-1)
+        image_baselines = rollout.get("image_baselines")
+        if image_baselines is not None:
+            image_baselines = image_baselines.reshape(returns.shape[0], -1)
         if self.normalize_returns:
             self._return_sq = 0.99 * self._return_sq + 0.01 * float(np.mean(returns**2))
             returns = returns / np.sqrt(self._return_sq + 1e-8)
+            if image_baselines is not None:
+                image_baselines = image_baselines / np.sqrt(self._return_sq + 1e-8)
         obs = torch.as_tensor(rollout["observations"], device=self.device)
         obs = obs.reshape(-1, *obs.shape[2:])
         selections = torch.as_tensor(rollout["selections"], device=self.device).reshape(obs.shape[0], -1)
         valid = torch.as_tensor(rollout["valid"], device=self.device).reshape(obs.shape[0], -1)
         advantages = torch.as_tensor(returns, device=self.device, dtype=torch.float32)
+        image_base = None
+        if image_baselines is not None:
+            image_base = torch.as_tensor(image_baselines, device=self.device, dtype=torch.float32)
         classes = None
         if self.class_balance > 0:
             classes = torch.as_tensor(rollout["classes"], device=self.device).reshape(obs.shape[0], -1)
@@ -451,6 +489,9 @@ class REINFORCE(LoadsOnTheEnvsDevice, BaseAlgorithm):
                 # Score function estimator: grad E[R] = E[(R - b) grad log pi(a | s)].
                 logits, features = self.policy.logits_and_features(obs[part])
                 image_advantages = advantages[part].unsqueeze(1).expand_as(logits)
+                if image_base is not None:
+                    base = image_base[part]
+                    image_advantages = torch.where(torch.isnan(base), image_advantages, image_advantages - base)
                 if self.reward_model is not None:
                     image_advantages = self._counterfactual_advantages(
                         image_advantages, logits, features.detach(), selections[part], valid[part], validation[part], seen

@@ -28,8 +28,8 @@ from iqa_env.rewards import (
     class_mix_contrast,
     fixed_reward,
     has_validation_phase,
-    selective_reward,
-    weighted_reward,
+    leave_one_out_rewards,
+    validation_reward,
 )
 from iqa_env.tasks import Task, make_task, random_shift
 
@@ -155,7 +155,14 @@ class TaskAmenabilityEnv(gym.Env):
     step, and validation steps with ``stochastic_validation``), so that an
     agent may learn from the draws rather than the probabilities (DDPG's
     ``store_selections``), ``"probabilities"`` when it is the action itself
-    (validation steps without ``stochastic_validation``).
+    (validation steps without ``stochastic_validation``).  Validation steps
+    with ``stochastic_validation`` also report ``image_rewards``
+    ``(batch_size, 2)``: the step's reward (baselined and penalised as the
+    one returned) had image ``j``'s draw been 0 (column 0) or 1 (column 1),
+    the other draws as they were; the column of the draw made is the
+    reward itself, and both columns of an image marked False in ``valid``
+    are.  An agent may use it for a per-image baseline that leaves its
+    policy gradient unbiased (REINFORCE's ``image_baseline="leave_one_out"``).
 
     ## Action Space
 
@@ -739,6 +746,7 @@ class TaskAmenabilityEnv(gym.Env):
         valid = self._batch_valid
         action_phase = self._phase
         reward, raw, reward_ready = 0.0, 0.0, False
+        image_rewards: np.ndarray | None = None
         terminated = False
 
         extra_selections: np.ndarray | None = None
@@ -782,20 +790,25 @@ class TaskAmenabilityEnv(gym.Env):
             positions = self._validation_positions(k)[valid]
             losses = self._validation_losses[positions]
             scores, chosen = p[valid], selection[valid]
-            if self.reward_name == "weighted":
-                weights = chosen.astype(np.float64) if self.stochastic_validation else scores
-                raw = weighted_reward(losses, weights)
-            else:
-                raw = selective_reward(
-                    losses, scores, self.rejection_ratio, chosen if self.stochastic_validation else None
-                )
+            drawn = chosen if self.stochastic_validation else None
+            raw = validation_reward(self.reward_name, losses, scores, self.rejection_ratio, drawn)
+            if self.stochastic_validation:
+                # What the step's reward would have been with each image's draw the other way.
+                flipped = leave_one_out_rewards(self.reward_name, losses, scores, self.rejection_ratio, chosen)
             if self.reward_baseline == "non_selective":
                 # Zero-lag control variate: the same batch's reward without any selection.
                 reward = raw - fixed_reward(losses)
+                if self.stochastic_validation:
+                    flipped = flipped - fixed_reward(losses)
             elif self.reward_baseline == "none":
                 reward = raw
             else:
+                if self.stochastic_validation:
+                    flipped = self.baseline.would_give(flipped, key=k)
                 reward = self.baseline.update(raw, key=k)
+            if self.stochastic_validation:
+                image_rewards = np.full((self.batch_size, 2), reward)
+                image_rewards[valid] = flipped
             reward_ready = True
             self._episode_step += 1
             if k + 1 < self.validation_steps:
@@ -826,6 +839,8 @@ class TaskAmenabilityEnv(gym.Env):
         )
         if extra_selections is not None:
             info.update(extra_selections=extra_selections, extra_rewards=extra_rewards - penalty)
+        if image_rewards is not None:
+            info.update(image_rewards=image_rewards - penalty)
         self._needs_reset = terminated
         return self._observation(), float(reward), terminated, False, info
 

@@ -136,6 +136,51 @@ def selective_reward(
     return -float(np.mean(losses[keep]))
 
 
+def validation_reward(
+    reward: str,
+    losses: np.ndarray,
+    scores: np.ndarray,
+    rejection_ratio: float,
+    selection: np.ndarray | None,
+) -> float:
+    """The raw reward of one validation batch: :func:`weighted_reward` or :func:`selective_reward`.
+
+    ``selection`` holds the Bernoulli draws (stochastic validation: the weights are the
+    draws, and only selected images count), or None (the paper's literal form: the weights
+    are the scores themselves).
+    """
+    if reward == "weighted":
+        weights = scores if selection is None else selection.astype(np.float64)
+        return weighted_reward(losses, weights)
+    return selective_reward(losses, scores, rejection_ratio, selection)
+
+
+def leave_one_out_rewards(
+    reward: str,
+    losses: np.ndarray,
+    scores: np.ndarray,
+    rejection_ratio: float,
+    selection: np.ndarray,
+) -> np.ndarray:
+    """``(n, 2)``: the raw reward of the batch had image ``j``'s draw been 0 (column 0) or 1 (column 1).
+
+    The other images' draws stay as they were, so the column of the draw that was made is
+    the batch's own reward.  A score-function agent can take
+    ``h_j r_j(1) + (1 - h_j) r_j(0)`` as image ``j``'s baseline: it does not depend on
+    ``a_j``, so the policy gradient stays unbiased, and it removes from ``j``'s credit what
+    the other images' draws and losses did (``docs/learning-status.md``, section 50).
+    """
+    selection = np.asarray(selection, dtype=bool)
+    out = np.empty((len(selection), 2))
+    draws = selection.copy()
+    for j in range(len(selection)):
+        for value in (0, 1):
+            draws[j] = bool(value)
+            out[j, value] = validation_reward(reward, losses, scores, rejection_ratio, draws)
+        draws[j] = selection[j]
+    return out
+
+
 class MovingAverageBaseline:
     """``Rbar_t = a * Rbar_{t-1} + (1 - a) * R_t``, kept per key.
 
@@ -158,6 +203,14 @@ class MovingAverageBaseline:
 
     def value(self, key: int = 0) -> float | None:
         return self.values.get(key)
+
+    def would_give(self, rewards: np.ndarray, key: int = 0) -> np.ndarray:
+        """What :meth:`update` would return for each of ``rewards`` in its place, without updating."""
+        rewards = np.asarray(rewards, dtype=np.float64)
+        previous = self.values.get(key)
+        if previous is None:  # a key's first reward is its own average: 0, whatever it is
+            return np.zeros_like(rewards)
+        return self.decay * (rewards - previous)
 
     def reset(self) -> None:
         self.values.clear()

@@ -961,12 +961,57 @@ def test_reinforce_with_counterfactual_baselines_trains_saves_and_refuses_bad_se
     # ... and the rollouts it was fitted on, so that a resumed run refits on the same memory.
     assert len(loaded._reward_memory) == 4
     torch.testing.assert_close(loaded._reward_memory[-1][3], agent._reward_memory[-1][3])
-    with pytest.raises(ValueError, match=r"image_baseline must be one of \('none', 'counterfactual'\), got 'loo'"):
+    with pytest.raises(
+        ValueError, match=r"image_baseline must be one of \('none', 'counterfactual', 'leave_one_out'\), got 'loo'"
+    ):
         make_agent("reinforce", env, seed=0, image_baseline="loo")
     with pytest.raises(ValueError, match=r"reward_model_memory must be an integer >= 1, got 0"):
         make_agent("reinforce", env, seed=0, image_baseline="counterfactual", reward_model_memory=0)
-    with pytest.raises(ValueError, match=r"image_baseline='counterfactual' models the rewards of validation steps"):
+    with pytest.raises(
+        ValueError, match=r"image_baseline='counterfactual' is a baseline for the rewards of validation steps"
+    ):
         make_agent("reinforce", _env(dataset, reward="fixed"), seed=0, image_baseline="counterfactual")
+
+
+def test_reinforce_with_leave_one_out_baselines_takes_each_images_own_draw_and_refuses_bad_settings(dataset):
+    """Validation steps' image advantages are the step's reward less ``h_j r_j(1) + (1 - h_j) r_j(0)``
+    from ``info["image_rewards"]``; training steps keep the step's return."""
+    env = _env(dataset, reward="weighted")
+    agent = make_agent("reinforce", env, seed=0, image_baseline="leave_one_out", normalize_returns=False)
+    _, callback = agent._setup_learn(env.episode_length * 2, None)
+    agent.collect_rollout(callback)  # the moving average's first episode rewards 0, however drawn
+    rollout = agent.collect_rollout(callback)
+    baselines, validation = rollout["image_baselines"][..., 0, :], rollout["validation"][:, 0]
+    assert np.isnan(baselines[~validation]).all() and np.isfinite(baselines[validation]).all()
+    # a validation step's return, less image j's baseline, is (a_j - h_j) (r_j(1) - r_j(0))
+    obs = torch.as_tensor(rollout["observations"][validation][:, 0])
+    with torch.no_grad():
+        h = agent.policy(obs).numpy().astype(np.float64)
+    a = rollout["selections"][validation][:, 0]
+    advantage = rollout["returns"][validation][:, 0, None] - baselines[validation]
+    effect = (advantage / np.where(a, 1 - h, -h))  # r_j(1) - r_j(0), the same for either draw
+    assert np.all(np.isfinite(effect)) and np.any(np.abs(effect) > 1e-6)
+    np.testing.assert_allclose(advantage, (a - h) * effect, atol=1e-9)
+    agent.train(rollout)  # and a gradient step takes them
+    with pytest.raises(
+        ValueError, match=r"image_baseline='leave_one_out' is a baseline for the rewards of validation steps"
+    ):
+        make_agent("reinforce", _env(dataset, reward="fixed"), seed=0, image_baseline="leave_one_out")
+    with pytest.raises(ValueError, match=r"stochastic_validation=False\): use stochastic_validation=True"):
+        make_agent(
+            "reinforce", _env(dataset, reward="weighted", stochastic_validation=False), seed=0,
+            image_baseline="leave_one_out",
+        )
+    # The default with the validation rewards, where the env draws; not where it rewards the scores
+    # themselves, nor with the fixed reward; and default_settings records the same.
+    from agents.factory import default_settings
+
+    scores_env = _env(dataset, reward="selective", stochastic_validation=False)
+    assert make_agent("reinforce", _env(dataset, reward="selective"), seed=0).image_baseline == "leave_one_out"
+    assert make_agent("reinforce", scores_env, seed=0).image_baseline == "none"
+    assert make_agent("reinforce", _env(dataset, reward="fixed"), seed=0).image_baseline == "none"
+    assert default_settings("reinforce", "weighted", 8, 10)["image_baseline"] == "leave_one_out"
+    assert default_settings("reinforce", "weighted", 8, 10, stochastic_validation=False)["image_baseline"] == "none"
 
 
 @pytest.mark.parametrize("name", ["ddpg", "td3"])

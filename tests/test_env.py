@@ -465,6 +465,60 @@ def test_non_selective_baseline_measures_what_selection_adds(tiny_synthetic):
         make(tiny_synthetic, reward_baseline="median")
 
 
+@pytest.mark.parametrize("reward", ["weighted", "selective"])
+@pytest.mark.parametrize("reward_baseline", ["moving_average", "non_selective", "none"])
+def test_validation_steps_report_the_reward_of_each_draw_flipped(tiny_synthetic, reward, reward_baseline):
+    """``info["image_rewards"][j]``: the step's reward had image ``j``'s draw been 0 or 1, the others kept,
+    baselined and penalised as the reward returned; absent on training steps."""
+    env = make(
+        tiny_synthetic, reward=reward, reward_baseline=reward_baseline, validation_batch_size=5,
+        mean_selection_bounds=(0.9, 1.0), mean_selection_penalty=0.5,
+    )
+    rng = np.random.default_rng(0)
+    checked = 0
+    for episode in range(2):  # a moving average's first reward of each batch position is 0, however drawn
+        _, info = env.reset(seed=1) if episode == 0 else env.reset()
+        checked += _check_image_rewards(env, info, rng, reward, reward_baseline)
+    assert checked > 0
+    # The scores themselves rewarded (no draws): nothing to flip.
+    env = make(tiny_synthetic, reward=reward, stochastic_validation=False)
+    env.reset(seed=1)
+    infos = [env.step(np.full(env.batch_size, 0.5, np.float32))[-1] for _ in range(env.episode_length)]
+    assert not any("image_rewards" in info for info in infos)
+
+
+def _check_image_rewards(env, info, rng, reward: str, reward_baseline: str) -> int:
+    """One episode of the test above; returns the validation steps where some draw mattered."""
+    from iqa_env.rewards import leave_one_out_rewards
+
+    terminated, checked = False, 0
+    while not terminated:
+        phase, k = info["phase"], info["episode_step"] - env.train_steps
+        p = rng.uniform(0.2, 0.8, env.batch_size).astype(np.float32)
+        if phase == "validation":
+            losses = env._validation_losses[env._validation_positions(k)[env._batch_valid]]
+            before = env.baseline.value(k)
+        _, reward_, terminated, _, info = env.step(p)
+        if phase == "train":
+            assert "image_rewards" not in info
+            continue
+        valid, selection, flipped = info["valid"], info["selection"], info["image_rewards"]
+        assert flipped.shape == (env.batch_size, 2) and info["penalty"] > 0
+        # the draw made gives the step's reward; an image the step does not reward changes nothing
+        np.testing.assert_allclose(flipped[np.arange(env.batch_size), selection.astype(int)], reward_)
+        np.testing.assert_allclose(flipped[~valid], reward_)
+        raw = leave_one_out_rewards(reward, losses, p[valid], env.rejection_ratio, selection[valid])
+        if reward_baseline == "moving_average":
+            expected = np.zeros_like(raw) if before is None else env.baseline.decay * (raw - before)
+        elif reward_baseline == "non_selective":
+            expected = raw + np.mean(losses)
+        else:
+            expected = raw
+        np.testing.assert_allclose(flipped[valid], expected - info["penalty"])
+        checked += int(np.any(flipped[valid, 0] != flipped[valid, 1]))
+    return checked
+
+
 def test_paired_baseline_rewards_a_selection_against_the_rest_of_its_batch(tiny_synthetic):
     """``reward_baseline="paired"`` (fixed reward): each training step's reward is the clean validation
     reward after a plain gradient step of ``probe_lr`` on the selected images minus that after the same
