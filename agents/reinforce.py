@@ -459,9 +459,10 @@ class REINFORCE(LoadsOnTheEnvsDevice, BaseAlgorithm):
             image_baselines = image_baselines.reshape(returns.shape[0], -1)
         if self.normalize_returns:
             self._return_sq = 0.99 * self._return_sq + 0.01 * float(np.mean(returns**2))
-            returns = returns / np.sqrt(self._return_sq + 1e-8)
-            if image_baselines is not None:
-                image_baselines = image_baselines / np.sqrt(self._return_sq + 1e-8)
+            scale = np.sqrt(self._return_sq + 1e-8)
+            returns = returns / scale
+            if image_baselines is not None:  # in the returns' units
+                image_baselines = image_baselines / scale
         obs = torch.as_tensor(rollout["observations"], device=self.device)
         obs = obs.reshape(-1, *obs.shape[2:])
         selections = torch.as_tensor(rollout["selections"], device=self.device).reshape(obs.shape[0], -1)
