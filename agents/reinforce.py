@@ -55,6 +55,8 @@ def between_class_variance(logits: torch.Tensor, classes: torch.Tensor, valid: t
 
 
 IMAGE_BASELINES: tuple[str, ...] = ("none", "counterfactual", "leave_one_out")
+#: What REINFORCE does with the further draws an env measures on a step's batch (``draws``).
+DRAWS: tuple[str, ...] = ("leave_one_out", "own")
 
 
 def _explained_variance(targets: torch.Tensor, predictions: torch.Tensor) -> float:
@@ -226,6 +228,16 @@ class REINFORCE(LoadsOnTheEnvsDevice, BaseAlgorithm):
         ``(a_j - h_j) (r_j(1) - r_j(0))``: its own draw's effect, none of the other images'
         (``docs/learning-status.md``, section 50: faster to its plateau, lower at 5,000 env
         steps and on corrupted Fashion-MNIST, so not the default).
+    :param draws: what to do with the further selections an env draws and measures on a step's
+        batch besides the one it trains on (``info["extra_selections"]``, ``(K - 1, B)``, and
+        ``info["extra_rewards"]``: ``TaskAmenability-v0``'s ``paired_draws=K`` with
+        ``reward_baseline="paired"``). ``"leave_one_out"`` (default): the step's K draws are K
+        samples of the policy at the same observation; draw ``k`` is credited with its reward less
+        the mean of the other ``K - 1`` (the leave-one-out baseline of Kool et al., 2019, "Buy 4
+        REINFORCE samples, get a baseline for free": it does not depend on draw ``k``, so the
+        gradient stays unbiased), and the step's gradient is the mean over its draws.  ``"own"``:
+        only the draw the env trained on, credited with the step's return (the extra rewards are
+        ignored).  Steps without extra draws are the same either way.
     :param reward_model_memory: rollouts whose validation steps the reward model is fitted on
     :param images_per_pass: images the controller takes in one forward and backward pass of a
         gradient step; the step's gradient is accumulated over such passes, each of whole env
@@ -262,6 +274,7 @@ class REINFORCE(LoadsOnTheEnvsDevice, BaseAlgorithm):
         class_balance: float = 0.0,
         controller_average: float = 0.0,
         image_baseline: str = "none",
+        draws: str = "leave_one_out",
         reward_model_memory: int = 64,
         images_per_pass: int | str | None = "auto",
         stats_window_size: int = 100,
@@ -295,6 +308,8 @@ class REINFORCE(LoadsOnTheEnvsDevice, BaseAlgorithm):
             raise ValueError(f"class_balance must be a finite number >= 0, got {class_balance!r}")
         if image_baseline not in IMAGE_BASELINES:
             raise ValueError(f"image_baseline must be one of {IMAGE_BASELINES}, got {image_baseline!r}")
+        if draws not in DRAWS:
+            raise ValueError(f"draws must be one of {DRAWS}, got {draws!r}")
         if not is_count(reward_model_memory):
             raise ValueError(f"reward_model_memory must be an integer >= 1, got {reward_model_memory!r}")
         if image_baseline != "none" and self.env is not None:
@@ -334,6 +349,7 @@ class REINFORCE(LoadsOnTheEnvsDevice, BaseAlgorithm):
         self.controller_average = controller_average
         self.average_policy: BernoulliSelectionPolicy | None = None
         self.image_baseline = image_baseline
+        self.draws = draws
         self.reward_model_memory = int(reward_model_memory)
         self.reward_model: SelectionRewardModel | None = None
         self._reward_memory: list[tuple[torch.Tensor, ...]] = []
@@ -364,6 +380,7 @@ class REINFORCE(LoadsOnTheEnvsDevice, BaseAlgorithm):
         assert self.env is not None and self._last_obs is not None
         n_envs = self.env.num_envs
         obs_buf, sel_buf, valid_buf, class_buf, base_buf = [], [], [], [], []
+        extra_buf: list[list[tuple[np.ndarray, np.ndarray]]] = []
         rew_buf = np.zeros((self.n_steps, n_envs))
         done_buf = np.zeros((self.n_steps, n_envs), dtype=bool)
         validation_buf = np.zeros((self.n_steps, n_envs), dtype=bool)
@@ -401,6 +418,8 @@ class REINFORCE(LoadsOnTheEnvsDevice, BaseAlgorithm):
             valid_buf.append(np.stack([info.get("valid", np.ones_like(info["selection"])) for info in infos]))
             validation_buf[t] = [info.get("action_phase") == "validation" for info in infos]
             own_buf[t] = [info.get("reward_scope") == "step" or info.get("action_phase") == "validation" for info in infos]
+            if self.draws == "leave_one_out":
+                extra_buf.append([self._extra_draws(info, own_buf[t, i]) for i, info in enumerate(infos)])
             rew_buf[t], done_buf[t] = rewards, dones
             self._last_obs = new_obs  # type: ignore[assignment]
         callback.on_rollout_end()
@@ -415,7 +434,40 @@ class REINFORCE(LoadsOnTheEnvsDevice, BaseAlgorithm):
             rollout["classes"] = np.stack(class_buf)
         if base_buf:
             rollout["image_baselines"] = np.stack(base_buf)
+        if any(len(rewards) for step in extra_buf for _, rewards in step):
+            rollout["extra_selections"], rollout["extra_returns"] = self._pad_extra_draws(extra_buf, rollout["selections"])
         return rollout
+
+    @staticmethod
+    def _extra_draws(info: dict[str, Any], own: bool) -> tuple[np.ndarray, np.ndarray]:
+        """A step's further draws and their rewards (none unless its reward measures its own draws)."""
+        if not own or "extra_rewards" not in info:
+            return np.zeros((0, 0), dtype=bool), np.zeros(0)
+        selections = np.asarray(info["extra_selections"], dtype=bool)
+        rewards = np.asarray(info["extra_rewards"], dtype=np.float64).reshape(-1)
+        if selections.ndim != 2 or selections.shape[0] != rewards.shape[0]:
+            raise ValueError(
+                "info['extra_selections'] must be (K - 1, batch) with one info['extra_rewards'] per row, got "
+                f"{selections.shape} and {rewards.shape}"
+            )
+        if not np.all(np.isfinite(rewards)):
+            raise ValueError(f"info['extra_rewards'] must be finite, got {rewards}")
+        return selections, rewards
+
+    @staticmethod
+    def _pad_extra_draws(
+        extra: list[list[tuple[np.ndarray, np.ndarray]]], selections: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``(n_steps, n_envs, M, B)`` draws and ``(n_steps, n_envs, M)`` rewards, NaN where a step has fewer."""
+        width = max(len(rewards) for step in extra for _, rewards in step)
+        out_selections = np.zeros((*selections.shape[:2], width, selections.shape[2]), dtype=bool)
+        out_rewards = np.full((*selections.shape[:2], width), np.nan)
+        for t, step in enumerate(extra):
+            for i, (draws, rewards) in enumerate(step):
+                if len(rewards):
+                    out_selections[t, i, : len(rewards)] = draws
+                    out_rewards[t, i, : len(rewards)] = rewards
+        return out_selections, out_rewards
 
     @staticmethod
     def _leave_one_out_baselines(probabilities: np.ndarray, infos: list[dict[str, Any]]) -> np.ndarray:
@@ -457,12 +509,23 @@ class REINFORCE(LoadsOnTheEnvsDevice, BaseAlgorithm):
         image_baselines = rollout.get("image_baselines")
         if image_baselines is not None:
             image_baselines = image_baselines.reshape(returns.shape[0], -1)
+        extra_returns = rollout.get("extra_returns")
+        if extra_returns is not None:
+            extra_returns = extra_returns.reshape(returns.shape[0], -1)
         if self.normalize_returns:
             self._return_sq = 0.99 * self._return_sq + 0.01 * float(np.mean(returns**2))
             scale = np.sqrt(self._return_sq + 1e-8)
             returns = returns / scale
             if image_baselines is not None:  # in the returns' units
                 image_baselines = image_baselines / scale
+            if extra_returns is not None:
+                extra_returns = extra_returns / scale
+        extra_selections, extra_advantages = None, None
+        if extra_returns is not None:
+            returns, extra_advantages = self._leave_one_out_draws(returns, extra_returns)
+            extra_selections = torch.as_tensor(rollout["extra_selections"], device=self.device)
+            extra_selections = extra_selections.reshape(returns.shape[0], *extra_selections.shape[2:])
+            extra_advantages = torch.as_tensor(extra_advantages, device=self.device, dtype=torch.float32)
         obs = torch.as_tensor(rollout["observations"], device=self.device)
         obs = obs.reshape(-1, *obs.shape[2:])
         selections = torch.as_tensor(rollout["selections"], device=self.device).reshape(obs.shape[0], -1)
@@ -499,7 +562,13 @@ class REINFORCE(LoadsOnTheEnvsDevice, BaseAlgorithm):
                         image_advantages, logits, features.detach(), selections[part], valid[part], validation[part], seen
                     )
                 log_prob, entropy = self.policy.image_log_probs(logits, selections[part], valid[part])
-                policy_loss = -(image_advantages * log_prob).sum(1).mean()
+                step_terms = (image_advantages * log_prob).sum(1)
+                if extra_selections is not None:
+                    assert extra_advantages is not None
+                    for k in range(extra_selections.shape[1]):
+                        extra_log_prob, _ = self.policy.image_log_probs(logits, extra_selections[part, k], valid[part])
+                        step_terms = step_terms + extra_advantages[part, k] * extra_log_prob.sum(1)
+                policy_loss = -step_terms.mean()
                 entropy_loss = -entropy.mean()
                 loss = policy_loss + self.ent_coef * entropy_loss
                 class_loss = torch.zeros((), device=self.device)
@@ -523,6 +592,24 @@ class REINFORCE(LoadsOnTheEnvsDevice, BaseAlgorithm):
             self.logger.record("train/class_variance", class_term)
         self.logger.record("train/return_std", float(np.sqrt(self._return_sq)))
         self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
+
+    @staticmethod
+    def _leave_one_out_draws(returns: np.ndarray, extra_returns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each draw's credit, ``(r_k - mean of the others) / K``, for the step's own draw and its extras.
+
+        ``returns`` ``(N,)`` are the own draws', ``extra_returns`` ``(N, M)`` the further draws' (NaN:
+        fewer draws on that step).  Steps with no further draw keep their return; the further draws'
+        credit is 0 where there is none.  Dividing by the step's K makes its gradient the mean over
+        its draws, on the scale of one draw's.
+        """
+        present = np.isfinite(extra_returns)
+        k = 1 + present.sum(axis=1)
+        total = returns + np.where(present, extra_returns, 0.0).sum(axis=1)
+        several = k > 1
+        others = np.maximum(k - 1, 1)
+        own = np.where(several, (returns - (total - returns) / others) / k, returns)
+        extra = np.where(present, (extra_returns - (total[:, None] - extra_returns) / others[:, None]) / k[:, None], 0.0)
+        return own, extra
 
     def _steps_per_pass(self, batch_size: int) -> int:
         """Env steps of ``batch_size`` images per forward-backward pass of a gradient step (``images_per_pass``)."""

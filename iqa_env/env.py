@@ -237,7 +237,9 @@ class TaskAmenabilityEnv(gym.Env):
     class correction, corrected as the step's own reward, the correction's
     fit also learning from them), so that an agent that learns from draws
     (DDPG's ``store_selections``) gets K measured selections of each batch
-    instead of one.  The step's reward and the predictor's training stay those of
+    instead of one, and a score-function agent K samples of its policy at
+    one observation, each with its own reward (REINFORCE credits each
+    against the mean of the others: its ``draws``).  The step's reward and the predictor's training stay those of
     the first draw.
     ``reward_baseline="none"`` returns the raw validation rewards, for agents
     with a learnt critic (the critic is their baseline).

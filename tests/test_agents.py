@@ -1006,6 +1006,67 @@ def test_reinforce_with_leave_one_out_baselines_takes_each_images_own_draw_and_r
     assert make_agent("reinforce", _env(dataset, reward="selective"), seed=0).image_baseline == "none"
 
 
+def test_reinforce_credits_each_of_a_steps_draws_against_the_others(dataset):
+    """With the env's ``paired_draws=K`` a step's K draws are K samples of the policy: the rollout keeps
+    the further ones with their rewards, each draw's credit is its reward less the mean of the others'
+    (over K), and a step whose draws were all paid the same moves the policy not at all."""
+    from agents.reinforce import REINFORCE
+
+    env = _env(dataset, reward="fixed", reward_baseline="paired", paired_draws=3, validation_size=8, reward_metric="loss")
+    agent = make_agent("reinforce", env, seed=0, normalize_returns=False, class_balance=0.0)
+    assert agent.draws == "leave_one_out"
+    _, callback = agent._setup_learn(env.episode_length, None)
+    rollout = agent.collect_rollout(callback)
+    extra, extra_returns = rollout["extra_selections"], rollout["extra_returns"]
+    assert extra.shape == (env.episode_length, 1, 2, env.batch_size) and extra.dtype == bool
+    assert extra_returns.shape == (env.episode_length, 1, 2) and np.isfinite(extra_returns).all()
+    assert np.ptp(np.concatenate([rollout["returns"][..., None], extra_returns], axis=-1), axis=-1).min() > 0
+    assert not np.array_equal(extra[:, 0, 0], rollout["selections"][:, 0])  # further draws, not copies
+    # The credit of each draw: its reward less the mean of the others', over K.
+    own, further = REINFORCE._leave_one_out_draws(np.array([3.0, 5.0]), np.array([[1.0, 2.0], [np.nan, np.nan]]))
+    np.testing.assert_allclose(own, [(3 - 1.5) / 3, 5.0])  # a step without further draws keeps its return
+    np.testing.assert_allclose(further, [[(1 - 2.5) / 3, (2 - 2) / 3], [0.0, 0.0]])
+    # Every draw of every step paid the same: no gradient at all.
+    flat = dict(rollout, returns=np.full_like(rollout["returns"], 2.0), extra_returns=np.full_like(extra_returns, 2.0))
+    before = [p.detach().clone() for p in agent.policy.parameters()]
+    agent.train(flat)
+    assert all(torch.equal(b, p) for b, p in zip(before, agent.policy.parameters()))
+    agent.train(rollout)  # and different rewards do move it
+    assert not all(torch.equal(b, p) for b, p in zip(before, agent.policy.parameters()))
+    # draws="own" ignores them, as before the option; bad values are refused.
+    own_only = make_agent("reinforce", env, seed=0, draws="own")
+    _, callback = own_only._setup_learn(env.episode_length, None)
+    assert "extra_returns" not in own_only.collect_rollout(callback)
+    with pytest.raises(ValueError, match=r"draws must be one of \('leave_one_out', 'own'\), got 'all'"):
+        make_agent("reinforce", env, seed=0, draws="all")
+    # Another env's malformed further draws are named, not silently misread.
+    bad = {"extra_selections": np.zeros((2, 8), dtype=bool), "extra_rewards": np.zeros(3)}
+    with pytest.raises(ValueError, match=r"must be \(K - 1, batch\) with one info\['extra_rewards'\] per row"):
+        REINFORCE._extra_draws(bad, own=True)
+    with pytest.raises(ValueError, match=r"info\['extra_rewards'\] must be finite"):
+        REINFORCE._extra_draws({**bad, "extra_rewards": np.array([0.1, np.nan])}, own=True)
+
+
+def test_leave_one_out_credit_over_draws_keeps_the_policy_gradient_and_cuts_its_variance():
+    """K draws of Bernoulli(h) with the reward ``w . a``: the draws' leave-one-out credit times
+    ``a_k - h`` (the gradient of ``log pi(a_k)`` in the logits) averages to the exact gradient
+    ``w h (1 - h)``, with a smaller spread than one draw credited with its plain reward."""
+    from agents.reinforce import REINFORCE
+
+    rng = np.random.default_rng(0)
+    h, w, k, n = np.array([0.2, 0.5, 0.7, 0.9]), np.array([1.0, -2.0, 0.5, 3.0]), 8, 20_000
+    draws = rng.random((n, k, h.size)) < h
+    rewards = draws @ w + 5.0  # an offset that a baseline must remove
+    own, further = REINFORCE._leave_one_out_draws(rewards[:, 0], rewards[:, 1:])
+    credit = np.concatenate([own[:, None], further], axis=1)
+    estimates = (credit[..., None] * (draws - h)).sum(axis=1)  # (n, images)
+    exact = w * h * (1 - h)
+    error = np.abs(estimates.mean(axis=0) - exact) / (estimates.std(axis=0) / np.sqrt(n))
+    assert np.all(error < 4), error
+    plain = rewards[:, 0, None] * (draws[:, 0] - h)
+    assert np.all(estimates.std(axis=0) < 0.5 * plain.std(axis=0))
+
+
 @pytest.mark.parametrize("name", ["ddpg", "td3"])
 def test_the_ratio_critic_standardises_with_the_weighted_reward_and_not_with_the_selective_one(dataset, name):
     """The bandit defaults' one reward-dependent setting (learning-status section 22), as built and as recorded."""
