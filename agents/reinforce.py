@@ -225,9 +225,10 @@ class REINFORCE(LoadsOnTheEnvsDevice, BaseAlgorithm):
         ``h_j r_j(1) + (1 - h_j) r_j(0)``, the reward expected over its own draw alone.  Exact
         where the counterfactual model is learnt, and unbiased for the same reason: the
         baseline does not depend on ``a_j``.  What is left of ``j``'s credit is
-        ``(a_j - h_j) (r_j(1) - r_j(0))``: its own draw's effect, none of the other images'
-        (``docs/learning-status.md``, section 50: faster to its plateau, lower at 5,000 env
-        steps and on corrupted Fashion-MNIST, so not the default).
+        ``(a_j - h_j) (r_j(1) - r_j(0))``: its own draw's effect, none of the other images'.
+        The class keeps the paper's ``"none"``; :func:`agents.make_agent` gives
+        ``"leave_one_out"`` with the weighted and selective rewards, whose env warms its
+        predictor up for longer (``docs/learning-status.md``, sections 50-51).
     :param draws: what to do with the further selections an env draws and measures on a step's
         batch besides the one it trains on (``info["extra_selections"]``, ``(K - 1, B)``, and
         ``info["extra_rewards"]``: ``TaskAmenability-v0``'s ``paired_draws=K`` with

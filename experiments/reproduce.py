@@ -236,7 +236,8 @@ class Stage:
             per_step = validation_images_per_step(env["batch_size"], env.get("validation_batch_size"))
             episode = env["train_steps"] + validation_steps_of(env["reward"], size, per_step)
             agent = default_settings(
-                config.algo, env["reward"], env["batch_size"], episode, env.get("reward_baseline")
+                config.algo, env["reward"], env["batch_size"], episode, env.get("reward_baseline"),
+                env.get("stochastic_validation", True),
             )
             identity["agent_settings"] = _plain(agent)
         return identity

@@ -1002,8 +1002,22 @@ def test_reinforce_with_leave_one_out_baselines_takes_each_images_own_draw_and_r
             "reinforce", _env(dataset, reward="weighted", stochastic_validation=False), seed=0,
             image_baseline="leave_one_out",
         )
-    # An option: the default keeps the paper's credit (docs/learning-status.md, section 50).
-    assert make_agent("reinforce", _env(dataset, reward="selective"), seed=0).image_baseline == "none"
+    # The default with the validation rewards, where the env draws; not where it rewards the scores
+    # themselves, nor with the fixed reward; and default_settings records the same.
+    from agents.factory import default_settings
+
+    scores_env = _env(dataset, reward="selective", stochastic_validation=False)
+    assert make_agent("reinforce", _env(dataset, reward="selective"), seed=0).image_baseline == "leave_one_out"
+    assert make_agent("reinforce", scores_env, seed=0).image_baseline == "none"
+    assert make_agent("reinforce", _env(dataset, reward="fixed"), seed=0).image_baseline == "none"
+    assert default_settings("reinforce", "weighted", 8, 10)["image_baseline"] == "leave_one_out"
+    assert default_settings("reinforce", "weighted", 8, 10, stochastic_validation=False)["image_baseline"] == "none"
+    # ... and learn from a predictor warmed up for longer than the other algorithms' (section 51).
+    from agents import recommended_env_kwargs
+
+    warmups = {(a, r): recommended_env_kwargs(a, r)["predictor_warmup_steps"] for a in ("reinforce", "ddpg") for r in ("fixed", "weighted", "selective")}
+    assert warmups == {("reinforce", "fixed"): 400, ("reinforce", "weighted"): 2000, ("reinforce", "selective"): 2000,
+                       ("ddpg", "fixed"): 400, ("ddpg", "weighted"): 400, ("ddpg", "selective"): 400}
 
 
 def test_reinforce_credits_each_of_a_steps_draws_against_the_others(dataset):
