@@ -49,9 +49,10 @@ def _report(run: str, summary: dict) -> None:
 @pytest.mark.slow
 def test_reinforce_learns_the_ranking_on_the_built_in_set():
     # Seed 5 started at 0.317, the lowest of sweep 19's 8 seeds (docs/learning-status.md, section 16). On the
-    # built-in set's version 2 (section 48) this run starts at 0.316 and ends at 0.839 after 2,016 env steps
-    # (0.835 at 1,000) with REINFORCE's leave-one-out image baselines (section 50), 0.839 (0.782 at 1,000)
-    # without; on version 1, on REINFORCE's batches of 16 (section 46), at 0.831 (0.762 at 1,000).
+    # built-in set's version 2 (section 48) this run starts at 0.316 and, with REINFORCE's defaults (leave-one-out
+    # image baselines on a predictor warmed up for 2,000 updates, section 51), ends at 0.864 after 2,016 env steps
+    # (0.853 at 1,000); with the image baselines on 400 warm-up updates at 0.839 (0.835 at 1,000), with neither at
+    # 0.839 (0.782 at 1,000); on version 1, on REINFORCE's batches of 16 (section 46), at 0.831 (0.762 at 1,000).
     summary = _train(algo="reinforce", seed=5, steps=2000, eval_every=1000)
     _report("reinforce seed 5", summary)
     assert summary["initial_auroc"] < 0.5, summary["auroc_curve"]
