@@ -449,6 +449,10 @@ def test_a_fresh_run_builds_and_warms_up_its_predictor_once(tiny_synthetic_path,
         return original(self)
 
     monkeypatch.setattr(TaskAmenabilityEnv, "_build_predictor", counting)
-    summary = train(_config(algo, tiny_synthetic_path, steps=24, every=12, checkpoints=False))
+    from agents import recommended_env_kwargs
+
+    config = _config(algo, tiny_synthetic_path, steps=24, every=12, checkpoints=False)
+    summary = train(config)
     assert summary["steps"] >= 24
-    assert builds == [400]  # the algorithm's recommended warm-up, once
+    # the algorithm's recommended warm-up (2,000 for REINFORCE with this reward, 400 for the others), once
+    assert builds == [recommended_env_kwargs(algo, config.reward)["predictor_warmup_steps"]]
