@@ -52,6 +52,7 @@ from torch import nn
 from agents.buffers import WITH_CLASS_LABELS, ClassLabelledSamples, _ClassLabelsMixin
 from agents.policies import action_logits
 from agents.reinforce import LoadsOnTheEnvsDevice, between_class_variance
+from iqa_env.env import extra_draws
 
 __all__ = ["DDPG", "TD3"]
 
@@ -240,7 +241,8 @@ class _StoredSelectionsMixin:
         self, buffer_action: np.ndarray, infos: list[dict[str, Any]]
     ) -> list[tuple[np.ndarray, np.ndarray]]:
         """``(actions, rewards)`` per further draw of the step (the env's ``paired_draws``), every env at once."""
-        counts = {len(info.get("extra_rewards", ())) for info in infos}
+        draws = [extra_draws(info) for info in infos]
+        counts = {len(rewards) for _, rewards in draws}
         if counts == {0}:
             return []
         if len(counts) > 1:
@@ -256,8 +258,8 @@ class _StoredSelectionsMixin:
         for k in range(counts.pop()):
             actions = np.array(buffer_action, copy=True)
             for i, info in enumerate(infos):
-                actions[i] = _scaled_draw(info["extra_selections"][k], info, buffer_action[i])
-            extras.append((actions, np.array([info["extra_rewards"][k] for info in infos], dtype=np.float32)))
+                actions[i] = _scaled_draw(draws[i][0][k], info, buffer_action[i])
+            extras.append((actions, np.array([rewards[k] for _, rewards in draws], dtype=np.float32)))
         return extras
 
 

@@ -15,7 +15,7 @@ from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedul
 from stable_baselines3.common.utils import safe_mean
 
 from agents.policies import BernoulliSelectionPolicy
-from iqa_env.env import is_count
+from iqa_env.env import extra_draws, is_count
 from iqa_env.networks import (
     check_average_decay,
     update_weight_average,
@@ -442,18 +442,9 @@ class REINFORCE(LoadsOnTheEnvsDevice, BaseAlgorithm):
     @staticmethod
     def _extra_draws(info: dict[str, Any], own: bool) -> tuple[np.ndarray, np.ndarray]:
         """A step's further draws and their rewards (none unless its reward measures its own draws)."""
-        if not own or "extra_rewards" not in info:
+        if not own:
             return np.zeros((0, 0), dtype=bool), np.zeros(0)
-        selections = np.asarray(info["extra_selections"], dtype=bool)
-        rewards = np.asarray(info["extra_rewards"], dtype=np.float64).reshape(-1)
-        if selections.ndim != 2 or selections.shape[0] != rewards.shape[0]:
-            raise ValueError(
-                "info['extra_selections'] must be (K - 1, batch) with one info['extra_rewards'] per row, got "
-                f"{selections.shape} and {rewards.shape}"
-            )
-        if not np.all(np.isfinite(rewards)):
-            raise ValueError(f"info['extra_rewards'] must be finite, got {rewards}")
-        return selections, rewards
+        return extra_draws(info)
 
     @staticmethod
     def _pad_extra_draws(

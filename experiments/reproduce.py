@@ -90,6 +90,8 @@ PAPER_TABLE1: dict[str, dict[str, float]] = {
 METRIC_NAMES: dict[str, str] = {"classification": "accuracy", "segmentation": "Dice"}
 
 STAGE_MARKER = "stage.done"
+#: Where the stages keep their predictor warm-ups (TrainConfig.warmup_cache), under the output folder.
+WARMUP_FOLDER = "warmup"
 SETTINGS_FILE = "settings.json"
 EVALUATION_FILE = "evaluation.npz"
 BASELINE_OUTPUTS: tuple[str, ...] = ("predictor.pt", EVALUATION_FILE)
@@ -421,6 +423,21 @@ def _describe(record: dict[str, Any]) -> str:
     return f"{record.get('predictor_updates')} predictor updates"
 
 
+def spread_out(stages: Sequence[Stage]) -> list[Stage]:
+    """``stages`` in the order the worker processes take them: train() runs first (they are the long ones),
+    and a (task, seed)'s stages as far apart as they can be: the first run of every seed, then the second of
+    every seed, and so on.  The stages of one seed that warm the predictor up the same way then do not start
+    together, and all but the first load the warm-up the first one kept (``TrainConfig.warmup_cache``).
+    """
+    rank: dict[str, int] = {}
+    seen: dict[tuple[str, int], int] = {}
+    for stage in stages:  # a stage's place among its (task, seed)'s, in plan order
+        group = (stage.config.task, stage.config.seed)
+        rank[stage.name] = seen.get(group, 0)
+        seen[group] = rank[stage.name] + 1
+    return sorted(stages, key=lambda s: (s.kind == "baseline", rank[s.name]))
+
+
 def run_stages(stages: Sequence[Stage], workers: int = 1) -> int:
     """Run every unfinished stage (finished ones are skipped), one log line per stage; returns how many ran.
 
@@ -451,7 +468,7 @@ def run_stages(stages: Sequence[Stage], workers: int = 1) -> int:
             logger.info("stage %d/%d %s: running (%d steps)", index[stage.name], total, stage.name, stage.config.steps)
             done(stage, run_stage(stage))
         return len(todo)
-    todo.sort(key=lambda s: s.kind == "baseline")  # train() runs first: they are the long ones
+    todo = spread_out(todo)
     logger.info("running %d stages in %d processes", len(todo), workers)
     # An interruption ends the workers with this process; finished stages keep their stage.done, and the
     # next run resumes after them.
@@ -1671,6 +1688,8 @@ def run_experiment(
     command = command_line(kind, {**options, "workers": workers if workers != 1 else None, "out": out})
     if overrides:
         command += f"  # with overrides {json.dumps(overrides, sort_keys=True)} (Python API)"
+    # Stages whose predictor warm-up would be the same (one seed's baseline and rewards) compute it once.
+    base = dataclasses.replace(base, warmup_cache=str(folder / WARMUP_FOLDER))
     stages = plan_stages(folder, base, tasks, seeds, runs, validation_images)
     logger.info("%s: %d stages into %s", kind, len(stages), folder)
     earlier = earlier_invocations(folder / "results.json")

@@ -101,6 +101,10 @@ class TrainConfig:
     """Wall-clock limit of the training in seconds (None: none): the run stops at the first env step
     past it and is then finished, with fewer than ``steps`` steps (its summary says ``time_limited``), or
     paused, to go on later (``train(..., pause_at_time_limit=True)``)."""
+    warmup_cache: str | None = None
+    """A folder where the env keeps its predictor warm-up, so that runs whose warm-up would be the same
+    (same seed, data and predictor settings, other rewards) load it instead of computing it again; the
+    results do not change (TaskAmenabilityEnv's ``warmup_cache``).  None: every run warms up itself."""
     env_kwargs: dict[str, Any] = field(default_factory=dict)
     """Further TaskAmenabilityEnv arguments (they override the fields above)."""
     agent_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -155,6 +159,8 @@ class TrainConfig:
             raise ValueError(
                 f"time_limit_s must be a positive number of seconds or None (no limit), got {self.time_limit_s!r}"
             )
+        if self.warmup_cache is not None and not isinstance(self.warmup_cache, (str, os.PathLike)):
+            raise ValueError(f"warmup_cache must be None or a folder path, got {self.warmup_cache!r}")
         if self.dataset is not None and not Path(self.dataset).exists():
             raise FileNotFoundError(f"dataset file {self.dataset} does not exist")
         return self
@@ -226,6 +232,8 @@ def make_env(config: TrainConfig, train_set, validation_set):
             f"env_kwargs: unknown TaskAmenabilityEnv argument(s) {', '.join(map(repr, unknown))}; "
             "docs/environment.md lists them"
         )
+    if config.warmup_cache is not None:  # where, not what: not one of the settings a run records
+        settings["warmup_cache"] = config.warmup_cache
     return TaskAmenabilityEnv(train_set, validation_dataset=validation_set, **settings)
 
 
@@ -291,7 +299,7 @@ def _atomic_json(path: Path, data: Any) -> None:
 
 #: TrainConfig fields that may differ when a run is resumed: they say how or where it runs, not what it trains.
 #: (``dataset`` may differ too, if the file's content is the one the run recorded: see :func:`dataset_fingerprint`.)
-RUN_MANAGEMENT_FIELDS: tuple[str, ...] = ("checkpoint_every", "device", "time_limit_s")
+RUN_MANAGEMENT_FIELDS: tuple[str, ...] = ("checkpoint_every", "device", "time_limit_s", "warmup_cache")
 
 #: What ``train`` writes in a run folder (``overwrite=True`` removes these, and nothing else).
 RUN_ARTEFACTS: tuple[str, ...] = ("summary.json", "controller", "predictor.pt", "tensorboard")

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import math
 import os
+from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
@@ -32,6 +36,11 @@ from iqa_env.rewards import (
     validation_reward,
 )
 from iqa_env.tasks import Task, make_task, random_shift
+
+logger = logging.getLogger(__name__)
+
+#: Version of the files of ``warmup_cache``; part of their key, so that files of another layout are not read.
+WARMUP_FORMAT = 1
 
 PHASES: tuple[str, str] = ("train", "validation")
 REWARD_METRICS: tuple[str, str] = ("metric", "loss")
@@ -103,6 +112,27 @@ def validation_steps_of(reward: str, validation_images: int, batch_size: int) ->
     ``validation_batch_size``, which is its ``batch_size`` unless set).
     """
     return math.ceil(validation_images / batch_size) if has_validation_phase(reward) else 0
+
+
+def extra_draws(info: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """A training step's further draws from its ``info`` (``paired_draws=K``): ``(K - 1, B)`` selections and
+    their ``(K - 1,)`` rewards; ``(0, 0)`` and ``(0,)`` where the step reports none.
+
+    The one reader of ``info["extra_selections"]`` and ``info["extra_rewards"]`` that the agents share;
+    another env's malformed ones raise ``ValueError`` rather than be misread.
+    """
+    if "extra_rewards" not in info:
+        return np.zeros((0, 0), dtype=bool), np.zeros(0)
+    selections = np.asarray(info.get("extra_selections"), dtype=bool)
+    rewards = np.asarray(info["extra_rewards"], dtype=np.float64).reshape(-1)
+    if selections.ndim != 2 or selections.shape[0] != rewards.shape[0]:
+        raise ValueError(
+            "info['extra_selections'] must be (K - 1, batch) with one info['extra_rewards'] per row, got "
+            f"{selections.shape} and {rewards.shape}"
+        )
+    if not np.all(np.isfinite(rewards)):
+        raise ValueError(f"info['extra_rewards'] must be finite, got {rewards}")
+    return selections, rewards
 
 
 class TaskAmenabilityEnv(gym.Env):
@@ -292,6 +322,7 @@ class TaskAmenabilityEnv(gym.Env):
     | ``mean_selection_penalty`` | ``1.0`` | penalty per unit outside those bounds |
     | ``predictor_lr`` | ``1e-3`` | Adam learning rate of the task predictor |
     | ``predictor_warmup_steps`` | ``0`` | non-selective pre-training steps after a seeded reset |
+    | ``warmup_cache`` | ``None`` | a folder where the predictor's state after a warm-up is kept; an env whose warm-up would start from the same state (seed, data, predictor and warm-up settings) loads it instead of training again, with the same result |
     | ``predictor_augment`` | ``False`` | train the predictor on images shifted at random by up to 1/16 of their size (masks with them) |
     | ``predictor_average`` | ``0.0`` | decay of an exponential moving average of the predictor's weights that the rewards and ``evaluate()`` use (``0``: the weights themselves) |
     | ``reinitialise_predictor_on_seed`` | ``True`` | fresh predictor on ``reset(seed=...)`` |
@@ -340,6 +371,7 @@ class TaskAmenabilityEnv(gym.Env):
         mean_selection_penalty: float = 1.0,
         predictor_lr: float = 1e-3,
         predictor_warmup_steps: int = 0,
+        warmup_cache: str | os.PathLike[str] | None = None,
         predictor_augment: bool = False,
         predictor_average: float = 0.0,
         reinitialise_predictor_on_seed: bool = True,
@@ -444,6 +476,10 @@ class TaskAmenabilityEnv(gym.Env):
         self.mean_selection_penalty = float(mean_selection_penalty)
         self.predictor_lr = float(predictor_lr)
         self.predictor_warmup_steps = int(predictor_warmup_steps)
+        if warmup_cache is not None and not isinstance(warmup_cache, (str, os.PathLike)):
+            raise ValueError(f"warmup_cache must be None or a folder path, got {type(warmup_cache).__name__}")
+        self.warmup_cache = None if warmup_cache is None else Path(warmup_cache)
+        self._training_digest: bytes | None = None
         self.predictor_augment = bool(predictor_augment)
         self.predictor_average = predictor_average
         self.reinitialise_predictor_on_seed = bool(reinitialise_predictor_on_seed)
@@ -538,8 +574,11 @@ class TaskAmenabilityEnv(gym.Env):
         return self._phase
 
     # ------------------------------------------------------------ predictor
-    def _build_predictor(self) -> None:
-        seed = int(self.np_random.integers(2**31 - 1))
+    def _build_predictor(self, seed: int | None = None) -> None:
+        """A fresh predictor and optimiser; its initial weights from ``seed``, by default one the env's generator draws."""
+        if seed is None:
+            seed = int(self.np_random.integers(2**31 - 1))
+        self._predictor_seed = seed
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             predictor = self.task.build_predictor(self.train_set)
@@ -659,6 +698,95 @@ class TaskAmenabilityEnv(gym.Env):
             self._train_predictor(self._batch_indices[draws[0]])
         return float(values[0, 0]), values[:, 0] - values[:, 1]
 
+    # ---------------------------------------------------------- warm-up cache
+    def _warmup_key(self, np_state: dict[str, Any], torch_state: torch.Tensor) -> str:
+        """What the warm-up's result depends on, hashed: the generators' states before the predictor was
+        built, the freshly built predictor (its architecture and initial weights), the training images and
+        targets, the warm-up's settings, and the versions and thread count that could change its arithmetic."""
+        import iqa_env
+
+        if self._training_digest is None:
+            data = hashlib.sha256(self._train_images.tobytes())
+            data.update(np.ascontiguousarray(self._train_targets_t.cpu().numpy()).tobytes())
+            self._training_digest = data.digest()
+        fields = {
+            "format": WARMUP_FORMAT,
+            "package": iqa_env.__version__,
+            "torch": torch.__version__,
+            "numpy": np.__version__,
+            "device": self.device.type,
+            "threads": torch.get_num_threads(),
+            "task": self.task.name,
+            "predictor": type(self.predictor).__name__,
+            "batch_size": self.batch_size,
+            "steps": self.predictor_warmup_steps,
+            "predictor_lr": self.predictor_lr,
+            "predictor_augment": self.predictor_augment,
+            "predictor_average": self.predictor_average,
+            "np_random": np_state,
+        }
+        key = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode())
+        key.update(self._training_digest)
+        key.update(torch_state.numpy().tobytes())
+        assert self.predictor is not None
+        for name, tensor in self.predictor.state_dict().items():
+            key.update(name.encode())
+            key.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return key.hexdigest()[:40]
+
+    def _warmup_path(self, key: str) -> Path:
+        assert self.warmup_cache is not None
+        return self.warmup_cache / f"warmup-{self.predictor_warmup_steps}-{key}.pt"
+
+    def _save_warmup(self, key: str) -> None:
+        """Keep the predictor, its optimiser and the generators as the warm-up left them (written atomically)."""
+        from iqa_env.files import atomic_write, not_a_folder_hint
+
+        state = self.state_dict()
+        payload = {
+            "format": WARMUP_FORMAT,
+            "key": key,
+            **{name: state[name] for name in ("np_random", "torch_generator", "predictor", "averaged_predictor", "predictor_updates", "optimizer")},
+        }
+        path = self._warmup_path(key)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, lambda tmp: torch.save(payload, tmp))
+        except OSError as e:
+            # The warm-up is done; only its reuse by later envs is lost.
+            logger.warning("could not keep the predictor warm-up in %s (%s%s); later envs will warm up again", path, e, not_a_folder_hint(path))
+
+    def _load_warmup(self, key: str) -> bool:
+        """Put the env in the state a kept warm-up left; False (after a warning where a file was there but
+        could not be used) when there is none, and the caller warms up (and writes the file again)."""
+        import copy
+
+        path = self._warmup_path(key)
+        if not path.is_file():
+            return False
+        generators = copy.deepcopy(self.np_random.bit_generator.state), self._torch_generator.get_state()
+        try:
+            payload = torch.load(path, map_location=self.device, weights_only=True)
+            if not isinstance(payload, dict) or payload.get("format") != WARMUP_FORMAT or payload.get("key") != key:
+                raise ValueError(f"not a warm-up of format {WARMUP_FORMAT} with key {key}")
+            assert self.predictor is not None and self.optimizer is not None
+            self.predictor.load_state_dict(payload["predictor"])
+            if self.averaged_predictor is not None:
+                self.averaged_predictor.load_state_dict(payload["averaged_predictor"])
+            self.optimizer.load_state_dict(copy.deepcopy(payload["optimizer"]))
+            self._predictor_updates = int(payload["predictor_updates"])
+            self.np_random.bit_generator.state = payload["np_random"]
+            self._torch_generator.set_state(payload["torch_generator"])
+        except Exception as e:  # a truncated or foreign file: warm up again, as if it were not there
+            logger.warning("the kept predictor warm-up %s could not be read (%s); warming up again", path, e)
+            # Undo whatever a half-done load changed: the same fresh predictor, the generators as they were.
+            self._build_predictor(self._predictor_seed)
+            self.np_random.bit_generator.state = generators[0]
+            self._torch_generator.set_state(generators[1])
+            return False
+        logger.info("predictor warm-up of %d updates loaded from %s", self.predictor_warmup_steps, path)
+        return True
+
     # ---------------------------------------------------------------- batches
     def _draw_train_batch(self) -> None:
         self._batch_indices = self.np_random.choice(len(self.train_set), self.batch_size, replace=False)
@@ -707,10 +835,16 @@ class TaskAmenabilityEnv(gym.Env):
             or (seeded and self.reinitialise_predictor_on_seed)
         )
         if fresh:
+            cached = self.warmup_cache is not None and self.predictor_warmup_steps > 0
+            start = (self.np_random.bit_generator.state, self._torch_generator.get_state()) if cached else None
             self._build_predictor()
-            for _ in range(self.predictor_warmup_steps):
-                self._draw_train_batch()
-                self._train_predictor(self._batch_indices)
+            key = self._warmup_key(*start) if start is not None else None
+            if key is None or not self._load_warmup(key):
+                for _ in range(self.predictor_warmup_steps):
+                    self._draw_train_batch()
+                    self._train_predictor(self._batch_indices)
+                if key is not None:
+                    self._save_warmup(key)
         self._phase = "train"
         self._episode_step = 0
         self._last_action = None

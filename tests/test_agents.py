@@ -435,6 +435,11 @@ def test_store_selections_refuses_further_draws_it_cannot_store_alike(dataset):
     normalised = make_agent("ddpg", VecNormalize(DummyVecEnv([paired(2)]), norm_obs=False), **kwargs)
     with pytest.raises(ValueError, match="cannot store the env's further draws .* under VecNormalize"):
         normalised.learn(4)
+    # Another env's malformed further draws: the same error as REINFORCE's (one reader, iqa_env.env.extra_draws).
+    agent = make_agent("ddpg", paired(3)(), **kwargs)
+    bad = {"extra_selections": np.zeros((2, 8), dtype=bool), "extra_rewards": np.zeros(3)}
+    with pytest.raises(ValueError, match=r"must be \(K - 1, batch\) with one info\['extra_rewards'\] per row"):
+        agent._extra_draws(np.zeros((1, 8)), [bad])
 
 
 def test_a_standardising_ratio_critic_keeps_its_action_gradient_when_the_embeddings_shrink(dataset, tmp_path):

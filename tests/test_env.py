@@ -727,3 +727,73 @@ def test_predictor_average_is_what_the_rewards_and_evaluate_use(tiny_synthetic):
     plain = TaskAmenabilityEnv(tiny_synthetic, **TINY)
     plain.reset(seed=0)
     assert plain.averaged_predictor is None and plain.evaluated_predictor is plain.predictor
+
+
+def _run(env: TaskAmenabilityEnv, steps: int = 7) -> tuple[list[np.ndarray], list[float], dict]:
+    """Observations and rewards of ``steps`` steps with fixed actions from ``reset(seed=1)``; the predictor's weights."""
+    observations, rewards = [env.reset(seed=1)[0]], []
+    actions = np.random.default_rng(0).random((steps, env.batch_size))
+    for action in actions:
+        obs, reward, terminated, _, _ = env.step(action)
+        observations.append(obs)
+        rewards.append(reward)
+        if terminated:
+            observations.append(env.reset()[0])
+    return observations, rewards, {k: v.clone() for k, v in env.predictor.state_dict().items()}
+
+
+def _same(a, b) -> bool:
+    import torch
+
+    return (
+        all(np.array_equal(x, y) for x, y in zip(a[0], b[0]))
+        and a[1] == b[1]
+        and all(torch.equal(a[2][k], b[2][k]) for k in a[2])
+    )
+
+
+def test_a_kept_warm_up_is_loaded_by_an_env_that_would_compute_the_same_one(tiny_synthetic, tmp_path, caplog):
+    """``warmup_cache``: an env whose warm-up would start from the same state (another reward) loads the kept
+    one, and from then on does exactly what it would have done warming up itself; other settings do not."""
+    warm = {"predictor_warmup_steps": 12, "predictor_augment": True}
+    cache = tmp_path / "warmup"
+    with caplog.at_level("INFO", logger="iqa_env.env"):
+        weighted = _run(make(tiny_synthetic, reward="weighted", warmup_cache=cache, **warm))
+        kept = sorted(cache.iterdir())
+        assert len(kept) == 1 and "loaded" not in caplog.text
+        selective = _run(make(tiny_synthetic, reward="selective", warmup_cache=str(cache), **warm))
+        assert "predictor warm-up of 12 updates loaded" in caplog.text and sorted(cache.iterdir()) == kept
+    assert _same(selective, _run(make(tiny_synthetic, reward="selective", **warm)))
+    assert _same(weighted, _run(make(tiny_synthetic, reward="weighted", **warm)))
+    assert not _same(weighted, _run(make(tiny_synthetic, reward="weighted", **{**warm, "predictor_warmup_steps": 0})))
+
+    # What the warm-up depends on makes another key: nothing kept is loaded, a file is added.
+    for other in ({"predictor_lr": 3e-3}, {"predictor_warmup_steps": 11}, {"batch_size": 6}):
+        caplog.clear()
+        with caplog.at_level("INFO", logger="iqa_env.env"):
+            env = make(tiny_synthetic, warmup_cache=cache, **{**warm, **other})
+            env.reset(seed=1)
+        assert "loaded" not in caplog.text, other
+    env.reset(seed=2)
+    assert len(list(cache.iterdir())) == 5
+
+
+def test_an_unreadable_kept_warm_up_is_computed_again_with_the_same_result(tiny_synthetic, tmp_path, caplog):
+    warm = {"predictor_warmup_steps": 12}
+    cache = tmp_path / "warmup"
+    first = _run(make(tiny_synthetic, warmup_cache=cache, **warm))
+    (kept,) = cache.iterdir()
+    good = kept.read_bytes()
+    kept.write_bytes(good[: len(good) // 2])  # a copy cut short
+    with caplog.at_level("WARNING", logger="iqa_env.env"):
+        again = _run(make(tiny_synthetic, warmup_cache=cache, **warm))
+    assert "could not be read" in caplog.text and kept.name in caplog.text
+    assert _same(first, again)
+    assert kept.read_bytes() != good[: len(good) // 2]  # written again whole
+    caplog.clear()
+    with caplog.at_level("INFO", logger="iqa_env.env"):
+        assert _same(first, _run(make(tiny_synthetic, warmup_cache=cache, **warm)))
+    assert "loaded" in caplog.text
+
+    with pytest.raises(ValueError, match="warmup_cache must be None or a folder path, got int"):
+        make(tiny_synthetic, warmup_cache=3)

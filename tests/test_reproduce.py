@@ -465,9 +465,16 @@ def markers(out):
 
 def test_reproduce_end_to_end_then_resume(tiny_synthetic_path, tmp_path, caplog, capsys, monkeypatch):
     out = tmp_path / "rep"
+    # A short predictor warm-up (REINFORCE's recommended 2,000 updates of the U-Net were most of this test's time).
     argv = ["reproduce", "--quick", "--task", "both", "--seeds", "1", "--steps", "16", "--workers", "1",
-            "--device", "cpu", "--dataset", str(tiny_synthetic_path), "--out", str(out)]
+            "--device", "cpu", "--dataset", str(tiny_synthetic_path), "--env-kwargs", '{"predictor_warmup_steps": 30}',
+            "--out", str(out)]
+    caplog.set_level(logging.INFO, logger="iqa_env.env")
     assert main(argv) == 0
+    # A task's baseline warms its predictor up as the weighted and selective runs do: they load what it kept.
+    # The fixed reward's warm-up is another one (its own length, its clean validation images).
+    assert len(list((out / "warmup").iterdir())) == 4
+    assert sum("predictor warm-up of 30 updates loaded from" in r.getMessage() for r in caplog.records) == 4
     captured = capsys.readouterr()
     printed = captured.out
     assert "baseline" in printed
@@ -633,6 +640,24 @@ def test_reproduce_end_to_end_then_resume(tiny_synthetic_path, tmp_path, caplog,
     assert results_of(out)["tasks"]["classification"]["runs"]["weighted"]["summary"]["untrained"] is None
     assert results_of(out)["tasks"]["classification"]["runs"]["fixed"]["summary"]["untrained"] is not None
     assert "initial_scores" in evaluate_stage(config, stage, splits, controller=True, initial_auroc=recorded)
+
+
+def test_worker_processes_take_one_seeds_stages_far_apart(tmp_path):
+    """Train runs first, then the baselines; each round takes one stage of every (task, seed), so that the
+    stages of a seed that share a warm-up do not start together (the first keeps it, the others load it)."""
+    from experiments.reproduce import plan_stages, spread_out
+    from experiments.training import TrainConfig
+
+    runs = [{"label": r, "reward": r} for r in ("fixed", "weighted", "selective")]
+    stages = plan_stages(tmp_path, TrainConfig(), ["classification", "segmentation"], [0, 1], runs, 100)
+    order = [s.name.replace("classification", "c").replace("segmentation", "s") for s in spread_out(stages)]
+    assert order == [
+        *(f"{t}/fixed/seed{n}" for t in "cs" for n in (0, 1)),
+        *(f"{t}/weighted/seed{n}" for t in "cs" for n in (0, 1)),
+        *(f"{t}/selective/seed{n}" for t in "cs" for n in (0, 1)),
+        *(f"{t}/baseline/seed{n}" for t in "cs" for n in (0, 1)),
+    ]
+    assert sorted(map(id, spread_out(stages))) == sorted(map(id, stages))
 
 
 @pytest.mark.parametrize("algo, reward", [("ddpg", "weighted"), ("ddpg", "fixed"), ("ppo", "selective"), ("reinforce", "weighted")])

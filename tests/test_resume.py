@@ -20,7 +20,11 @@ from tests.conftest import run_iqa_and_kill
 REPO = Path(__file__).resolve().parents[1]
 
 #: Tiny runs: 8-image batches, 2 training steps and one 8-image validation step per episode.
-TINY = ["--batch-size", "8", "--train-steps", "2", "--validation-size", "8", "--device", "cpu", "--no-progress"]
+#: A short predictor warm-up: what these tests check does not depend on it, and REINFORCE's recommended 2,000
+#: updates would be most of their time (test_a_fresh_run_builds_and_warms_up_its_predictor_once keeps it).
+WARMUP = 20
+TINY = ["--batch-size", "8", "--train-steps", "2", "--validation-size", "8", "--device", "cpu", "--no-progress",
+        "--env-kwargs", json.dumps({"predictor_warmup_steps": WARMUP})]
 
 
 def _train_args(algo: str, dataset: Path, steps: int, every: int, out: Path, seed: int = 0) -> list[str]:
@@ -30,12 +34,16 @@ def _train_args(algo: str, dataset: Path, steps: int, every: int, out: Path, see
     ]
 
 
-def _config(algo: str, dataset: Path, steps: int, every: int, seed: int = 0, checkpoints: bool = True):
+def _config(
+    algo: str, dataset: Path, steps: int, every: int, seed: int = 0, checkpoints: bool = True, warmup: int | None = WARMUP
+):
+    """``warmup``: the predictor's warm-up (None: the algorithm's recommended one)."""
     from experiments.training import TrainConfig
 
     return TrainConfig(
         algo=algo, dataset=str(dataset), steps=steps, seed=seed, batch_size=8, train_steps=2,
         validation_size=8, device="cpu", eval_every=every, checkpoint_every=every if checkpoints else 0,
+        env_kwargs={} if warmup is None else {"predictor_warmup_steps": warmup},
     )
 
 
@@ -451,7 +459,7 @@ def test_a_fresh_run_builds_and_warms_up_its_predictor_once(tiny_synthetic_path,
     monkeypatch.setattr(TaskAmenabilityEnv, "_build_predictor", counting)
     from agents import recommended_env_kwargs
 
-    config = _config(algo, tiny_synthetic_path, steps=24, every=12, checkpoints=False)
+    config = _config(algo, tiny_synthetic_path, steps=24, every=12, checkpoints=False, warmup=None)
     summary = train(config)
     assert summary["steps"] >= 24
     # the algorithm's recommended warm-up (2,000 for REINFORCE with this reward, 400 for the others), once

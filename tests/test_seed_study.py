@@ -18,7 +18,7 @@ def test_seed_study_reports_every_seed(tiny_synthetic_path, tmp_path, capsys):
     code = main(
         ["--algos", "reinforce", "--rewards", "weighted", "selective", "--seeds", "2", "--first-seed", "3",
          "--steps", "30", "--dataset", str(tiny_synthetic_path), "--workers", "1", "--json", str(out),
-         "--env-kwargs", '{"batch_size": 8, "train_steps": 2, "validation_size": 16}']
+         "--env-kwargs", '{"batch_size": 8, "train_steps": 2, "validation_size": 16, "predictor_warmup_steps": 20}']
     )
     assert code == 0
     captured = capsys.readouterr()
@@ -61,7 +61,7 @@ def test_seed_study_reports_every_seed(tiny_synthetic_path, tmp_path, capsys):
     assert runs[0]["env_settings"] == {
         **recommended_env_kwargs("reinforce", "weighted"),
         **{key: runs[0]["config"][key] for key in ("task", "reward", "rejection_ratio", "device")},
-        "batch_size": 8, "train_steps": 2, "validation_size": 16,
+        "batch_size": 8, "train_steps": 2, "validation_size": 16, "predictor_warmup_steps": 20,
     }
     assert runs[0]["env_settings"]["validation_refresh"] is True
     # Each row shows how spread the final scores are (saturated or collapsed controllers stand out).
@@ -77,7 +77,7 @@ def test_seed_study_time_limit_stops_every_run_and_says_so(tiny_synthetic_path, 
     code = main(
         ["--algos", "reinforce", "--rewards", "weighted", "--seeds", "2", "--steps", "5000",
          "--dataset", str(tiny_synthetic_path), "--workers", "1", "--json", str(out), "--eval-every", "4",
-         "--time-limit", "1e-9", "--env-kwargs", '{"batch_size": 8, "train_steps": 2, "validation_size": 16}']
+         "--time-limit", "1e-9", "--env-kwargs", '{"batch_size": 8, "train_steps": 2, "validation_size": 16, "predictor_warmup_steps": 20}']
     )
     assert code == 0
     runs = json.loads(out.read_text())["runs"]
@@ -94,7 +94,7 @@ def test_seed_study_with_out_pauses_at_the_time_limit_and_goes_on(tiny_synthetic
     out = tmp_path / "study"
     argv = ["--algos", "reinforce", "--rewards", "weighted", "--seeds", "2", "--steps", "12",
             "--dataset", str(tiny_synthetic_path), "--workers", "1", "--eval-every", "4", "--out", str(out),
-            "--env-kwargs", '{"batch_size": 8, "train_steps": 2, "validation_size": 16}']
+            "--env-kwargs", '{"batch_size": 8, "train_steps": 2, "validation_size": 16, "predictor_warmup_steps": 20}']
     # A limit already past: every run pauses after its first episode (2 training and 2 validation
     # steps), at any machine speed.
     assert main([*argv, "--time-limit", "1e-9"]) == 0
@@ -187,7 +187,7 @@ def test_seed_study_shows_each_evaluation_as_it_happens(tiny_synthetic_path, cap
     code = main(
         ["--algos", "reinforce", "--rewards", "weighted", "--seeds", "1", "--first-seed", "2", "--steps", "20",
          "--eval-every", "10", "--dataset", str(tiny_synthetic_path), "--workers", "1",
-         "--env-kwargs", '{"batch_size": 8, "train_steps": 2, "validation_size": 16}']
+         "--env-kwargs", '{"batch_size": 8, "train_steps": 2, "validation_size": 16, "predictor_warmup_steps": 20}']
     )
     assert code == 0
     err = capfd.readouterr().err.splitlines()

@@ -81,6 +81,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="JSON object of algorithm arguments over agents.default_kwargs, "
         'e.g. \'{"learning_rate": 3e-4, "policy_kwargs": {"initial_selection_probability": 0.5}}\'',
     )
+    p.add_argument(
+        "--warmup-cache",
+        default=None,
+        metavar="DIR",
+        help="folder where the predictor's warm-up is kept, so that runs with the same seed, data and "
+        "predictor settings (e.g. the other rewards) load it instead of computing it again; results do not change",
+    )
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--out", required=True, help="run folder (created)")
     p.add_argument(
@@ -107,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
         eval_every=args.eval_every,
         checkpoint_every=args.checkpoint_every,
         device=args.device,
+        warmup_cache=args.warmup_cache,
         env_kwargs=args.env_kwargs,
         agent_kwargs=args.agent_kwargs,
     )
