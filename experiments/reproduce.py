@@ -72,7 +72,7 @@ SCHEMA = "iqa-reproduce/1"
 # learning configuration (algorithm, env and agent settings) is TrainConfig's
 # and agents.default_kwargs' defaults.
 #: ``--quick``: a reduced budget (classification on 2 CPU cores: see docs/reproduce.md for the measured time).
-QUICK: dict[str, Any] = {"seeds": 4, "steps": 2000, "eval_every": 100}
+QUICK: dict[str, Any] = {"seeds": 4, "steps": 1500, "eval_every": 100}
 #: The default budget: eight seeds of 12,000 env steps, about where REINFORCE's holdout AUROC stops rising on the
 #: built-in set (docs/learning-status.md, sweep 4); hours on a CPU, minutes on a GPU with one worker per seed.
 FULL: dict[str, Any] = {"seeds": 8, "steps": 12_000}
