@@ -124,6 +124,28 @@ def test_train_passes_env_and_agent_arguments(tiny_synthetic_path, tmp_path, cap
     assert "argument --agent-kwargs: must be a JSON object" in capsys.readouterr().err
 
 
+def test_train_with_a_warmup_cache_loads_what_another_reward_kept(tiny_synthetic_path, tmp_path, caplog):
+    """``--warmup-cache``: the selective run loads the weighted run's warm-up and ends where it would
+    have ended warming up itself; the folder is where, not what (config.json's settings are unchanged)."""
+    base = ["train", "--dataset", str(tiny_synthetic_path), "--steps", "12", "--batch-size", "8", "--train-steps", "2",
+            "--validation-size", "16", "--device", "cpu", "--no-progress", "--checkpoint-every", "0",
+            "--env-kwargs", '{"predictor_warmup_steps": 25}']
+    cache = tmp_path / "warmup"
+    with caplog.at_level("INFO", logger="iqa_env.env"):
+        assert main([*base, "--reward", "weighted", "--warmup-cache", str(cache), "--out", str(tmp_path / "w")]) == 0
+        assert "loaded" not in caplog.text and len(list(cache.iterdir())) == 1
+        assert main([*base, "--reward", "selective", "--warmup-cache", str(cache), "--out", str(tmp_path / "s")]) == 0
+        assert "predictor warm-up of 25 updates loaded" in caplog.text
+    assert main([*base, "--reward", "selective", "--out", str(tmp_path / "plain")]) == 0
+    for name in ("initial_auroc", "final_auroc"):
+        shared, plain = (json.loads((tmp_path / d / "summary.json").read_text())[name] for d in ("s", "plain"))
+        assert shared == plain, name
+    shared, plain = (torch.load(tmp_path / d / "predictor.pt", weights_only=True) for d in ("s", "plain"))
+    assert all(torch.equal(shared[k], plain[k]) for k in plain)
+    config = json.loads((tmp_path / "s" / "config.json").read_text())
+    assert config["warmup_cache"] == str(cache) and config["env_kwargs"] == {"predictor_warmup_steps": 25}
+
+
 def test_score_a_folder_of_images(tiny_synthetic, tmp_path, capsys):
     from PIL import Image
 
