@@ -702,7 +702,8 @@ class TaskAmenabilityEnv(gym.Env):
     def _warmup_key(self, np_state: dict[str, Any], torch_state: torch.Tensor) -> str:
         """What the warm-up's result depends on, hashed: the generators' states before the predictor was
         built, the freshly built predictor (its architecture and initial weights), the training images and
-        targets, the warm-up's settings, and the versions and thread count that could change its arithmetic."""
+        targets, the warm-up's settings, the source files that define it, and the versions and thread count
+        that could change its arithmetic."""
         import iqa_env
 
         if self._training_digest is None:
@@ -712,6 +713,7 @@ class TaskAmenabilityEnv(gym.Env):
         fields = {
             "format": WARMUP_FORMAT,
             "package": iqa_env.__version__,
+            "code": self._code_digest(),
             "torch": torch.__version__,
             "numpy": np.__version__,
             "device": self.device.type,
@@ -733,6 +735,25 @@ class TaskAmenabilityEnv(gym.Env):
             key.update(name.encode())
             key.update(tensor.detach().cpu().contiguous().numpy().tobytes())
         return key.hexdigest()[:40]
+
+    def _code_digest(self) -> str:
+        """A hash of the source files that define the warm-up: the env's, the task's, and those of every
+        module the predictor is built from (torch's own are covered by its version).  An edit to any of
+        them gives another key, so a kept warm-up is never loaded into code that would train otherwise."""
+        import sys
+
+        assert self.predictor is not None
+        names = {type(self).__module__, type(self.task).__module__}
+        names |= {type(m).__module__ for m in self.predictor.modules()}
+        digest = hashlib.sha256()
+        for name in sorted(n for n in names if n.split(".")[0] != "torch"):
+            digest.update(name.encode())
+            path = getattr(sys.modules.get(name), "__file__", None)
+            try:
+                digest.update(Path(path).read_bytes())
+            except (OSError, TypeError):  # no file to read (a module made at run time): its name only
+                pass
+        return digest.hexdigest()
 
     def _warmup_path(self, key: str) -> Path:
         assert self.warmup_cache is not None

@@ -776,6 +776,13 @@ def test_a_kept_warm_up_is_loaded_by_an_env_that_would_compute_the_same_one(tiny
         assert "loaded" not in caplog.text, other
     env.reset(seed=2)
     assert len(list(cache.iterdir())) == 5
+    # Code that would train otherwise (an edited source file) is another key too.
+    edited = make(tiny_synthetic, reward="selective", warmup_cache=cache, **warm)
+    edited._code_digest = lambda: "an edited env.py"
+    caplog.clear()
+    with caplog.at_level("INFO", logger="iqa_env.env"):
+        edited.reset(seed=1)
+    assert "loaded" not in caplog.text and len(list(cache.iterdir())) == 6
 
 
 def test_an_unreadable_kept_warm_up_is_computed_again_with_the_same_result(tiny_synthetic, tmp_path, caplog):
