@@ -41,6 +41,10 @@ logger = logging.getLogger(__name__)
 
 #: Version of the files of ``warmup_cache``; part of their key, so that files of another layout are not read.
 WARMUP_FORMAT = 1
+#: The part of ``TaskAmenabilityEnv.state_dict()`` a predictor warm-up changes: what ``warmup_cache`` keeps.
+PREDICTOR_STATE: tuple[str, ...] = (
+    "predictor", "averaged_predictor", "predictor_updates", "optimizer", "np_random", "np_random_seed", "torch_generator",
+)
 
 PHASES: tuple[str, str] = ("train", "validation")
 REWARD_METRICS: tuple[str, str] = ("metric", "loss")
@@ -574,11 +578,8 @@ class TaskAmenabilityEnv(gym.Env):
         return self._phase
 
     # ------------------------------------------------------------ predictor
-    def _build_predictor(self, seed: int | None = None) -> None:
-        """A fresh predictor and optimiser; its initial weights from ``seed``, by default one the env's generator draws."""
-        if seed is None:
-            seed = int(self.np_random.integers(2**31 - 1))
-        self._predictor_seed = seed
+    def _build_predictor(self) -> None:
+        seed = int(self.np_random.integers(2**31 - 1))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             predictor = self.task.build_predictor(self.train_set)
@@ -764,11 +765,7 @@ class TaskAmenabilityEnv(gym.Env):
         from iqa_env.files import atomic_write, not_a_folder_hint
 
         state = self.state_dict()
-        payload = {
-            "format": WARMUP_FORMAT,
-            "key": key,
-            **{name: state[name] for name in ("np_random", "torch_generator", "predictor", "averaged_predictor", "predictor_updates", "optimizer")},
-        }
+        payload = {"format": WARMUP_FORMAT, "key": key, **{name: state[name] for name in PREDICTOR_STATE}}
         path = self._warmup_path(key)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -780,30 +777,22 @@ class TaskAmenabilityEnv(gym.Env):
     def _load_warmup(self, key: str) -> bool:
         """Put the env in the state a kept warm-up left; False (after a warning where a file was there but
         could not be used) when there is none, and the caller warms up (and writes the file again)."""
-        import copy
-
         path = self._warmup_path(key)
         if not path.is_file():
             return False
-        generators = copy.deepcopy(self.np_random.bit_generator.state), self._torch_generator.get_state()
+        state = self.state_dict()
+        before = {name: state[name] for name in PREDICTOR_STATE}  # the fresh predictor, the generators
         try:
             payload = torch.load(path, map_location=self.device, weights_only=True)
             if not isinstance(payload, dict) or payload.get("format") != WARMUP_FORMAT or payload.get("key") != key:
                 raise ValueError(f"not a warm-up of format {WARMUP_FORMAT} with key {key}")
-            assert self.predictor is not None and self.optimizer is not None
-            self.predictor.load_state_dict(payload["predictor"])
-            if self.averaged_predictor is not None:
-                self.averaged_predictor.load_state_dict(payload["averaged_predictor"])
-            self.optimizer.load_state_dict(copy.deepcopy(payload["optimizer"]))
-            self._predictor_updates = int(payload["predictor_updates"])
-            self.np_random.bit_generator.state = payload["np_random"]
-            self._torch_generator.set_state(payload["torch_generator"])
+            missing = [name for name in PREDICTOR_STATE if name not in payload]
+            if missing:
+                raise ValueError(f"it lacks {missing}")
+            self._load_predictor_and_generators(payload)
         except Exception as e:  # a truncated or foreign file: warm up again, as if it were not there
             logger.warning("the kept predictor warm-up %s could not be read (%s); warming up again", path, e)
-            # Undo whatever a half-done load changed: the same fresh predictor, the generators as they were.
-            self._build_predictor(self._predictor_seed)
-            self.np_random.bit_generator.state = generators[0]
-            self._torch_generator.set_state(generators[1])
+            self._load_predictor_and_generators(before)  # undo whatever a half-done load changed
             return False
         logger.info("predictor warm-up of %d updates loaded from %s", self.predictor_warmup_steps, path)
         return True
@@ -1084,8 +1073,6 @@ class TaskAmenabilityEnv(gym.Env):
         have done in the env the state was taken from.  A state from an env
         with other data sizes or settings raises ``ValueError``.
         """
-        import copy
-
         from iqa_env.rewards import MovingAverageBaseline
 
         if not isinstance(state, dict) or "format_version" not in state:
@@ -1116,6 +1103,32 @@ class TaskAmenabilityEnv(gym.Env):
         def array(t: torch.Tensor | None) -> np.ndarray | None:
             return None if t is None else t.detach().cpu().numpy().copy()
 
+        self._load_predictor_and_generators(state)
+        for name, saved_baseline in state["baselines"].items():
+            baseline = getattr(self, name, None)
+            if not isinstance(baseline, MovingAverageBaseline):
+                raise ValueError(f"the env state has a reward baseline {name!r} that this env does not have")
+            baseline.decay = float(saved_baseline["decay"])
+            baseline.values = {int(k): float(v) for k, v in saved_baseline["values"].items()}
+        if "class_correction" in state:  # states written before the correction existed had none
+            self.class_correction.load_state_dict(state["class_correction"])
+        else:
+            self.class_correction.reset()
+        self._phase = str(state["phase"])
+        self._episode_step = int(state["episode_step"])
+        self._needs_reset = bool(state["needs_reset"])
+        self._batch_indices = array(state["batch_indices"])
+        self._batch_valid = array(state["batch_valid"])
+        self._validation_order = array(state["validation_order"])
+        self._validation_losses = array(state["validation_losses"])
+        self._last_action = array(state["last_action"])
+        self._last_selection = array(state["last_selection"])
+
+    def _load_predictor_and_generators(self, state: dict[str, Any]) -> None:
+        """The :data:`PREDICTOR_STATE` part of a :meth:`state_dict`: what :meth:`load_state_dict` and a kept
+        warm-up (``warmup_cache``) restore."""
+        import copy
+
         if state["predictor"] is None:
             self.predictor, self.optimizer = None, None
         else:
@@ -1137,25 +1150,6 @@ class TaskAmenabilityEnv(gym.Env):
         if hasattr(self, "_np_random_seed"):
             self._np_random_seed = state["np_random_seed"]
         self._torch_generator.set_state(state["torch_generator"])
-        for name, saved_baseline in state["baselines"].items():
-            baseline = getattr(self, name, None)
-            if not isinstance(baseline, MovingAverageBaseline):
-                raise ValueError(f"the env state has a reward baseline {name!r} that this env does not have")
-            baseline.decay = float(saved_baseline["decay"])
-            baseline.values = {int(k): float(v) for k, v in saved_baseline["values"].items()}
-        if "class_correction" in state:  # states written before the correction existed had none
-            self.class_correction.load_state_dict(state["class_correction"])
-        else:
-            self.class_correction.reset()
-        self._phase = str(state["phase"])
-        self._episode_step = int(state["episode_step"])
-        self._needs_reset = bool(state["needs_reset"])
-        self._batch_indices = array(state["batch_indices"])
-        self._batch_valid = array(state["batch_valid"])
-        self._validation_order = array(state["validation_order"])
-        self._validation_losses = array(state["validation_losses"])
-        self._last_action = array(state["last_action"])
-        self._last_selection = array(state["last_selection"])
 
     def _state_settings(self) -> dict[str, Any]:
         """What a :meth:`state_dict` must agree on with the env that loads it."""
