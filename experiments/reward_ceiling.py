@@ -225,7 +225,9 @@ def selection_signal(
 
     ``form`` ``"moving_average"`` or ``"paired"``: the fixed reward with that
     ``reward_baseline``, in the env that ``iqa train --algo reinforce
-    --reward fixed`` trains in (:func:`experiments.training.make_env`); each
+    --reward fixed`` trains in (:func:`experiments.training.make_env`) with
+    the paper's form's settings (``agents.factory.PAPER_FIXED_ENV_KWARGS``:
+    256 validation images, one draw, no class correction); each
     reward is paired with the training selections it covers (an episode's,
     or the step's own).  ``"weighted"``: the env of ``--reward weighted``;
     each validation step's reward is paired with that step's selection of
@@ -249,9 +251,12 @@ def selection_signal(
     if not 0.0 < rate < 1.0:
         raise ValueError(f"rate must be a selection probability in (0, 1), got {rate!r}")
     train_set, validation_set, _ = _splits_with_truth(dataset, task, split_seed, "the selection signal")
+    from agents.factory import PAPER_FIXED_ENV_KWARGS
+
     extra = dict(env_kwargs or {})
     if form != "weighted":
-        extra["reward_baseline"] = form
+        # The paper's form with this baseline: the signal measured before the paired set-up became the default.
+        extra = {**PAPER_FIXED_ENV_KWARGS, **extra, "reward_baseline": form}
     config = TrainConfig(
         algo="reinforce", task=task, reward="weighted" if form == "weighted" else "fixed", seed=seed,
         batch_size=batch_size, device=device, env_kwargs=extra,
@@ -351,7 +356,8 @@ def fixed_objective(
     """The fixed reward's quantity along a run of its predictor trained under one selection rule.
 
     The env is the one ``iqa train --algo reinforce --reward fixed`` trains in
-    (:func:`experiments.training.make_env`; ``env_kwargs`` on top), its
+    (:func:`experiments.training.make_env`) in the paper's form
+    (``agents.factory.PAPER_FIXED_ENV_KWARGS``; ``env_kwargs`` on top), its
     predictor trained for ``steps`` updates on the images ``rule`` selects
     from each training batch: ``"oracle"`` the ground-truth amenable ones,
     ``"random"`` as many at random, ``"inverse"`` as many, the least amenable
@@ -363,6 +369,7 @@ def fixed_objective(
     ``holdout_clean_metric`` (over its images rated amenable) and
     ``holdout_metric`` (over all).  Returns ``{"rule", "seed", "curve"}``.
     """
+    from agents.factory import PAPER_FIXED_ENV_KWARGS
     from experiments.training import TrainConfig, make_env
 
     if rule not in SELECTION_RULES:
@@ -377,7 +384,7 @@ def fixed_objective(
         )
     config = TrainConfig(
         algo="reinforce", task=task, reward="fixed", seed=seed, batch_size=batch_size, device=device,
-        env_kwargs=dict(env_kwargs or {}),
+        env_kwargs={**PAPER_FIXED_ENV_KWARGS, **(env_kwargs or {})},
     )
     env = make_env(config, train_set, validation_set)
     amenability = np.asarray(env.train_set.amenability[task], dtype=np.float64)

@@ -49,6 +49,9 @@ PREDICTOR_STATE: tuple[str, ...] = (
 PHASES: tuple[str, str] = ("train", "validation")
 REWARD_METRICS: tuple[str, str] = ("metric", "loss")
 REWARD_BASELINES: tuple[str, ...] = ("moving_average", "non_selective", "paired", "none")
+#: How the ``paired`` baseline measures a probe step: ``"step"`` takes it and measures the validation
+#: loss after it; ``"linear"`` computes its first-order effect from one validation gradient.
+PAIRED_PROBES: tuple[str, ...] = ("step", "linear")
 CLASS_CORRECTIONS: tuple[str, ...] = ("history", "step")
 
 
@@ -274,7 +277,12 @@ class TaskAmenabilityEnv(gym.Env):
     instead of one, and a score-function agent K samples of its policy at
     one observation, each with its own reward (REINFORCE credits each
     against the mean of the others: its ``draws``).  The step's reward and the predictor's training stay those of
-    the first draw.
+    the first draw.  ``paired_probe="linear"`` computes the probes' rewards
+    to first order in ``probe_lr`` instead of taking them: each image's
+    share is the derivative of its training loss along the gradient of the
+    fixed reward, taken once per episode (:meth:`_linear_probe_values`), so
+    that a step with eight draws costs two forward passes of its batch
+    rather than sixteen probe steps and validation passes.
     ``reward_baseline="none"`` returns the raw validation rewards, for agents
     with a learnt critic (the critic is their baseline).
     The other training steps (all but the ``fixed`` reward's last, unless
@@ -321,6 +329,7 @@ class TaskAmenabilityEnv(gym.Env):
     | ``probe_lr`` | ``0.1`` | learning rate of the plain gradient steps of the ``paired`` baseline |
     | ``paired_class_correction`` | ``False`` | remove from each ``paired`` reward the part fitted to the selection's class mix: ``True``/``"history"`` (a running fit over the earlier steps) or ``"step"`` (a fit on the step's own draws) |
     | ``paired_draws`` | ``1`` | selections drawn and probed per ``paired`` training step; the further ones are reported in ``info`` |
+    | ``paired_probe`` | ``"step"`` | how the ``paired`` baseline measures a probe: ``"step"`` (take it, measure the validation loss) or ``"linear"`` (its first-order effect, from the fixed reward's gradient at the episode's start) |
     | ``validation_refresh`` | ``False`` | draw a new validation subset (of ``validation_size``) for every episode |
     | ``mean_selection_bounds`` | ``(0.0, 1.0)`` | allowed range of the mean selection probability |
     | ``mean_selection_penalty`` | ``1.0`` | penalty per unit outside those bounds |
@@ -370,6 +379,7 @@ class TaskAmenabilityEnv(gym.Env):
         probe_lr: float = 0.1,
         paired_class_correction: bool | str = False,
         paired_draws: int = 1,
+        paired_probe: str = "step",
         validation_refresh: bool = False,
         mean_selection_bounds: tuple[float, float] = (0.0, 1.0),
         mean_selection_penalty: float = 1.0,
@@ -426,6 +436,14 @@ class TaskAmenabilityEnv(gym.Env):
                 "images) and predictor_average=0 (the rewards would come from a weight average that the "
                 f"probe steps do not move), got reward={self.reward_name!r}, predictor_average={predictor_average!r}"
             )
+        if paired_probe not in PAIRED_PROBES:
+            raise ValueError(f"paired_probe must be one of {PAIRED_PROBES}, got {paired_probe!r}")
+        if paired_probe == "linear" and (reward_baseline != "paired" or reward_metric != "loss"):
+            raise ValueError(
+                "paired_probe='linear' computes the paired baseline's probes from the gradient of the validation "
+                "loss, so it needs reward_baseline='paired' and reward_metric='loss' (the 0/1 error has no "
+                f"gradient), got reward_baseline={reward_baseline!r}, reward_metric={reward_metric!r}"
+            )
         if isinstance(probe_lr, bool) or not isinstance(probe_lr, (int, float, np.integer, np.floating)) or not (
             math.isfinite(probe_lr) and probe_lr > 0
         ):
@@ -474,6 +492,7 @@ class TaskAmenabilityEnv(gym.Env):
         self.probe_lr = float(probe_lr)
         self.paired_class_correction: bool | str = paired_class_correction
         self.paired_draws = int(paired_draws)
+        self.paired_probe = paired_probe
         self.validation_refresh = bool(validation_refresh)
         self.stochastic_validation = bool(stochastic_validation)
         self.mean_selection_bounds = (lo, hi)
@@ -549,6 +568,9 @@ class TaskAmenabilityEnv(gym.Env):
         self._torch_generator = torch.Generator(device="cpu")
         self._phase = "train"
         self._episode_step = 0
+        # paired_probe="linear": the fixed reward's gradient at the episode's start, and its value.
+        self._probe_direction: dict[str, torch.Tensor] | None = None
+        self._probe_start = 0.0
         self._batch_indices = np.zeros(self.batch_size, dtype=np.int64)
         self._batch_valid = np.ones(self.batch_size, dtype=bool)
         self._validation_order = np.arange(self._validation_size)
@@ -687,6 +709,11 @@ class TaskAmenabilityEnv(gym.Env):
         the controller to the inverted ranking, holdout AUROC 0.27 -> 0.01).
         """
         assert self.predictor is not None and self.optimizer is not None
+        if self.paired_probe == "linear":
+            values = self._linear_probe_values(draws)
+            if draws[0].any():
+                self._train_predictor(self._batch_indices[draws[0]])
+            return float(values[0, 0]), values[:, 0] - values[:, 1]
         weights = {k: v.detach().clone() for k, v in self.predictor.state_dict().items()}
         values = np.empty((len(draws), 2))
         for d, drawn in enumerate(draws):
@@ -698,6 +725,60 @@ class TaskAmenabilityEnv(gym.Env):
         if draws[0].any():
             self._train_predictor(self._batch_indices[draws[0]])
         return float(values[0, 0]), values[:, 0] - values[:, 1]
+
+    def _linear_probe_values(self, draws: np.ndarray) -> np.ndarray:
+        """``paired_probe="linear"``: the fixed reward after each probe of :meth:`_paired_training_step`, to
+        first order in ``probe_lr``; ``(K, 2)``, the selection's probe then the rest's.
+
+        A plain step of ``probe_lr`` on images ``S`` moves the weights by
+        ``-probe_lr * mean_{i in S} g_i`` (``g_i`` the gradient of image ``i``'s
+        training loss), so the fixed reward ``R`` after it is
+        ``R - probe_lr * mean_{i in S} c_i`` to first order, with
+        ``c_i = grad R . g_i``, the derivative of image ``i``'s loss along
+        ``grad R``.  ``grad R`` (one backward pass on the validation images)
+        is taken at the first training step of each episode and kept for its
+        ``train_steps`` steps; each step then gets every ``c_i`` from two
+        forward passes of its batch at the weights moved by ``+-eps grad R``
+        (a central difference, ``eps`` 1e-3 of the weights' norm over the
+        gradient's), where the probes themselves take ``2 K`` steps and
+        ``2 K`` validation passes.  A side with no image takes no step, as in
+        the probes.
+        """
+        from torch.func import functional_call
+
+        assert self.predictor is not None
+        predictor = self.predictor
+        predictor.train()
+        parameters = {name: p for name, p in predictor.named_parameters() if p.requires_grad}
+        if self._episode_step == 0 or self._probe_direction is None:
+            idx = torch.as_tensor(self._validation_order, device=self.device)
+            outputs = torch.cat(
+                [predictor(to_float(self._validation_images_t[idx[i : i + 64]])) for i in range(0, len(idx), 64)]
+            )
+            reward = -self.task.per_sample_loss(outputs, self._validation_targets_t[idx]).mean()
+            self._probe_direction = dict(zip(parameters, torch.autograd.grad(reward, list(parameters.values()))))
+            self._probe_start = float(reward.detach())
+        direction, start = self._probe_direction, self._probe_start
+        values = np.full((len(draws), 2), start)
+        with torch.no_grad():
+            norm = torch.sqrt(sum((g.double() ** 2).sum() for g in direction.values()))
+            if not float(norm) > 0.0:  # a flat validation loss: no probe moves it
+                return values
+            scale = torch.sqrt(sum((p.double() ** 2).sum() for p in parameters.values()))
+            eps = float(1e-3 * scale / norm)
+            batch = torch.as_tensor(self._batch_indices, device=self.device)
+            images, targets = to_float(self._train_images_t[batch]), self._train_targets_t[batch]
+
+            def losses(sign: float) -> torch.Tensor:
+                moved = {name: p + sign * eps * direction[name] for name, p in parameters.items()}
+                return self.task.per_sample_loss(functional_call(predictor, moved, (images,)), targets).double()
+
+            c = ((losses(1.0) - losses(-1.0)) / (2.0 * eps)).cpu().numpy()
+        for d, drawn in enumerate(draws):
+            for j, side in enumerate((drawn, ~drawn)):
+                if side.any():
+                    values[d, j] = start - self.probe_lr * float(c[side].mean())
+        return values
 
     # ---------------------------------------------------------- warm-up cache
     def _warmup_key(self, np_state: dict[str, Any], torch_state: torch.Tensor) -> str:
@@ -1064,6 +1145,8 @@ class TaskAmenabilityEnv(gym.Env):
             "validation_losses": tensor(self._validation_losses),
             "last_action": tensor(self._last_action),
             "last_selection": tensor(self._last_selection),
+            "probe_direction": None if self._probe_direction is None else to_cpu(self._probe_direction),
+            "probe_start": float(self._probe_start),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -1123,6 +1206,10 @@ class TaskAmenabilityEnv(gym.Env):
         self._validation_losses = array(state["validation_losses"])
         self._last_action = array(state["last_action"])
         self._last_selection = array(state["last_selection"])
+        # States written before paired_probe="linear" existed had no kept direction.
+        direction = state.get("probe_direction")
+        self._probe_direction = None if direction is None else {k: v.to(self.device) for k, v in direction.items()}
+        self._probe_start = float(state.get("probe_start", 0.0))
 
     def _load_predictor_and_generators(self, state: dict[str, Any]) -> None:
         """The :data:`PREDICTOR_STATE` part of a :meth:`state_dict`: what :meth:`load_state_dict` and a kept
@@ -1166,6 +1253,7 @@ class TaskAmenabilityEnv(gym.Env):
             "reward_normalisation": self.reward_normalisation,
             "paired_class_correction": self.paired_class_correction,
             "paired_draws": self.paired_draws,
+            **({"paired_probe": self.paired_probe} if self.paired_probe != "step" else {}),
             # Only where it is set, so that the states of envs made before the option still load.
             **({"validation_batch_size": self.validation_batch_size} if self.validation_batch_size != self.batch_size else {}),
         }

@@ -570,6 +570,49 @@ def test_paired_baseline_rewards_a_selection_against_the_rest_of_its_batch(tiny_
     assert selection.sum() == 0  # the last step selected nothing: no real step, only the rest's probe
 
 
+def test_linear_probes_are_the_probe_steps_to_first_order(tiny_synthetic):
+    """``paired_probe="linear"``: each draw's reward is the first-order term of the probe steps' reward
+    difference, taken along the fixed reward's gradient at the episode's start.  At the first step of an
+    episode (where the gradient is the current one) it agrees with the probe steps' rewards at a small
+    ``probe_lr``; the predictor trains as with the probe steps; the kept gradient travels in
+    ``state_dict`` so that a resumed env pays what the uninterrupted one pays."""
+    import torch
+
+    kwargs = {**TINY, "reward": "fixed", "reward_metric": "loss", "reward_baseline": "paired", "train_steps": 4,
+              "paired_draws": 6}
+    action = np.linspace(0.2, 0.8, 8)
+    # Measured: the largest difference is 4 % of the largest reward at probe_lr 1e-3 and 1-2 % from 1e-4
+    # down (the float32 probe steps' rounding); a wrong sign or scale would be 100 % or more.
+    for probe_lr, tolerance in ((1e-4, 0.03), (1e-5, 0.03)):
+        linear = TaskAmenabilityEnv(tiny_synthetic, **kwargs, probe_lr=probe_lr, paired_probe="linear")
+        stepped = TaskAmenabilityEnv(tiny_synthetic, **kwargs, probe_lr=probe_lr)
+        linear.reset(seed=0)
+        stepped.reset(seed=0)
+        _, reward, _, _, info = linear.step(action)
+        _, stepped_reward, _, _, stepped_info = stepped.step(action)
+        assert np.array_equal(info["extra_selections"], stepped_info["extra_selections"])
+        mine, theirs = np.r_[reward, info["extra_rewards"]], np.r_[stepped_reward, stepped_info["extra_rewards"]]
+        assert np.abs(theirs).max() > 0
+        assert np.abs(mine - theirs).max() <= tolerance * np.abs(theirs).max(), (probe_lr, mine, theirs)
+        for a, b in zip(linear.predictor.state_dict().values(), stepped.predictor.state_dict().values()):
+            assert torch.equal(a, b)  # the real step is the same; the probes leave no trace
+    # A resumed env keeps the episode's gradient: the same rewards as the env that went on.
+    env = TaskAmenabilityEnv(tiny_synthetic, **kwargs, paired_probe="linear")
+    env.reset(seed=0)
+    env.step(action)
+    state = env.state_dict()
+    resumed = TaskAmenabilityEnv(tiny_synthetic, **kwargs, paired_probe="linear")
+    resumed.load_state_dict(state)
+    for _ in range(2):
+        _, reward, _, _, info = env.step(action)
+        _, resumed_reward, _, _, resumed_info = resumed.step(action)
+        assert reward == resumed_reward and np.array_equal(info["extra_rewards"], resumed_info["extra_rewards"])
+    with pytest.raises(ValueError, match="paired_probe must be one of \\('step', 'linear'\\), got 'exact'"):
+        TaskAmenabilityEnv(tiny_synthetic, **kwargs, paired_probe="exact")
+    with pytest.raises(ValueError, match="needs reward_baseline='paired' and reward_metric='loss'"):
+        TaskAmenabilityEnv(tiny_synthetic, **{**kwargs, "reward_metric": "metric"}, paired_probe="linear")
+
+
 def test_paired_class_correction_subtracts_the_fitted_class_term(tiny_synthetic):
     """``paired_class_correction=True``: the same seed and actions give the same selections and the same
     uncorrected rewards; each reward is the uncorrected one minus the class term fitted (by

@@ -15,6 +15,7 @@ from __future__ import annotations
 import pytest
 
 from agents import Controller, make_agent, recommended_env_kwargs
+from agents.factory import PAPER_FIXED_ENV_KWARGS
 from iqa_env.data import split_by_group
 from iqa_env.env import TaskAmenabilityEnv
 from iqa_env.metrics import auroc
@@ -74,11 +75,16 @@ def test_reinforce_learns_the_ranking_without_image_baselines(occluded_splits, r
     assert final >= 0.8, f"REINFORCE ({reward}, no image baselines): {initial:.3f} -> {final:.3f}"
 
 
+#: The fixed reward's env in the paper's form (REINFORCE's default is the paired set-up with linear probes),
+#: on the validation images of the other tests.
+PAPER_FIXED = {**PAPER_FIXED_ENV_KWARGS, "validation_size": 64}
+
+
 def test_reinforce_with_the_fixed_reward_moves_towards_the_ranking(occluded_splits):
     # The fixed reward only sees the training selection's effect on clean validation
     # images, a weaker signal (as the paper's follow-up and our prototype found):
-    # it learns, but not to 0.8 in this budget (measured: 0.273 -> 0.635).
-    initial, final = _learn(occluded_splits, "reinforce", "fixed", 0, steps=400)
+    # in the paper's form it learns, but not to 0.8 in this budget (measured: 0.273 -> 0.635).
+    initial, final = _learn(occluded_splits, "reinforce", "fixed", 0, steps=400, **PAPER_FIXED)
     assert initial < 0.5
     assert final - initial >= 0.25, f"REINFORCE (fixed): {initial:.3f} -> {final:.3f}"
 
@@ -88,7 +94,8 @@ def test_reinforce_learns_the_ranking_with_the_fixed_reward_and_the_paired_basel
     # Each training step rewarded against a step on the rest of its batch (reward_baseline="paired")
     # carries the training-selection signal that the moving average above loses
     # (measured: seed 0 0.273 -> 0.954, seed 1 0.441 -> 0.989 in 500 steps).
-    initial, final = _learn(occluded_splits, "reinforce", "fixed", seed, steps=500, reward_baseline="paired")
+    initial, final = _learn(occluded_splits, "reinforce", "fixed", seed, steps=500, agent_kwargs=dict(class_balance=0.0),
+                            **{**PAPER_FIXED, "reward_baseline": "paired"})
     assert initial < 0.5, f"seed {seed} should start inverted, started at {initial:.3f}"
     assert final >= 0.8, f"REINFORCE (fixed, paired, seed {seed}): {initial:.3f} -> {final:.3f}"
 
@@ -97,10 +104,22 @@ def test_reinforce_learns_the_ranking_with_the_fixed_reward_and_each_draw_credit
     # DDPG's fixed-reward env set-up (8 draws per paired step, the class term fitted on them); REINFORCE
     # credits each draw with its reward less the mean of the other seven (draws="leave_one_out").
     # Measured: seed 0 0.273 -> 0.855 in 200 steps; crediting only the trained draw, 0.607.
-    paired = dict(reward_baseline="paired", validation_size=32, paired_draws=8, paired_class_correction="step")
-    initial, final = _learn(occluded_splits, "reinforce", "fixed", 0, steps=200, **paired)
+    paired = dict(reward_baseline="paired", validation_size=32, paired_draws=8, paired_class_correction="step",
+                  paired_probe="step")
+    initial, final = _learn(occluded_splits, "reinforce", "fixed", 0, steps=200, agent_kwargs=dict(class_balance=0.0), **paired)
     assert initial < 0.5, f"seed 0 should start inverted, started at {initial:.3f}"
     assert final >= 0.8, f"REINFORCE (fixed, 8 draws credited against each other): {initial:.3f} -> {final:.3f}"
+
+
+def test_reinforce_learns_the_ranking_with_the_fixed_reward_and_its_defaults(occluded_splits):
+    # REINFORCE's fixed-reward default: the paired set-up of the test above with the probes' rewards computed
+    # to first order (paired_probe="linear") and the class penalty (agents.PAIRED_DEFAULTS).  Measured,
+    # seeds 0-2: 0.273 -> 0.860, 0.441 -> 0.836, 0.501 -> 0.872 in 200 steps; at 400 steps 0.834, 0.393 and
+    # 0.789: later on this data the ranking decays, where the probe steps hold it (docs/learning-status.md,
+    # section 53).
+    initial, final = _learn(occluded_splits, "reinforce", "fixed", 0, steps=200)
+    assert initial < 0.5, f"seed 0 should start inverted, started at {initial:.3f}"
+    assert final >= 0.8, f"REINFORCE (fixed, its defaults): {initial:.3f} -> {final:.3f}"
 
 
 def test_ddpg_learns_the_ranking(occluded_splits):

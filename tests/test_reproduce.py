@@ -778,15 +778,17 @@ def test_budgets_live_in_one_place():
 
 def test_a_folder_records_the_validation_size_that_auto_stands_for():
     """``validation_size="auto"`` is recorded as its number where every stage has the same one (REINFORCE's
-    256, what folders made before "auto" recorded, so that they resume), as "auto" where the stages differ
-    (DDPG's fixed reward has 32), and each train stage records its own number."""
+    256 across the weighted and selective rewards, what folders made before "auto" recorded), as "auto" where
+    the stages differ (DDPG's and REINFORCE's fixed reward have 32), and each train stage records its own
+    number."""
     from pathlib import Path
 
     from experiments.reproduce import _identity, make_stage
     from experiments.training import TrainConfig
 
     stages = ("task", "reward", "seed")
-    assert _identity(TrainConfig(), stages)["validation_size"] == 256
+    assert _identity(TrainConfig(), stages)["validation_size"] == "auto"
+    assert _identity(TrainConfig(), ("task", "seed"))["validation_size"] == 256  # the weighted reward's
     assert _identity(TrainConfig(algo="ddpg"), stages)["validation_size"] == "auto"
     assert _identity(TrainConfig(reward="fixed"), ("task", "algo", "seed"))["validation_size"] == "auto"
     assert _identity(TrainConfig(reward="weighted"), ("task", "algo", "seed"))["validation_size"] == 256
