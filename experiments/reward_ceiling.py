@@ -242,6 +242,7 @@ def selection_signal(
     reward can prefer a class whatever the images' quality:
     ``docs/learning-status.md``, section 31).
     """
+    from agents.factory import PAPER_FIXED_ENV_KWARGS
     from experiments.training import TrainConfig, make_env
     from iqa_env.rewards import class_mix_contrast
 
@@ -251,8 +252,6 @@ def selection_signal(
     if not 0.0 < rate < 1.0:
         raise ValueError(f"rate must be a selection probability in (0, 1), got {rate!r}")
     train_set, validation_set, _ = _splits_with_truth(dataset, task, split_seed, "the selection signal")
-    from agents.factory import PAPER_FIXED_ENV_KWARGS
-
     extra = dict(env_kwargs or {})
     if form != "weighted":
         # The paper's form with this baseline: the signal measured before the paired set-up became the default.
