@@ -142,6 +142,12 @@ def extra_draws(info: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     return selections, rewards
 
 
+def _chunked_outputs(net: torch.nn.Module, images: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+    """``net``'s outputs for ``(N, C, H, W)`` images (uint8 or float), ``chunk`` images at a time, in the
+    caller's grad mode (:meth:`TaskAmenabilityEnv.predictor_outputs` says why 64)."""
+    return torch.cat([net(to_float(images[i : i + chunk])) for i in range(0, len(images), chunk)])
+
+
 class TaskAmenabilityEnv(gym.Env):
     """Learning which images a task predictor can use: the controller's environment.
 
@@ -660,10 +666,8 @@ class TaskAmenabilityEnv(gym.Env):
         predictor = self.evaluated_predictor
         if predictor is None:
             raise RuntimeError("the task predictor does not exist before the first reset()")
-        images = torch.as_tensor(images, device=self.device)
         predictor.eval()
-        outs = [predictor(to_float(images[i : i + chunk])) for i in range(0, len(images), chunk)]
-        return torch.cat(outs)
+        return _chunked_outputs(predictor, torch.as_tensor(images, device=self.device), chunk)
 
     @torch.no_grad()
     def evaluate(self, dataset: ImageDataset) -> dict[str, np.ndarray]:
@@ -752,9 +756,7 @@ class TaskAmenabilityEnv(gym.Env):
         parameters = {name: p for name, p in predictor.named_parameters() if p.requires_grad}
         if self._episode_step == 0 or self._probe_direction is None:
             idx = torch.as_tensor(self._validation_order, device=self.device)
-            outputs = torch.cat(
-                [predictor(to_float(self._validation_images_t[idx[i : i + 64]])) for i in range(0, len(idx), 64)]
-            )
+            outputs = _chunked_outputs(predictor, self._validation_images_t[idx])
             reward = -self.task.per_sample_loss(outputs, self._validation_targets_t[idx]).mean()
             self._probe_direction = dict(zip(parameters, torch.autograd.grad(reward, list(parameters.values()))))
             self._probe_start = float(reward.detach())
