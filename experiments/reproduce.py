@@ -230,7 +230,7 @@ class Stage:
         # defaults is not reused.
         config = self.config.resolved()
         fields = _identity(config, ("reward", "algo") if self.kind == "baseline" else ())
-        settings = _plain(recommended_env_kwargs(config.algo, config.reward))
+        settings = _plain(recommended_env_kwargs(config.algo, config.reward, config.task))
         identity = {"kind": self.kind, **fields, "env_settings": settings}
         if self.kind != "baseline":
             env = env_settings(config)  # what make_env gives the run's env

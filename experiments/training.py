@@ -197,7 +197,7 @@ def env_settings(config: TrainConfig) -> dict[str, Any]:
     """The ``TaskAmenabilityEnv`` arguments of ``config`` (see :func:`make_env`)."""
     from agents import recommended_env_kwargs
 
-    settings = recommended_env_kwargs(config.algo, config.reward)
+    settings = recommended_env_kwargs(config.algo, config.reward, config.task)
     resolved = config.resolved()
     settings.update(
         task=config.task,

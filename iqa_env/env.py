@@ -8,7 +8,7 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import gymnasium as gym
 import numpy as np
@@ -51,7 +51,7 @@ REWARD_METRICS: tuple[str, str] = ("metric", "loss")
 REWARD_BASELINES: tuple[str, ...] = ("moving_average", "non_selective", "paired", "none")
 #: How the ``paired`` baseline measures a probe step: ``"step"`` takes it and measures the validation
 #: loss after it; ``"linear"`` computes its first-order effect from one validation gradient.
-PAIRED_PROBES: tuple[str, ...] = ("step", "linear")
+PAIRED_PROBES: tuple[str, ...] = ("step", "linear", "linearised")
 CLASS_CORRECTIONS: tuple[str, ...] = ("history", "step")
 
 
@@ -142,7 +142,9 @@ def extra_draws(info: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     return selections, rewards
 
 
-def _chunked_outputs(net: torch.nn.Module, images: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+def _chunked_outputs(
+    net: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, chunk: int = 64
+) -> torch.Tensor:
     """``net``'s outputs for ``(N, C, H, W)`` images (uint8 or float), ``chunk`` images at a time, in the
     caller's grad mode (:meth:`TaskAmenabilityEnv.predictor_outputs` says why 64)."""
     return torch.cat([net(to_float(images[i : i + chunk])) for i in range(0, len(images), chunk)])
@@ -289,6 +291,14 @@ class TaskAmenabilityEnv(gym.Env):
     fixed reward, taken once per episode (:meth:`_linear_probe_values`), so
     that a step with eight draws costs two forward passes of its batch
     rather than sixteen probe steps and validation passes.
+    ``paired_probe="linearised"`` (classification) computes them from the
+    predictor linearised at the episode's start: each probe moves the
+    validation logits to first order and the loss on the moved logits is
+    taken exactly (:meth:`_linearised_probe_values`), which keeps the
+    curvature that penalises steps on images with large gradients, where
+    the first-order rewards lose the ranking once the predictor fits; a
+    step costs one vectorised backward pass of its batch for the per-image
+    gradients.
     ``reward_baseline="none"`` returns the raw validation rewards, for agents
     with a learnt critic (the critic is their baseline).
     The other training steps (all but the ``fixed`` reward's last, unless
@@ -335,7 +345,7 @@ class TaskAmenabilityEnv(gym.Env):
     | ``probe_lr`` | ``0.1`` | learning rate of the plain gradient steps of the ``paired`` baseline |
     | ``paired_class_correction`` | ``False`` | remove from each ``paired`` reward the part fitted to the selection's class mix: ``True``/``"history"`` (a running fit over the earlier steps) or ``"step"`` (a fit on the step's own draws) |
     | ``paired_draws`` | ``1`` | selections drawn and probed per ``paired`` training step; the further ones are reported in ``info`` |
-    | ``paired_probe`` | ``"step"`` | how the ``paired`` baseline measures a probe: ``"step"`` (take it, measure the validation loss) or ``"linear"`` (its first-order effect, from the fixed reward's gradient at the episode's start) |
+    | ``paired_probe`` | ``"step"`` | how the ``paired`` baseline measures a probe: ``"step"`` (take it, measure the validation loss), ``"linear"`` (its first-order effect, from the fixed reward's gradient at the episode's start) or ``"linearised"`` (the loss on the validation logits moved to first order, from the predictor at the episode's start; classification) |
     | ``validation_refresh`` | ``False`` | draw a new validation subset (of ``validation_size``) for every episode |
     | ``mean_selection_bounds`` | ``(0.0, 1.0)`` | allowed range of the mean selection probability |
     | ``mean_selection_penalty`` | ``1.0`` | penalty per unit outside those bounds |
@@ -444,11 +454,17 @@ class TaskAmenabilityEnv(gym.Env):
             )
         if paired_probe not in PAIRED_PROBES:
             raise ValueError(f"paired_probe must be one of {PAIRED_PROBES}, got {paired_probe!r}")
-        if paired_probe == "linear" and (reward_baseline != "paired" or reward_metric != "loss"):
+        if paired_probe != "step" and (reward_baseline != "paired" or reward_metric != "loss"):
             raise ValueError(
-                "paired_probe='linear' computes the paired baseline's probes from the gradient of the validation "
-                "loss, so it needs reward_baseline='paired' and reward_metric='loss' (the 0/1 error has no "
-                f"gradient), got reward_baseline={reward_baseline!r}, reward_metric={reward_metric!r}"
+                f"paired_probe={paired_probe!r} computes the paired baseline's probes from the gradient of the "
+                "validation loss, so it needs reward_baseline='paired' and reward_metric='loss' (the 0/1 error has "
+                f"no gradient), got reward_baseline={reward_baseline!r}, reward_metric={reward_metric!r}"
+            )
+        if paired_probe == "linearised" and self.task.name != "classification":
+            raise ValueError(
+                "paired_probe='linearised' keeps the Jacobian of the predictor's outputs on the validation images "
+                "(images x outputs per image x weights), which fits a classifier's few logits, not the "
+                f"{self.task.name} predictor's per-pixel outputs: use paired_probe='linear' or 'step' there"
             )
         if isinstance(probe_lr, bool) or not isinstance(probe_lr, (int, float, np.integer, np.floating)) or not (
             math.isfinite(probe_lr) and probe_lr > 0
@@ -577,6 +593,10 @@ class TaskAmenabilityEnv(gym.Env):
         # paired_probe="linear": the fixed reward's gradient at the episode's start, and its value.
         self._probe_direction: dict[str, torch.Tensor] | None = None
         self._probe_start = 0.0
+        # paired_probe="linearised": the predictor's weights at the episode's start (saved), and the
+        # validation outputs and their Jacobian there (derived from them, not saved).
+        self._probe_anchor: dict[str, torch.Tensor] | None = None
+        self._probe_model: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None
         self._batch_indices = np.zeros(self.batch_size, dtype=np.int64)
         self._batch_valid = np.ones(self.batch_size, dtype=bool)
         self._validation_order = np.arange(self._validation_size)
@@ -713,8 +733,8 @@ class TaskAmenabilityEnv(gym.Env):
         the controller to the inverted ranking, holdout AUROC 0.27 -> 0.01).
         """
         assert self.predictor is not None and self.optimizer is not None
-        if self.paired_probe == "linear":
-            values = self._linear_probe_values(draws)
+        if self.paired_probe != "step":
+            values = (self._linear_probe_values if self.paired_probe == "linear" else self._linearised_probe_values)(draws)
             if draws[0].any():
                 self._train_predictor(self._batch_indices[draws[0]])
             return float(values[0, 0]), values[:, 0] - values[:, 1]
@@ -781,6 +801,79 @@ class TaskAmenabilityEnv(gym.Env):
                 if side.any():
                     values[d, j] = start - self.probe_lr * float(c[side].mean())
         return values
+
+    def _linearised_probe_values(self, draws: np.ndarray) -> np.ndarray:
+        """``paired_probe="linearised"``: the fixed reward after each probe of :meth:`_paired_training_step`,
+        with the predictor's outputs on the validation images to first order in the probe's step and the
+        loss on them exact; ``(K, 2)``, the selection's probe then the rest's.
+
+        A plain step of ``probe_lr`` on images ``S`` moves the weights by
+        ``d = -probe_lr * mean_{i in S} g_i`` (``g_i`` the gradient of image
+        ``i``'s training loss), and validation image ``v``'s outputs by
+        ``J_v d`` to first order (``J_v`` their Jacobian in the weights).  The
+        reward is ``-mean_v loss(z_v + J_v d, y_v)`` with the loss itself
+        exact: what ``"linear"`` drops, the curvature of the loss in the
+        outputs, is what penalises the steps on images whose large gradients
+        overshoot (``docs/design-decisions.md``).  ``z_v`` and ``J_v`` are taken
+        once per episode at its first training step (a backward pass per
+        output and validation image, from the weights kept in
+        :meth:`state_dict`); each step then takes the per-image gradients of
+        its batch (one vectorised backward pass) and gets every probe from
+        ``J_v g_i``.  The outputs are the logits less the last one, which is
+        all the cross-entropy sees (it does not change when every logit moves
+        by the same amount), so the Jacobian holds validation images x (classes
+        - 1) x weights numbers (5.2 M, 21 MB, on the built-in set): the option
+        is for a classifier, whose outputs per image are few.
+        """
+        from torch.func import functional_call, grad, jacrev, vmap
+
+        assert self.predictor is not None
+        predictor = self.predictor
+        predictor.train()
+        parameters = {name: p.detach() for name, p in predictor.named_parameters() if p.requires_grad}
+        buffers = dict(predictor.named_buffers())
+
+        def outputs(weights: dict[str, torch.Tensor], image: torch.Tensor) -> torch.Tensor:
+            return functional_call(predictor, (weights, buffers), (image.unsqueeze(0),)).squeeze(0)
+
+        def margins(weights: dict[str, torch.Tensor], image: torch.Tensor) -> torch.Tensor:
+            # The logits less the last one: the cross-entropy does not change when every logit moves by the
+            # same amount, so these C - 1 outputs (not C) are all the loss sees.
+            logits = outputs(weights, image)
+            return logits[:-1] - logits[-1]
+
+        if self._episode_step == 0 or self._probe_anchor is None:
+            self._probe_anchor = {name: p.clone() for name, p in parameters.items()}
+            self._probe_model = None
+        if self._probe_model is None:
+            idx = torch.as_tensor(self._validation_order, device=self.device)
+            images = to_float(self._validation_images_t[idx])
+            anchor = self._probe_anchor
+            with torch.no_grad():
+                z = _chunked_outputs(lambda x: functional_call(predictor, (anchor, buffers), (x,)), images)
+                z = z[:, :-1] - z[:, -1:]
+            jacobian = vmap(jacrev(margins), in_dims=(None, 0))(anchor, images)
+            self._probe_model = (z, {name: j.detach().flatten(2) for name, j in jacobian.items()})
+        z, jacobian = self._probe_model
+        targets = self._validation_targets_t[torch.as_tensor(self._validation_order, device=self.device)]
+        batch = torch.as_tensor(self._batch_indices, device=self.device)
+        images, batch_targets = to_float(self._train_images_t[batch]), self._train_targets_t[batch]
+
+        def image_loss(weights: dict[str, torch.Tensor], image: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            return self.task.per_sample_loss(outputs(weights, image).unsqueeze(0), target.unsqueeze(0))[0]
+
+        gradients = vmap(grad(image_loss), in_dims=(None, 0, 0))(parameters, images, batch_targets)
+        with torch.no_grad():
+            # moved[v, o, i] = J_v g_i: how validation image v's output o changes along image i's loss gradient.
+            moved = sum(torch.einsum("vop,ip->voi", jacobian[name], g.flatten(1)) for name, g in gradients.items())
+            sides = torch.as_tensor(np.concatenate([draws, ~draws]), device=self.device, dtype=z.dtype)  # (2K, B)
+            counts = sides.sum(1, keepdim=True)
+            steps = sides / counts.clamp(min=1.0)  # a side with no image takes no step
+            shifted = z.unsqueeze(0) - self.probe_lr * torch.einsum("voi,si->svo", moved, steps)  # (2K, V, C - 1)
+            logits = torch.cat([shifted, torch.zeros_like(shifted[..., :1])], dim=-1)  # the last logit at 0
+            losses = self.task.per_sample_loss(logits.flatten(0, 1), targets.repeat(len(steps)))
+            values = -losses.double().reshape(len(steps), -1).mean(1).cpu().numpy()
+        return np.stack([values[: len(draws)], values[len(draws) :]], axis=1)
 
     # ---------------------------------------------------------- warm-up cache
     def _warmup_key(self, np_state: dict[str, Any], torch_state: torch.Tensor) -> str:
@@ -1149,6 +1242,7 @@ class TaskAmenabilityEnv(gym.Env):
             "last_selection": tensor(self._last_selection),
             "probe_direction": None if self._probe_direction is None else to_cpu(self._probe_direction),
             "probe_start": float(self._probe_start),
+            "probe_anchor": None if self._probe_anchor is None else to_cpu(self._probe_anchor),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -1212,6 +1306,9 @@ class TaskAmenabilityEnv(gym.Env):
         direction = state.get("probe_direction")
         self._probe_direction = None if direction is None else {k: v.to(self.device) for k, v in direction.items()}
         self._probe_start = float(state.get("probe_start", 0.0))
+        anchor = state.get("probe_anchor")  # paired_probe="linearised"; its model is derived from it again
+        self._probe_anchor = None if anchor is None else {k: v.to(self.device) for k, v in anchor.items()}
+        self._probe_model = None
 
     def _load_predictor_and_generators(self, state: dict[str, Any]) -> None:
         """The :data:`PREDICTOR_STATE` part of a :meth:`state_dict`: what :meth:`load_state_dict` and a kept

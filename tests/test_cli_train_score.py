@@ -202,10 +202,13 @@ def test_ddpg_with_the_fixed_reward_gets_its_measured_settings(tiny_synthetic_pa
     # The same command with another size on the same folder is a different run, refused without --overwrite.
     assert main([*base, "--validation-size", "16", "--out", str(tmp_path / "run")]) == 2
     assert "validation_size: saved 32, now 16" in capsys.readouterr().err
-    # REINFORCE gets the same set-up with linear probes; other algorithms and rewards keep 256 and their own
-    # baselines.
+    # REINFORCE gets the same set-up with the linearised probes in classification and the first-order ones
+    # in segmentation (whose per-pixel outputs the linearised probes refuse); other algorithms and rewards
+    # keep 256 and their own baselines.
     assert recommended_env_kwargs("reinforce", "fixed") == {**recommended_env_kwargs("ddpg", "fixed"),
-                                                           "batch_size": 16, "paired_probe": "linear"}
+                                                           "batch_size": 16, "paired_probe": "linearised"}
+    assert recommended_env_kwargs("reinforce", "fixed", "segmentation")["paired_probe"] == "linear"
+    assert env_settings(TrainConfig(algo="reinforce", reward="fixed", task="segmentation"))["paired_probe"] == "linear"
     assert env_settings(TrainConfig(algo="reinforce", reward="fixed"))["validation_size"] == 32
     assert env_settings(TrainConfig(algo="td3", reward="fixed"))["validation_size"] == 256
     assert "reward_baseline" not in env_settings(TrainConfig(algo="td3", reward="fixed"))  # the paper's form

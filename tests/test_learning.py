@@ -75,7 +75,7 @@ def test_reinforce_learns_the_ranking_without_image_baselines(occluded_splits, r
     assert final >= 0.8, f"REINFORCE ({reward}, no image baselines): {initial:.3f} -> {final:.3f}"
 
 
-#: The fixed reward's env in the paper's form (REINFORCE's default is the paired set-up with linear probes),
+#: The fixed reward's env in the paper's form (REINFORCE's default is the paired set-up with linearised probes),
 #: on the validation images of the other tests.
 PAPER_FIXED = {**PAPER_FIXED_ENV_KWARGS, "validation_size": 64}
 
@@ -113,13 +113,14 @@ def test_reinforce_learns_the_ranking_with_the_fixed_reward_and_each_draw_credit
 
 def test_reinforce_learns_the_ranking_with_the_fixed_reward_and_its_defaults(occluded_splits):
     # REINFORCE's fixed-reward default: the paired set-up of the test above with the probes' rewards computed
-    # to first order (paired_probe="linear") and the class penalty (agents.PAIRED_DEFAULTS).  Measured,
-    # seeds 0-2: 0.273 -> 0.860, 0.441 -> 0.836, 0.501 -> 0.872 in 200 steps; at 400 steps 0.834, 0.393 and
-    # 0.789: later on this data the ranking decays, where the probe steps hold it (docs/learning-status.md,
-    # section 53).
-    initial, final = _learn(occluded_splits, "reinforce", "fixed", 0, steps=200)
-    assert initial < 0.5, f"seed 0 should start inverted, started at {initial:.3f}"
-    assert final >= 0.8, f"REINFORCE (fixed, its defaults): {initial:.3f} -> {final:.3f}"
+    # from the predictor linearised at each episode's start (paired_probe="linearised") and the class penalty
+    # (agents.PAIRED_DEFAULTS).  Measured, seeds 0-3 at 400 env steps: 0.273 -> 0.995, 0.441 -> 0.991,
+    # 0.501 -> 0.993, 0.516 -> 0.980, and 0.997 0.973 0.986 0.982 at 800.  Seed 1 is where the first-order
+    # probes (paired_probe="linear") had lost the ranking by then: 0.898 at 100 env steps, 0.393 at 400
+    # (docs/learning-status.md, section 54).
+    initial, final = _learn(occluded_splits, "reinforce", "fixed", 1, steps=400)
+    assert initial < 0.5, f"seed 1 should start inverted, started at {initial:.3f}"
+    assert final >= 0.9, f"REINFORCE (fixed, its defaults, seed 1): {initial:.3f} -> {final:.3f}"
 
 
 def test_ddpg_learns_the_ranking(occluded_splits):
