@@ -596,7 +596,7 @@ def test_reproduce_end_to_end_then_resume(tiny_synthetic_path, tmp_path, caplog,
     import agents
 
     recommended = agents.recommended_env_kwargs
-    monkeypatch.setattr(agents, "recommended_env_kwargs", lambda algo, reward: {**recommended(algo, reward), "predictor_average": 0.5})
+    monkeypatch.setattr(agents, "recommended_env_kwargs", lambda *args: {**recommended(*args), "predictor_average": 0.5})
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert "finished with other settings" in err and "env_settings.predictor_average" in err

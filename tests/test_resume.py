@@ -221,7 +221,7 @@ def test_a_run_made_under_other_env_defaults_is_not_resumed_or_reused(tiny_synth
 
     recommended = agents.recommended_env_kwargs
     # A later checkout whose defaults differ: the same config now gives another env.
-    monkeypatch.setattr(agents, "recommended_env_kwargs", lambda algo, reward: {**recommended(algo, reward), "validation_refresh": False})
+    monkeypatch.setattr(agents, "recommended_env_kwargs", lambda *args: {**recommended(*args), "validation_refresh": False})
     with pytest.raises(ValueError, match="env setting validation_refresh: saved True, now False.*overwrite"):
         train(config, run)
     now = json.loads(json.dumps(env_settings(config)))
