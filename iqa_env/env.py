@@ -50,7 +50,8 @@ PHASES: tuple[str, str] = ("train", "validation")
 REWARD_METRICS: tuple[str, str] = ("metric", "loss")
 REWARD_BASELINES: tuple[str, ...] = ("moving_average", "non_selective", "paired", "none")
 #: How the ``paired`` baseline measures a probe step: ``"step"`` takes it and measures the validation
-#: loss after it; ``"linear"`` computes its first-order effect from one validation gradient.
+#: loss after it; ``"linear"`` computes its first-order effect from one validation gradient;
+#: ``"linearised"`` takes the loss on the validation logits moved by it to first order (classification).
 PAIRED_PROBES: tuple[str, ...] = ("step", "linear", "linearised")
 CLASS_CORRECTIONS: tuple[str, ...] = ("history", "step")
 
@@ -845,8 +846,8 @@ class TaskAmenabilityEnv(gym.Env):
         if self._episode_step == 0 or self._probe_anchor is None:
             self._probe_anchor = {name: p.clone() for name, p in parameters.items()}
             self._probe_model = None
+        idx = torch.as_tensor(self._validation_order, device=self.device)
         if self._probe_model is None:
-            idx = torch.as_tensor(self._validation_order, device=self.device)
             images = to_float(self._validation_images_t[idx])
             anchor = self._probe_anchor
             with torch.no_grad():
@@ -855,7 +856,7 @@ class TaskAmenabilityEnv(gym.Env):
             jacobian = vmap(jacrev(margins), in_dims=(None, 0))(anchor, images)
             self._probe_model = (z, {name: j.detach().flatten(2) for name, j in jacobian.items()})
         z, jacobian = self._probe_model
-        targets = self._validation_targets_t[torch.as_tensor(self._validation_order, device=self.device)]
+        targets = self._validation_targets_t[idx]
         batch = torch.as_tensor(self._batch_indices, device=self.device)
         images, batch_targets = to_float(self._train_images_t[batch]), self._train_targets_t[batch]
 
