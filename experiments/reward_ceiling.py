@@ -50,6 +50,10 @@ whole: a reward that prefers one class of images whatever their quality
 shows in the class terms (section 31).  ``--forms weighted``
 measures the first channel the same way, for scale: the weighted reward's
 validation steps, each paired with its own selection of validation images.
+``--forms draws`` measures the fixed reward as REINFORCE trains on it by
+default (several draws of each batch's selection, each probed from the same
+weights): each draw's reward less the mean of its step's other draws, paired
+with that draw's selection, what the agent's gradient is made of (section 55).
 
 ``--fixed-objective`` asks whether the fixed reward's own quantity prefers the
 truth's selections over a whole run, not one step: it trains the predictor of
@@ -206,7 +210,7 @@ def predictor_ceiling(
 
 #: What ``--selection-signal`` measures: the fixed reward in the paper's form (``moving_average``) and with
 #: ``reward_baseline="paired"``, and, for scale, the weighted reward's validation steps (``weighted``).
-SIGNAL_FORMS: tuple[str, ...] = ("moving_average", "paired", "weighted")
+SIGNAL_FORMS: tuple[str, ...] = ("moving_average", "paired", "weighted", "draws")
 
 
 def selection_signal(
@@ -231,8 +235,14 @@ def selection_signal(
     reward is paired with the training selections it covers (an episode's,
     or the step's own).  ``"weighted"``: the env of ``--reward weighted``;
     each validation step's reward is paired with that step's selection of
-    validation images.  ``env_kwargs`` go on top.  Every image is selected
-    with probability ``rate`` for ``steps`` env steps.  Returns ``{"form",
+    validation images.  ``"draws"``: the fixed reward as REINFORCE trains on
+    it by default (:func:`agents.recommended_env_kwargs`: ``paired_draws``
+    selections of each batch, each probed from the same weights); each
+    draw's reward less the mean of the step's other draws (REINFORCE's
+    credit) is paired with that draw's own selection, so the correlation is
+    taken within steps, as the agent learns from it.  ``env_kwargs`` go on
+    top.  Every image is selected with probability ``rate`` for ``steps``
+    env steps.  Returns ``{"form",
     "seed", "rate", "steps", "rewards", "correlation", "decomposition"}``:
     the number of rewards and the correlation of each reward (as the agent
     gets it, after the baseline) with the selected images' amenable fraction
@@ -244,6 +254,7 @@ def selection_signal(
     """
     from agents.factory import PAPER_FIXED_ENV_KWARGS
     from experiments.training import TrainConfig, make_env
+    from iqa_env.env import extra_draws
     from iqa_env.rewards import class_mix_contrast
 
     if form not in SIGNAL_FORMS:
@@ -253,7 +264,7 @@ def selection_signal(
         raise ValueError(f"rate must be a selection probability in (0, 1), got {rate!r}")
     train_set, validation_set, _ = _splits_with_truth(dataset, task, split_seed, "the selection signal")
     extra = dict(env_kwargs or {})
-    if form != "weighted":
+    if form in ("moving_average", "paired"):
         # The paper's form with this baseline: the signal measured before the paired set-up became the default.
         extra = {**PAPER_FIXED_ENV_KWARGS, **extra, "reward_baseline": form}
     config = TrainConfig(
@@ -261,6 +272,11 @@ def selection_signal(
         batch_size=batch_size, device=device, env_kwargs=extra,
     )
     env = make_env(config, train_set, validation_set)
+    if form == "draws" and env.paired_draws < 2:
+        raise ValueError(
+            f"form 'draws' credits each draw against the step's others, so it needs paired_draws >= 2, got "
+            f"{env.paired_draws} (env_kwargs {extra})"
+        )
     truth = {
         "train": env.train_set.amenable(task).astype(np.float64),
         "validation": env.validation_set.amenable(task).astype(np.float64),
@@ -273,15 +289,31 @@ def selection_signal(
     for _ in range(steps):
         indices = info["batch_indices"]
         _, reward, terminated, _, info = env.step(np.full(batch_size, rate, dtype=np.float32))
-        chosen, rest = info["selection"] & info["valid"], ~info["selection"] & info["valid"]
         amenable = truth[info["action_phase"]][indices]
         classes = np.asarray(info["classes"], dtype=np.int64)
-        # The class terms are the ones the env's paired_class_correction removes.
-        contrast = class_mix_contrast(info["selection"][info["valid"]], classes[info["valid"]], num_classes)
-        if contrast is not None:
+        valid = np.asarray(info["valid"], dtype=bool)
+
+        def contrast_of(selection: np.ndarray) -> np.ndarray | None:
+            chosen, rest = selection & valid, ~selection & valid
+            # The class terms are the ones the env's paired_class_correction removes.
+            class_terms = class_mix_contrast(selection[valid], classes[valid], num_classes)
+            if class_terms is None:
+                return None
             amenable_by_class = amenable[:, None] * np.eye(num_classes)[classes]
-            contrast = np.concatenate([amenable_by_class[chosen].mean(0) - amenable_by_class[rest].mean(0), contrast])
-        if info["reward_scope"] == "step":  # the reward measures this step's selection alone
+            return np.concatenate([amenable_by_class[chosen].mean(0) - amenable_by_class[rest].mean(0), class_terms])
+
+        contrast = contrast_of(np.asarray(info["selection"], dtype=bool))
+        if form == "draws":
+            if info["reward_ready"]:
+                extra_selections, extra_rewards = extra_draws(info)
+                selections = [np.asarray(info["selection"], dtype=bool), *extra_selections]
+                rewards = np.concatenate([[float(reward)], extra_rewards])
+                credit = rewards - (rewards.sum() - rewards) / (len(rewards) - 1)
+                for selection, c in zip(selections, credit):
+                    draw_contrast = contrast_of(selection)
+                    if draw_contrast is not None:
+                        pairs.append((draw_contrast, float(c)))
+        elif info["reward_scope"] == "step":  # the reward measures this step's selection alone
             if info["reward_ready"] and contrast is not None:
                 pairs.append((contrast, float(reward)))
         else:
@@ -562,7 +594,8 @@ def main(argv: list[str] | None = None) -> int:
                         "(--steps env steps; see --forms)")
     p.add_argument("--forms", nargs="+", default=["moving_average", "paired"], choices=SIGNAL_FORMS,
                    help="with --selection-signal: the fixed reward's forms moving_average and paired (the default), "
-                        "and weighted (the weighted reward's validation steps, for scale)")
+                        "weighted (the weighted reward's validation steps, for scale), and draws (the fixed reward as "
+                        "REINFORCE trains on it by default, each draw credited against the step's others)")
     p.add_argument("--fixed-objective", action="store_true",
                    help="measure whether the fixed reward's quantity prefers the truth's selections over a run "
                         "instead (--steps predictor updates; see --rules)")

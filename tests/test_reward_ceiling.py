@@ -176,6 +176,26 @@ def test_the_decomposition_recovers_what_each_term_is_worth():
     assert _decomposition(list(zip(contrasts[:5], rewards[:5])), ["a", "b", "c"]) is None  # too few rewards
 
 
+def test_the_fixed_rewards_draws_credit_the_more_amenable_selections():
+    """``form="draws"``: the fixed reward as REINFORCE trains on it by default (eight draws of each
+    batch's selection, the linearised probes).  On data whose truth is plain, each draw's reward less
+    the mean of its step's other draws is larger the more amenable its selection is than the rest of
+    the batch (measured: correlation 0.292 over 150 steps, seed 1; seed 0: 0.262), and every draw of
+    every step is paired."""
+    signal = selection_signal(
+        occluded_dataset(), form="draws", steps=150, seed=1, batch_size=16,
+        env_kwargs={"predictor_warmup_steps": 100},
+    )
+    assert signal["form"] == "draws" and signal["rewards"] == 150 * 8
+    assert signal["correlation"] > 0.15, signal
+    terms = signal["decomposition"]["terms"]  # measured: amenable images of class 1 +6.888 +- 0.463
+    assert terms["amenable, 1"]["coefficient"] > 3 * terms["amenable, 1"]["standard_error"], terms
+    with pytest.raises(ValueError, match="needs paired_draws >= 2, got 1"):
+        selection_signal(
+            occluded_dataset(), form="draws", steps=1, env_kwargs={"paired_draws": 1, "paired_class_correction": False}
+        )
+
+
 def test_the_weighted_reward_follows_the_amenability_of_the_validation_selection():
     """``form="weighted"``: on data whose truth is plain, each validation step's reward is larger the more
     amenable the chosen validation images are than the rest (measured: correlation 0.677 over 96 rewards,
