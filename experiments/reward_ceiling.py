@@ -675,7 +675,9 @@ def _selection_signal_main(args: argparse.Namespace, parser: argparse.ArgumentPa
                 args.dataset, args.task, form, args.steps, args.rate, seed, batch_size=args.batch_size,
                 device=args.device, env_kwargs=args.env_kwargs,
             )
-            error = f" (sampling error about +-{1 / np.sqrt(r['rewards']):.2f})" if r["rewards"] else ""
+            # A step's draws share its batch and predictor: counted as one sample, not as K.
+            samples = min(r["rewards"], r["steps"]) if form == "draws" else r["rewards"]
+            error = f" (sampling error about +-{1 / np.sqrt(samples):.2f})" if samples else ""
             print(f"{form:15} {seed:>4}  {r['rewards']:>7}  {_fmt(r['correlation'])}{error}", flush=True)
             if r["decomposition"] is not None:
                 terms = "; ".join(f"{t} {v['coefficient']:+.3f} (+-{v['standard_error']:.3f})"

@@ -66,7 +66,7 @@ def random_dataset(n: int = 120, size: int = 16, seed: int = 0, masks: bool = Tr
     )
 
 
-def occluded_dataset(n: int = 800, size: int = 16, seed: int = 0, frac_bad: float = 0.4):
+def occluded_dataset(n: int = 800, size: int = 16, seed: int = 0, frac_bad: float = 0.4, hide_label: bool = True):
     """Data whose amenability is known and visible, for tests that an agent *learns*.
 
     The class is a bright square at the centre (present or not).  In a
@@ -78,6 +78,12 @@ def occluded_dataset(n: int = 800, size: int = 16, seed: int = 0, frac_bad: floa
     0.81 inverted): this data tests whether the agents learn a ranking from
     the reward, not whether the method beats heuristics (the synthetic
     ultrasound set is the benchmark for that).
+
+    ``hide_label=False`` puts the band's eight columns at the edges instead: the
+    "non-amenable" images are degraded as visibly, but the square can still
+    be read, so training on them costs the predictor nothing, and the fixed
+    reward has nothing to teach, as on corrupted Fashion-MNIST
+    (``docs/learning-status.md``, section 55).
     """
     from iqa_env.data import ImageDataset
 
@@ -87,7 +93,8 @@ def occluded_dataset(n: int = 800, size: int = 16, seed: int = 0, frac_bad: floa
     img = rng.normal(110, 25, (n, size, size))
     c = size // 2
     img[labels == 1, c - 2 : c + 2, c - 2 : c + 2] += 70
-    img[bad, :, c - 4 : c + 4] = rng.normal(110, 36, (int(bad.sum()), size, 8))
+    band = np.arange(c - 4, c + 4) if hide_label else np.r_[0:4, size - 4 : size]
+    img[np.ix_(bad, np.arange(size), band)] = rng.normal(110, 36, (int(bad.sum()), size, 8))
     amenable = (~bad).astype(np.float32)
     return ImageDataset(
         images=np.clip(img, 0, 255).astype(np.uint8)[:, None],
