@@ -104,7 +104,7 @@ PAIRED_DEFAULTS: dict[str, dict[str, Any]] = {
     # (``docs/learning-status.md``, section 53).  And it exports a weight average of its policy, as with the
     # validation rewards: the policy that acts is the same, so each seed's run is the same and only the kept
     # controller differs.  8 seeds of the quick run: 0.772 +- 0.087 against 0.729 +- 0.074 for the last policy,
-    # higher on 8 of 8 (sign test p 0.0078); at 3,000 env steps (4 seeds) 0.796 +- 0.060 against 0.744 +- 0.145.
+    # higher on 8 of 8 (sign test p 0.0078); at 3,000 env steps (8 seeds) 0.805 +- 0.049 against 0.758 +- 0.100.
     # What it costs: the baseline predictor on what it keeps at 5 % beats no rejection with p < 0.05 on 1 of 8
     # seeds against 5 of 8 (0.861 against 0.864 on average; from 15 % on it is as good or better), section 56.
     "reinforce": {"class_balance": 1.0, "controller_average": 0.97},
