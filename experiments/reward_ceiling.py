@@ -209,7 +209,8 @@ def predictor_ceiling(
 
 
 #: What ``--selection-signal`` measures: the fixed reward in the paper's form (``moving_average``) and with
-#: ``reward_baseline="paired"``, and, for scale, the weighted reward's validation steps (``weighted``).
+#: ``reward_baseline="paired"``, for scale the weighted reward's validation steps (``weighted``), and the
+#: fixed reward as REINFORCE trains on it by default, each draw credited against its step's others (``draws``).
 SIGNAL_FORMS: tuple[str, ...] = ("moving_average", "paired", "weighted", "draws")
 
 
@@ -293,30 +294,31 @@ def selection_signal(
         classes = np.asarray(info["classes"], dtype=np.int64)
         valid = np.asarray(info["valid"], dtype=bool)
 
-        def contrast_of(selection: np.ndarray) -> np.ndarray | None:
-            chosen, rest = selection & valid, ~selection & valid
+        def contrast_of(mask: np.ndarray) -> np.ndarray | None:
+            chosen, rest = mask & valid, ~mask & valid
             # The class terms are the ones the env's paired_class_correction removes.
-            class_terms = class_mix_contrast(selection[valid], classes[valid], num_classes)
+            class_terms = class_mix_contrast(mask[valid], classes[valid], num_classes)
             if class_terms is None:
                 return None
             amenable_by_class = amenable[:, None] * np.eye(num_classes)[classes]
             return np.concatenate([amenable_by_class[chosen].mean(0) - amenable_by_class[rest].mean(0), class_terms])
 
-        contrast = contrast_of(np.asarray(info["selection"], dtype=bool))
+        selection = np.asarray(info["selection"], dtype=bool)
         if form == "draws":
             if info["reward_ready"]:
                 extra_selections, extra_rewards = extra_draws(info)
-                selections = [np.asarray(info["selection"], dtype=bool), *extra_selections]
                 rewards = np.concatenate([[float(reward)], extra_rewards])
                 credit = rewards - (rewards.sum() - rewards) / (len(rewards) - 1)
-                for selection, c in zip(selections, credit):
-                    draw_contrast = contrast_of(selection)
+                for drawn, c in zip([selection, *extra_selections], credit):
+                    draw_contrast = contrast_of(drawn)
                     if draw_contrast is not None:
                         pairs.append((draw_contrast, float(c)))
         elif info["reward_scope"] == "step":  # the reward measures this step's selection alone
+            contrast = contrast_of(selection)
             if info["reward_ready"] and contrast is not None:
                 pairs.append((contrast, float(reward)))
         else:
+            contrast = contrast_of(selection)
             if contrast is not None:
                 pending.append(contrast)
             if info["reward_ready"]:

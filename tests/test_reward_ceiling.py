@@ -144,14 +144,14 @@ def test_selection_signal_cli_pairs_every_reward_with_its_selections(tiny_synthe
 
 def test_the_paired_fixed_reward_follows_the_amenability_of_the_selection():
     """On data whose truth is plain, each paired reward is larger the more amenable the selected images
-    are than the rest of their batch (measured: correlation 0.198 over 300 steps, seed 1)."""
+    are than the rest of their batch (measured: correlation 0.205 over 300 steps, seed 1)."""
     signal = selection_signal(
         occluded_dataset(), form="paired", steps=300, seed=1, batch_size=16,
         env_kwargs={"predictor_warmup_steps": 100},
     )
     assert signal["rewards"] == 300
     assert signal["correlation"] > 0.1, signal
-    # Decomposed (measured: amenable images of class 1 +1.248 +- 0.291; of class 0, the rarer, +0.045 +- 0.323):
+    # Decomposed (measured: amenable images of class 1 +1.286 +- 0.292; of class 0, the rarer, +0.048 +- 0.324):
     terms = signal["decomposition"]["terms"]
     assert list(terms) == ["amenable, 0", "amenable, 1", "class 1"]
     assert terms["amenable, 1"]["coefficient"] > 2 * terms["amenable, 1"]["standard_error"], terms
@@ -205,7 +205,7 @@ def test_the_fixed_rewards_draws_credit_the_more_amenable_selections():
 
 def test_the_weighted_reward_follows_the_amenability_of_the_validation_selection():
     """``form="weighted"``: on data whose truth is plain, each validation step's reward is larger the more
-    amenable the chosen validation images are than the rest (measured: correlation 0.677 over 96 rewards,
+    amenable the chosen validation images are than the rest (measured: correlation 0.428 over 96 rewards,
     seed 1), and only validation steps are paired (8 of every 16 env steps here)."""
     signal = selection_signal(
         occluded_dataset(), form="weighted", steps=200, seed=1, batch_size=16,
@@ -219,7 +219,7 @@ def test_the_fixed_reward_prefers_the_truths_selections_over_a_run():
     """On data whose truth is plain, the fixed reward's quantity (the loss over the clean validation images)
     is lowest for a predictor trained on the amenable images of each batch, higher for as many images at
     random and highest for as many of the least amenable (measured, seed 0, mean over three evaluations:
-    0.230, 0.537 and 0.698)."""
+    0.230, 0.542 and 0.698)."""
     clean_loss = {}
     for rule in ("oracle", "random", "inverse"):
         result = fixed_objective(
