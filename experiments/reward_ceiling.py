@@ -293,6 +293,7 @@ def selection_signal(
         amenable = truth[info["action_phase"]][indices]
         classes = np.asarray(info["classes"], dtype=np.int64)
         valid = np.asarray(info["valid"], dtype=bool)
+        amenable_by_class = amenable[:, None] * np.eye(num_classes)[classes]  # the step's, shared by its draws
 
         def contrast_of(mask: np.ndarray) -> np.ndarray | None:
             chosen, rest = mask & valid, ~mask & valid
@@ -300,7 +301,6 @@ def selection_signal(
             class_terms = class_mix_contrast(mask[valid], classes[valid], num_classes)
             if class_terms is None:
                 return None
-            amenable_by_class = amenable[:, None] * np.eye(num_classes)[classes]
             return np.concatenate([amenable_by_class[chosen].mean(0) - amenable_by_class[rest].mean(0), class_terms])
 
         selection = np.asarray(info["selection"], dtype=bool)
