@@ -59,6 +59,27 @@ IMAGE_BASELINES: tuple[str, ...] = ("none", "counterfactual", "leave_one_out")
 DRAWS: tuple[str, ...] = ("leave_one_out", "own")
 
 
+def leave_one_out_credit(rewards: np.ndarray) -> np.ndarray:
+    """Each draw's reward less the mean of its step's other draws: ``(N, K)`` -> ``(N, K)``.
+
+    Row ``n`` holds the rewards of step ``n``'s draws, the first one drawn first; NaN marks a
+    draw the step did not make (its credit is NaN).  A step with one draw keeps its reward (no
+    other draw to compare it with).  The leave-one-out baseline of Kool et al. (2019) that
+    REINFORCE's ``draws="leave_one_out"`` credits each draw with, and that
+    ``experiments/reward_ceiling.py``'s ``draws`` form measures.
+    """
+    rewards = np.asarray(rewards, dtype=np.float64)
+    if rewards.ndim != 2 or rewards.shape[1] < 1:
+        raise ValueError(f"rewards must be (steps, draws) with at least one draw, got shape {rewards.shape}")
+    present = np.isfinite(rewards)
+    k = present.sum(axis=1)
+    # Summed as the first draw plus the others: the order REINFORCE has always summed them in.
+    filled = np.where(present, rewards, 0.0)
+    total = filled[:, 0] + filled[:, 1:].sum(axis=1)
+    others = np.maximum(k - 1, 1)
+    return np.where(present, rewards - (total[:, None] - rewards) / others[:, None], np.nan)
+
+
 def _explained_variance(targets: torch.Tensor, predictions: torch.Tensor) -> float:
     """``1 - var(targets - predictions) / var(targets)`` (population variances)."""
     residual = targets - predictions
@@ -596,11 +617,9 @@ class REINFORCE(LoadsOnTheEnvsDevice, BaseAlgorithm):
         """
         present = np.isfinite(extra_returns)
         k = 1 + present.sum(axis=1)
-        total = returns + np.where(present, extra_returns, 0.0).sum(axis=1)
-        several = k > 1
-        others = np.maximum(k - 1, 1)
-        own = np.where(several, (returns - (total - returns) / others) / k, returns)
-        extra = np.where(present, (extra_returns - (total[:, None] - extra_returns) / others[:, None]) / k[:, None], 0.0)
+        credit = leave_one_out_credit(np.concatenate([returns[:, None], extra_returns], axis=1))
+        own = credit[:, 0] / k
+        extra = np.where(present, credit[:, 1:] / k[:, None], 0.0)
         return own, extra
 
     def _steps_per_pass(self, batch_size: int) -> int:

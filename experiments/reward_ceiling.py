@@ -254,6 +254,7 @@ def selection_signal(
     ``docs/learning-status.md``, section 31).
     """
     from agents.factory import PAPER_FIXED_ENV_KWARGS
+    from agents.reinforce import leave_one_out_credit
     from experiments.training import TrainConfig, make_env
     from iqa_env.env import extra_draws
     from iqa_env.rewards import class_mix_contrast
@@ -308,7 +309,7 @@ def selection_signal(
             if info["reward_ready"]:
                 extra_selections, extra_rewards = extra_draws(info)
                 rewards = np.concatenate([[float(reward)], extra_rewards])
-                credit = rewards - (rewards.sum() - rewards) / (len(rewards) - 1)
+                credit = leave_one_out_credit(rewards[None])[0]
                 for drawn, c in zip([selection, *extra_selections], credit):
                     draw_contrast = contrast_of(drawn)
                     if draw_contrast is not None:

@@ -1066,6 +1066,23 @@ def test_reinforce_credits_each_of_a_steps_draws_against_the_others(dataset):
         REINFORCE._extra_draws({**bad, "extra_rewards": np.array([0.1, np.nan])}, own=True)
 
 
+def test_leave_one_out_credit_is_each_draw_against_the_mean_of_its_steps_others():
+    """The one definition of the draws' credit, shared by REINFORCE and experiments/reward_ceiling.py."""
+    from agents.reinforce import REINFORCE, leave_one_out_credit
+
+    rewards = np.array([[1.0, 2.0, 6.0], [4.0, np.nan, np.nan], [0.5, np.nan, 1.5]])
+    credit = leave_one_out_credit(rewards)
+    np.testing.assert_allclose(credit[0], [1 - 4, 2 - 3.5, 6 - 1.5])
+    np.testing.assert_allclose(credit[1], [4.0, np.nan, np.nan])  # one draw: nothing to compare it with
+    np.testing.assert_allclose(credit[2], [0.5 - 1.5, np.nan, 1.5 - 0.5])  # a missing draw is left out
+    # REINFORCE's credit is the same divided by the step's number of draws, with 0 for a missing draw.
+    own, further = REINFORCE._leave_one_out_draws(rewards[:, 0], rewards[:, 1:])
+    np.testing.assert_allclose(own, credit[:, 0] / [3, 1, 2])
+    np.testing.assert_allclose(further, [[-1.5 / 3, 4.5 / 3], [0.0, 0.0], [0.0, 1.0 / 2]])
+    with pytest.raises(ValueError, match=r"rewards must be \(steps, draws\) with at least one draw, got shape \(3,\)"):
+        leave_one_out_credit(np.array([1.0, 2.0, 3.0]))
+
+
 def test_leave_one_out_credit_over_draws_keeps_the_policy_gradient_and_cuts_its_variance():
     """K draws of Bernoulli(h) with the reward ``w . a``: the draws' leave-one-out credit times
     ``a_k - h`` (the gradient of ``log pi(a_k)`` in the logits) averages to the exact gradient
