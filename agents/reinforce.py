@@ -206,7 +206,9 @@ class REINFORCE(LoadsOnTheEnvsDevice, BaseAlgorithm):
       Its return is the *mean* of those per-batch rewards, i.e. the paper's
       ``R - Rbar`` for the whole validation set.
     - ``"validation"``: only validation steps are reinforced (training-step
-      selections get no credit; the predictor still trains on them).
+      selections get no credit; the predictor still trains on them).  The
+      only credit an env with ``training_selection_rate`` allows: its
+      training steps' draws are not the policy's.
     - ``"return"``: the plain reward-to-go for every step.
 
     :param policy: the policy (``"PerSamplePolicy"`` or a class)
@@ -334,6 +336,12 @@ class REINFORCE(LoadsOnTheEnvsDevice, BaseAlgorithm):
             raise ValueError(f"draws must be one of {DRAWS}, got {draws!r}")
         if not is_count(reward_model_memory):
             raise ValueError(f"reward_model_memory must be an integer >= 1, got {reward_model_memory!r}")
+        if credit != "validation" and env_attr(self.env, "training_selection_rate", None) is not None:
+            raise ValueError(
+                "this env draws the training steps' selections from the action shifted to another rate "
+                f"(training_selection_rate={env_attr(self.env, 'training_selection_rate', None)!r}), so they are not "
+                f"the policy's draws and cannot be credited: use credit='validation', got credit={credit!r}"
+            )
         if image_baseline != "none" and self.env is not None:
             # another env (no such attribute): its info["action_phase"] tells at run time
             if not bool(env_attr(self.env, "uses_validation_phase", True)):

@@ -310,11 +310,10 @@ def train_baseline(config: TrainConfig, folder: Path, train_set: Any, validation
     from experiments.training import evaluation_logger, make_env, save_predictor
 
     steps = config.steps
-    env = make_env(
-        dataclasses.replace(config, env_kwargs={**config.env_kwargs, "reward": "weighted", "train_steps": steps}),
-        train_set,
-        validation_set,
-    )
+    # Every image of every batch: an env setting that draws the training selections at another rate
+    # (training_selection_rate, for the controllers' runs) does not reach the non-selective baseline.
+    env_kwargs = {**config.env_kwargs, "reward": "weighted", "train_steps": steps, "training_selection_rate": None}
+    env = make_env(dataclasses.replace(config, env_kwargs=env_kwargs), train_set, validation_set)
     env.reset(seed=config.seed)
     select_all = np.ones(env.action_space.shape, dtype=np.float32)
     start = time.perf_counter()

@@ -151,6 +151,24 @@ def _chunked_outputs(
     return torch.cat([net(to_float(images[i : i + chunk])) for i in range(0, len(images), chunk)])
 
 
+def shift_to_mean(p: np.ndarray, rate: float) -> np.ndarray:
+    """``p`` with its logits shifted by one constant so that their mean is ``rate``: the same ranking, another rate.
+
+    ``p`` is clipped to ``[1e-6, 1 - 1e-6]`` first (so that 0 and 1 keep a logit); the
+    constant is found by bisection, to machine precision.
+    """
+    q = np.clip(np.asarray(p, dtype=np.float64), 1e-6, 1.0 - 1e-6)
+    z = np.log(q) - np.log1p(-q)
+    lo, hi = -40.0 - z.max(), 40.0 - z.min()  # every probability below e^-40 at lo, above 1 - e^-40 at hi
+    for _ in range(100):
+        c = 0.5 * (lo + hi)
+        if np.mean(1.0 / (1.0 + np.exp(-(z + c)))) < rate:
+            lo = c
+        else:
+            hi = c
+    return 1.0 / (1.0 + np.exp(-(z + 0.5 * (lo + hi))))
+
+
 class TaskAmenabilityEnv(gym.Env):
     """Learning which images a task predictor can use: the controller's environment.
 
@@ -350,6 +368,7 @@ class TaskAmenabilityEnv(gym.Env):
     | ``validation_refresh`` | ``False`` | draw a new validation subset (of ``validation_size``) for every episode |
     | ``mean_selection_bounds`` | ``(0.0, 1.0)`` | allowed range of the mean selection probability |
     | ``mean_selection_penalty`` | ``1.0`` | penalty per unit outside those bounds |
+    | ``training_selection_rate`` | ``None`` | weighted and selective rewards: on training steps, draw the selections from the action's logits shifted by one constant so that their mean is this rate (the same ranking, another share of each batch trained on; ``info["selection"]`` reports these draws, which are then not the action's); ``None``: from the action |
     | ``predictor_lr`` | ``1e-3`` | Adam learning rate of the task predictor |
     | ``predictor_warmup_steps`` | ``0`` | non-selective pre-training steps after a seeded reset |
     | ``warmup_cache`` | ``None`` | a folder where the predictor's state after a warm-up is kept; an env whose warm-up would start from the same state (seed, data, predictor and warm-up settings) loads it instead of training again, with the same result |
@@ -400,6 +419,7 @@ class TaskAmenabilityEnv(gym.Env):
         validation_refresh: bool = False,
         mean_selection_bounds: tuple[float, float] = (0.0, 1.0),
         mean_selection_penalty: float = 1.0,
+        training_selection_rate: float | None = None,
         predictor_lr: float = 1e-3,
         predictor_warmup_steps: int = 0,
         warmup_cache: str | os.PathLike[str] | None = None,
@@ -497,6 +517,19 @@ class TaskAmenabilityEnv(gym.Env):
             )
         if mean_selection_penalty < 0:
             raise ValueError(f"mean_selection_penalty must be >= 0, got {mean_selection_penalty!r}")
+        if training_selection_rate is not None:
+            number = isinstance(training_selection_rate, (int, float, np.integer, np.floating))
+            if isinstance(training_selection_rate, bool) or not number or not 0.0 < training_selection_rate < 1.0:
+                raise ValueError(
+                    f"training_selection_rate must be None or a probability in (0, 1), got {training_selection_rate!r}"
+                )
+            if self.reward_name == "fixed":
+                raise ValueError(
+                    "training_selection_rate draws the predictor's training selections from the action shifted to "
+                    "another rate, and the fixed reward rewards those selections themselves: use it with the "
+                    "weighted or selective reward, or training_selection_rate=None"
+                )
+            training_selection_rate = float(training_selection_rate)
         if predictor_lr <= 0 or not math.isfinite(predictor_lr):
             raise ValueError(f"predictor_lr must be a positive number, got {predictor_lr!r}")
         if predictor_warmup_steps < 0:
@@ -520,6 +553,7 @@ class TaskAmenabilityEnv(gym.Env):
         self.stochastic_validation = bool(stochastic_validation)
         self.mean_selection_bounds = (lo, hi)
         self.mean_selection_penalty = float(mean_selection_penalty)
+        self.training_selection_rate: float | None = training_selection_rate
         self.predictor_lr = float(predictor_lr)
         self.predictor_warmup_steps = int(predictor_warmup_steps)
         if warmup_cache is not None and not isinstance(warmup_cache, (str, os.PathLike)):
@@ -1064,7 +1098,10 @@ class TaskAmenabilityEnv(gym.Env):
             raise RuntimeError("call reset() before step(), and again after an episode has ended")
         p = self._check_action(action)
         classes = self._batch_classes()
-        selection = self.np_random.random(self.batch_size) < p
+        drawn = p
+        if self._phase == "train" and self.training_selection_rate is not None:
+            drawn = shift_to_mean(p, self.training_selection_rate)
+        selection = self.np_random.random(self.batch_size) < drawn
         self._last_action, self._last_selection = p, selection
         valid = self._batch_valid
         action_phase = self._phase

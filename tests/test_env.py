@@ -126,6 +126,41 @@ def test_episode_structure_and_info(tiny_synthetic):
     assert int(info["valid"].sum()) == 20 - env.batch_size * (env.validation_steps - 1)
 
 
+def test_shift_to_mean_keeps_the_ranking_and_sets_the_mean():
+    from iqa_env.env import shift_to_mean
+
+    p = np.array([0.0, 0.05, 0.3, 0.3, 0.6, 1.0])
+    for rate in (0.1, 0.5, 0.8, 0.99):
+        q = shift_to_mean(p, rate)
+        assert abs(q.mean() - rate) < 1e-9 and np.all((q > 0) & (q < 1)), (rate, q)
+        assert np.all(np.diff(q) >= 0) and q[2] == q[3]  # the same order, ties kept
+    # Already at the rate: unchanged (to the clipping of 0 and 1).
+    np.testing.assert_allclose(shift_to_mean(np.array([0.2, 0.4, 0.6]), 0.4), [0.2, 0.4, 0.6], atol=1e-9)
+
+
+def test_training_selection_rate_draws_training_selections_at_that_rate_in_the_actions_order(tiny_synthetic):
+    """Training steps draw from the action shifted to ``training_selection_rate``; validation steps from the action."""
+    env = make(tiny_synthetic, reward="weighted", train_steps=4, training_selection_rate=0.8)
+    env.reset(seed=0)
+    action = np.linspace(0.05, 0.55, env.batch_size).astype(np.float32)  # mean 0.3, rising
+    train, validation = [], []
+    for _ in range(60):
+        terminated = False
+        while not terminated:
+            _, _, terminated, _, info = env.step(action)
+            (train if info["action_phase"] == "train" else validation).append(info["selection"][info["valid"]])
+        env.reset()
+    train_rate = np.mean([s.mean() for s in train])
+    assert abs(train_rate - 0.8) < 0.03, train_rate
+    per_image = np.mean(train, axis=0)  # higher-scored images are trained on more often
+    assert per_image[-1] > per_image[0] + 0.3, per_image
+    assert abs(np.concatenate(validation).mean() - action.mean()) < 0.05  # validation draws are the action's
+    with pytest.raises(ValueError, match="use credit='validation', got credit='causal'"):
+        from agents import make_agent
+
+        make_agent("reinforce", env, seed=0, credit="causal")
+
+
 def test_validation_batch_size_rewards_part_of_each_validation_observation(tiny_synthetic):
     from iqa_env.rewards import weighted_reward
 
@@ -244,6 +279,10 @@ def test_out_of_range_actions_are_clipped(tiny_synthetic):
         (dict(reward="fixed", reward_baseline="paired", predictor_average=0.9), "predictor_average=0"),
         (dict(probe_lr=0.0), "probe_lr must be a positive finite number"),
         (dict(probe_lr=float("nan")), "probe_lr must be a positive finite number"),
+        (dict(training_selection_rate=1.0), r"training_selection_rate must be None or a probability in \(0, 1\)"),
+        (dict(training_selection_rate=True), r"training_selection_rate must be None or a probability in \(0, 1\)"),
+        (dict(training_selection_rate="0.8"), r"training_selection_rate must be None or a probability in \(0, 1\)"),
+        (dict(training_selection_rate=0.8, reward="fixed"), "the fixed reward rewards those selections themselves"),
     ],
 )
 def test_bad_settings_raise_clear_errors(tiny_synthetic, kwargs, message):

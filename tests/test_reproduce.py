@@ -859,3 +859,25 @@ def test_reproduce_names_a_reward_it_does_not_know(tmp_path, rewards, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         reproduce(tmp_path / "rep", rewards=rewards)
     assert not (tmp_path / "rep").exists()
+
+
+def test_the_baseline_trains_on_every_image_whatever_training_selection_rate_the_controllers_get(tiny_synthetic, tmp_path):
+    """``--env-kwargs '{"training_selection_rate": ...}'`` is for the controllers' runs: the non-selective
+    baseline is trained on every image of every batch all the same (the same weights as without it)."""
+    import torch
+
+    from experiments.reproduce import train_baseline
+    from experiments.training import TrainConfig
+    from iqa_env.data import split_by_group
+
+    train_set, validation_set, _ = split_by_group(tiny_synthetic, seed=0)
+    weights = []
+    for name, extra in (("plain", {}), ("rate", {"training_selection_rate": 0.5})):
+        config = TrainConfig(algo="reinforce", reward="weighted", seed=0, steps=6, batch_size=8, validation_size=16,
+                             device="cpu", env_kwargs=extra)
+        folder = tmp_path / name
+        folder.mkdir()
+        assert train_baseline(config, folder, train_set, validation_set) == 6
+        weights.append(torch.load(folder / "predictor.pt", weights_only=True))
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
