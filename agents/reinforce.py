@@ -336,11 +336,12 @@ class REINFORCE(LoadsOnTheEnvsDevice, BaseAlgorithm):
             raise ValueError(f"draws must be one of {DRAWS}, got {draws!r}")
         if not is_count(reward_model_memory):
             raise ValueError(f"reward_model_memory must be an integer >= 1, got {reward_model_memory!r}")
-        if credit != "validation" and env_attr(self.env, "training_selection_rate", None) is not None:
+        training_rate = env_attr(self.env, "training_selection_rate", None)
+        if credit != "validation" and training_rate is not None:
             raise ValueError(
                 "this env draws the training steps' selections from the action shifted to another rate "
-                f"(training_selection_rate={env_attr(self.env, 'training_selection_rate', None)!r}), so they are not "
-                f"the policy's draws and cannot be credited: use credit='validation', got credit={credit!r}"
+                f"(training_selection_rate={training_rate!r}), so they are not the policy's draws and cannot be "
+                f"credited: use credit='validation', got credit={credit!r}"
             )
         if image_baseline != "none" and self.env is not None:
             # another env (no such attribute): its info["action_phase"] tells at run time
