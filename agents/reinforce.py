@@ -336,13 +336,6 @@ class REINFORCE(LoadsOnTheEnvsDevice, BaseAlgorithm):
             raise ValueError(f"draws must be one of {DRAWS}, got {draws!r}")
         if not is_count(reward_model_memory):
             raise ValueError(f"reward_model_memory must be an integer >= 1, got {reward_model_memory!r}")
-        training_rate = env_attr(self.env, "training_selection_rate", None)
-        if credit != "validation" and training_rate is not None:
-            raise ValueError(
-                "this env draws the training steps' selections from the action shifted to another rate "
-                f"(training_selection_rate={training_rate!r}), so they are not the policy's draws and cannot be "
-                f"credited: use credit='validation', got credit={credit!r}"
-            )
         if image_baseline != "none" and self.env is not None:
             # another env (no such attribute): its info["action_phase"] tells at run time
             if not bool(env_attr(self.env, "uses_validation_phase", True)):
@@ -389,6 +382,15 @@ class REINFORCE(LoadsOnTheEnvsDevice, BaseAlgorithm):
             self._setup_model()
 
     def _setup_model(self) -> None:
+        # Here rather than in __init__: ``load`` builds the algorithm with the constructor's defaults and
+        # sets the saved credit before it calls this.
+        training_rate = env_attr(self.env, "training_selection_rate", None)
+        if self.credit != "validation" and training_rate is not None:
+            raise ValueError(
+                "this env draws the training steps' selections from the action shifted to another rate "
+                f"(training_selection_rate={training_rate!r}), so they are not the policy's draws and cannot be "
+                f"credited: use credit='validation', got credit={self.credit!r}"
+            )
         self._setup_lr_schedule()
         self.set_random_seed(self.seed)
         self.policy = self.policy_class(  # type: ignore[assignment]

@@ -239,7 +239,7 @@ class Stage:
             episode = env["train_steps"] + validation_steps_of(env["reward"], size, per_step)
             agent = default_settings(
                 config.algo, env["reward"], env["batch_size"], episode, env.get("reward_baseline"),
-                env.get("stochastic_validation", True),
+                env.get("stochastic_validation", True), env.get("training_selection_rate"),
             )
             identity["agent_settings"] = _plain(agent)
         return identity

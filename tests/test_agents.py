@@ -1025,6 +1025,41 @@ def test_reinforce_with_leave_one_out_baselines_takes_each_images_own_draw_and_r
                        ("ddpg", "fixed"): 400, ("ddpg", "weighted"): 400, ("ddpg", "selective"): 400}
 
 
+def test_reinforce_trains_the_classification_predictor_on_more_of_each_batch_and_credits_validation_steps(dataset, tmp_path):
+    """REINFORCE's recommended env in classification (weighted and selective rewards) draws the predictor's
+    training selections at ``training_selection_rate`` (section 60); not in segmentation, with the fixed
+    reward or for the other algorithms.  On such an env REINFORCE credits its validation steps only (the
+    one credit it allows there), elsewhere every step (``"causal"``); default_settings records the same."""
+    from agents import recommended_env_kwargs
+    from agents.factory import REINFORCE_TRAINING_SELECTION_RATE, default_settings
+
+    rates = {
+        (a, r, t): recommended_env_kwargs(a, r, t).get("training_selection_rate")
+        for a in ("reinforce", "ddpg", "ppo") for r in ("fixed", "weighted", "selective")
+        for t in ("classification", "segmentation")
+    }
+    chosen = {key for key, rate in rates.items() if rate is not None}
+    assert chosen == {("reinforce", "weighted", "classification"), ("reinforce", "selective", "classification")}
+    assert 0.3 < REINFORCE_TRAINING_SELECTION_RATE < 1.0
+    assert {rates[key] for key in chosen} == {REINFORCE_TRAINING_SELECTION_RATE}
+    drawn = make_agent("reinforce", _env(dataset, reward="weighted", training_selection_rate=0.8), seed=0)
+    assert drawn.credit == "validation"
+    assert make_agent("reinforce", _env(dataset, reward="weighted"), seed=0).credit == "causal"
+    assert make_agent("reinforce", _env(dataset, reward="fixed"), seed=0).credit == "causal"
+    assert default_settings("reinforce", "selective", 8, 10, training_selection_rate=0.8)["credit"] == "validation"
+    assert default_settings("reinforce", "selective", 8, 10)["credit"] == "causal"
+    # A saved agent loads onto such an env with its credit (what resuming a run does), and one saved with
+    # another credit is refused there.
+    from agents import REINFORCE
+
+    drawn.save(tmp_path / "drawn.zip")
+    rate_env = _env(dataset, reward="weighted", training_selection_rate=0.8)
+    assert REINFORCE.load(tmp_path / "drawn.zip", env=rate_env).credit == "validation"
+    make_agent("reinforce", _env(dataset, reward="weighted"), seed=0).save(tmp_path / "causal.zip")
+    with pytest.raises(ValueError, match="use credit='validation', got credit='causal'"):
+        REINFORCE.load(tmp_path / "causal.zip", env=rate_env)
+
+
 def test_reinforce_credits_each_of_a_steps_draws_against_the_others(dataset):
     """With the env's ``paired_draws=K`` a step's K draws are K samples of the policy: the rollout keeps
     the further ones with their rewards, each draw's credit is its reward less the mean of the others'
