@@ -33,7 +33,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=HelpFormatter,
         description=(
             "Reproduce Saeed et al. (IPMI 2021) end to end. For each task and seed: the non-selective "
-            "baseline predictor (same network and predictor updates, all training data), then a controller "
+            "baseline predictor (same network, all training data, one predictor update per env step: as many as "
+            "the fixed reward's run makes, three times the weighted and selective runs' with REINFORCE's "
+            "defaults), then a controller "
             "and predictor trained with each reward (fixed, weighted, selective), each evaluated on the "
             "holdout patients: the metric after rejecting the lowest-scored 0-30 % (mean ± st.d. across "
             "patients), a paired t-test against the baseline, the 2x2 table and Cohen's kappa against the "
