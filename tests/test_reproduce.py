@@ -863,7 +863,8 @@ def test_reproduce_names_a_reward_it_does_not_know(tmp_path, rewards, message):
 
 def test_the_baseline_trains_on_every_image_whatever_training_selection_rate_the_controllers_get(tiny_synthetic, tmp_path):
     """``--env-kwargs '{"training_selection_rate": ...}'`` is for the controllers' runs: the non-selective
-    baseline is trained on every image of every batch all the same (the same weights as without it)."""
+    baseline is trained on every image of every batch all the same (the same weights as without it: REINFORCE's
+    classification runs get a rate by default, so "without" says None)."""
     import torch
 
     from experiments.reproduce import train_baseline
@@ -872,7 +873,7 @@ def test_the_baseline_trains_on_every_image_whatever_training_selection_rate_the
 
     train_set, validation_set, _ = split_by_group(tiny_synthetic, seed=0)
     weights = []
-    for name, extra in (("plain", {}), ("rate", {"training_selection_rate": 0.5})):
+    for name, extra in (("plain", {"training_selection_rate": None}), ("rate", {"training_selection_rate": 0.5})):
         config = TrainConfig(algo="reinforce", reward="weighted", seed=0, steps=6, batch_size=8, validation_size=16,
                              device="cpu", env_kwargs=extra)
         folder = tmp_path / name
