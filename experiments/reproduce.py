@@ -36,7 +36,6 @@ import platform
 import shlex
 import time
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,7 +59,7 @@ from experiments.evaluation import (
     seeds_higher_text,
 )
 from experiments.training import TrainConfig, dataset_fingerprint
-from experiments.workers import worker_pool
+from experiments.workers import completed, worker_pool
 
 logger = logging.getLogger(__name__)
 
@@ -473,7 +472,7 @@ def run_stages(stages: Sequence[Stage], workers: int = 1) -> int:
     # next run resumes after them.
     with worker_pool(workers) as pool:
         futures = {pool.submit(run_stage, stage, 1): stage for stage in todo}
-        for future in as_completed(futures):
+        for future in completed(futures):
             done(futures[future], future.result())
     return len(todo)
 

@@ -48,13 +48,12 @@ import dataclasses
 import json
 import sys
 from collections.abc import Callable
-from concurrent.futures import as_completed
 from pathlib import Path
 from typing import Any
 
 from experiments.commands import json_object
 from experiments.training import TrainConfig
-from experiments.workers import worker_pool
+from experiments.workers import completed, worker_pool
 
 
 def _run(config: TrainConfig, out: str | None = None) -> dict[str, Any]:
@@ -117,7 +116,7 @@ def seed_study(
         futures = {
             pool.submit(_run, config, None if out is None else str(out)): i for i, config in enumerate(configs)
         }
-        for future in as_completed(futures):
+        for future in completed(futures):
             summary = future.result()
             results[futures[future]] = summary
             finished.append(summary)

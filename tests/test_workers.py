@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from experiments.workers import worker_pool
+from experiments import workers
+from experiments.workers import completed, worker_pool
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,28 +51,69 @@ def test_an_exception_in_the_caller_terminates_the_workers():
     assert not any(f.done() and not f.cancelled() and f.exception() is None for f in futures)  # none ran to its end
 
 
-def test_a_sigterm_to_the_caller_ends_its_workers_too():
-    script = (
-        "import time\n"
-        "from experiments.workers import worker_pool\n"
-        "with worker_pool(2) as pool:\n"
-        "    futures = [pool.submit(time.sleep, 600) for _ in range(2)]\n"
-        "    while len(pool._processes) < 2:\n"
-        "        time.sleep(0.05)\n"
-        "    print(' '.join(str(pid) for pid in pool._processes), flush=True)\n"
-        "    [f.result() for f in futures]\n"
-    )
-    caller = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE, text=True,
-                              env={**os.environ, "PYTHONPATH": str(REPO)})
+# The caller waits as experiments/reproduce.py and experiments/seed_study.py do.  ``poke`` optionally sends the
+# SIGTERM from a thread of the caller's own to that thread: its handler is then due while the main thread waits
+# and nothing interrupts that wait, as when a signal from outside lands just before the wait begins (CI saw the
+# caller outlive a SIGTERM so).
+_CALLER = (
+    "import signal, sys, threading, time\n"
+    "from experiments.workers import completed, worker_pool\n"
+    "def poke():\n"
+    "    sys.stdin.readline()\n"
+    "    signal.pthread_kill(threading.get_ident(), signal.SIGTERM)\n"
+    "with worker_pool(2) as pool:\n"
+    "    futures = [pool.submit(time.sleep, 600) for _ in range(2)]\n"
+    "    while len(pool._processes) < 2:\n"
+    "        time.sleep(0.05)\n"
+    "    threading.Thread(target=poke, daemon=True).start()\n"
+    "    print(' '.join(str(pid) for pid in pool._processes), flush=True)\n"
+    "    for future in completed(futures):\n"
+    "        future.result()\n"
+)
+
+
+@pytest.mark.parametrize("sender", ["kill from outside", "a thread other than the waiting one"])
+def test_a_sigterm_to_the_caller_ends_its_workers_too(sender):
+    caller = subprocess.Popen([sys.executable, "-c", _CALLER], cwd=REPO, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     try:
         workers = [int(pid) for pid in caller.stdout.readline().split()]
         assert len(workers) == 2 and all(_alive(pid) for pid in workers)
-        caller.send_signal(signal.SIGTERM)
+        if sender == "kill from outside":
+            caller.send_signal(signal.SIGTERM)
+        else:
+            caller.stdin.write("now\n")
+            caller.stdin.flush()
         assert caller.wait(timeout=60) == 128 + signal.SIGTERM
         assert _wait_until(lambda: not any(_alive(pid) for pid in workers)), "workers outlived their caller"
     finally:
         caller.kill()
         caller.wait()
+
+
+def test_a_worker_that_ignores_sigterm_is_killed(monkeypatch):
+    monkeypatch.setattr(workers, "TERMINATE_GRACE_S", 1.0)
+    with pytest.raises(RuntimeError, match="stopped"):
+        with worker_pool(1) as pool:
+            assert pool.submit(signal.signal, signal.SIGTERM, signal.SIG_IGN).result() == signal.SIG_DFL
+            sleeping = pool.submit(time.sleep, 600)
+            # Running: handed to the worker ahead of the end-of-work message that shutdown would send it.
+            assert _wait_until(sleeping.running)
+            pid = next(iter(pool._processes))
+            raise RuntimeError("stopped")
+    assert _wait_until(lambda: not _alive(pid), timeout=30), "a worker that ignores SIGTERM outlived the caller"
+
+
+def test_completed_yields_each_future_once_as_it_finishes():
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(time.sleep, delay) for delay in (0.6, 0.0)]
+        assert list(completed(futures, poll_s=0.05)) == futures[::-1]
+    assert list(completed([])) == []
+    for bad in (0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="poll_s must be a positive number of seconds"):
+            list(completed(futures, poll_s=bad))
 
 
 def test_the_signal_handler_is_put_back():
