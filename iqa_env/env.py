@@ -370,6 +370,7 @@ class TaskAmenabilityEnv(gym.Env):
     | ``mean_selection_penalty`` | ``1.0`` | penalty per unit outside those bounds |
     | ``training_selection_rate`` | ``None`` | weighted and selective rewards: on training steps, draw the selections from the action's logits shifted by one constant so that their mean is this rate (the same ranking, another share of each batch trained on; ``info["selection"]`` reports these draws, which are then not the action's); ``None``: from the action |
     | ``predictor_lr`` | ``1e-3`` | Adam learning rate of the task predictor |
+    | ``predictor_max_grad_norm`` | ``None`` | clip the norm of each predictor update's gradient to this (``torch.nn.utils.clip_grad_norm_``): a guard against the rare huge gradient of a step on a few images, which can wreck a co-trained U-Net (``docs/learning-status.md`` section 63); ``None``: no clipping |
     | ``predictor_warmup_steps`` | ``0`` | non-selective pre-training steps after a seeded reset |
     | ``warmup_cache`` | ``None`` | a folder where the predictor's state after a warm-up is kept; an env whose warm-up would start from the same state (seed, data, predictor and warm-up settings) loads it instead of training again, with the same result |
     | ``predictor_augment`` | ``False`` | train the predictor on images shifted at random by up to 1/16 of their size (masks with them) |
@@ -421,6 +422,7 @@ class TaskAmenabilityEnv(gym.Env):
         mean_selection_penalty: float = 1.0,
         training_selection_rate: float | None = None,
         predictor_lr: float = 1e-3,
+        predictor_max_grad_norm: float | None = None,
         predictor_warmup_steps: int = 0,
         warmup_cache: str | os.PathLike[str] | None = None,
         predictor_augment: bool = False,
@@ -532,6 +534,14 @@ class TaskAmenabilityEnv(gym.Env):
             training_selection_rate = float(training_selection_rate)
         if predictor_lr <= 0 or not math.isfinite(predictor_lr):
             raise ValueError(f"predictor_lr must be a positive number, got {predictor_lr!r}")
+        if predictor_max_grad_norm is not None:
+            if isinstance(predictor_max_grad_norm, bool) or not isinstance(predictor_max_grad_norm, (int, float)) or not (
+                math.isfinite(predictor_max_grad_norm) and predictor_max_grad_norm > 0
+            ):
+                raise ValueError(
+                    f"predictor_max_grad_norm must be None or a positive number, got {predictor_max_grad_norm!r}"
+                )
+            predictor_max_grad_norm = float(predictor_max_grad_norm)
         if predictor_warmup_steps < 0:
             raise ValueError(f"predictor_warmup_steps must be >= 0, got {predictor_warmup_steps!r}")
         predictor_average = check_average_decay("predictor_average", predictor_average)
@@ -555,6 +565,7 @@ class TaskAmenabilityEnv(gym.Env):
         self.mean_selection_penalty = float(mean_selection_penalty)
         self.training_selection_rate: float | None = training_selection_rate
         self.predictor_lr = float(predictor_lr)
+        self.predictor_max_grad_norm: float | None = predictor_max_grad_norm
         self.predictor_warmup_steps = int(predictor_warmup_steps)
         if warmup_cache is not None and not isinstance(warmup_cache, (str, os.PathLike)):
             raise ValueError(f"warmup_cache must be None or a folder path, got {type(warmup_cache).__name__}")
@@ -691,6 +702,8 @@ class TaskAmenabilityEnv(gym.Env):
         loss = self.task.per_sample_loss(outputs, targets).mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.predictor_max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.predictor.parameters(), self.predictor_max_grad_norm)
         self.optimizer.step()
         self._predictor_updates += 1
         if self.averaged_predictor is not None:
@@ -935,6 +948,7 @@ class TaskAmenabilityEnv(gym.Env):
             "batch_size": self.batch_size,
             "steps": self.predictor_warmup_steps,
             "predictor_lr": self.predictor_lr,
+            **({"predictor_max_grad_norm": self.predictor_max_grad_norm} if self.predictor_max_grad_norm is not None else {}),
             "predictor_augment": self.predictor_augment,
             "predictor_average": self.predictor_average,
             "np_random": np_state,
@@ -1393,4 +1407,5 @@ class TaskAmenabilityEnv(gym.Env):
             **({"paired_probe": self.paired_probe} if self.paired_probe != "step" else {}),
             # Only where it is set, so that the states of envs made before the option still load.
             **({"validation_batch_size": self.validation_batch_size} if self.validation_batch_size != self.batch_size else {}),
+            **({"predictor_max_grad_norm": self.predictor_max_grad_norm} if self.predictor_max_grad_norm is not None else {}),
         }

@@ -1048,6 +1048,7 @@ def test_reinforce_trains_the_classification_predictor_on_more_of_each_batch_and
     assert make_agent("reinforce", _env(dataset, reward="fixed"), seed=0).credit == "causal"
     assert default_settings("reinforce", "selective", 8, 10, training_selection_rate=0.8)["credit"] == "validation"
     assert default_settings("reinforce", "selective", 8, 10)["credit"] == "causal"
+
     # A saved agent loads onto such an env with its credit (what resuming a run does), and one saved with
     # another credit is refused there.
     from agents import REINFORCE
@@ -1058,6 +1059,19 @@ def test_reinforce_trains_the_classification_predictor_on_more_of_each_batch_and
     make_agent("reinforce", _env(dataset, reward="weighted"), seed=0).save(tmp_path / "causal.zip")
     with pytest.raises(ValueError, match="use credit='validation', got credit='causal'"):
         REINFORCE.load(tmp_path / "causal.zip", env=rate_env)
+
+
+def test_every_recommended_env_clips_the_predictors_gradient():
+    """The guard against one huge gradient wrecking a co-trained predictor (section 63) is in every recommended
+    env (``tests/test_env.py`` checks that the env clips at it)."""
+    from agents import ALGORITHMS, recommended_env_kwargs
+    from agents.factory import PREDICTOR_MAX_GRAD_NORM
+
+    limits = {
+        recommended_env_kwargs(a, r, t).get("predictor_max_grad_norm")
+        for a in ALGORITHMS for r in ("fixed", "weighted", "selective") for t in ("classification", "segmentation")
+    }
+    assert limits == {PREDICTOR_MAX_GRAD_NORM} and PREDICTOR_MAX_GRAD_NORM > 0
 
 
 def test_reinforce_credits_each_of_a_steps_draws_against_the_others(dataset):

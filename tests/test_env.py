@@ -283,6 +283,10 @@ def test_out_of_range_actions_are_clipped(tiny_synthetic):
         (dict(training_selection_rate=True), r"training_selection_rate must be None or a probability in \(0, 1\)"),
         (dict(training_selection_rate="0.8"), r"training_selection_rate must be None or a probability in \(0, 1\)"),
         (dict(training_selection_rate=0.8, reward="fixed"), "the fixed reward rewards those selections themselves"),
+        (dict(predictor_max_grad_norm=0.0), "predictor_max_grad_norm must be None or a positive number"),
+        (dict(predictor_max_grad_norm=float("inf")), "predictor_max_grad_norm must be None or a positive number"),
+        (dict(predictor_max_grad_norm="1"), "predictor_max_grad_norm must be None or a positive number"),
+        (dict(predictor_max_grad_norm=True), "predictor_max_grad_norm must be None or a positive number"),
     ],
 )
 def test_bad_settings_raise_clear_errors(tiny_synthetic, kwargs, message):
@@ -807,6 +811,32 @@ def test_class_log_normalisation_is_what_the_rewards_use(tiny_synthetic, reward)
     for c in (0, 1):
         assert normalised[classes == c].mean() == pytest.approx(0.0, abs=1e-9)
     assert normalised_raw != pytest.approx(plain_raw)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_predictor_max_grad_norm_clips_what_the_optimiser_steps_on(tiny_synthetic, task):
+    """Each predictor update's gradient reaches Adam with its norm at most ``predictor_max_grad_norm``; without
+    the option it reaches it whole.  The clip is recorded in the env's settings."""
+    import torch
+
+    norms: dict[str | None, list[float]] = {}
+    for limit in (None, 1e-3):
+        env = TaskAmenabilityEnv(tiny_synthetic, **{**TINY, "task": task, "predictor_max_grad_norm": limit})
+        env.reset(seed=0)
+        step, seen = env.optimizer.step, norms.setdefault(limit, [])
+
+        def recording_step(*args, **kwargs):
+            grads = [p.grad.flatten() for p in env.predictor.parameters() if p.grad is not None]
+            seen.append(float(torch.cat(grads).norm()))
+            return step(*args, **kwargs)
+
+        env.optimizer.step = recording_step
+        for _ in range(3):  # the episode's training steps, every image selected
+            env.step(np.ones(8))
+        assert ("predictor_max_grad_norm" in env._state_settings()) == (limit is not None)
+    assert len(norms[None]) == len(norms[1e-3]) == 3
+    assert norms[None][0] > 1e-2  # the first gradients are the same; unclipped, it is far above the limit
+    assert max(norms[1e-3]) <= 1e-3 * (1 + 1e-4)
 
 
 def test_predictor_average_is_what_the_rewards_and_evaluate_use(tiny_synthetic):
