@@ -106,6 +106,15 @@ def is_count(value: Any) -> bool:
     return not isinstance(value, bool) and isinstance(value, (int, np.integer)) and value >= 1
 
 
+def is_positive_number(value: Any) -> bool:
+    """Whether ``value`` is a finite number > 0: a Python or numpy number, not a bool."""
+    return (
+        not isinstance(value, bool)
+        and isinstance(value, (int, float, np.integer, np.floating))
+        and bool(math.isfinite(value) and value > 0)
+    )
+
+
 def validation_images_per_step(batch_size: int, validation_batch_size: int | None = None) -> int:
     """The validation images each validation step rewards: ``validation_batch_size``, or the whole batch if None."""
     return int(batch_size) if validation_batch_size is None else int(validation_batch_size)
@@ -489,9 +498,7 @@ class TaskAmenabilityEnv(gym.Env):
                 "(images x outputs per image x weights), which fits a classifier's few logits, not the "
                 f"{self.task.name} predictor's per-pixel outputs: use paired_probe='linear' or 'step' there"
             )
-        if isinstance(probe_lr, bool) or not isinstance(probe_lr, (int, float, np.integer, np.floating)) or not (
-            math.isfinite(probe_lr) and probe_lr > 0
-        ):
+        if not is_positive_number(probe_lr):
             raise ValueError(f"probe_lr must be a positive finite number, got {probe_lr!r}")
         if isinstance(paired_class_correction, (bool, np.bool_)):
             paired_class_correction = "history" if paired_class_correction else False
@@ -535,9 +542,7 @@ class TaskAmenabilityEnv(gym.Env):
         if predictor_lr <= 0 or not math.isfinite(predictor_lr):
             raise ValueError(f"predictor_lr must be a positive number, got {predictor_lr!r}")
         if predictor_max_grad_norm is not None:
-            if isinstance(predictor_max_grad_norm, bool) or not isinstance(predictor_max_grad_norm, (int, float)) or not (
-                math.isfinite(predictor_max_grad_norm) and predictor_max_grad_norm > 0
-            ):
+            if not is_positive_number(predictor_max_grad_norm):
                 raise ValueError(
                     f"predictor_max_grad_norm must be None or a positive number, got {predictor_max_grad_norm!r}"
                 )
