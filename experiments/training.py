@@ -172,7 +172,7 @@ class TrainConfig:
         from agents import recommended_env_kwargs
         from agents.factory import DEFAULT_BATCH_SIZE, DEFAULT_VALIDATION_SIZE
 
-        recommended = recommended_env_kwargs(self.algo, self.reward)
+        recommended = recommended_env_kwargs(self.algo, self.reward, self.task)
         fields: dict[str, Any] = {}
         if self.validation_size == "auto":
             fields["validation_size"] = recommended.get("validation_size", DEFAULT_VALIDATION_SIZE)

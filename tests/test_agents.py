@@ -1025,23 +1025,31 @@ def test_reinforce_with_leave_one_out_baselines_takes_each_images_own_draw_and_r
                        ("ddpg", "fixed"): 400, ("ddpg", "weighted"): 400, ("ddpg", "selective"): 400}
 
 
-def test_reinforce_trains_the_classification_predictor_on_more_of_each_batch_and_credits_validation_steps(dataset, tmp_path):
-    """REINFORCE's recommended env in classification (weighted and selective rewards) draws the predictor's
-    training selections at ``training_selection_rate`` (section 60); not in segmentation, with the fixed
-    reward or for the other algorithms.  On such an env REINFORCE credits its validation steps only (the
-    one credit it allows there), elsewhere every step (``"causal"``); default_settings records the same."""
+def test_reinforce_trains_the_predictor_on_more_of_each_batch_and_credits_validation_steps(dataset, tmp_path):
+    """REINFORCE's recommended env (weighted and selective rewards) draws the predictor's training selections
+    at its task's ``training_selection_rate`` (sections 60 and 64); not with the fixed reward or for the
+    other algorithms.  On such an env REINFORCE credits its validation steps only (the one credit it allows
+    there), elsewhere every step (``"causal"``); default_settings records the same."""
     from agents import recommended_env_kwargs
-    from agents.factory import REINFORCE_TRAINING_SELECTION_RATE, default_settings
+    from agents.factory import REINFORCE_TRAINING_SELECTION_RATES, default_settings
 
     rates = {
         (a, r, t): recommended_env_kwargs(a, r, t).get("training_selection_rate")
         for a in ("reinforce", "ddpg", "ppo") for r in ("fixed", "weighted", "selective")
         for t in ("classification", "segmentation")
     }
-    chosen = {key for key, rate in rates.items() if rate is not None}
-    assert chosen == {("reinforce", "weighted", "classification"), ("reinforce", "selective", "classification")}
-    assert 0.3 < REINFORCE_TRAINING_SELECTION_RATE < 1.0
-    assert {rates[key] for key in chosen} == {REINFORCE_TRAINING_SELECTION_RATE}
+    chosen = {key: rate for key, rate in rates.items() if rate is not None}
+    assert chosen == {
+        ("reinforce", r, t): REINFORCE_TRAINING_SELECTION_RATES[t]
+        for r in ("weighted", "selective") for t in ("classification", "segmentation")
+    }
+    # One rate per task, above the controller's own selection rate (its scores keep 0.3), below every image.
+    from iqa_env.tasks import TASK_NAMES
+
+    assert set(REINFORCE_TRAINING_SELECTION_RATES) == set(TASK_NAMES)
+    assert all(0.3 < rate < 1.0 for rate in REINFORCE_TRAINING_SELECTION_RATES.values())
+    with pytest.raises(ValueError, match="task must be one of .*'classification'.*got 'detection'"):
+        recommended_env_kwargs("reinforce", "weighted", "detection")
     drawn = make_agent("reinforce", _env(dataset, reward="weighted", training_selection_rate=0.8), seed=0)
     assert drawn.credit == "validation"
     assert make_agent("reinforce", _env(dataset, reward="weighted"), seed=0).credit == "causal"
