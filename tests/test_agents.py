@@ -1032,6 +1032,7 @@ def test_reinforce_trains_the_predictor_on_more_of_each_batch_and_credits_valida
     there), elsewhere every step (``"causal"``); default_settings records the same."""
     from agents import recommended_env_kwargs
     from agents.factory import REINFORCE_TRAINING_SELECTION_RATES, default_settings
+    from iqa_env.tasks import TASK_NAMES
 
     rates = {
         (a, r, t): recommended_env_kwargs(a, r, t).get("training_selection_rate")
@@ -1044,8 +1045,6 @@ def test_reinforce_trains_the_predictor_on_more_of_each_batch_and_credits_valida
         for r in ("weighted", "selective") for t in ("classification", "segmentation")
     }
     # One rate per task, above the controller's own selection rate (its scores keep 0.3), below every image.
-    from iqa_env.tasks import TASK_NAMES
-
     assert set(REINFORCE_TRAINING_SELECTION_RATES) == set(TASK_NAMES)
     assert all(0.3 < rate < 1.0 for rate in REINFORCE_TRAINING_SELECTION_RATES.values())
     with pytest.raises(ValueError, match="task must be one of .*'classification'.*got 'detection'"):
