@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from typing import Any, ClassVar, TypeVar
@@ -15,7 +16,7 @@ from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedul
 from stable_baselines3.common.utils import safe_mean
 
 from agents.policies import BernoulliSelectionPolicy
-from iqa_env.env import extra_draws, is_count
+from iqa_env.env import extra_draws, is_count, is_flag, is_number, is_positive_number
 from iqa_env.networks import (
     check_average_decay,
     update_weight_average,
@@ -324,12 +325,20 @@ class REINFORCE(LoadsOnTheEnvsDevice, BaseAlgorithm):
         )
         if credit not in CREDITS:
             raise ValueError(f"credit must be one of {CREDITS}, got {credit!r}")
-        if not 0.0 <= gamma <= 1.0:
-            raise ValueError(f"gamma must be in [0, 1], got {gamma!r}")
+        if not (is_number(gamma) and 0.0 <= gamma <= 1.0):
+            raise ValueError(f"gamma must be a number in [0, 1], got {gamma!r}")
+        if not is_flag(normalize_returns):
+            raise ValueError(
+                f"normalize_returns must be True or False, got {type(normalize_returns).__name__} {normalize_returns!r}"
+            )
+        if not (is_number(ent_coef) and math.isfinite(ent_coef)):
+            raise ValueError(f"ent_coef must be a finite number (the entropy bonus's weight), got {ent_coef!r}")
+        if not is_positive_number(max_grad_norm):
+            raise ValueError(f"max_grad_norm must be a positive finite number, got {max_grad_norm!r}")
         controller_average = check_average_decay("controller_average", controller_average)
-        class_balance = float(class_balance)
-        if not (np.isfinite(class_balance) and class_balance >= 0):
+        if not (is_number(class_balance) and math.isfinite(class_balance) and class_balance >= 0):
             raise ValueError(f"class_balance must be a finite number >= 0, got {class_balance!r}")
+        class_balance = float(class_balance)
         if image_baseline not in IMAGE_BASELINES:
             raise ValueError(f"image_baseline must be one of {IMAGE_BASELINES}, got {image_baseline!r}")
         if draws not in DRAWS:
@@ -355,10 +364,10 @@ class REINFORCE(LoadsOnTheEnvsDevice, BaseAlgorithm):
         if n_steps is None and _init_setup_model:
             raise ValueError("n_steps is needed without an env (default: the env's episode_length)")
         # (``load`` without an env builds the algorithm with _init_setup_model=False, then sets n_steps as saved.)
-        if n_steps is not None and n_steps < 1:
-            raise ValueError(f"n_steps must be >= 1, got {n_steps!r}")
-        if minibatch_steps is not None and minibatch_steps < 1:
-            raise ValueError(f"minibatch_steps must be >= 1 or None, got {minibatch_steps!r}")
+        if n_steps is not None and not is_count(n_steps):
+            raise ValueError(f"n_steps must be a whole number >= 1, got {n_steps!r}")
+        if minibatch_steps is not None and not is_count(minibatch_steps):
+            raise ValueError(f"minibatch_steps must be a whole number >= 1 or None, got {minibatch_steps!r}")
         if images_per_pass not in ("auto", None) and not is_count(images_per_pass):
             raise ValueError(f"images_per_pass must be an integer >= 1, 'auto' or None, got {images_per_pass!r}")
         self.n_steps = n_steps

@@ -108,11 +108,22 @@ def is_count(value: Any) -> bool:
 
 def is_positive_number(value: Any) -> bool:
     """Whether ``value`` is a finite number > 0: a Python or numpy number, not a bool."""
-    return (
-        not isinstance(value, bool)
-        and isinstance(value, (int, float, np.integer, np.floating))
-        and bool(math.isfinite(value) and value > 0)
-    )
+    return is_number(value) and bool(math.isfinite(value) and value > 0)
+
+
+def is_number(value: Any) -> bool:
+    """Whether ``value`` is a Python or numpy real number, not a bool (``True`` is not a setting's number)."""
+    return not isinstance(value, (bool, np.bool_)) and isinstance(value, (int, float, np.integer, np.floating))
+
+
+def is_whole_number(value: Any) -> bool:
+    """Whether ``value`` is a whole number >= 0: a Python or numpy integer, not a bool."""
+    return not isinstance(value, (bool, np.bool_)) and isinstance(value, (int, np.integer)) and value >= 0
+
+
+def is_flag(value: Any) -> bool:
+    """Whether ``value`` is a bool (Python or numpy): an on/off setting, where ``"no"`` or ``0`` would be misread."""
+    return isinstance(value, (bool, np.bool_))
 
 
 def validation_images_per_step(batch_size: int, validation_batch_size: int | None = None) -> int:
@@ -445,14 +456,26 @@ class TaskAmenabilityEnv(gym.Env):
         self.task = make_task(task)
         self.reward_name = check_reward(reward)
         self.rejection_ratio = check_rejection_ratio(rejection_ratio)
-        if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        if not is_count(batch_size):
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        if not isinstance(train_steps, (int, np.integer)) or train_steps < 1:
+        if not is_count(train_steps):
             raise ValueError(f"train_steps must be a positive integer, got {train_steps!r}")
-        if validation_size is not None and (
-            not isinstance(validation_size, (int, np.integer)) or validation_size < 1
-        ):
+        if validation_size is not None and not is_count(validation_size):
             raise ValueError(f"validation_size must be a positive integer or None, got {validation_size!r}")
+        if not is_whole_number(split_seed):
+            raise ValueError(f"split_seed must be a whole number >= 0 (the seed of the patient split), got {split_seed!r}")
+        if not (is_number(baseline_decay) and 0.0 <= baseline_decay < 1.0):
+            raise ValueError(
+                f"baseline_decay must be a number in [0, 1) (the moving average's decay), got {baseline_decay!r}"
+            )
+        for name, flag in (
+            ("stochastic_validation", stochastic_validation),
+            ("validation_refresh", validation_refresh),
+            ("predictor_augment", predictor_augment),
+            ("reinitialise_predictor_on_seed", reinitialise_predictor_on_seed),
+        ):
+            if not is_flag(flag):
+                raise ValueError(f"{name} must be True or False, got {type(flag).__name__} {flag!r}")
         if validation_batch_size is not None and (
             isinstance(validation_batch_size, bool)
             or not isinstance(validation_batch_size, (int, np.integer))
@@ -519,13 +542,14 @@ class TaskAmenabilityEnv(gym.Env):
                 "paired_draws probes further selections of each training step as the paired baseline does, so "
                 f"it needs reward_baseline='paired', got reward_baseline={reward_baseline!r}"
             )
-        lo, hi = (float(b) for b in mean_selection_bounds)
-        if not (0.0 <= lo <= hi <= 1.0):
+        bounds = tuple(mean_selection_bounds) if isinstance(mean_selection_bounds, (tuple, list, np.ndarray)) else ()
+        if not (len(bounds) == 2 and all(map(is_number, bounds)) and 0.0 <= bounds[0] <= bounds[1] <= 1.0):
             raise ValueError(
                 f"mean_selection_bounds must be (low, high) with 0 <= low <= high <= 1, got {mean_selection_bounds!r}"
             )
-        if mean_selection_penalty < 0:
-            raise ValueError(f"mean_selection_penalty must be >= 0, got {mean_selection_penalty!r}")
+        lo, hi = (float(b) for b in bounds)
+        if not (is_number(mean_selection_penalty) and math.isfinite(mean_selection_penalty) and mean_selection_penalty >= 0):
+            raise ValueError(f"mean_selection_penalty must be a finite number >= 0, got {mean_selection_penalty!r}")
         if training_selection_rate is not None:
             number = isinstance(training_selection_rate, (int, float, np.integer, np.floating))
             if isinstance(training_selection_rate, bool) or not number or not 0.0 < training_selection_rate < 1.0:
@@ -539,16 +563,16 @@ class TaskAmenabilityEnv(gym.Env):
                     "weighted or selective reward, or training_selection_rate=None"
                 )
             training_selection_rate = float(training_selection_rate)
-        if predictor_lr <= 0 or not math.isfinite(predictor_lr):
-            raise ValueError(f"predictor_lr must be a positive number, got {predictor_lr!r}")
+        if not is_positive_number(predictor_lr):
+            raise ValueError(f"predictor_lr must be a positive finite number, got {predictor_lr!r}")
         if predictor_max_grad_norm is not None:
             if not is_positive_number(predictor_max_grad_norm):
                 raise ValueError(
                     f"predictor_max_grad_norm must be None or a positive number, got {predictor_max_grad_norm!r}"
                 )
             predictor_max_grad_norm = float(predictor_max_grad_norm)
-        if predictor_warmup_steps < 0:
-            raise ValueError(f"predictor_warmup_steps must be >= 0, got {predictor_warmup_steps!r}")
+        if not is_whole_number(predictor_warmup_steps):
+            raise ValueError(f"predictor_warmup_steps must be a whole number >= 0, got {predictor_warmup_steps!r}")
         predictor_average = check_average_decay("predictor_average", predictor_average)
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(

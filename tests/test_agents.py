@@ -751,6 +751,31 @@ def test_reinforce_refuses_an_impossible_images_per_pass(dataset, images):
         make_agent("reinforce", _env(dataset), seed=0, images_per_pass=images)
 
 
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(gamma=1.5), r"gamma must be a number in \[0, 1\]"),
+        (dict(gamma="1"), r"gamma must be a number in \[0, 1\]"),
+        (dict(gamma=float("nan")), r"gamma must be a number in \[0, 1\]"),
+        # "false" is a truthy string: it would have left the normalisation on.
+        (dict(normalize_returns="false"), "normalize_returns must be True or False"),
+        (dict(ent_coef=float("nan")), "ent_coef must be a finite number"),
+        (dict(ent_coef="0.01"), "ent_coef must be a finite number"),
+        (dict(max_grad_norm=0.0), "max_grad_norm must be a positive finite number"),
+        (dict(max_grad_norm=None), "max_grad_norm must be a positive finite number"),
+        (dict(class_balance="1"), "class_balance must be a finite number >= 0"),
+        (dict(class_balance=True), "class_balance must be a finite number >= 0"),
+        (dict(n_steps=2.5), "n_steps must be a whole number >= 1"),
+        (dict(n_steps=True), "n_steps must be a whole number >= 1"),
+        (dict(minibatch_steps=0), "minibatch_steps must be a whole number >= 1 or None"),
+        (dict(minibatch_steps="4"), "minibatch_steps must be a whole number >= 1 or None"),
+    ],
+)
+def test_reinforce_refuses_bad_settings_by_name(dataset, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        make_agent("reinforce", _env(dataset), seed=0, **kwargs)
+
+
 @pytest.mark.parametrize("decay", [1.0, -0.1, True, "0.9"])
 def test_reinforce_refuses_an_impossible_controller_average(dataset, decay):
     with pytest.raises(ValueError, match=r"controller_average must be a decay in \[0, 1\)"):

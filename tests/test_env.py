@@ -287,11 +287,57 @@ def test_out_of_range_actions_are_clipped(tiny_synthetic):
         (dict(predictor_max_grad_norm=float("inf")), "predictor_max_grad_norm must be None or a positive number"),
         (dict(predictor_max_grad_norm="1"), "predictor_max_grad_norm must be None or a positive number"),
         (dict(predictor_max_grad_norm=True), "predictor_max_grad_norm must be None or a positive number"),
+        # A number's setting refuses a bool, a string, None and NaN with the same error, not a TypeError from a
+        # comparison or a bool read as 1.
+        (dict(predictor_lr=True), "predictor_lr must be a positive finite number"),
+        (dict(predictor_lr="0.1"), "predictor_lr must be a positive finite number"),
+        (dict(predictor_lr=None), "predictor_lr must be a positive finite number"),
+        (dict(predictor_lr=float("nan")), "predictor_lr must be a positive finite number"),
+        (dict(predictor_warmup_steps=1.5), "predictor_warmup_steps must be a whole number >= 0"),
+        (dict(predictor_warmup_steps=True), "predictor_warmup_steps must be a whole number >= 0"),
+        (dict(predictor_warmup_steps="3"), "predictor_warmup_steps must be a whole number >= 0"),
+        (dict(mean_selection_penalty=float("nan")), "mean_selection_penalty must be a finite number >= 0"),
+        (dict(mean_selection_penalty=float("inf")), "mean_selection_penalty must be a finite number >= 0"),
+        (dict(mean_selection_penalty="1"), "mean_selection_penalty must be a finite number >= 0"),
+        (dict(mean_selection_bounds=(0.1,)), "mean_selection_bounds must be"),
+        (dict(mean_selection_bounds="ab"), "mean_selection_bounds must be"),
+        (dict(mean_selection_bounds=(float("nan"), 1.0)), "mean_selection_bounds must be"),
+        (dict(baseline_decay="0.9"), r"baseline_decay must be a number in \[0, 1\)"),
+        (dict(baseline_decay=1.0), r"baseline_decay must be a number in \[0, 1\)"),
+        (dict(batch_size=True), "batch_size must be a positive integer"),
+        (dict(train_steps=True), "train_steps must be a positive integer"),
+        (dict(validation_size=True), "validation_size must be a positive integer or None"),
+        (dict(split_seed=-1), "split_seed must be a whole number >= 0"),
+        (dict(split_seed=1.5), "split_seed must be a whole number >= 0"),
+        # A string is truthy: "no" would have turned the option on.
+        (dict(validation_refresh="no"), "validation_refresh must be True or False"),
+        (dict(stochastic_validation="yes"), "stochastic_validation must be True or False"),
+        (dict(predictor_augment=0), "predictor_augment must be True or False"),
+        (dict(reinitialise_predictor_on_seed=2), "reinitialise_predictor_on_seed must be True or False"),
     ],
 )
 def test_bad_settings_raise_clear_errors(tiny_synthetic, kwargs, message):
     with pytest.raises(ValueError, match=message):
         TaskAmenabilityEnv(tiny_synthetic, **{**TINY, **kwargs})
+
+
+def test_numpy_numbers_and_flags_are_settings_like_python_ones(tiny_synthetic):
+    """Settings read from arrays or computed with numpy arrive as numpy scalars; they mean what Python's do."""
+    env = TaskAmenabilityEnv(
+        tiny_synthetic,
+        **{**TINY, "batch_size": np.int64(8)},
+        predictor_lr=np.float32(2e-3),
+        predictor_average=np.float32(0.5),
+        predictor_warmup_steps=np.int32(0),
+        baseline_decay=np.float64(0.8),
+        validation_refresh=np.bool_(True),
+        mean_selection_bounds=[np.float32(0.1), 0.9],
+        split_seed=np.int64(0),
+    )
+    assert env.batch_size == 8 and env.validation_refresh is True and env.mean_selection_bounds == (
+        pytest.approx(0.1), 0.9
+    )
+    assert env.predictor_lr == pytest.approx(2e-3) and env.predictor_average == 0.5
 
 
 def test_missing_cuda_is_a_clear_error(tiny_synthetic):

@@ -693,6 +693,11 @@ def test_refused_train_leaves_the_run_folder_untouched(
     assert_mentions(message, 'cannot build reinforce with agent_kwargs {"learning_rate": -1}')
     message = cli_error([*good, "--env-kwargs", '{"no_such_arg": 1}', *tiny], capsys)
     assert message == "env_kwargs: unknown TaskAmenabilityEnv argument(s) 'no_such_arg'; docs/environment.md lists them"
+    # A JSON string where a flag or a number belongs: "false" is truthy, so it would have turned the option on.
+    message = cli_error([*good, "--env-kwargs", '{"validation_refresh": "false"}', *tiny], capsys)
+    assert message == "validation_refresh must be True or False, got str 'false'"
+    message = cli_error([*good, "--env-kwargs", '{"predictor_lr": "1e-3"}', *tiny], capsys)
+    assert message == "predictor_lr must be a positive finite number, got '1e-3'"
     assert [p.name for p in run.iterdir()] == ["notes.txt"]
     # The corrected command trains there (no config.json of a failed run for it to disagree with).
     capsys.readouterr()
