@@ -121,13 +121,14 @@ class TrainConfig:
             raise ValueError(f"task must be one of {TASK_NAMES}, got {self.task!r}")
         if self.reward not in REWARD_NAMES:
             raise ValueError(f"reward must be one of {REWARD_NAMES}, got {self.reward!r}")
-        if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        from iqa_env.env import is_count, is_whole_number, resolve_device
+
+        if not is_count(self.steps):
+            raise ValueError(f"steps must be a whole number >= 1, got {self.steps!r}")
         for name in ("seed", "split_seed"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+            if not is_whole_number(value):
                 raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
-        from iqa_env.env import is_count, resolve_device
         from iqa_env.rewards import check_rejection_ratio
 
         if self.batch_size != "auto" and not is_count(self.batch_size):
@@ -144,11 +145,11 @@ class TrainConfig:
             )
         check_rejection_ratio(self.rejection_ratio)
         resolve_device(self.device)
-        if not isinstance(self.checkpoint_every, (int, np.integer)) or self.checkpoint_every < 0:
+        if not is_whole_number(self.checkpoint_every):
             raise ValueError(
                 f"checkpoint_every must be an integer >= 0 (0: no checkpoints), got {self.checkpoint_every!r}"
             )
-        if not isinstance(self.eval_every, (int, np.integer)) or self.eval_every < 1:
+        if not is_count(self.eval_every):
             raise ValueError(f"eval_every must be a positive integer, got {self.eval_every!r}")
         if self.time_limit_s is not None and (
             isinstance(self.time_limit_s, bool)

@@ -711,7 +711,7 @@ def test_steps_not_positive(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     from experiments.training import TrainConfig
 
     message = api_error(ValueError, lambda: TrainConfig(steps=0).validate())
-    assert message == "steps must be >= 1, got 0"
+    assert message == "steps must be a whole number >= 1, got 0"
     assert cli_error(["train", "--steps", "0", "--out", tmp_path / "run"], capsys) == message
     assert not (tmp_path / "run").exists()
 
