@@ -477,9 +477,7 @@ class TaskAmenabilityEnv(gym.Env):
             if not is_flag(flag):
                 raise ValueError(f"{name} must be True or False, got {type(flag).__name__} {flag!r}")
         if validation_batch_size is not None and (
-            isinstance(validation_batch_size, bool)
-            or not isinstance(validation_batch_size, (int, np.integer))
-            or not 1 <= validation_batch_size <= batch_size
+            not is_count(validation_batch_size) or validation_batch_size > batch_size
         ):
             raise ValueError(
                 f"validation_batch_size must be None (batch_size) or a whole number from 1 to batch_size "
@@ -551,8 +549,7 @@ class TaskAmenabilityEnv(gym.Env):
         if not (is_number(mean_selection_penalty) and math.isfinite(mean_selection_penalty) and mean_selection_penalty >= 0):
             raise ValueError(f"mean_selection_penalty must be a finite number >= 0, got {mean_selection_penalty!r}")
         if training_selection_rate is not None:
-            number = isinstance(training_selection_rate, (int, float, np.integer, np.floating))
-            if isinstance(training_selection_rate, bool) or not number or not 0.0 < training_selection_rate < 1.0:
+            if not (is_number(training_selection_rate) and 0.0 < training_selection_rate < 1.0):
                 raise ValueError(
                     f"training_selection_rate must be None or a probability in (0, 1), got {training_selection_rate!r}"
                 )
