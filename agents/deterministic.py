@@ -52,7 +52,7 @@ from torch import nn
 from agents.buffers import WITH_CLASS_LABELS, ClassLabelledSamples, _ClassLabelsMixin
 from agents.policies import action_logits
 from agents.reinforce import LoadsOnTheEnvsDevice, between_class_variance
-from iqa_env.env import extra_draws
+from iqa_env.env import extra_draws, is_non_negative_number
 
 __all__ = ["DDPG", "TD3"]
 
@@ -152,8 +152,7 @@ class _ClassBalanceMixin:
     replay_buffer_class: type[ReplayBuffer] | None
 
     def __init__(self, *args: Any, class_balance: float = 0.0, **kwargs: Any) -> None:
-        number = isinstance(class_balance, (int, float, np.integer, np.floating)) and not isinstance(class_balance, bool)
-        if not (number and np.isfinite(class_balance) and class_balance >= 0):
+        if not is_non_negative_number(class_balance):
             raise ValueError(f"class_balance must be a finite number >= 0, got {class_balance!r}")
         self.class_balance = float(class_balance)
         super().__init__(*args, **kwargs)

@@ -16,7 +16,7 @@ from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedul
 from stable_baselines3.common.utils import safe_mean
 
 from agents.policies import BernoulliSelectionPolicy
-from iqa_env.env import extra_draws, is_count, is_flag, is_number, is_positive_number
+from iqa_env.env import extra_draws, is_count, is_flag, is_non_negative_number, is_number, is_positive_number
 from iqa_env.networks import (
     check_average_decay,
     update_weight_average,
@@ -336,7 +336,7 @@ class REINFORCE(LoadsOnTheEnvsDevice, BaseAlgorithm):
         if not is_positive_number(max_grad_norm):
             raise ValueError(f"max_grad_norm must be a positive finite number, got {max_grad_norm!r}")
         controller_average = check_average_decay("controller_average", controller_average)
-        if not (is_number(class_balance) and math.isfinite(class_balance) and class_balance >= 0):
+        if not is_non_negative_number(class_balance):
             raise ValueError(f"class_balance must be a finite number >= 0, got {class_balance!r}")
         class_balance = float(class_balance)
         if image_baseline not in IMAGE_BASELINES:

@@ -111,6 +111,11 @@ def is_positive_number(value: Any) -> bool:
     return is_number(value) and bool(math.isfinite(value) and value > 0)
 
 
+def is_non_negative_number(value: Any) -> bool:
+    """Whether ``value`` is a finite number >= 0: a Python or numpy number, not a bool."""
+    return is_number(value) and bool(math.isfinite(value) and value >= 0)
+
+
 def is_number(value: Any) -> bool:
     """Whether ``value`` is a Python or numpy real number, not a bool (``True`` is not a setting's number)."""
     return not isinstance(value, (bool, np.bool_)) and isinstance(value, (int, float, np.integer, np.floating))
@@ -546,7 +551,7 @@ class TaskAmenabilityEnv(gym.Env):
                 f"mean_selection_bounds must be (low, high) with 0 <= low <= high <= 1, got {mean_selection_bounds!r}"
             )
         lo, hi = (float(b) for b in bounds)
-        if not (is_number(mean_selection_penalty) and math.isfinite(mean_selection_penalty) and mean_selection_penalty >= 0):
+        if not is_non_negative_number(mean_selection_penalty):
             raise ValueError(f"mean_selection_penalty must be a finite number >= 0, got {mean_selection_penalty!r}")
         if training_selection_rate is not None:
             if not (is_number(training_selection_rate) and 0.0 < training_selection_rate < 1.0):

@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import math
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -40,8 +39,9 @@ def channels_last(module: nn.Module) -> nn.Module:
 
 def check_average_decay(name: str, decay: object) -> float:
     """``decay`` as a float if it is a number in [0, 1) (0: no average); else ``ValueError`` naming ``name``."""
-    number = isinstance(decay, (int, float, np.integer, np.floating)) and not isinstance(decay, (bool, np.bool_))
-    if not (number and 0.0 <= decay < 1.0):
+    from iqa_env.env import is_number  # here, not at the top: iqa_env.env imports this module
+
+    if not (is_number(decay) and 0.0 <= decay < 1.0):
         raise ValueError(f"{name} must be a decay in [0, 1) (0: no average), got {decay!r}")
     return float(decay)
 
