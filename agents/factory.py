@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import math
 from types import SimpleNamespace
 from typing import Any
 
@@ -20,6 +19,8 @@ from agents.index_buffer import IndexReplayBuffer, index_buffer_kwargs
 from agents.noise import ProbabilityOUNoise
 from agents.policies import PerSampleActorCriticPolicy, PerSampleSACPolicy, PerSampleTD3Policy
 from agents.reinforce import REINFORCE, env_attr
+from agents.settings import check_settings
+from iqa_env.env import is_positive_number
 from iqa_env.rewards import has_validation_phase
 from iqa_env.tasks import TASK_NAMES
 
@@ -487,14 +488,19 @@ def make_agent(name: str, env: GymEnv, seed: int | None = None, **kwargs: Any) -
     is merged into the defaults' and deep-copied (SB3 mutates the dict it is
     given); ``replay_buffer_class`` may be a name from :data:`REPLAY_BUFFERS`;
     ``learning_rate`` may be ``{"start": a, "end": b}`` (see
-    :func:`learning_rate_schedule`), so that a schedule can be given as JSON.
+    :func:`learning_rate_schedule`), so that a schedule can be given as JSON,
+    and ``train_freq`` a list ``[n, "step"]``.  The algorithm's own settings
+    are checked by name first (:func:`agents.settings.check_settings`).
     """
     name = name.lower()
     options = default_kwargs(name, env, seed)
     default_policy_kwargs = options.get("policy_kwargs") or {}
     options.update(kwargs)
+    check_settings(name, options)
     if "learning_rate" in options:
         options["learning_rate"] = learning_rate_schedule(options["learning_rate"])
+    if isinstance(options.get("train_freq"), list):  # JSON's [n, "step"]; stable-baselines3 takes a tuple
+        options["train_freq"] = tuple(options["train_freq"])
     # Policy settings given add to the defaults' (e.g. the critic head) rather than replace them.
     options["policy_kwargs"] = copy.deepcopy({**default_policy_kwargs, **(kwargs.get("policy_kwargs") or {})})
     buffer = options.get("replay_buffer_class")
@@ -514,10 +520,18 @@ def learning_rate_schedule(value: Any) -> Any:
     ``{"start": a, "end": b}`` is a linear schedule from ``a`` at the start of
     ``learn()`` to ``b`` at its last step (stable-baselines3's
     ``LinearSchedule``; progress is counted over the ``total_timesteps`` of the
-    run, so a resumed run goes on where it stopped).  Numbers and callables
-    pass through unchanged.
+    run, so a resumed run goes on where it stopped).  A positive finite
+    number and a callable pass through unchanged; anything else (a string, a
+    bool, NaN, a number <= 0) is refused with a ``ValueError`` that names it.
     """
+    if callable(value):
+        return value
     if not isinstance(value, dict):
+        if not is_positive_number(value):
+            raise ValueError(
+                'learning_rate must be a positive finite number, {"start": a, "end": b} or a schedule, '
+                f"got {value!r}"
+            )
         return value
     if set(value) != {"start", "end"}:
         raise ValueError(
@@ -526,7 +540,7 @@ def learning_rate_schedule(value: Any) -> Any:
     ends = []
     for key in ("start", "end"):
         rate = value[key]
-        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not math.isfinite(rate) or rate <= 0:
+        if not is_positive_number(rate):
             raise ValueError(f"learning_rate[{key!r}] must be a positive finite number, got {rate!r}")
         ends.append(float(rate))
     return LinearSchedule(ends[0], ends[1], 1.0)

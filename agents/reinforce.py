@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from typing import Any, ClassVar, TypeVar
@@ -16,7 +15,8 @@ from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedul
 from stable_baselines3.common.utils import safe_mean
 
 from agents.policies import BernoulliSelectionPolicy
-from iqa_env.env import extra_draws, is_count, is_flag, is_non_negative_number, is_number, is_positive_number
+from agents.settings import check_setting
+from iqa_env.env import extra_draws, is_count, is_flag, is_non_negative_number
 from iqa_env.networks import (
     check_average_decay,
     update_weight_average,
@@ -325,16 +325,13 @@ class REINFORCE(LoadsOnTheEnvsDevice, BaseAlgorithm):
         )
         if credit not in CREDITS:
             raise ValueError(f"credit must be one of {CREDITS}, got {credit!r}")
-        if not (is_number(gamma) and 0.0 <= gamma <= 1.0):
-            raise ValueError(f"gamma must be a number in [0, 1], got {gamma!r}")
+        check_setting("gamma", gamma)
         if not is_flag(normalize_returns):
             raise ValueError(
                 f"normalize_returns must be True or False, got {type(normalize_returns).__name__} {normalize_returns!r}"
             )
-        if not (is_number(ent_coef) and math.isfinite(ent_coef)):
-            raise ValueError(f"ent_coef must be a finite number (the entropy bonus's weight), got {ent_coef!r}")
-        if not is_positive_number(max_grad_norm):
-            raise ValueError(f"max_grad_norm must be a positive finite number, got {max_grad_norm!r}")
+        check_setting("ent_coef", ent_coef)
+        check_setting("max_grad_norm", max_grad_norm)
         controller_average = check_average_decay("controller_average", controller_average)
         if not is_non_negative_number(class_balance):
             raise ValueError(f"class_balance must be a finite number >= 0, got {class_balance!r}")
@@ -364,8 +361,8 @@ class REINFORCE(LoadsOnTheEnvsDevice, BaseAlgorithm):
         if n_steps is None and _init_setup_model:
             raise ValueError("n_steps is needed without an env (default: the env's episode_length)")
         # (``load`` without an env builds the algorithm with _init_setup_model=False, then sets n_steps as saved.)
-        if n_steps is not None and not is_count(n_steps):
-            raise ValueError(f"n_steps must be a whole number >= 1, got {n_steps!r}")
+        if n_steps is not None:
+            check_setting("n_steps", n_steps)
         if minibatch_steps is not None and not is_count(minibatch_steps):
             raise ValueError(f"minibatch_steps must be a whole number >= 1 or None, got {minibatch_steps!r}")
         if images_per_pass not in ("auto", None) and not is_count(images_per_pass):

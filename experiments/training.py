@@ -121,7 +121,7 @@ class TrainConfig:
             raise ValueError(f"task must be one of {TASK_NAMES}, got {self.task!r}")
         if self.reward not in REWARD_NAMES:
             raise ValueError(f"reward must be one of {REWARD_NAMES}, got {self.reward!r}")
-        from iqa_env.env import is_count, is_whole_number, resolve_device
+        from iqa_env.env import is_count, is_positive_number, is_whole_number, resolve_device
 
         if not is_count(self.steps):
             raise ValueError(f"steps must be a whole number >= 1, got {self.steps!r}")
@@ -151,20 +151,33 @@ class TrainConfig:
             )
         if not is_count(self.eval_every):
             raise ValueError(f"eval_every must be a positive integer, got {self.eval_every!r}")
-        if self.time_limit_s is not None and (
-            isinstance(self.time_limit_s, bool)
-            or not isinstance(self.time_limit_s, (int, float, np.integer, np.floating))
-            or not np.isfinite(self.time_limit_s)
-            or self.time_limit_s <= 0
-        ):
+        if self.time_limit_s is not None and not is_positive_number(self.time_limit_s):
             raise ValueError(
                 f"time_limit_s must be a positive number of seconds or None (no limit), got {self.time_limit_s!r}"
             )
+        self._check_agent_kwargs()
         if self.warmup_cache is not None and not isinstance(self.warmup_cache, (str, os.PathLike)):
             raise ValueError(f"warmup_cache must be None or a folder path, got {self.warmup_cache!r}")
         if self.dataset is not None and not Path(self.dataset).exists():
             raise FileNotFoundError(f"dataset file {self.dataset} does not exist")
         return self
+
+    def _check_agent_kwargs(self) -> None:
+        """The algorithm's own settings of ``agent_kwargs`` that :mod:`agents.settings` checks, before any file.
+
+        The ``agent_kwargs: `` in front tells them from the env's settings of the same name (``batch_size``).
+        """
+        from agents.factory import learning_rate_schedule
+        from agents.settings import check_settings
+
+        if not isinstance(self.agent_kwargs, dict):
+            raise ValueError(f"agent_kwargs must be a dict of the algorithm's arguments, got {self.agent_kwargs!r}")
+        try:
+            check_settings(self.algo, self.agent_kwargs)
+            if "learning_rate" in self.agent_kwargs:
+                learning_rate_schedule(self.agent_kwargs["learning_rate"])
+        except ValueError as e:
+            raise ValueError(f"agent_kwargs: {e}") from None
 
     def resolved(self) -> TrainConfig:
         """A copy with ``"auto"`` sizes replaced by the numbers they stand for (what a run records)."""

@@ -776,6 +776,56 @@ def test_reinforce_refuses_bad_settings_by_name(dataset, kwargs, message):
         make_agent("reinforce", _env(dataset), seed=0, **kwargs)
 
 
+@pytest.mark.parametrize(
+    "name, kwargs, message",
+    [
+        # stable-baselines3 took each of these and trained (or failed much later, naming no setting).
+        ("ddpg", dict(gamma="0.9"), r"gamma must be a number in \[0, 1\], got '0.9'"),
+        ("ddpg", dict(gamma=1.5), r"gamma must be a number in \[0, 1\], got 1.5"),
+        ("sac", dict(gamma=float("nan")), r"gamma must be a number in \[0, 1\], got nan"),
+        ("td3", dict(tau=0), r"tau must be a number in \(0, 1\] \(the target networks' soft-update rate\), got 0"),
+        ("ddpg", dict(tau=2.0), r"tau must be a number in \(0, 1\]"),
+        ("ddpg", dict(batch_size=0), "batch_size must be a whole number >= 1, got 0"),
+        ("ppo", dict(batch_size=1.5), "batch_size must be a whole number >= 1, got 1.5"),
+        ("ddpg", dict(buffer_size=-1), "buffer_size must be a whole number >= 1, got -1"),
+        ("ddpg", dict(learning_starts=-5), "learning_starts must be a whole number >= 0, got -5"),
+        ("ddpg", dict(train_freq=0), r"train_freq must be a whole number >= 1 or a pair \[n >= 1, \"step\" or"),
+        ("td3", dict(train_freq=[1, "epoch"]), r"train_freq must be .*, got \[1, 'epoch'\]"),
+        ("ddpg", dict(gradient_steps=0), r"gradient_steps must be a whole number >= 1, or -1 \(as many as"),
+        ("ppo", dict(n_steps=0), "n_steps must be a whole number >= 1, got 0"),
+        ("a2c", dict(gae_lambda=1.5), r"gae_lambda must be a number in \[0, 1\], got 1.5"),
+        ("ppo", dict(clip_range=-0.1), "clip_range must be a positive finite number or a schedule, got -0.1"),
+        ("ppo", dict(ent_coef="x"), r"ent_coef must be a finite number \(the entropy bonus's weight\), got 'x'"),
+        ("ppo", dict(n_epochs=0), "n_epochs must be a whole number >= 1, got 0"),
+        ("a2c", dict(vf_coef=-1.0), "vf_coef must be a finite number >= 0, got -1.0"),
+        ("a2c", dict(max_grad_norm=float("inf")), "max_grad_norm must be a positive finite number, got inf"),
+        ("ppo", dict(normalize_advantage="no"), "normalize_advantage must be True or False, got 'no'"),
+        ("sac", dict(ent_coef="autox"), "ent_coef must be 'auto', 'auto_<initial value>' or a positive finite number"),
+        ("sac", dict(ent_coef=0.0), "ent_coef must be 'auto', 'auto_<initial value>' or a positive finite number"),
+        ("td3", dict(policy_delay=0), "policy_delay must be a whole number >= 1, got 0"),
+        ("td3", dict(target_policy_noise=-0.2), "target_policy_noise must be a finite number >= 0, got -0.2"),
+        ("ddpg", dict(learning_rate="1e-3"), r'learning_rate must be a positive finite number, \{"start": a, "end": b\}'),
+        ("reinforce", dict(learning_rate=-1.0), "learning_rate must be a positive finite number, .* got -1.0"),
+        ("a2c", dict(learning_rate=True), "learning_rate must be a positive finite number, .* got True"),
+    ],
+)
+def test_algorithm_settings_are_refused_by_name_before_the_agent_is_built(dataset, name, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        make_agent(name, _env(dataset), seed=0, **kwargs)
+
+
+def test_algorithm_settings_in_every_form_the_algorithms_take_are_accepted(dataset):
+    env = _env(dataset)
+    assert make_agent("sac", env, seed=0, ent_coef="auto_0.1", tau=1, gradient_steps=-1).ent_coef == "auto_0.1"
+    assert make_agent("sac", env, seed=0, ent_coef=np.float32(0.05)).ent_coef_tensor.item() == pytest.approx(0.05)
+    assert make_agent("td3", env, seed=0, train_freq=[2, "episode"]).train_freq.frequency == 2
+    assert make_agent("ddpg", env, seed=0, train_freq=(4, "step"), gamma=np.float64(0.5)).gamma == 0.5
+    assert make_agent("ppo", env, seed=0, n_steps=np.int64(16), batch_size=8, clip_range_vf=None).n_steps == 16
+    assert make_agent("ppo", env, seed=0, clip_range=lambda progress: 0.1 * progress).clip_range(0.5) == 0.05
+    rate = make_agent("a2c", env, seed=0, learning_rate={"start": np.float32(1e-3), "end": 1e-4}).lr_schedule(1.0)
+    assert rate == pytest.approx(1e-3)
+
+
 @pytest.mark.parametrize("decay", [1.0, -0.1, True, "0.9"])
 def test_reinforce_refuses_an_impossible_controller_average(dataset, decay):
     with pytest.raises(ValueError, match=r"controller_average must be a decay in \[0, 1\)"):

@@ -690,7 +690,12 @@ def test_refused_train_leaves_the_run_folder_untouched(
     message = cli_error([*good, "--agent-kwargs", '{"nope": 1}', *tiny], capsys)
     assert_mentions(message, 'cannot build reinforce with agent_kwargs {"nope": 1}', "unexpected keyword argument 'nope'")
     message = cli_error([*good, "--agent-kwargs", '{"learning_rate": -1}', *tiny], capsys)
-    assert_mentions(message, 'cannot build reinforce with agent_kwargs {"learning_rate": -1}')
+    assert message == 'agent_kwargs: learning_rate must be a positive finite number, {"start": a, "end": b} or a schedule, got -1'
+    # stable-baselines3's own settings, which it would have taken: a string discount, a batch of none.
+    message = cli_error([*good, "--algo", "ddpg", "--agent-kwargs", '{"gamma": "0.9"}', *tiny], capsys)
+    assert message == "agent_kwargs: gamma must be a number in [0, 1], got '0.9'"
+    message = cli_error([*good, "--algo", "ppo", "--agent-kwargs", '{"batch_size": 0}', *tiny], capsys)
+    assert message == "agent_kwargs: batch_size must be a whole number >= 1, got 0"
     message = cli_error([*good, "--env-kwargs", '{"no_such_arg": 1}', *tiny], capsys)
     assert message == "env_kwargs: unknown TaskAmenabilityEnv argument(s) 'no_such_arg'; docs/environment.md lists them"
     # A JSON string where a flag or a number belongs: "false" is truthy, so it would have turned the option on.
@@ -728,12 +733,27 @@ def test_seed_or_validation_size_negative(tmp_path: Path, capsys: pytest.Capture
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("value", [0, -5.0, math.nan, math.inf, True])
+@pytest.mark.parametrize("value", [0, -5.0, math.nan, math.inf, True, "60", np.bool_(True)])
 def test_time_limit_not_positive(value: Any) -> None:
     from experiments.training import TrainConfig
 
     message = api_error(ValueError, lambda: TrainConfig(time_limit_s=value).validate())
     assert message == f"time_limit_s must be a positive number of seconds or None (no limit), got {value!r}"
+
+
+def test_agent_kwargs_checked_with_the_config() -> None:
+    """The algorithm's settings are refused by TrainConfig.validate (before any file), named as agent_kwargs'."""
+    from experiments.training import TrainConfig
+
+    assert TrainConfig(time_limit_s=np.float32(30)).validate().time_limit_s == 30
+    config = TrainConfig(algo="td3", agent_kwargs={"tau": 0.005, "train_freq": [1, "step"], "learning_rate": 1e-3})
+    assert config.validate() is config
+    message = api_error(ValueError, lambda: TrainConfig(algo="sac", agent_kwargs={"tau": 1.5}).validate())
+    assert message == "agent_kwargs: tau must be a number in (0, 1] (the target networks' soft-update rate), got 1.5"
+    message = api_error(ValueError, lambda: TrainConfig(agent_kwargs={"learning_rate": {"start": 1e-3}}).validate())
+    assert message == 'agent_kwargs: learning_rate as a dict must have exactly the keys "start" and "end" (a linear schedule), got [\'start\']'
+    message = api_error(ValueError, lambda: TrainConfig(agent_kwargs=[("gamma", 0.9)]).validate())  # type: ignore[arg-type]
+    assert message == "agent_kwargs must be a dict of the algorithm's arguments, got [('gamma', 0.9)]"
 
 
 # ================================================================== actions

@@ -1,0 +1,126 @@
+"""Checks of the algorithms' own settings, by name, before an agent is built.
+
+stable-baselines3 takes most of its settings as given: ``gamma="0.9"``,
+``gamma=1.5``, ``tau=2.0``, ``batch_size=0`` or ``buffer_size=-1`` build an
+agent that trains (or fails thousands of steps later with an error that names
+no setting), and ``learning_starts=-5`` or ``n_epochs=0`` fail inside
+``learn()`` with numpy's ``high <= 0`` or an ``UnboundLocalError``.  A JSON
+``--agent-kwargs`` makes such values easy to give.  :func:`check_settings`
+refuses them before anything is built, with a ``ValueError`` that names the
+setting, the value and what is expected; :func:`agents.factory.make_agent`
+calls it for every algorithm, and :class:`agents.reinforce.REINFORCE` checks
+the settings it shares with stable-baselines3 (``gamma``, ``n_steps``,
+``ent_coef``, ``max_grad_norm``) with :func:`check_setting`, so the words are
+the same wherever a setting is refused.  Settings not named here are left to
+the algorithm.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from iqa_env.env import is_count, is_flag, is_non_negative_number, is_number, is_positive_number, is_whole_number
+
+Check = tuple[Callable[[Any], bool], str]
+
+
+def _fraction(value: Any) -> bool:
+    return is_number(value) and 0 <= value <= 1
+
+
+def _soft_update_rate(value: Any) -> bool:
+    return is_number(value) and 0 < value <= 1
+
+
+def _finite(value: Any) -> bool:
+    return is_number(value) and math.isfinite(value)
+
+
+def _gradient_steps(value: Any) -> bool:
+    whole = not isinstance(value, (bool, np.bool_)) and isinstance(value, (int, np.integer))
+    return is_count(value) or (whole and value == -1)
+
+
+def _train_freq(value: Any) -> bool:
+    if is_count(value):
+        return True
+    return (
+        isinstance(value, (tuple, list))
+        and len(value) == 2
+        and is_count(value[0])
+        and value[1] in ("step", "episode")
+    )
+
+
+def _positive_or_schedule(value: Any) -> bool:
+    return is_positive_number(value) or callable(value)
+
+
+def _optional(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda value: value is None or check(value)
+
+
+def _sac_ent_coef(value: Any) -> bool:
+    if is_positive_number(value):
+        return True
+    if not isinstance(value, str) or not value.startswith("auto"):
+        return False
+    if value == "auto":
+        return True
+    try:
+        return value[4] == "_" and is_positive_number(float(value[5:]))
+    except (IndexError, ValueError):
+        return False
+
+
+CHECKS: dict[str, Check] = {
+    "gamma": (_fraction, "a number in [0, 1]"),
+    "gae_lambda": (_fraction, "a number in [0, 1]"),
+    "tau": (_soft_update_rate, "a number in (0, 1] (the target networks' soft-update rate)"),
+    "batch_size": (is_count, "a whole number >= 1"),
+    "buffer_size": (is_count, "a whole number >= 1"),
+    "learning_starts": (is_whole_number, "a whole number >= 0"),
+    "train_freq": (_train_freq, 'a whole number >= 1 or a pair [n >= 1, "step" or "episode"]'),
+    "gradient_steps": (_gradient_steps, "a whole number >= 1, or -1 (as many as the env steps collected)"),
+    "n_steps": (is_count, "a whole number >= 1"),
+    "n_epochs": (is_count, "a whole number >= 1"),
+    "policy_delay": (is_count, "a whole number >= 1"),
+    "target_update_interval": (is_count, "a whole number >= 1"),
+    "target_policy_noise": (is_non_negative_number, "a finite number >= 0"),
+    "target_noise_clip": (is_non_negative_number, "a finite number >= 0"),
+    "clip_range": (_positive_or_schedule, "a positive finite number or a schedule"),
+    "clip_range_vf": (_optional(_positive_or_schedule), "None, a positive finite number or a schedule"),
+    "target_kl": (_optional(is_positive_number), "None or a positive finite number"),
+    "ent_coef": (_finite, "a finite number (the entropy bonus's weight)"),
+    "vf_coef": (is_non_negative_number, "a finite number >= 0"),
+    "max_grad_norm": (is_positive_number, "a positive finite number"),
+    "normalize_advantage": (is_flag, "True or False"),
+    "use_sde": (is_flag, "True or False"),
+    "optimize_memory_usage": (is_flag, "True or False"),
+}
+"""Each checked setting's test and the words of what it expects."""
+
+ALGORITHM_CHECKS: dict[str, dict[str, Check]] = {
+    "sac": {"ent_coef": (_sac_ent_coef, "'auto', 'auto_<initial value>' or a positive finite number")},
+}
+"""Settings whose meaning differs in one algorithm (SAC's ``ent_coef`` may be learnt)."""
+
+
+def check_setting(name: str, value: Any, algorithm: str | None = None) -> None:
+    """Raises ``ValueError`` naming ``name`` if ``value`` is not what the setting takes (unchecked names pass)."""
+    check = ALGORITHM_CHECKS.get(algorithm or "", {}).get(name) or CHECKS.get(name)
+    if check is None:
+        return
+    valid, expected = check
+    if not valid(value):
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+
+
+def check_settings(algorithm: str, settings: Mapping[str, Any]) -> None:
+    """Checks every setting of ``settings`` that :data:`CHECKS` names, for ``algorithm`` (e.g. ``"ppo"``)."""
+    for name, value in settings.items():
+        check_setting(name, value, algorithm)
