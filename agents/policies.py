@@ -32,6 +32,7 @@ from stable_baselines3.td3.policies import Actor as TD3Actor
 from stable_baselines3.td3.policies import TD3Policy
 from torch import nn
 
+from agents.settings import check_setting
 from iqa_env.networks import ControllerBackbone
 
 
@@ -53,6 +54,8 @@ class PerSampleExtractor(BaseFeaturesExtractor):
     """
 
     def __init__(self, observation_space: spaces.Box, width: int = 16, embed_dim: int = 64) -> None:
+        check_setting("width", width)
+        check_setting("embed_dim", embed_dim)
         b, c, h, w = _batch_shape(observation_space)
         super().__init__(observation_space, features_dim=b * embed_dim)
         self.batch_size, self.embed_dim, self.width = b, embed_dim, width
@@ -270,6 +273,10 @@ class PerSampleTD3Policy(TD3Policy):
         features_extractor_class: type[BaseFeaturesExtractor] = PerSampleExtractor,
         **kwargs: Any,
     ) -> None:
+        for name, value in (
+            ("critic_hidden", critic_hidden), ("saturation_penalty", saturation_penalty), ("centre_logits", centre_logits)
+        ):
+            check_setting(name, value)
         self._critic_hidden, self._saturation_penalty = critic_hidden, saturation_penalty
         self._critic_head, self._centre_logits = critic_head, centre_logits
         self._critic_standardise = critic_standardise
@@ -327,6 +334,7 @@ class PerSampleSACPolicy(SACPolicy):
         features_extractor_class: type[BaseFeaturesExtractor] = PerSampleExtractor,
         **kwargs: Any,
     ) -> None:
+        check_setting("critic_hidden", critic_hidden)
         self._critic_hidden, self._critic_head = critic_hidden, critic_head
         super().__init__(*args, features_extractor_class=features_extractor_class, **kwargs)
 
@@ -431,10 +439,8 @@ class BernoulliSelectionPolicy(BasePolicy):
             optimizer_kwargs=optimizer_kwargs,
             normalize_images=False,
         )
-        if not 0.0 < initial_selection_probability < 1.0:
-            raise ValueError(
-                f"initial_selection_probability must be in (0, 1), got {initial_selection_probability!r}"
-            )
+        check_setting("initial_selection_probability", initial_selection_probability)
+        check_setting("centre_logits", centre_logits)
         self.initial_selection_probability = initial_selection_probability
         self.centre_logits = centre_logits
         self.features_extractor = self.make_features_extractor()

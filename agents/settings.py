@@ -11,7 +11,11 @@ setting, the value and what is expected; :func:`agents.factory.make_agent`
 calls it for every algorithm, and :class:`agents.reinforce.REINFORCE` checks
 the settings it shares with stable-baselines3 (``gamma``, ``n_steps``,
 ``ent_coef``, ``max_grad_norm``) with :func:`check_setting`, so the words are
-the same wherever a setting is refused.  Settings not named here are left to
+the same wherever a setting is refused.  The per-sample policies of
+:mod:`agents.policies` check their ``policy_kwargs`` (``width``,
+``critic_hidden``, ``saturation_penalty``, ``centre_logits``, ...) with it too:
+``centre_logits="no"`` had been taken as on, and a negative
+``saturation_penalty`` as a reward for saturated actions.  Settings not named here are left to
 the algorithm.
 """
 
@@ -30,6 +34,10 @@ Check = tuple[Callable[[Any], bool], str]
 
 def _fraction(value: Any) -> bool:
     return is_number(value) and 0 <= value <= 1
+
+
+def _open_fraction(value: Any) -> bool:
+    return is_number(value) and 0 < value < 1
 
 
 def _soft_update_rate(value: Any) -> bool:
@@ -101,6 +109,13 @@ CHECKS: dict[str, Check] = {
     "normalize_advantage": (is_flag, "True or False"),
     "use_sde": (is_flag, "True or False"),
     "optimize_memory_usage": (is_flag, "True or False"),
+    # the per-sample policies' own (agents.policies), given in policy_kwargs
+    "width": (is_count, "a whole number >= 1 (the controller's channels)"),
+    "embed_dim": (is_count, "a whole number >= 1 (each image's embedding size)"),
+    "critic_hidden": (is_count, "a whole number >= 1"),
+    "saturation_penalty": (is_non_negative_number, "a finite number >= 0"),
+    "centre_logits": (is_flag, "True or False"),
+    "initial_selection_probability": (_open_fraction, "a number in (0, 1)"),
 }
 """Each checked setting's test and the words of what it expects."""
 

@@ -565,6 +565,7 @@ def train(
     settings = _json_config(env_settings(config))
     out = Path(out_dir) if out_dir is not None else None
     mode, found = "fresh", None
+    created = out is not None and not out.exists()  # removed again if the agent is refused (still empty then)
     if out is not None:
         try:
             out.mkdir(parents=True, exist_ok=True)
@@ -622,6 +623,8 @@ def train(
             agent = make_agent(config.algo, env, seed=config.seed, **agent_kwargs)
         except (TypeError, ValueError) as e:
             env.close()
+            if created and out is not None and not any(out.iterdir()):
+                out.rmdir()
             raise ValueError(
                 f"cannot build {config.algo} with agent_kwargs {json.dumps(config.agent_kwargs)}: {e} "
                 f"(agents.default_kwargs({config.algo!r}, env) and the algorithm's constructor list its arguments)"

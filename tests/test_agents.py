@@ -814,6 +814,27 @@ def test_algorithm_settings_are_refused_by_name_before_the_agent_is_built(datase
         make_agent(name, _env(dataset), seed=0, **kwargs)
 
 
+@pytest.mark.parametrize(
+    "name, policy_kwargs, message",
+    [
+        # "no" and "false" are truthy: both had turned the centring on.
+        ("reinforce", dict(centre_logits="no"), "centre_logits must be True or False, got 'no'"),
+        ("ddpg", dict(centre_logits="false"), "centre_logits must be True or False, got 'false'"),
+        ("reinforce", dict(initial_selection_probability="0.3"), r"initial_selection_probability must be a number in \(0, 1\), got '0.3'"),
+        ("reinforce", dict(initial_selection_probability=1.0), r"initial_selection_probability must be a number in \(0, 1\), got 1.0"),
+        # a negative penalty had rewarded the critic for saturated actions
+        ("ddpg", dict(saturation_penalty=-1.0), "saturation_penalty must be a finite number >= 0, got -1.0"),
+        ("td3", dict(critic_hidden=0), "critic_hidden must be a whole number >= 1, got 0"),
+        ("sac", dict(critic_hidden=2.5), "critic_hidden must be a whole number >= 1, got 2.5"),
+        ("ppo", dict(features_extractor_kwargs=dict(width=0)), r"width must be a whole number >= 1 \(the controller's channels\), got 0"),
+        ("reinforce", dict(features_extractor_kwargs=dict(embed_dim=2.5)), "embed_dim must be a whole number >= 1"),
+    ],
+)
+def test_policy_settings_are_refused_by_name(dataset, name, policy_kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        make_agent(name, _env(dataset), seed=0, policy_kwargs=policy_kwargs)
+
+
 def test_algorithm_settings_in_every_form_the_algorithms_take_are_accepted(dataset):
     env = _env(dataset)
     assert make_agent("sac", env, seed=0, ent_coef="auto_0.1", tau=1, gradient_steps=-1).ent_coef == "auto_0.1"
