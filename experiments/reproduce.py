@@ -1549,16 +1549,19 @@ def check_seeds(seeds: int) -> list[int]:
     return list(range(int(seeds)))
 
 
-def check_dataset(base: TrainConfig, tasks: Sequence[str], rewards: Sequence[str]) -> int:
-    """Fail before any training when the data lack what a task or reward needs (masks, human labels).
+def check_dataset(base: TrainConfig, tasks: Sequence[str], runs: Sequence[dict[str, str]]) -> int:
+    """Fail before any training when the data lack what a task or reward needs (masks, human labels), or
+    when the env or the algorithm refuses a trained run's settings (each kind of run built once, unused).
 
     Returns the number of images in the validation split.
     """
-    from experiments.training import load_splits
+    from experiments.training import check_agent_builds, load_splits
+
+    rewards = sorted({run.get("reward", base.reward) for run in runs})
 
     if base.dataset is not None and not Path(base.dataset).is_file():
         raise FileNotFoundError(f"dataset file {base.dataset} does not exist")
-    full, (_, validation, holdout) = load_splits(base.dataset, base.split_seed)
+    full, (train, validation, holdout) = load_splits(base.dataset, base.split_seed)
     patients = int(np.unique(holdout.groups).size)
     if patients < FEW_HOLDOUT_PATIENTS:
         logger.warning(
@@ -1571,14 +1574,24 @@ def check_dataset(base: TrainConfig, tasks: Sequence[str], rewards: Sequence[str
             full.require_masks("the segmentation task")
         if "fixed" in rewards:
             full.require_human_amenability(task, "the fixed reward")
+    for task in tasks:
+        for run in runs:
+            fields = {k: v for k, v in run.items() if k != "label"}
+            check_agent_builds(dataclasses.replace(base, task=task, **fields), train, validation)
     return len(validation)
 
 
 def prepare(
-    out: str | os.PathLike[str], kind: str, base: TrainConfig, drop: Sequence[str], tasks: Sequence[str], rewards: Sequence[str]
+    out: str | os.PathLike[str],
+    kind: str,
+    base: TrainConfig,
+    drop: Sequence[str],
+    tasks: Sequence[str],
+    runs: Sequence[dict[str, str]],
 ) -> tuple[Path, str, int]:
-    """Check the data and the output folder; returns the folder, the data's fingerprint and the size of its validation split."""
-    validation_images = check_dataset(base, tasks, rewards)
+    """Check the data, the runs' settings and the output folder; returns the folder, the data's fingerprint
+    and the size of its validation split."""
+    validation_images = check_dataset(base, tasks, runs)
     fingerprint = dataset_fingerprint(base.dataset)
     from iqa_env.files import blocking_file
 
@@ -1681,8 +1694,7 @@ def run_experiment(
     """
     check_workers(workers)
     started = time.perf_counter()
-    rewards = sorted({run.get("reward", base.reward) for run in runs})
-    folder, fingerprint, validation_images = prepare(out, kind, base, drop, tasks, rewards)
+    folder, fingerprint, validation_images = prepare(out, kind, base, drop, tasks, runs)
     command = command_line(kind, {**options, "workers": workers if workers != 1 else None, "out": out})
     if overrides:
         command += f"  # with overrides {json.dumps(overrides, sort_keys=True)} (Python API)"

@@ -172,10 +172,16 @@ class TrainConfig:
 
         if not isinstance(self.agent_kwargs, dict):
             raise ValueError(f"agent_kwargs must be a dict of the algorithm's arguments, got {self.agent_kwargs!r}")
+        policy = self.agent_kwargs.get("policy_kwargs") or {}
         try:
             check_settings(self.algo, self.agent_kwargs)
             if "learning_rate" in self.agent_kwargs:
                 learning_rate_schedule(self.agent_kwargs["learning_rate"])
+            if not isinstance(policy, dict):
+                raise ValueError(f"policy_kwargs must be a dict of the policy's arguments, got {policy!r}")
+            # the per-sample policies' own settings (agents.policies) and their extractor's
+            check_settings(self.algo, policy)
+            check_settings(self.algo, policy.get("features_extractor_kwargs") or {})
         except ValueError as e:
             raise ValueError(f"agent_kwargs: {e}") from None
 
@@ -249,6 +255,32 @@ def make_env(config: TrainConfig, train_set, validation_set):
     if config.warmup_cache is not None:  # where, not what: not one of the settings a run records
         settings["warmup_cache"] = config.warmup_cache
     return TaskAmenabilityEnv(train_set, validation_dataset=validation_set, **settings)
+
+
+def build_agent(config: TrainConfig, env, agent_kwargs: dict[str, Any] | None = None):
+    """``make_agent`` for ``config`` on ``env`` (``agent_kwargs``: ``config.agent_kwargs`` with run-management
+    additions such as ``tensorboard_log``); what the algorithm or its policy refuses is a ``ValueError`` that
+    names the ``agent_kwargs`` given."""
+    from agents import make_agent
+
+    try:
+        return make_agent(config.algo, env, seed=config.seed, **(config.agent_kwargs if agent_kwargs is None else agent_kwargs))
+    except (TypeError, ValueError) as e:
+        raise ValueError(
+            f"cannot build {config.algo} with agent_kwargs {json.dumps(config.agent_kwargs)}: {e} "
+            f"(agents.default_kwargs({config.algo!r}, env) and the algorithm's constructor list its arguments)"
+        ) from e
+
+
+def check_agent_builds(config: TrainConfig, train_set, validation_set) -> None:
+    """Build ``config``'s env and agent once and drop them (no warm-up, no file): a setting that only the
+    env, the algorithm or its policy refuses fails here, before a command that runs many stages writes
+    anything (``iqa reproduce`` would otherwise keep a folder whose settings turn the corrected command away)."""
+    env = make_env(dataclasses.replace(config, warmup_cache=None), train_set, validation_set)
+    try:
+        build_agent(config, env)
+    finally:
+        env.close()
 
 
 def controller_auroc(controller, holdout, task: str) -> float | None:
@@ -539,7 +571,7 @@ def train(
     """
     from stable_baselines3.common.callbacks import BaseCallback, CallbackList
 
-    from agents import Controller, make_agent
+    from agents import Controller
     from agents.factory import agent_class
     from experiments import checkpoint as ckpt
 
@@ -620,15 +652,12 @@ def train(
         # No env.reset(seed) here: learn() makes the seeded reset (make_agent's seed reaches the env
         # through SB3's VecEnv.seed), and a second one would rebuild and warm up the predictor again.
         try:
-            agent = make_agent(config.algo, env, seed=config.seed, **agent_kwargs)
-        except (TypeError, ValueError) as e:
+            agent = build_agent(config, env, agent_kwargs)
+        except ValueError:
             env.close()
             if created and out is not None and not any(out.iterdir()):
                 out.rmdir()
-            raise ValueError(
-                f"cannot build {config.algo} with agent_kwargs {json.dumps(config.agent_kwargs)}: {e} "
-                f"(agents.default_kwargs({config.algo!r}, env) and the algorithm's constructor list its arguments)"
-            ) from e
+            raise
     if out is not None:
         # Once the agent is built: settings it refuses leave no config.json to block the corrected call.
         _atomic_json(out / "config.json", dataclasses.asdict(config))

@@ -677,10 +677,11 @@ def test_refused_train_leaves_the_run_folder_untouched(
     message = cli_error(["train", "--dataset", tiny_synthetic_path, "--batch-size", "0", *tiny], capsys)
     assert message == "batch_size must be a positive integer or 'auto' (the algorithm's recommended number), got 0"
     assert not run.exists()
-    # An argument the algorithm refuses only when it is built (a policy setting): nor is it left behind.
-    policy = '{"policy_kwargs": {"centre_logits": "no"}}'
+    # An argument the algorithm refuses only when it is built (a policy argument it does not take): nor is it
+    # left behind.
+    policy = '{"policy_kwargs": {"nope": 1}}'
     message = cli_error(["train", "--dataset", tiny_synthetic_path, "--agent-kwargs", policy, *tiny], capsys)
-    assert_mentions(message, "cannot build reinforce with agent_kwargs", "centre_logits must be True or False, got 'no'")
+    assert_mentions(message, "cannot build reinforce with agent_kwargs", "unexpected keyword argument 'nope'")
     assert not run.exists()
     # A dataset the task cannot use, or a batch larger than the training set, into a folder that
     # exists already: the folder is left as it was.

@@ -596,10 +596,10 @@ def test_reproduce_end_to_end_then_resume(tiny_synthetic_path, tmp_path, caplog,
     import agents
 
     recommended = agents.recommended_env_kwargs
-    monkeypatch.setattr(agents, "recommended_env_kwargs", lambda *args: {**recommended(*args), "predictor_average": 0.5})
+    monkeypatch.setattr(agents, "recommended_env_kwargs", lambda *args: {**recommended(*args), "predictor_lr": 0.0123})
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
-    assert "finished with other settings" in err and "env_settings.predictor_average" in err
+    assert "finished with other settings" in err and "env_settings.predictor_lr" in err
     assert len(err.splitlines()) == 1
     # ... and under other default algorithm settings.
     from agents import factory
@@ -846,6 +846,30 @@ def test_reproduce_trains_the_rewards_asked_for_and_adds_more_on_resume(tiny_syn
     assert "--rewards" not in second["command"]
     assert second["invocations"][-1]["stages_run"] == 1
     assert "    fixed " in capsys.readouterr().out
+
+
+def test_settings_refused_when_the_agent_is_built_fail_before_the_folder_is_written(tiny_synthetic_path, tmp_path, capsys):
+    """A policy argument that only the policy's constructor refuses fails before any stage or file (before,
+    it failed in the first trained stage after the baselines, and the folder's settings.json then turned the
+    corrected command away as "a run with other settings")."""
+    out = tmp_path / "rep"
+    argv = ["reproduce", "--task", "classification", "--seeds", "1", "--steps", "8", "--workers", "1",
+            "--device", "cpu", "--rewards", "weighted", "--dataset", str(tiny_synthetic_path), "--out", str(out)]
+    # A value the settings' check knows, and a name only the policy's constructor refuses.
+    assert main([*argv, "--agent-kwargs", '{"policy_kwargs": {"centre_logits": "no"}}']) == 2
+    assert capsys.readouterr().err.strip().endswith("agent_kwargs: centre_logits must be True or False, got 'no'")
+    assert main([*argv, "--agent-kwargs", '{"policy_kwargs": {"nope": 1}}']) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cannot build reinforce with agent_kwargs" in err
+    assert "unexpected keyword argument 'nope'" in err
+    assert not out.exists()
+    assert main(argv) == 0
+    check_task_result(json.loads((out / "results.json").read_text())["tasks"]["classification"], ["weighted"], [0])
+    # Into the finished folder: refused the same way, and the run is left as it was.
+    done = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert main([*argv, "--agent-kwargs", '{"policy_kwargs": {"nope": 1}}']) == 2
+    assert "unexpected keyword argument 'nope'" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == done
 
 
 @pytest.mark.parametrize(
