@@ -394,12 +394,19 @@ def main(argv: list[str] | None = None) -> int:
         base.validate()
     except (ValueError, FileNotFoundError) as error:
         p.error(str(error))
-    from experiments.training import holdout_heuristics, load_splits
+    from experiments.training import check_agent_builds, holdout_heuristics, load_splits
 
-    _, (_, _, holdout) = load_splits(args.dataset)
+    _, (train_set, validation_set, holdout) = load_splits(args.dataset)
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+    # Each algorithm x reward's settings, env and agent once before any run: what only the algorithm or its
+    # policy refuses would otherwise end the study in a worker's traceback.
+    try:
+        for config in study_configs(args.algos, args.rewards, seeds[:1], base):
+            check_agent_builds(config.validate(), train_set, validation_set)
+    except ValueError as error:
+        p.error(str(error))
     heuristics = holdout_heuristics(holdout, args.task)
     print("heuristics (holdout AUROC vs ground-truth amenable): " + ", ".join(f"{k} {v:.3f}" for k, v in heuristics.items()))
-    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     total = len(args.algos) * len(args.rewards) * len(seeds)
     if args.out is not None:
         # Every run folder is checked before any run starts: a clash found hours into a study costs the hours.

@@ -151,6 +151,25 @@ def test_seed_study_refuses_impossible_settings(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_seed_study_refuses_what_an_algorithm_refuses_before_any_run(tiny_synthetic_path, tmp_path, capsys):
+    """Each algorithm's own settings, for every algorithm of the study (not only the first), and an argument only
+    a policy's constructor refuses: a one-line error before any run or file (before, a worker's traceback)."""
+    out = tmp_path / "study"
+    argv = ["--dataset", str(tiny_synthetic_path), "--seeds", "1", "--steps", "8", "--workers", "1", "--out", str(out)]
+    for extra, message in (
+        (["--algos", "reinforce", "ddpg", "--agent-kwargs", '{"policy_kwargs": {"nope": 1}}'],
+         "error: cannot build reinforce with agent_kwargs"),
+        (["--algos", "ddpg", "td3", "--agent-kwargs", '{"tau": 1.5}'],
+         "error: agent_kwargs: tau must be a number in (0, 1] (the target networks' soft-update rate), got 1.5"),
+    ):
+        with pytest.raises(SystemExit) as stopped:
+            main([*argv, *extra])
+        assert stopped.value.code == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
+    assert not out.exists()
+
+
 def test_seed_study_workers_are_spawned_not_forked(monkeypatch):
     """A forked worker cannot use CUDA once the parent process has (``--device cuda`` failed so)."""
     import experiments.seed_study as study
