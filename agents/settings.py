@@ -60,7 +60,7 @@ def _train_freq(value: Any) -> bool:
         isinstance(value, (tuple, list))
         and len(value) == 2
         and is_count(value[0])
-        and value[1] in ("step", "episode")
+        and getattr(value[1], "value", value[1]) in ("step", "episode")  # a name, or stable-baselines3's TrainFrequencyUnit
     )
 
 

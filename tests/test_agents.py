@@ -840,6 +840,9 @@ def test_algorithm_settings_in_every_form_the_algorithms_take_are_accepted(datas
     assert make_agent("sac", env, seed=0, ent_coef="auto_0.1", tau=1, gradient_steps=-1).ent_coef == "auto_0.1"
     assert make_agent("sac", env, seed=0, ent_coef=np.float32(0.05)).ent_coef_tensor.item() == pytest.approx(0.05)
     assert make_agent("td3", env, seed=0, train_freq=[2, "episode"]).train_freq.frequency == 2
+    from stable_baselines3.common.type_aliases import TrainFreq, TrainFrequencyUnit
+
+    assert make_agent("td3", env, seed=0, train_freq=TrainFreq(3, TrainFrequencyUnit.STEP)).train_freq.frequency == 3
     assert make_agent("ddpg", env, seed=0, train_freq=(4, "step"), gamma=np.float64(0.5)).gamma == 0.5
     assert make_agent("ppo", env, seed=0, n_steps=np.int64(16), batch_size=8, clip_range_vf=None).n_steps == 16
     assert make_agent("ppo", env, seed=0, clip_range=lambda progress: 0.1 * progress).clip_range(0.5) == 0.05
