@@ -490,7 +490,8 @@ def make_agent(name: str, env: GymEnv, seed: int | None = None, **kwargs: Any) -
     ``learning_rate`` may be ``{"start": a, "end": b}`` (see
     :func:`learning_rate_schedule`), so that a schedule can be given as JSON,
     and ``train_freq`` a list ``[n, "step"]``.  The algorithm's own settings
-    are checked by name first (:func:`agents.settings.check_settings`).
+    are checked by name first (:func:`agents.settings.check_settings`), and
+    so are those of ``policy_kwargs`` and its ``features_extractor_kwargs``.
     """
     name = name.lower()
     options = default_kwargs(name, env, seed)
@@ -503,6 +504,8 @@ def make_agent(name: str, env: GymEnv, seed: int | None = None, **kwargs: Any) -
         options["train_freq"] = tuple(options["train_freq"])
     # Policy settings given add to the defaults' (e.g. the critic head) rather than replace them.
     options["policy_kwargs"] = copy.deepcopy({**default_policy_kwargs, **(kwargs.get("policy_kwargs") or {})})
+    check_settings(name, options["policy_kwargs"])
+    check_settings(name, options["policy_kwargs"].get("features_extractor_kwargs") or {})
     buffer = options.get("replay_buffer_class")
     if isinstance(buffer, str):
         if buffer not in REPLAY_BUFFERS:

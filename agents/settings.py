@@ -15,8 +15,13 @@ the same wherever a setting is refused.  The per-sample policies of
 :mod:`agents.policies` check their ``policy_kwargs`` (``width``,
 ``critic_hidden``, ``saturation_penalty``, ``centre_logits``, ...) with it too:
 ``centre_logits="no"`` had been taken as on, and a negative
-``saturation_penalty`` as a reward for saturated actions.  Settings not named here are left to
-the algorithm.
+``saturation_penalty`` as a reward for saturated actions.  stable-baselines3's
+own policy settings are checked too: ``net_arch`` had been dropped without a
+word (the per-sample policies have no hidden layers after the controller's
+features), ``use_sde=True`` failed inside SAC's constructor with a ``TypeError``
+and changed PPO's per-image exploration into one drawn from every image's
+features, and a ``log_std_init`` of ``"x"`` or ``nan`` failed in ``learn()``.
+Settings not named here are left to the algorithm.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
+import torch
+from torch import nn
 
 from iqa_env.env import is_count, is_flag, is_non_negative_number, is_number, is_positive_number, is_whole_number
 
@@ -72,6 +79,37 @@ def _optional(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
     return lambda value: value is None or check(value)
 
 
+def _off(value: Any) -> bool:
+    return is_flag(value) and not value
+
+
+def _sde_sample_freq(value: Any) -> bool:
+    whole = not isinstance(value, (bool, np.bool_)) and isinstance(value, (int, np.integer))
+    return whole and value >= -1
+
+
+def _no_hidden_layers(value: Any) -> bool:
+    return value is None or (isinstance(value, (list, tuple)) and len(value) == 0)
+
+
+def _target_entropy(value: Any) -> bool:
+    return value == "auto" or _finite(value)
+
+
+def _mapping(value: Any) -> bool:
+    return value is None or isinstance(value, Mapping)
+
+
+def _subclass_of(base: type) -> Callable[[Any], bool]:
+    return lambda value: isinstance(value, type) and issubclass(value, base)
+
+
+def _action_noise(value: Any) -> bool:
+    from stable_baselines3.common.noise import ActionNoise
+
+    return value is None or isinstance(value, ActionNoise)
+
+
 def _sac_ent_coef(value: Any) -> bool:
     if is_positive_number(value):
         return True
@@ -107,8 +145,34 @@ CHECKS: dict[str, Check] = {
     "vf_coef": (is_non_negative_number, "a finite number >= 0"),
     "max_grad_norm": (is_positive_number, "a positive finite number"),
     "normalize_advantage": (is_flag, "True or False"),
-    "use_sde": (is_flag, "True or False"),
+    "use_sde": (
+        _off,
+        "False (the per-sample policies explore each image on its own; stable-baselines3's state-dependent "
+        "exploration would draw each image's noise from every image's features)",
+    ),
+    "sde_sample_freq": (_sde_sample_freq, "a whole number >= -1"),
     "optimize_memory_usage": (is_flag, "True or False"),
+    "target_entropy": (_target_entropy, "'auto' or a finite number"),
+    "action_noise": (_action_noise, "None or a stable-baselines3 ActionNoise (e.g. NormalActionNoise(mean, sigma))"),
+    "stats_window_size": (is_count, "a whole number >= 1"),
+    "use_rms_prop": (is_flag, "True or False"),
+    "rms_prop_eps": (is_positive_number, "a positive finite number"),
+    "policy_kwargs": (_mapping, "None or a dict of the policy's arguments"),
+    # settings of stable-baselines3's policies, given in policy_kwargs
+    "net_arch": (
+        _no_hidden_layers,
+        "left out (None or []): the per-sample policies put one head per image on the controller's features; "
+        "size the controller with features_extractor_kwargs' width and embed_dim, and the critics with critic_hidden",
+    ),
+    "log_std_init": (_finite, "a finite number (the log of the exploration's starting standard deviation)"),
+    "n_critics": (is_count, "a whole number >= 1"),
+    "ortho_init": (is_flag, "True or False"),
+    "share_features_extractor": (is_flag, "True or False"),
+    "normalize_images": (is_flag, "True or False"),
+    "optimizer_kwargs": (_mapping, "None or a dict of the optimiser's arguments"),
+    "features_extractor_kwargs": (_mapping, "None or a dict of the features extractor's arguments"),
+    "activation_fn": (_subclass_of(nn.Module), "a torch.nn.Module class (e.g. torch.nn.ReLU)"),
+    "optimizer_class": (_subclass_of(torch.optim.Optimizer), "a torch.optim.Optimizer class (e.g. torch.optim.Adam)"),
     # the per-sample policies' own (agents.policies), given in policy_kwargs
     "width": (is_count, "a whole number >= 1 (the controller's channels)"),
     "embed_dim": (is_count, "a whole number >= 1 (each image's embedding size)"),

@@ -177,8 +177,6 @@ class TrainConfig:
             check_settings(self.algo, self.agent_kwargs)
             if "learning_rate" in self.agent_kwargs:
                 learning_rate_schedule(self.agent_kwargs["learning_rate"])
-            if not isinstance(policy, dict):
-                raise ValueError(f"policy_kwargs must be a dict of the policy's arguments, got {policy!r}")
             # the per-sample policies' own settings (agents.policies) and their extractor's
             check_settings(self.algo, policy)
             check_settings(self.algo, policy.get("features_extractor_kwargs") or {})

@@ -807,6 +807,17 @@ def test_reinforce_refuses_bad_settings_by_name(dataset, kwargs, message):
         ("ddpg", dict(learning_rate="1e-3"), r'learning_rate must be a positive finite number, \{"start": a, "end": b\}'),
         ("reinforce", dict(learning_rate=-1.0), "learning_rate must be a positive finite number, .* got -1.0"),
         ("a2c", dict(learning_rate=True), "learning_rate must be a positive finite number, .* got True"),
+        # SAC's constructor failed with a TypeError naming no setting; PPO's exploration stopped being per image.
+        ("sac", dict(use_sde=True), r"use_sde must be False \(the per-sample policies explore each image on its own"),
+        ("ppo", dict(use_sde=True), "use_sde must be False"),
+        ("ppo", dict(sde_sample_freq=-3), "sde_sample_freq must be a whole number >= -1, got -3"),
+        # an AttributeError inside learn(); a ValueError naming no setting; NaN failed inside learn()
+        ("ddpg", dict(action_noise="x"), "action_noise must be None or a stable-baselines3 ActionNoise"),
+        ("sac", dict(target_entropy="x"), "target_entropy must be 'auto' or a finite number, got 'x'"),
+        ("sac", dict(target_entropy=float("nan")), "target_entropy must be 'auto' or a finite number, got nan"),
+        ("a2c", dict(use_rms_prop="no"), "use_rms_prop must be True or False, got 'no'"),
+        ("ppo", dict(stats_window_size=0), "stats_window_size must be a whole number >= 1, got 0"),
+        ("td3", dict(policy_kwargs="x"), "policy_kwargs must be None or a dict of the policy's arguments, got 'x'"),
     ],
 )
 def test_algorithm_settings_are_refused_by_name_before_the_agent_is_built(dataset, name, kwargs, message):
@@ -828,6 +839,18 @@ def test_algorithm_settings_are_refused_by_name_before_the_agent_is_built(datase
         ("sac", dict(critic_hidden=2.5), "critic_hidden must be a whole number >= 1, got 2.5"),
         ("ppo", dict(features_extractor_kwargs=dict(width=0)), r"width must be a whole number >= 1 \(the controller's channels\), got 0"),
         ("reinforce", dict(features_extractor_kwargs=dict(embed_dim=2.5)), "embed_dim must be a whole number >= 1"),
+        # stable-baselines3's own policy settings: net_arch had been dropped without a word (no hidden layers here) ...
+        ("ddpg", dict(net_arch=[64, 64]), r"net_arch must be left out \(None or \[\]\): the per-sample policies put one"),
+        ("ppo", dict(net_arch=dict(pi=[8], vf=[8])), "net_arch must be left out"),
+        ("sac", dict(net_arch=[8]), "net_arch must be left out"),
+        # ... and these failed inside learn() or the constructor with errors that named no setting
+        ("ppo", dict(log_std_init="x"), r"log_std_init must be a finite number \(the log of the exploration's"),
+        ("a2c", dict(log_std_init=float("inf")), "log_std_init must be a finite number .*, got inf"),
+        ("td3", dict(n_critics=0), "n_critics must be a whole number >= 1, got 0"),
+        ("ppo", dict(ortho_init="no"), "ortho_init must be True or False, got 'no'"),
+        ("ddpg", dict(activation_fn="relu"), r"activation_fn must be a torch.nn.Module class \(e.g. torch.nn.ReLU\)"),
+        ("ddpg", dict(optimizer_kwargs="x"), "optimizer_kwargs must be None or a dict of the optimiser's arguments"),
+        ("sac", dict(features_extractor_kwargs=[16]), "features_extractor_kwargs must be None or a dict"),
     ],
 )
 def test_policy_settings_are_refused_by_name(dataset, name, policy_kwargs, message):
@@ -848,6 +871,18 @@ def test_algorithm_settings_in_every_form_the_algorithms_take_are_accepted(datas
     assert make_agent("ppo", env, seed=0, clip_range=lambda progress: 0.1 * progress).clip_range(0.5) == 0.05
     rate = make_agent("a2c", env, seed=0, learning_rate={"start": np.float32(1e-3), "end": 1e-4}).lr_schedule(1.0)
     assert rate == pytest.approx(1e-3)
+    # stable-baselines3's own policy settings, in the forms it takes
+    from stable_baselines3.common.noise import NormalActionNoise
+
+    noise = NormalActionNoise(np.zeros(8), np.full(8, 0.1))
+    assert make_agent("ddpg", env, seed=0, action_noise=noise, policy_kwargs=dict(net_arch=[])).action_noise is noise
+    assert make_agent("ddpg", env, seed=0, action_noise=None).action_noise is None
+    ppo = make_agent("ppo", env, seed=0, policy_kwargs=dict(log_std_init=np.float32(-1.0), net_arch=None, ortho_init=False))
+    assert ppo.policy.log_std.detach().numpy() == pytest.approx(-1.0)
+    sac = make_agent("sac", env, seed=0, target_entropy=-4, use_sde=False, policy_kwargs=dict(activation_fn=torch.nn.Tanh))
+    assert sac.target_entropy == -4.0
+    td3 = make_agent("td3", env, seed=0, policy_kwargs=dict(n_critics=1, optimizer_class=torch.optim.SGD))
+    assert len(td3.critic.q_networks) == 1 and isinstance(td3.actor.optimizer, torch.optim.SGD)
 
 
 @pytest.mark.parametrize("decay", [1.0, -0.1, True, "0.9"])

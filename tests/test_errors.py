@@ -758,6 +758,10 @@ def test_agent_kwargs_checked_with_the_config() -> None:
     assert message == "agent_kwargs: tau must be a number in (0, 1] (the target networks' soft-update rate), got 1.5"
     message = api_error(ValueError, lambda: TrainConfig(agent_kwargs={"learning_rate": {"start": 1e-3}}).validate())
     assert message == 'agent_kwargs: learning_rate as a dict must have exactly the keys "start" and "end" (a linear schedule), got [\'start\']'
+    message = api_error(ValueError, lambda: TrainConfig(algo="ppo", agent_kwargs={"policy_kwargs": {"net_arch": [64]}}).validate())
+    assert message.startswith("agent_kwargs: net_arch must be left out (None or []): the per-sample policies")
+    message = api_error(ValueError, lambda: TrainConfig(agent_kwargs={"policy_kwargs": "x"}).validate())
+    assert message == "agent_kwargs: policy_kwargs must be None or a dict of the policy's arguments, got 'x'"
     message = api_error(ValueError, lambda: TrainConfig(agent_kwargs=[("gamma", 0.9)]).validate())  # type: ignore[arg-type]
     assert message == "agent_kwargs must be a dict of the algorithm's arguments, got [('gamma', 0.9)]"
 
