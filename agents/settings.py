@@ -34,17 +34,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from iqa_env.env import is_count, is_flag, is_non_negative_number, is_number, is_positive_number, is_whole_number
+from iqa_env.env import (
+    is_count,
+    is_flag,
+    is_non_negative_number,
+    is_number,
+    is_open_probability,
+    is_positive_number,
+    is_whole_number,
+)
 
 Check = tuple[Callable[[Any], bool], str]
 
 
 def _fraction(value: Any) -> bool:
     return is_number(value) and 0 <= value <= 1
-
-
-def _open_fraction(value: Any) -> bool:
-    return is_number(value) and 0 < value < 1
 
 
 def _soft_update_rate(value: Any) -> bool:
@@ -179,7 +183,7 @@ CHECKS: dict[str, Check] = {
     "critic_hidden": (is_count, "a whole number >= 1"),
     "saturation_penalty": (is_non_negative_number, "a finite number >= 0"),
     "centre_logits": (is_flag, "True or False"),
-    "initial_selection_probability": (_open_fraction, "a number in (0, 1)"),
+    "initial_selection_probability": (is_open_probability, "a number in (0, 1)"),
 }
 """Each checked setting's test and the words of what it expects."""
 

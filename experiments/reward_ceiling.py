@@ -92,7 +92,7 @@ import torch
 from torch.nn import functional as F
 
 from experiments.commands import json_object
-from iqa_env.env import is_count
+from iqa_env.env import is_count, is_open_probability
 from iqa_env.metrics import auroc_or_none
 from iqa_env.rewards import class_log_losses
 
@@ -262,7 +262,7 @@ def selection_signal(
     if form not in SIGNAL_FORMS:
         raise ValueError(f"form must be one of {SIGNAL_FORMS}, got {form!r}")
     _check_steps(steps, 1)
-    if not 0.0 < rate < 1.0:
+    if not is_open_probability(rate):
         raise ValueError(f"rate must be a selection probability in (0, 1), got {rate!r}")
     train_set, validation_set, _ = _splits_with_truth(dataset, task, split_seed, "the selection signal")
     extra = dict(env_kwargs or {})
@@ -668,7 +668,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _selection_signal_main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    if not 0.0 < args.rate < 1.0:
+    if not is_open_probability(args.rate):
         parser.error(f"--rate must be a selection probability in (0, 1), got {args.rate}")
     results = []
     print(f"{'form':15} {'seed':>4}  rewards  correlation with the selection's amenability advantage")

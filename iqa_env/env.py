@@ -121,6 +121,11 @@ def is_number(value: Any) -> bool:
     return not isinstance(value, (bool, np.bool_)) and isinstance(value, (int, float, np.integer, np.floating))
 
 
+def is_open_probability(value: Any) -> bool:
+    """Whether ``value`` is a number strictly between 0 and 1 (a rate that neither selects nothing nor everything)."""
+    return is_number(value) and 0 < value < 1
+
+
 def is_whole_number(value: Any) -> bool:
     """Whether ``value`` is a whole number >= 0: a Python or numpy integer, not a bool."""
     return not isinstance(value, (bool, np.bool_)) and isinstance(value, (int, np.integer)) and value >= 0
@@ -554,7 +559,7 @@ class TaskAmenabilityEnv(gym.Env):
         if not is_non_negative_number(mean_selection_penalty):
             raise ValueError(f"mean_selection_penalty must be a finite number >= 0, got {mean_selection_penalty!r}")
         if training_selection_rate is not None:
-            if not (is_number(training_selection_rate) and 0.0 < training_selection_rate < 1.0):
+            if not is_open_probability(training_selection_rate):
                 raise ValueError(
                     f"training_selection_rate must be None or a probability in (0, 1), got {training_selection_rate!r}"
                 )
