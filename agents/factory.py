@@ -19,7 +19,8 @@ from agents.index_buffer import IndexReplayBuffer, index_buffer_kwargs
 from agents.noise import ProbabilityOUNoise
 from agents.policies import PerSampleActorCriticPolicy, PerSampleSACPolicy, PerSampleTD3Policy
 from agents.reinforce import REINFORCE, env_attr
-from agents.settings import check_settings
+from agents.policies import PerSampleExtractor
+from agents.settings import accepted_names, check_names, check_setting, check_settings
 from iqa_env.env import is_positive_number
 from iqa_env.rewards import has_validation_phase
 from iqa_env.tasks import TASK_NAMES
@@ -490,22 +491,22 @@ def make_agent(name: str, env: GymEnv, seed: int | None = None, **kwargs: Any) -
     ``learning_rate`` may be ``{"start": a, "end": b}`` (see
     :func:`learning_rate_schedule`), so that a schedule can be given as JSON,
     and ``train_freq`` a list ``[n, "step"]``.  The algorithm's own settings
-    are checked by name first (:func:`agents.settings.check_settings`), and
-    so are those of ``policy_kwargs`` and its ``features_extractor_kwargs``.
+    are checked first, and those of ``policy_kwargs`` and its
+    ``features_extractor_kwargs``: their names, and the values of those
+    :data:`agents.settings.CHECKS` names (:func:`check_agent_kwargs`).
     """
     name = name.lower()
     options = default_kwargs(name, env, seed)
     default_policy_kwargs = options.get("policy_kwargs") or {}
     options.update(kwargs)
-    check_settings(name, options)
+    check_setting("policy_kwargs", options.get("policy_kwargs"))
+    # Policy settings given add to the defaults' (e.g. the critic head) rather than replace them.
+    options["policy_kwargs"] = copy.deepcopy({**default_policy_kwargs, **(kwargs.get("policy_kwargs") or {})})
+    check_agent_kwargs(name, options)
     if "learning_rate" in options:
         options["learning_rate"] = learning_rate_schedule(options["learning_rate"])
     if isinstance(options.get("train_freq"), list):  # JSON's [n, "step"]; stable-baselines3 takes a tuple
         options["train_freq"] = tuple(options["train_freq"])
-    # Policy settings given add to the defaults' (e.g. the critic head) rather than replace them.
-    options["policy_kwargs"] = copy.deepcopy({**default_policy_kwargs, **(kwargs.get("policy_kwargs") or {})})
-    check_settings(name, options["policy_kwargs"])
-    check_settings(name, options["policy_kwargs"].get("features_extractor_kwargs") or {})
     buffer = options.get("replay_buffer_class")
     if isinstance(buffer, str):
         if buffer not in REPLAY_BUFFERS:
@@ -515,6 +516,49 @@ def make_agent(name: str, env: GymEnv, seed: int | None = None, **kwargs: Any) -
             options["replay_buffer_kwargs"] = index_buffer_kwargs(env)
     algorithm, policy = _CLASSES[name]
     return algorithm(policy, env, seed=seed, **options)
+
+
+#: make_agent's own arguments, or the algorithm's that make_agent fills in: not settings of ``kwargs``.
+_MAKE_AGENT_ARGUMENTS = frozenset({"policy", "env", "seed"})
+
+
+def check_agent_kwargs(name: str, kwargs: dict[str, Any]) -> None:
+    """Checks the settings ``make_agent(name, env, **kwargs)`` would pass on, by name and by value, building nothing.
+
+    Every name of ``kwargs``, of its ``policy_kwargs`` and of their
+    ``features_extractor_kwargs`` must be one the algorithm, its per-sample
+    policy or the policy's features extractor takes
+    (:func:`agents.settings.check_names`: a setting given at the wrong level
+    is told where it belongs), and every value that
+    :data:`agents.settings.CHECKS` names must be of its kind.
+    ``TrainConfig.validate`` runs it on ``--agent-kwargs`` before any file is written.
+    """
+    name = name.lower()
+    if name not in ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {name!r}")
+    algorithm, policy = _CLASSES[name]
+    if isinstance(policy, str):
+        policy = algorithm.policy_aliases[policy]
+    check_setting("policy_kwargs", kwargs.get("policy_kwargs"))
+    policy_kwargs = kwargs.get("policy_kwargs") or {}
+    check_setting("features_extractor_kwargs", policy_kwargs.get("features_extractor_kwargs"))
+    extractor_kwargs = policy_kwargs.get("features_extractor_kwargs") or {}
+    extractor = policy_kwargs.get("features_extractor_class", PerSampleExtractor)
+    # a features extractor of the user's own may take what it likes (through **kwargs, say)
+    extractor_names = accepted_names(extractor) - {"observation_space"} if extractor is PerSampleExtractor else None
+    levels = {
+        name: (accepted_names(algorithm) - _MAKE_AGENT_ARGUMENTS, "outside policy_kwargs"),
+        "policy_kwargs": (accepted_names(policy) - {"observation_space", "action_space", "lr_schedule"}, "in policy_kwargs"),
+        "features_extractor_kwargs": (extractor_names or frozenset(), "in policy_kwargs' features_extractor_kwargs"),
+        "make_agent": (_MAKE_AGENT_ARGUMENTS, "as make_agent's own argument (iqa's --seed)"),
+    }
+    check_names(kwargs, levels, name)
+    check_settings(name, kwargs)
+    check_names(policy_kwargs, levels, "policy_kwargs")
+    check_settings(name, policy_kwargs)
+    if extractor_names is not None:
+        check_names(extractor_kwargs, levels, "features_extractor_kwargs")
+    check_settings(name, extractor_kwargs)
 
 
 def learning_rate_schedule(value: Any) -> Any:

@@ -26,8 +26,10 @@ Settings not named here are left to the algorithm.
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -207,3 +209,43 @@ def check_settings(algorithm: str, settings: Mapping[str, Any]) -> None:
     """Checks every setting of ``settings`` that :data:`CHECKS` names, for ``algorithm`` (e.g. ``"ppo"``)."""
     for name, value in settings.items():
         check_setting(name, value, algorithm)
+
+
+def accepted_names(cls: type) -> frozenset[str]:
+    """The keyword arguments ``cls(...)`` takes: its ``__init__``'s, and its bases' while each passes ``**kwargs`` on.
+
+    Private ones (``_init_setup_model``) are left out.
+    """
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        parameters = inspect.signature(init).parameters.values()
+        keywords = (p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+        names.update(name for name in keywords if name != "self" and not name.startswith("_"))
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+            break
+    return frozenset(names)
+
+
+def check_names(given: Iterable[str], levels: Mapping[str, tuple[frozenset[str], str]], level: str) -> None:
+    """Raises ``ValueError`` for a name of ``given`` that ``level`` does not take.
+
+    ``levels`` maps each place a setting can be given (``"ppo"``,
+    ``"policy_kwargs"``, ...) to the names taken there and the words for
+    where that is (``"in policy_kwargs"``); the message tells a misplaced
+    setting where it belongs, or names the closest name taken here.
+    Python's own ``unexpected keyword argument`` said neither.
+    """
+    accepted = levels[level][0]
+    for name in given:
+        if name in accepted:
+            continue
+        elsewhere = [(other, where) for other, (names, where) in levels.items() if other != level and name in names]
+        if elsewhere:
+            hint = f"it is a setting of {elsewhere[0][0]}: give it {elsewhere[0][1]}"
+        else:
+            close = difflib.get_close_matches(name, accepted, n=1, cutoff=0.8)
+            hint = f"did you mean {close[0]!r}?" if close else "the names it takes: " + ", ".join(sorted(accepted))
+        raise ValueError(f"{level} takes no setting {name!r}; {hint}")

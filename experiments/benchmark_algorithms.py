@@ -68,7 +68,9 @@ def benchmark_algorithms(
     fields = dict(overrides or {})
     if reward is not None:
         fields["reward"] = reward
-    base, default_seeds = rp.budget_config(quick, dataset, None, steps, device, fields)
+    # The base is checked against the first algorithm (each run's algorithm replaces it, and is checked
+    # before any file): agent_kwargs that only DDPG takes are not a reinforce setting refused.
+    base, default_seeds = rp.budget_config(quick, dataset, algo_names[0], steps, device, fields)
     seed_list = rp.check_seeds(default_seeds if seeds is None else seeds)
     options = {
         "algos": list(algo_names) if algos else None,

@@ -379,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is not None and args.json is None:
         args.json = str(Path(args.out) / "seed_study.json")
     base = TrainConfig(
+        algo=args.algos[0],  # agent_kwargs are checked against the study's algorithms, not TrainConfig's default
         task=args.task,
         dataset=args.dataset,
         steps=args.steps,

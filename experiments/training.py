@@ -167,19 +167,15 @@ class TrainConfig:
 
         The ``agent_kwargs: `` in front tells them from the env's settings of the same name (``batch_size``).
         """
-        from agents.factory import learning_rate_schedule
-        from agents.settings import check_settings
+        from agents.factory import check_agent_kwargs, learning_rate_schedule
 
         if not isinstance(self.agent_kwargs, dict):
             raise ValueError(f"agent_kwargs must be a dict of the algorithm's arguments, got {self.agent_kwargs!r}")
-        policy = self.agent_kwargs.get("policy_kwargs") or {}
         try:
-            check_settings(self.algo, self.agent_kwargs)
+            # names and values, of the algorithm's, its per-sample policy's and their extractor's settings
+            check_agent_kwargs(self.algo, self.agent_kwargs)
             if "learning_rate" in self.agent_kwargs:
                 learning_rate_schedule(self.agent_kwargs["learning_rate"])
-            # the per-sample policies' own settings (agents.policies) and their extractor's
-            check_settings(self.algo, policy)
-            check_settings(self.algo, policy.get("features_extractor_kwargs") or {})
         except ValueError as e:
             raise ValueError(f"agent_kwargs: {e}") from None
 

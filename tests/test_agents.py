@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import gymnasium as gym
 import numpy as np
@@ -883,6 +884,30 @@ def test_algorithm_settings_in_every_form_the_algorithms_take_are_accepted(datas
     assert sac.target_entropy == -4.0
     td3 = make_agent("td3", env, seed=0, policy_kwargs=dict(n_critics=1, optimizer_class=torch.optim.SGD))
     assert len(td3.critic.q_networks) == 1 and isinstance(td3.actor.optimizer, torch.optim.SGD)
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, message",
+    [
+        # Python's "unexpected keyword argument" named neither the place nor the name meant.
+        ("ppo", dict(n_step=8), "ppo takes no setting 'n_step'; did you mean 'n_steps'?"),
+        ("ppo", dict(width=8), "ppo takes no setting 'width'; it is a setting of features_extractor_kwargs: give it in policy_kwargs' features_extractor_kwargs"),
+        ("reinforce", dict(policy_kwargs=dict(class_balance=1.0)), "policy_kwargs takes no setting 'class_balance'; it is a setting of reinforce: give it outside policy_kwargs"),
+        ("td3", dict(policy_kwargs=dict(gamma=0.9)), "policy_kwargs takes no setting 'gamma'; it is a setting of td3: give it outside policy_kwargs"),
+        ("ddpg", dict(policy_kwargs=dict(embed_dim=32)), "policy_kwargs takes no setting 'embed_dim'; it is a setting of features_extractor_kwargs"),
+        ("sac", dict(policy_kwargs=dict(features_extractor_kwargs=dict(embed_dims=32))), "features_extractor_kwargs takes no setting 'embed_dims'; did you mean 'embed_dim'?"),
+        # DDPG has no policy delay (TD3 has): no close name, so every name it takes
+        ("ddpg", dict(policy_delay=2), "ddpg takes no setting 'policy_delay'; the names it takes: action_noise, batch_size, buffer_size"),
+    ],
+)
+def test_setting_names_an_algorithm_does_not_take_are_refused_with_where_they_belong(dataset, name, kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        make_agent(name, _env(dataset), seed=0, **kwargs)
+    # the same words, before any file, from a run's settings
+    from experiments.training import TrainConfig
+
+    with pytest.raises(ValueError, match="agent_kwargs: " + re.escape(message)):
+        TrainConfig(algo=name, agent_kwargs=kwargs).validate()
 
 
 @pytest.mark.parametrize("decay", [1.0, -0.1, True, "0.9"])

@@ -849,27 +849,45 @@ def test_reproduce_trains_the_rewards_asked_for_and_adds_more_on_resume(tiny_syn
 
 
 def test_settings_refused_when_the_agent_is_built_fail_before_the_folder_is_written(tiny_synthetic_path, tmp_path, capsys):
-    """A policy argument that only the policy's constructor refuses fails before any stage or file (before,
+    """A setting that only the algorithm's constructor refuses fails before any stage or file (before,
     it failed in the first trained stage after the baselines, and the folder's settings.json then turned the
     corrected command away as "a run with other settings")."""
     out = tmp_path / "rep"
     argv = ["reproduce", "--task", "classification", "--seeds", "1", "--steps", "8", "--workers", "1",
             "--device", "cpu", "--rewards", "weighted", "--dataset", str(tiny_synthetic_path), "--out", str(out)]
-    # A value the settings' check knows, and a name only the policy's constructor refuses.
+    # A value and a name the settings' checks know, and a value only REINFORCE's constructor refuses.
     assert main([*argv, "--agent-kwargs", '{"policy_kwargs": {"centre_logits": "no"}}']) == 2
     assert capsys.readouterr().err.strip().endswith("agent_kwargs: centre_logits must be True or False, got 'no'")
     assert main([*argv, "--agent-kwargs", '{"policy_kwargs": {"nope": 1}}']) == 2
+    assert "error: agent_kwargs: policy_kwargs takes no setting 'nope'" in capsys.readouterr().err
+    assert main([*argv, "--agent-kwargs", '{"image_baseline": "nope"}']) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "cannot build reinforce with agent_kwargs" in err
-    assert "unexpected keyword argument 'nope'" in err
+    assert "image_baseline must be one of" in err
     assert not out.exists()
     assert main(argv) == 0
     check_task_result(json.loads((out / "results.json").read_text())["tasks"]["classification"], ["weighted"], [0])
     # Into the finished folder: refused the same way, and the run is left as it was.
     done = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    assert main([*argv, "--agent-kwargs", '{"policy_kwargs": {"nope": 1}}']) == 2
-    assert "unexpected keyword argument 'nope'" in capsys.readouterr().err
+    assert main([*argv, "--agent-kwargs", '{"image_baseline": "nope"}']) == 2
+    assert "image_baseline must be one of" in capsys.readouterr().err
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == done
+
+
+def test_benchmark_agent_kwargs_are_checked_against_each_algorithm_of_the_benchmark(tiny_synthetic_path, tmp_path):
+    """A setting of the benchmark's own algorithms (TD3's policy delay) is not refused as a setting of
+    TrainConfig's default algorithm; one that an algorithm of the benchmark does not take is refused, naming it."""
+    from experiments.benchmark_algorithms import benchmark_algorithms
+
+    out = tmp_path / "bench"
+    with pytest.raises(ValueError) as refused:
+        benchmark_algorithms(
+            out, algos=["td3", "ddpg"], dataset=tiny_synthetic_path, seeds=1, steps=8, device="cpu",
+            overrides={"agent_kwargs": {"policy_delay": 3}},
+        )
+    message = str(refused.value)
+    assert "cannot build ddpg with agent_kwargs" in message and "ddpg takes no setting 'policy_delay'" in message
+    assert "reinforce" not in message and not out.exists()
 
 
 @pytest.mark.parametrize(

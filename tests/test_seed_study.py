@@ -157,8 +157,10 @@ def test_seed_study_refuses_what_an_algorithm_refuses_before_any_run(tiny_synthe
     out = tmp_path / "study"
     argv = ["--dataset", str(tiny_synthetic_path), "--seeds", "1", "--steps", "8", "--workers", "1", "--out", str(out)]
     for extra, message in (
-        (["--algos", "reinforce", "ddpg", "--agent-kwargs", '{"policy_kwargs": {"nope": 1}}'],
-         "error: cannot build reinforce with agent_kwargs"),
+        (["--algos", "td3", "ddpg", "--agent-kwargs", '{"policy_kwargs": {"critic_head": "nope"}}'],
+         "error: cannot build td3 with agent_kwargs"),
+        (["--algos", "reinforce", "ddpg", "--agent-kwargs", '{"image_baseline": "none"}'],
+         "error: agent_kwargs: ddpg takes no setting 'image_baseline'"),
         (["--algos", "ddpg", "td3", "--agent-kwargs", '{"tau": 1.5}'],
          "error: agent_kwargs: tau must be a number in (0, 1] (the target networks' soft-update rate), got 1.5"),
     ):
