@@ -607,6 +607,8 @@ def run_bench(
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
     dev = resolve_device(device)
+    # Read first: a results.json that cannot be used fails before the minutes of measurement, not after.
+    reproduce_record = reproduce_quick_record(reproduce_results)
     budget = QUICK if quick else FULL
     tasks = ("classification", "segmentation") if task == "both" else (task,)
     n_threads = threads or torch.get_num_threads()
@@ -691,7 +693,7 @@ def run_bench(
             "peak_rss_plus_full_default_buffer_bytes": peak + full_buffer,
             "peak_rss_mib_after": peak_after,
         }
-        record.update(reproduce_quick_record(reproduce_results))
+        record.update(reproduce_record)
         record["targets"] = _targets(record)
         record["load_average"] = {"start": load_start, "end": _load_average()}
         record["wall_s"] = time.perf_counter() - started

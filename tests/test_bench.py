@@ -124,6 +124,21 @@ def test_run_bench_rejects_bad_arguments(kwargs: dict, message: str) -> None:
         run_bench(**kwargs)
 
 
+def test_bench_refuses_a_reproduction_it_cannot_read_before_measuring(tmp_path, monkeypatch) -> None:
+    """The results.json is read first: before, a wrong path failed after the minutes of measurement."""
+    import iqa_env.env
+
+    def measured(*args, **kwargs):
+        raise AssertionError("the bench started measuring")
+
+    monkeypatch.setattr(iqa_env.env, "as_dataset", measured)
+    with pytest.raises(FileNotFoundError, match="expected the results.json of an `iqa reproduce` run"):
+        run_bench(quick=True, reproduce_results=tmp_path / "missing.json")
+    (tmp_path / "other.json").write_text('{"kind": "train"}')
+    with pytest.raises(ValueError, match="not the results.json of an `iqa reproduce` run"):
+        run_bench(quick=True, reproduce_results=tmp_path / "other.json")
+
+
 def test_bench_reports_the_wall_time_of_a_quick_reproduction(tmp_path):
     import json
 

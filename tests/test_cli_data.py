@@ -170,6 +170,13 @@ def test_a_bad_option_value_is_a_usage_error(
         )
     assert info.value.code == 2
     assert "expected a number in [0, 1], got 1.5" in capsys.readouterr().err
+    # A negative seed: numpy's "expected non-negative integer" had named no option.
+    for command in (["data", "fashion-mnist", "--out", str(tmp_path / "f.h5")], ["bench", "--quick"]):
+        with pytest.raises(SystemExit) as info:
+            main([*command, "--seed", "-1"])
+        assert info.value.code == 2
+        assert "argument --seed: expected a whole number >= 0, got '-1'" in capsys.readouterr().err
+    assert not (tmp_path / "f.h5").exists()
 
 
 def test_import_folder_and_medmnist(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

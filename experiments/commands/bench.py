@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from experiments.commands import HelpFormatter, positive_int
+from experiments.commands import HelpFormatter, non_negative_int, positive_int
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -38,7 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--threads", type=positive_int, default=None, help="torch intra-op threads (default: torch's own choice)"
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the envs, agents and random actions")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the envs, agents and random actions")
     p.add_argument(
         "--reproduce-results",
         default=None,

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from experiments.commands import HelpFormatter, report_write_error
+from experiments.commands import HelpFormatter, non_negative_int, positive_int, report_write_error
 
 if TYPE_CHECKING:
     import numpy as np
@@ -39,13 +39,6 @@ def _human_bytes(n: int) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
     raise AssertionError("unreachable")
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
 
 
 def _fraction(text: str) -> float:
@@ -403,13 +396,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     _add_output(p)
     p.add_argument(
-        "--patients", type=_positive_int, metavar="N", help="number of patients (sweeps)"
+        "--patients", type=positive_int, metavar="N", help="number of patients (sweeps)"
     )
-    p.add_argument("--frames", type=_positive_int, metavar="F", help="frames per patient")
+    p.add_argument("--frames", type=positive_int, metavar="F", help="frames per patient")
     p.add_argument(
-        "--size", type=_positive_int, metavar="S", help="image height and width in pixels"
+        "--size", type=positive_int, metavar="S", help="image height and width in pixels"
     )
-    p.add_argument("--seed", type=int, metavar="K", help="random seed (same seed, same file)")
+    p.add_argument("--seed", type=non_negative_int, metavar="K", help="random seed (same seed, same file)")
     p.add_argument(
         "--strong-present-fraction",
         type=float,
@@ -470,20 +463,20 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     p.add_argument(
         "--n-images",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         metavar="N",
         help="class-balanced random subset (default: all 14,000 of the two classes)",
     )
     p.add_argument(
         "--group-size",
-        type=_positive_int,
+        type=positive_int,
         default=20,
         metavar="N",
         help="images per pseudo-patient",
     )
     p.add_argument(
-        "--seed", type=int, default=0, metavar="K", help="seeds selection, corruption and raters"
+        "--seed", type=non_negative_int, default=0, metavar="K", help="seeds selection, corruption and raters"
     )
     p.set_defaults(func=_fashion_mnist)
 
@@ -542,7 +535,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--split", choices=("train", "val", "test"), default=None, help="one split (default: all)"
     )
     p.add_argument(
-        "--group-size", type=_positive_int, default=1, metavar="N", help="images per pseudo-patient"
+        "--group-size", type=positive_int, default=1, metavar="N", help="images per pseudo-patient"
     )
     p.add_argument(
         "--class-names", default=None, metavar="A,B,...", help="comma-separated class names"
@@ -555,7 +548,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="share of images corrupted",
     )
     p.add_argument(
-        "--seed", type=int, default=0, metavar="K", help="seeds the corruption and the raters"
+        "--seed", type=non_negative_int, default=0, metavar="K", help="seeds the corruption and the raters"
     )
     p.set_defaults(func=_import_medmnist)
 
@@ -580,7 +573,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     p.add_argument(
         "--n-preview",
-        type=_positive_int,
+        type=positive_int,
         default=PREVIEW_IMAGES,
         metavar="N",
         help="images in the grid",
