@@ -21,7 +21,7 @@ from agents.policies import PerSampleActorCriticPolicy, PerSampleSACPolicy, PerS
 from agents.reinforce import REINFORCE, env_attr
 from agents.policies import PerSampleExtractor
 from agents.settings import accepted_names, check_names, check_setting, check_settings
-from iqa_env.env import is_positive_number
+from iqa_env.env import is_positive_number, resolve_device
 from iqa_env.rewards import has_validation_phase
 from iqa_env.tasks import TASK_NAMES
 
@@ -554,6 +554,11 @@ def check_agent_kwargs(name: str, kwargs: dict[str, Any]) -> None:
     }
     check_names(kwargs, levels, name)
     check_settings(name, kwargs)
+    if "device" in kwargs:  # torch's own error named every device type it knows, and not the setting
+        try:
+            resolve_device(kwargs["device"])
+        except TypeError as e:
+            raise ValueError(str(e)) from None
     check_names(policy_kwargs, levels, "policy_kwargs")
     check_settings(name, policy_kwargs)
     if extractor_names is not None:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import math
+import os
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -102,6 +103,10 @@ def _target_entropy(value: Any) -> bool:
     return value == "auto" or _finite(value)
 
 
+def _optional_path(value: Any) -> bool:
+    return value is None or isinstance(value, (str, os.PathLike))
+
+
 def _mapping(value: Any) -> bool:
     return value is None or isinstance(value, Mapping)
 
@@ -164,6 +169,10 @@ CHECKS: dict[str, Check] = {
     "use_rms_prop": (is_flag, "True or False"),
     "rms_prop_eps": (is_positive_number, "a positive finite number"),
     "policy_kwargs": (_mapping, "None or a dict of the policy's arguments"),
+    "replay_buffer_kwargs": (_mapping, "None or a dict of the replay buffer's arguments"),
+    "rollout_buffer_kwargs": (_mapping, "None or a dict of the rollout buffer's arguments"),
+    "verbose": (is_whole_number, "a whole number >= 0 (0: quiet, 1: info, 2: debug)"),
+    "tensorboard_log": (_optional_path, "None or a folder path"),
     # settings of stable-baselines3's policies, given in policy_kwargs
     "net_arch": (
         _no_hidden_layers,

@@ -819,6 +819,13 @@ def test_reinforce_refuses_bad_settings_by_name(dataset, kwargs, message):
         ("a2c", dict(use_rms_prop="no"), "use_rms_prop must be True or False, got 'no'"),
         ("ppo", dict(stats_window_size=0), "stats_window_size must be a whole number >= 1, got 0"),
         ("td3", dict(policy_kwargs="x"), "policy_kwargs must be None or a dict of the policy's arguments, got 'x'"),
+        # an AttributeError, a TypeError or torch's list of every device type it knows: none named the setting
+        ("ddpg", dict(replay_buffer_kwargs="x"), "replay_buffer_kwargs must be None or a dict of the replay buffer's"),
+        ("ppo", dict(rollout_buffer_kwargs="x"), "rollout_buffer_kwargs must be None or a dict of the rollout buffer's"),
+        ("ddpg", dict(verbose="x"), r"verbose must be a whole number >= 0 \(0: quiet, 1: info, 2: debug\), got 'x'"),
+        ("ddpg", dict(tensorboard_log=3), "tensorboard_log must be None or a folder path, got 3"),
+        ("reinforce", dict(device="tpu"), "device must be 'auto', 'cpu' or 'cuda\\[:N\\]', got 'tpu'"),
+        ("sac", dict(device=0), "device must be 'auto', 'cpu' or 'cuda\\[:N\\]', got int"),
     ],
 )
 def test_algorithm_settings_are_refused_by_name_before_the_agent_is_built(dataset, name, kwargs, message):
@@ -884,6 +891,8 @@ def test_algorithm_settings_in_every_form_the_algorithms_take_are_accepted(datas
     assert sac.target_entropy == -4.0
     td3 = make_agent("td3", env, seed=0, policy_kwargs=dict(n_critics=1, optimizer_class=torch.optim.SGD))
     assert len(td3.critic.q_networks) == 1 and isinstance(td3.actor.optimizer, torch.optim.SGD)
+    assert make_agent("a2c", env, seed=0, device=torch.device("cpu"), verbose=0).device == torch.device("cpu")
+    assert make_agent("reinforce", env, seed=0, device="auto", tensorboard_log=None).device.type in ("cpu", "cuda")
 
 
 @pytest.mark.parametrize(
