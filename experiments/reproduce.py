@@ -1549,7 +1549,7 @@ def check_seeds(seeds: int) -> list[int]:
     return list(range(int(seeds)))
 
 
-def check_dataset(base: TrainConfig, tasks: Sequence[str], runs: Sequence[dict[str, str]]) -> int:
+def check_before_any_stage(base: TrainConfig, tasks: Sequence[str], runs: Sequence[dict[str, str]]) -> int:
     """Fail before any training when the data lack what a task or reward needs (masks, human labels), or
     when the env or the algorithm refuses a trained run's settings (each kind of run built once, unused).
 
@@ -1591,7 +1591,7 @@ def prepare(
 ) -> tuple[Path, str, int]:
     """Check the data, the runs' settings and the output folder; returns the folder, the data's fingerprint
     and the size of its validation split."""
-    validation_images = check_dataset(base, tasks, runs)
+    validation_images = check_before_any_stage(base, tasks, runs)
     fingerprint = dataset_fingerprint(base.dataset)
     from iqa_env.files import blocking_file
 
