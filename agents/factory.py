@@ -17,9 +17,8 @@ from agents.buffers import RewardReadyIndexReplayBuffer, RewardReadyReplayBuffer
 from agents.deterministic import DDPG, TD3
 from agents.index_buffer import IndexReplayBuffer, index_buffer_kwargs
 from agents.noise import ProbabilityOUNoise
-from agents.policies import PerSampleActorCriticPolicy, PerSampleSACPolicy, PerSampleTD3Policy
+from agents.policies import PerSampleActorCriticPolicy, PerSampleExtractor, PerSampleSACPolicy, PerSampleTD3Policy
 from agents.reinforce import REINFORCE, env_attr
-from agents.policies import PerSampleExtractor
 from agents.settings import accepted_names, check_names, check_setting, check_settings
 from iqa_env.env import is_positive_number, resolve_device
 from iqa_env.rewards import has_validation_phase
