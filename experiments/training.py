@@ -163,7 +163,7 @@ class TrainConfig:
         return self
 
     def _check_agent_kwargs(self) -> None:
-        """The algorithm's own settings of ``agent_kwargs`` that :mod:`agents.settings` checks, before any file.
+        """``agent_kwargs``' names and values (:func:`agents.factory.check_agent_kwargs`), before any file.
 
         The ``agent_kwargs: `` in front tells them from the env's settings of the same name (``batch_size``).
         """
