@@ -161,6 +161,9 @@ def test_seed_study_refuses_what_an_algorithm_refuses_before_any_run(tiny_synthe
          "error: cannot build td3 with agent_kwargs"),
         (["--algos", "reinforce", "ddpg", "--agent-kwargs", '{"image_baseline": "none"}'],
          "error: agent_kwargs: ddpg takes no setting 'image_baseline'"),
+        # SAC's own form of ent_coef had been refused as REINFORCE's ("must be a finite number")
+        (["--algos", "sac", "--agent-kwargs", '{"ent_coef": "auto_0.1", "policy_kwargs": {"critic_head": "nope"}}'],
+         "error: cannot build sac with agent_kwargs"),
         (["--algos", "ddpg", "td3", "--agent-kwargs", '{"tau": 1.5}'],
          "error: agent_kwargs: tau must be a number in (0, 1] (the target networks' soft-update rate), got 1.5"),
     ):
