@@ -498,7 +498,7 @@ def make_agent(name: str, env: GymEnv, seed: int | None = None, **kwargs: Any) -
     options = default_kwargs(name, env, seed)
     default_policy_kwargs = options.get("policy_kwargs") or {}
     options.update(kwargs)
-    check_setting("policy_kwargs", options.get("policy_kwargs"))
+    check_setting("policy_kwargs", options.get("policy_kwargs"))  # before the merge, which needs a dict
     # Policy settings given add to the defaults' (e.g. the critic head) rather than replace them.
     options["policy_kwargs"] = copy.deepcopy({**default_policy_kwargs, **(kwargs.get("policy_kwargs") or {})})
     check_agent_kwargs(name, options)

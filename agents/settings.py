@@ -33,13 +33,13 @@ import os
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from iqa_env.env import (
     is_count,
     is_flag,
+    is_integer,
     is_non_negative_number,
     is_number,
     is_open_probability,
@@ -63,8 +63,7 @@ def _finite(value: Any) -> bool:
 
 
 def _gradient_steps(value: Any) -> bool:
-    whole = not isinstance(value, (bool, np.bool_)) and isinstance(value, (int, np.integer))
-    return is_count(value) or (whole and value == -1)
+    return is_count(value) or (is_integer(value) and value == -1)
 
 
 def _train_freq(value: Any) -> bool:
@@ -91,8 +90,7 @@ def _off(value: Any) -> bool:
 
 
 def _sde_sample_freq(value: Any) -> bool:
-    whole = not isinstance(value, (bool, np.bool_)) and isinstance(value, (int, np.integer))
-    return whole and value >= -1
+    return is_integer(value) and value >= -1
 
 
 def _no_hidden_layers(value: Any) -> bool:
@@ -103,12 +101,12 @@ def _target_entropy(value: Any) -> bool:
     return value == "auto" or _finite(value)
 
 
-def _optional_path(value: Any) -> bool:
-    return value is None or isinstance(value, (str, os.PathLike))
+def _path(value: Any) -> bool:
+    return isinstance(value, (str, os.PathLike))
 
 
 def _mapping(value: Any) -> bool:
-    return value is None or isinstance(value, Mapping)
+    return isinstance(value, Mapping)
 
 
 def _subclass_of(base: type) -> Callable[[Any], bool]:
@@ -118,7 +116,7 @@ def _subclass_of(base: type) -> Callable[[Any], bool]:
 def _action_noise(value: Any) -> bool:
     from stable_baselines3.common.noise import ActionNoise
 
-    return value is None or isinstance(value, ActionNoise)
+    return isinstance(value, ActionNoise)
 
 
 def _sac_ent_coef(value: Any) -> bool:
@@ -164,15 +162,15 @@ CHECKS: dict[str, Check] = {
     "sde_sample_freq": (_sde_sample_freq, "a whole number >= -1"),
     "optimize_memory_usage": (is_flag, "True or False"),
     "target_entropy": (_target_entropy, "'auto' or a finite number"),
-    "action_noise": (_action_noise, "None or a stable-baselines3 ActionNoise (e.g. NormalActionNoise(mean, sigma))"),
+    "action_noise": (_optional(_action_noise), "None or a stable-baselines3 ActionNoise (e.g. NormalActionNoise(mean, sigma))"),
     "stats_window_size": (is_count, "a whole number >= 1"),
     "use_rms_prop": (is_flag, "True or False"),
     "rms_prop_eps": (is_positive_number, "a positive finite number"),
-    "policy_kwargs": (_mapping, "None or a dict of the policy's arguments"),
-    "replay_buffer_kwargs": (_mapping, "None or a dict of the replay buffer's arguments"),
-    "rollout_buffer_kwargs": (_mapping, "None or a dict of the rollout buffer's arguments"),
+    "policy_kwargs": (_optional(_mapping), "None or a dict of the policy's arguments"),
+    "replay_buffer_kwargs": (_optional(_mapping), "None or a dict of the replay buffer's arguments"),
+    "rollout_buffer_kwargs": (_optional(_mapping), "None or a dict of the rollout buffer's arguments"),
     "verbose": (is_whole_number, "a whole number >= 0 (0: quiet, 1: info, 2: debug)"),
-    "tensorboard_log": (_optional_path, "None or a folder path"),
+    "tensorboard_log": (_optional(_path), "None or a folder path"),
     # settings of stable-baselines3's policies, given in policy_kwargs
     "net_arch": (
         _no_hidden_layers,
@@ -184,8 +182,8 @@ CHECKS: dict[str, Check] = {
     "ortho_init": (is_flag, "True or False"),
     "share_features_extractor": (is_flag, "True or False"),
     "normalize_images": (is_flag, "True or False"),
-    "optimizer_kwargs": (_mapping, "None or a dict of the optimiser's arguments"),
-    "features_extractor_kwargs": (_mapping, "None or a dict of the features extractor's arguments"),
+    "optimizer_kwargs": (_optional(_mapping), "None or a dict of the optimiser's arguments"),
+    "features_extractor_kwargs": (_optional(_mapping), "None or a dict of the features extractor's arguments"),
     "activation_fn": (_subclass_of(nn.Module), "a torch.nn.Module class (e.g. torch.nn.ReLU)"),
     "optimizer_class": (_subclass_of(torch.optim.Optimizer), "a torch.optim.Optimizer class (e.g. torch.optim.Adam)"),
     # the per-sample policies' own (agents.policies), given in policy_kwargs

@@ -101,9 +101,14 @@ def as_dataset(dataset: ImageDataset | str | os.PathLike[str] | None) -> ImageDa
     )
 
 
+def is_integer(value: Any) -> bool:
+    """Whether ``value`` is a Python or numpy integer, not a bool (``True`` is not a setting's number)."""
+    return not isinstance(value, (bool, np.bool_)) and isinstance(value, (int, np.integer))
+
+
 def is_count(value: Any) -> bool:
     """Whether ``value`` is a whole number >= 1: a Python or numpy integer, not a bool (``True`` is not a count)."""
-    return not isinstance(value, bool) and isinstance(value, (int, np.integer)) and value >= 1
+    return is_integer(value) and value >= 1
 
 
 def is_positive_number(value: Any) -> bool:
@@ -128,7 +133,7 @@ def is_open_probability(value: Any) -> bool:
 
 def is_whole_number(value: Any) -> bool:
     """Whether ``value`` is a whole number >= 0: a Python or numpy integer, not a bool."""
-    return not isinstance(value, (bool, np.bool_)) and isinstance(value, (int, np.integer)) and value >= 0
+    return is_integer(value) and value >= 0
 
 
 def is_flag(value: Any) -> bool:
