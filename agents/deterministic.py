@@ -52,7 +52,8 @@ from torch import nn
 from agents.buffers import WITH_CLASS_LABELS, ClassLabelledSamples, _ClassLabelsMixin
 from agents.policies import action_logits
 from agents.reinforce import LoadsOnTheEnvsDevice, between_class_variance
-from iqa_env.env import extra_draws, is_non_negative_number
+from iqa_env.checks import is_non_negative_number
+from iqa_env.env import extra_draws
 
 __all__ = ["DDPG", "TD3"]
 

@@ -20,7 +20,8 @@ from agents.noise import ProbabilityOUNoise
 from agents.policies import PerSampleActorCriticPolicy, PerSampleExtractor, PerSampleSACPolicy, PerSampleTD3Policy
 from agents.reinforce import REINFORCE, env_attr
 from agents.settings import accepted_names, check_names, check_setting, check_settings
-from iqa_env.env import is_positive_number, resolve_device
+from iqa_env.checks import is_positive_number
+from iqa_env.env import resolve_device
 from iqa_env.rewards import has_validation_phase
 from iqa_env.tasks import TASK_NAMES
 
@@ -509,7 +510,10 @@ def make_agent(name: str, env: GymEnv, seed: int | None = None, **kwargs: Any) -
     buffer = options.get("replay_buffer_class")
     if isinstance(buffer, str):
         if buffer not in REPLAY_BUFFERS:
-            raise ValueError(f"replay_buffer_class must be a class or one of {tuple(REPLAY_BUFFERS)}, got {buffer!r}")
+            raise ValueError(
+                f"replay_buffer_class must be None, a stable-baselines3 ReplayBuffer class or one of "
+                f"{tuple(REPLAY_BUFFERS)}, got {buffer!r}"
+            )
         options["replay_buffer_class"] = REPLAY_BUFFERS[buffer]
         if "index" in buffer and "replay_buffer_kwargs" not in options:
             options["replay_buffer_kwargs"] = index_buffer_kwargs(env)

@@ -16,7 +16,8 @@ from stable_baselines3.common.utils import safe_mean
 
 from agents.policies import BernoulliSelectionPolicy
 from agents.settings import check_setting
-from iqa_env.env import extra_draws, is_count, is_flag, is_non_negative_number
+from iqa_env.checks import is_count, is_flag, is_non_negative_number, is_whole_number
+from iqa_env.env import extra_draws
 from iqa_env.networks import (
     check_average_decay,
     update_weight_average,
@@ -53,6 +54,21 @@ def between_class_variance(logits: torch.Tensor, classes: torch.Tensor, valid: t
     counts = one_hot.sum(dim=1)  # (N, K)
     class_means = (one_hot * logits.unsqueeze(-1)).sum(dim=1) / counts.clamp_min(1.0)
     return (counts / n.unsqueeze(1) * (class_means - mean.unsqueeze(1)) ** 2).sum(dim=1)
+
+
+def check_credited_classes(credited_classes: Any) -> tuple[int, ...] | None:
+    """REINFORCE's ``credited_classes`` as a sorted tuple, or None; a ``ValueError`` naming what is wrong."""
+    if credited_classes is None:
+        return None
+    expected = "None or a non-empty list of class labels (whole numbers >= 0), e.g. [1]"
+    if not isinstance(credited_classes, (list, tuple)) or not credited_classes:
+        raise ValueError(f"credited_classes must be {expected}, got {credited_classes!r}")
+    wrong = [c for c in credited_classes if not is_whole_number(c)]
+    if wrong:
+        raise ValueError(f"credited_classes must be {expected}; {wrong[0]!r} is not")
+    if len(set(credited_classes)) < len(credited_classes):
+        raise ValueError(f"credited_classes names a class twice: {list(credited_classes)!r}")
+    return tuple(sorted(int(c) for c in credited_classes))
 
 
 IMAGE_BASELINES: tuple[str, ...] = ("none", "counterfactual", "leave_one_out")
@@ -230,6 +246,13 @@ class REINFORCE(LoadsOnTheEnvsDevice, BaseAlgorithm):
         It keeps the controller from scoring a whole class low (and so the predictor's
         training set from losing that class) when the target of the ranking is the quality of
         the images within their class.  0: no penalty, and the env need not report classes.
+    :param credited_classes: the class labels (of ``info["classes"]``) whose images' selections are
+        reinforced, or None (every image's).  The other images are still drawn and train the
+        predictor, and count in ``class_balance`` and the entropy bonus, but their log-probabilities
+        get no share of the step's credit.  For a reward that one class's images alone carry: in
+        segmentation the fixed reward's credit is the organ-present frames' (an amenable frame
+        without the organ teaches a U-Net the same empty mask as any other), so the others'
+        share of it is noise (``docs/learning-status.md``, section 71).
     :param controller_average: decay of an exponential moving average of the policy's weights,
         updated after every gradient step (0: none).  When set, :attr:`average_policy` holds it and
         the exported :class:`~agents.Controller` (``Controller.from_agent``) is the average: the
@@ -297,6 +320,7 @@ class REINFORCE(LoadsOnTheEnvsDevice, BaseAlgorithm):
         ent_coef: float = 0.0,
         max_grad_norm: float = 1.0,
         class_balance: float = 0.0,
+        credited_classes: list[int] | tuple[int, ...] | None = None,
         controller_average: float = 0.0,
         image_baseline: str = "none",
         draws: str = "leave_one_out",
@@ -336,6 +360,7 @@ class REINFORCE(LoadsOnTheEnvsDevice, BaseAlgorithm):
         if not is_non_negative_number(class_balance):
             raise ValueError(f"class_balance must be a finite number >= 0, got {class_balance!r}")
         class_balance = float(class_balance)
+        credited_classes = check_credited_classes(credited_classes)
         if image_baseline not in IMAGE_BASELINES:
             raise ValueError(f"image_baseline must be one of {IMAGE_BASELINES}, got {image_baseline!r}")
         if draws not in DRAWS:
@@ -376,6 +401,7 @@ class REINFORCE(LoadsOnTheEnvsDevice, BaseAlgorithm):
         self.ent_coef = ent_coef
         self.max_grad_norm = max_grad_norm
         self.class_balance = class_balance
+        self.credited_classes = credited_classes
         self.controller_average = controller_average
         self.average_policy: BernoulliSelectionPolicy | None = None
         self.image_baseline = image_baseline
@@ -397,6 +423,15 @@ class REINFORCE(LoadsOnTheEnvsDevice, BaseAlgorithm):
                 f"(training_selection_rate={training_rate!r}), so they are not the policy's draws and cannot be "
                 f"credited: use credit='validation', got credit={self.credit!r}"
             )
+        class_names = getattr(env_attr(self.env, "train_set", None), "class_names", None)
+        if self.credited_classes is not None and class_names is not None:
+            unknown = [c for c in self.credited_classes if c >= len(class_names)]
+            if unknown:
+                raise ValueError(
+                    f"credited_classes {list(self.credited_classes)!r} names class {unknown[0]}, and this env's "
+                    f"data has {len(class_names)} classes (labels 0 to {len(class_names) - 1}: "
+                    f"{', '.join(repr(n) for n in class_names)})"
+                )
         self._setup_lr_schedule()
         self.set_random_seed(self.seed)
         self.policy = self.policy_class(  # type: ignore[assignment]
@@ -405,6 +440,11 @@ class REINFORCE(LoadsOnTheEnvsDevice, BaseAlgorithm):
         self.average_policy = weight_average_of(self.policy) if self.controller_average > 0 else None  # type: ignore[assignment]
         if self.image_baseline == "counterfactual":
             self.reward_model = SelectionRewardModel(self.policy.head.embed_dim).to(self.device)
+
+    @property
+    def _needs_classes(self) -> bool:
+        """Whether a rollout keeps the images' class labels (``class_balance`` or ``credited_classes``)."""
+        return self.class_balance > 0 or self.credited_classes is not None
 
     def _get_torch_save_params(self) -> tuple[list[str], list[str]]:
         # The optimiser's state (Adam moments) too, so that a saved agent resumes training exactly.
@@ -442,12 +482,13 @@ class REINFORCE(LoadsOnTheEnvsDevice, BaseAlgorithm):
                     "REINFORCE needs the env to draw the Bernoulli selections and report them in "
                     "info['selection'] (as TaskAmenability-v0 does); this env does not"
                 )
-            if self.class_balance > 0:
+            if self._needs_classes:
                 if any("classes" not in info for info in infos):
+                    setting = "class_balance > 0" if self.class_balance > 0 else "credited_classes"
                     raise ValueError(
-                        "REINFORCE with class_balance > 0 needs the env to report the class labels of "
+                        f"REINFORCE with {setting} needs the env to report the class labels of "
                         "each step's batch in info['classes'] (as TaskAmenability-v0 does); this env "
-                        "does not: use class_balance=0"
+                        "does not: use class_balance=0 and credited_classes=None"
                     )
                 class_buf.append(np.stack([info["classes"] for info in infos]))
             obs_buf.append(obs)
@@ -564,9 +605,13 @@ class REINFORCE(LoadsOnTheEnvsDevice, BaseAlgorithm):
         image_base = None
         if image_baselines is not None:
             image_base = torch.as_tensor(image_baselines, device=self.device, dtype=torch.float32)
-        classes = None
-        if self.class_balance > 0:
-            classes = torch.as_tensor(rollout["classes"], device=self.device).reshape(obs.shape[0], -1)
+        classes, credited = None, None
+        if self._needs_classes:
+            all_classes = torch.as_tensor(rollout["classes"], device=self.device).reshape(obs.shape[0], -1)
+            classes = all_classes if self.class_balance > 0 else None
+            if self.credited_classes is not None:
+                wanted = torch.as_tensor(self.credited_classes, device=self.device, dtype=all_classes.dtype)
+                credited = torch.isin(all_classes, wanted).float()
         validation = torch.as_tensor(
             rollout.get("validation", np.zeros(rollout["returns"].shape, dtype=bool)), device=self.device
         ).reshape(-1)
@@ -592,11 +637,15 @@ class REINFORCE(LoadsOnTheEnvsDevice, BaseAlgorithm):
                         image_advantages, logits, features.detach(), selections[part], valid[part], validation[part], seen
                     )
                 log_prob, entropy = self.policy.image_log_probs(logits, selections[part], valid[part])
+                if credited is not None:  # weighted as before, the other classes' images at 0
+                    log_prob = log_prob * credited[part]
                 step_terms = (image_advantages * log_prob).sum(1)
                 if extra_selections is not None:
                     assert extra_advantages is not None
                     for k in range(extra_selections.shape[1]):
                         extra_log_prob, _ = self.policy.image_log_probs(logits, extra_selections[part, k], valid[part])
+                        if credited is not None:
+                            extra_log_prob = extra_log_prob * credited[part]
                         step_terms = step_terms + extra_advantages[part, k] * extra_log_prob.sum(1)
                 policy_loss = -step_terms.mean()
                 entropy_loss = -entropy.mean()

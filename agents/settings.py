@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import difflib
 import inspect
-import math
 import os
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -36,8 +35,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from iqa_env.env import (
+from iqa_env.checks import (
     is_count,
+    is_finite_number,
     is_flag,
     is_integer,
     is_non_negative_number,
@@ -56,10 +56,6 @@ def _fraction(value: Any) -> bool:
 
 def _soft_update_rate(value: Any) -> bool:
     return is_number(value) and 0 < value <= 1
-
-
-def _finite(value: Any) -> bool:
-    return is_number(value) and math.isfinite(value)
 
 
 def _gradient_steps(value: Any) -> bool:
@@ -89,6 +85,22 @@ def _off(value: Any) -> bool:
     return is_flag(value) and not value
 
 
+def _on(value: Any) -> bool:
+    return is_flag(value) and bool(value)
+
+
+def _buffer_class(base: str) -> Callable[[Any], bool]:
+    """A stable-baselines3 buffer class of ``base`` (``"ReplayBuffer"``, ``"RolloutBuffer"``), or a name
+    (``agents.factory.REPLAY_BUFFERS``, whose names the factory checks)."""
+
+    def valid(value: Any) -> bool:
+        from stable_baselines3.common import buffers
+
+        return isinstance(value, str) or _subclass_of(getattr(buffers, base))(value)
+
+    return valid
+
+
 def _sde_sample_freq(value: Any) -> bool:
     return is_integer(value) and value >= -1
 
@@ -98,7 +110,7 @@ def _no_hidden_layers(value: Any) -> bool:
 
 
 def _target_entropy(value: Any) -> bool:
-    return value == "auto" or _finite(value)
+    return value == "auto" or is_finite_number(value)
 
 
 def _path(value: Any) -> bool:
@@ -150,7 +162,7 @@ CHECKS: dict[str, Check] = {
     "clip_range": (_positive_or_schedule, "a positive finite number or a schedule"),
     "clip_range_vf": (_optional(_positive_or_schedule), "None, a positive finite number or a schedule"),
     "target_kl": (_optional(is_positive_number), "None or a positive finite number"),
-    "ent_coef": (_finite, "a finite number (the entropy bonus's weight)"),
+    "ent_coef": (is_finite_number, "a finite number (the entropy bonus's weight)"),
     "vf_coef": (is_non_negative_number, "a finite number >= 0"),
     "max_grad_norm": (is_positive_number, "a positive finite number"),
     "normalize_advantage": (is_flag, "True or False"),
@@ -160,6 +172,11 @@ CHECKS: dict[str, Check] = {
         "exploration would draw each image's noise from every image's features)",
     ),
     "sde_sample_freq": (_sde_sample_freq, "a whole number >= -1"),
+    "replay_buffer_class": (
+        _optional(_buffer_class("ReplayBuffer")),
+        "None, a stable-baselines3 ReplayBuffer class or a name of agents.factory.REPLAY_BUFFERS",
+    ),
+    "rollout_buffer_class": (_optional(_buffer_class("RolloutBuffer")), "None or a stable-baselines3 RolloutBuffer class"),
     "optimize_memory_usage": (is_flag, "True or False"),
     "target_entropy": (_target_entropy, "'auto' or a finite number"),
     "action_noise": (_optional(_action_noise), "None or a stable-baselines3 ActionNoise (e.g. NormalActionNoise(mean, sigma))"),
@@ -177,7 +194,12 @@ CHECKS: dict[str, Check] = {
         "left out (None or []): the per-sample policies put one head per image on the controller's features; "
         "size the controller with features_extractor_kwargs' width and embed_dim, and the critics with critic_hidden",
     ),
-    "log_std_init": (_finite, "a finite number (the log of the exploration's starting standard deviation)"),
+    # state-dependent exploration's own: without use_sde they would be ignored, or fail an assertion
+    "full_std": (_on, "True (a setting of state-dependent exploration, use_sde, which the per-sample policies do not use)"),
+    "use_expln": (_off, "False (a setting of state-dependent exploration, use_sde, which the per-sample policies do not use)"),
+    "squash_output": (_off, "False (stable-baselines3 squashes only with state-dependent exploration, use_sde, "
+                      "which the per-sample policies do not use)"),
+    "log_std_init": (is_finite_number, "a finite number (the log of the exploration's starting standard deviation)"),
     "n_critics": (is_count, "a whole number >= 1"),
     "ortho_init": (is_flag, "True or False"),
     "share_features_extractor": (is_flag, "True or False"),

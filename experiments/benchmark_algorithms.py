@@ -18,7 +18,6 @@ rejection ratio).
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
@@ -48,6 +47,8 @@ def benchmark_algorithms(
     device: str = "auto",
     overrides: dict[str, Any] | None = None,
     random_draws: int = rp.RANDOM_DRAWS,
+    env_kwargs: dict[str, Any] | None = None,
+    agent_kwargs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train and evaluate every algorithm of ``algos`` for every seed; returns what ``results.json`` holds.
 
@@ -55,6 +56,9 @@ def benchmark_algorithms(
     :param algos: algorithms (default: all of :data:`agents.ALGORITHMS`)
     :param reward: the reward every algorithm is trained with (default: TrainConfig's)
     :param steps: env steps per run, the same for every algorithm (default: the budget's)
+    :param env_kwargs: ``TaskAmenabilityEnv`` arguments over each algorithm's recommended ones, for every run
+    :param agent_kwargs: arguments over each algorithm's defaults, for every run: each algorithm must take
+        them (checked for every algorithm before any file is written)
 
     The other parameters are those of :func:`experiments.reproduce.reproduce`.
     """
@@ -65,7 +69,7 @@ def benchmark_algorithms(
         if algo not in ALGORITHMS:
             raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algo!r}")
     task_names = rp.check_tasks(tasks)
-    fields = dict(overrides or {})
+    fields = rp.with_kwargs(overrides, env_kwargs, agent_kwargs)
     if reward is not None:
         fields["reward"] = reward
     # The base is checked against the first algorithm (each run's algorithm replaces it, and is checked
@@ -80,6 +84,8 @@ def benchmark_algorithms(
         "quick": quick,
         "seeds": seeds,
         "steps": steps,
+        "env_kwargs": env_kwargs or None,
+        "agent_kwargs": agent_kwargs or None,
     }
     runs = [{"label": a, "algo": a} for a in algo_names]
     folder, results = rp.run_experiment(
@@ -208,16 +214,10 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from experiments.commands.benchmark_algorithms import add_arguments, run
+    """``iqa benchmark-algorithms ARGV``: the same parser, and the same one-line errors."""
+    from experiments.cli import main as iqa_main
 
-    parser = argparse.ArgumentParser(
-        prog="python -m experiments.benchmark_algorithms", description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return run(args)
+    return iqa_main(["benchmark-algorithms", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -60,6 +60,7 @@ from experiments.evaluation import (
 )
 from experiments.training import TrainConfig, dataset_fingerprint
 from experiments.workers import completed, worker_pool
+from iqa_env.checks import is_count, is_non_negative_number
 
 logger = logging.getLogger(__name__)
 
@@ -1544,7 +1545,7 @@ def check_rewards(rewards: str | Sequence[str] | None) -> tuple[str, ...]:
 
 
 def check_seeds(seeds: int) -> list[int]:
-    if not isinstance(seeds, (int, np.integer)) or seeds < 1:
+    if not is_count(seeds):
         raise ValueError(f"seeds must be a positive integer, got {seeds!r}")
     return list(range(int(seeds)))
 
@@ -1639,10 +1640,7 @@ def reproduce(
     """
     task_names = check_tasks(tasks)
     reward_names = check_rewards(rewards)
-    fields = dict(overrides or {})
-    for name, extra in (("env_kwargs", env_kwargs), ("agent_kwargs", agent_kwargs)):
-        if extra:
-            fields[name] = {**fields.get(name, {}), **extra}
+    fields = with_kwargs(overrides, env_kwargs, agent_kwargs)
     base, default_seeds = budget_config(quick, dataset, algo, steps, device, fields)
     seed_list = check_seeds(default_seeds if seeds is None else seeds)
     options = {
@@ -1668,6 +1666,17 @@ def reproduce(
     write_results(results, folder)
     logger.info("wrote %s, %s and the figures", folder / "results.json", folder / "report.md")
     return results
+
+
+def with_kwargs(
+    overrides: dict[str, Any] | None, env_kwargs: dict[str, Any] | None, agent_kwargs: dict[str, Any] | None
+) -> dict[str, Any]:
+    """``overrides`` (TrainConfig fields) with ``env_kwargs`` and ``agent_kwargs`` over their own of those fields."""
+    fields = dict(overrides or {})
+    for name, extra in (("env_kwargs", env_kwargs), ("agent_kwargs", agent_kwargs)):
+        if extra:
+            fields[name] = {**fields.get(name, {}), **extra}
+    return fields
 
 
 def run_experiment(
@@ -1736,7 +1745,7 @@ def earlier_invocations(path: Path) -> list[dict[str, Any]]:
         return []
 
     def wall(value: Any) -> bool:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+        return is_non_negative_number(value)
 
     recorded = previous.get("invocations")
     if isinstance(recorded, list) and all(isinstance(i, dict) and wall(i.get("wall_s")) for i in recorded):
@@ -1747,7 +1756,7 @@ def earlier_invocations(path: Path) -> list[dict[str, Any]]:
 
 
 def check_workers(workers: int) -> int:
-    if not isinstance(workers, (int, np.integer)) or workers < 1:
+    if not is_count(workers):
         raise ValueError(f"workers must be a positive integer, got {workers!r}")
     return int(workers)
 

@@ -92,7 +92,7 @@ import torch
 from torch.nn import functional as F
 
 from experiments.commands import json_object
-from iqa_env.env import is_count, is_open_probability
+from iqa_env.checks import is_count, is_open_probability
 from iqa_env.metrics import auroc_or_none
 from iqa_env.rewards import class_log_losses
 

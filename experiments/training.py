@@ -121,7 +121,8 @@ class TrainConfig:
             raise ValueError(f"task must be one of {TASK_NAMES}, got {self.task!r}")
         if self.reward not in REWARD_NAMES:
             raise ValueError(f"reward must be one of {REWARD_NAMES}, got {self.reward!r}")
-        from iqa_env.env import is_count, is_positive_number, is_whole_number, resolve_device
+        from iqa_env.checks import is_count, is_positive_number, is_whole_number
+        from iqa_env.env import resolve_device
 
         if not is_count(self.steps):
             raise ValueError(f"steps must be a whole number >= 1, got {self.steps!r}")

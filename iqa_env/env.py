@@ -15,6 +15,15 @@ import numpy as np
 import torch
 from gymnasium import spaces
 
+from iqa_env.checks import (
+    is_count,
+    is_flag,
+    is_non_negative_number,
+    is_number,
+    is_open_probability,
+    is_positive_number,
+    is_whole_number,
+)
 from iqa_env.data.dataset import ImageDataset
 from iqa_env.networks import (
     check_average_decay,
@@ -99,46 +108,6 @@ def as_dataset(dataset: ImageDataset | str | os.PathLike[str] | None) -> ImageDa
         f"dataset must be an ImageDataset, a path to an HDF5 dataset file or None (built-in data), "
         f"got {type(dataset).__name__}"
     )
-
-
-def is_integer(value: Any) -> bool:
-    """Whether ``value`` is a Python or numpy integer, not a bool (``True`` is not a setting's number)."""
-    return not isinstance(value, (bool, np.bool_)) and isinstance(value, (int, np.integer))
-
-
-def is_count(value: Any) -> bool:
-    """Whether ``value`` is a whole number >= 1: a Python or numpy integer, not a bool (``True`` is not a count)."""
-    return is_integer(value) and value >= 1
-
-
-def is_positive_number(value: Any) -> bool:
-    """Whether ``value`` is a finite number > 0: a Python or numpy number, not a bool."""
-    return is_number(value) and bool(math.isfinite(value) and value > 0)
-
-
-def is_non_negative_number(value: Any) -> bool:
-    """Whether ``value`` is a finite number >= 0: a Python or numpy number, not a bool."""
-    return is_number(value) and bool(math.isfinite(value) and value >= 0)
-
-
-def is_number(value: Any) -> bool:
-    """Whether ``value`` is a Python or numpy real number, not a bool (``True`` is not a setting's number)."""
-    return not isinstance(value, (bool, np.bool_)) and isinstance(value, (int, float, np.integer, np.floating))
-
-
-def is_open_probability(value: Any) -> bool:
-    """Whether ``value`` is a number strictly between 0 and 1 (a rate that neither selects nothing nor everything)."""
-    return is_number(value) and 0 < value < 1
-
-
-def is_whole_number(value: Any) -> bool:
-    """Whether ``value`` is a whole number >= 0: a Python or numpy integer, not a bool."""
-    return is_integer(value) and value >= 0
-
-
-def is_flag(value: Any) -> bool:
-    """Whether ``value`` is a bool (Python or numpy): an on/off setting, where ``"no"`` or ``0`` would be misread."""
-    return isinstance(value, (bool, np.bool_))
 
 
 def validation_images_per_step(batch_size: int, validation_batch_size: int | None = None) -> int:

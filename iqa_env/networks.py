@@ -16,6 +16,8 @@ import math
 import torch
 from torch import nn
 
+from iqa_env.checks import is_number
+
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
     """``uint8`` images in [0, 255] -> ``float32`` in [0, 1]; float input is taken as already scaled."""
@@ -39,8 +41,6 @@ def channels_last(module: nn.Module) -> nn.Module:
 
 def check_average_decay(name: str, decay: object) -> float:
     """``decay`` as a float if it is a number in [0, 1) (0: no average); else ``ValueError`` naming ``name``."""
-    from iqa_env.env import is_number  # here, not at the top: iqa_env.env imports this module
-
     if not (is_number(decay) and 0.0 <= decay < 1.0):
         raise ValueError(f"{name} must be a decay in [0, 1) (0: no average), got {decay!r}")
     return float(decay)

@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from iqa_env.checks import is_count
+
 REWARD_NAMES: tuple[str, ...] = ("fixed", "weighted", "selective")
 REWARD_NORMALISATIONS: tuple[str, ...] = ("none", "class_log")
 #: Losses below this are taken as this before their log (a confident, right
@@ -247,7 +249,7 @@ class ClassMixCorrection:
     """
 
     def __init__(self, num_classes: int, decay: float = 0.99) -> None:
-        if not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
+        if not is_count(num_classes):
             raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
         if not (0.0 < decay <= 1.0):
             raise ValueError(f"decay must be in (0, 1], got {decay!r}")

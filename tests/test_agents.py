@@ -694,6 +694,66 @@ def test_reinforce_class_balance_needs_the_classes(dataset):
     make_agent("reinforce", NoClasses(_env(dataset)), seed=0, class_balance=0.0).learn(40)  # not needed then
 
 
+def test_reinforce_credited_classes_reinforce_those_classes_images_alone(dataset):
+    """``credited_classes``: the other classes' images get no share of a step's credit (their
+    log-probabilities are left out of the policy gradient); naming every class is the default."""
+    env = _env(dataset, reward="fixed", reward_baseline="paired", paired_draws=3, validation_size=8, reward_metric="loss")
+
+    def agent_with(credited):
+        return make_agent("reinforce", env, seed=0, normalize_returns=False, class_balance=0.0, credited_classes=credited)
+
+    reference = agent_with([0, 1])
+    _, callback = reference._setup_learn(env.episode_length, None)
+    rollout = reference.collect_rollout(callback)
+    assert set(np.unique(rollout["classes"])) == {0, 1}  # kept for credited_classes, as for class_balance
+
+    def trained(credited, classes=None):
+        agent = agent_with(credited)
+        agent.set_logger(reference.logger)
+        agent.train(rollout if classes is None else dict(rollout, classes=classes))
+        return [p.detach().clone() for p in agent.policy.parameters()]
+
+    start = [p.detach().clone() for p in agent_with(None).policy.parameters()]
+    everything = trained(None)
+    assert not all(torch.equal(a, b) for a, b in zip(start, everything))
+    assert all(torch.equal(a, b) for a, b in zip(everything, trained([0, 1])))
+    # Every image of the rollout of the other class: nothing is reinforced; all of the credited one: all is.
+    zeros, ones = np.zeros_like(rollout["classes"]), np.ones_like(rollout["classes"])
+    assert all(torch.equal(a, b) for a, b in zip(start, trained([1], zeros)))
+    assert all(torch.equal(a, b) for a, b in zip(everything, trained([1], ones)))
+    mixed = trained([1])  # the rollout's own mix: something between
+    assert not all(torch.equal(a, b) for a, b in zip(start, mixed))
+    assert not all(torch.equal(a, b) for a, b in zip(everything, mixed))
+    assert agent_with((1,)).credited_classes == (1,)
+
+
+@pytest.mark.parametrize(
+    "bad, words",
+    [
+        ([], r"credited_classes must be None or a non-empty list of class labels .*, got \[\]"),
+        (1, r"credited_classes must be None or a non-empty list of class labels .*, got 1"),
+        ([1, -1], r"credited_classes must be None or a non-empty list .*; -1 is not"),
+        ([True], r"credited_classes must be None or a non-empty list .*; True is not"),
+        ([1, 1], r"credited_classes names a class twice: \[1, 1\]"),
+        ([2], r"credited_classes \[2\] names class 2, and this env's data has 2 classes \(labels 0 to 1"),
+    ],
+)
+def test_reinforce_credited_classes_refuses_what_is_not_a_class_of_the_data(dataset, bad, words):
+    with pytest.raises(ValueError, match=words):
+        make_agent("reinforce", _env(dataset), seed=0, credited_classes=bad)
+
+
+def test_reinforce_credited_classes_needs_the_classes(dataset):
+    class NoClasses(gym.Wrapper):
+        def step(self, action):
+            obs, reward, terminated, truncated, info = self.env.step(action)
+            return obs, reward, terminated, truncated, {k: v for k, v in info.items() if k != "classes"}
+
+    agent = make_agent("reinforce", NoClasses(_env(dataset)), seed=0, class_balance=0.0, credited_classes=[1])
+    with pytest.raises(ValueError, match=r"REINFORCE with credited_classes needs the env to report the class labels"):
+        agent.learn(40)
+
+
 def test_reinforce_credits_each_step_whose_reward_is_its_own_with_that_reward(dataset):
     """Causal credit: a step whose reward measures its own action alone (validation steps, and the
     training steps of the env's ``paired`` baseline, ``info["reward_scope"] == "step"``) is credited
@@ -824,6 +884,11 @@ def test_reinforce_refuses_bad_settings_by_name(dataset, kwargs, message):
         ("ppo", dict(rollout_buffer_kwargs="x"), "rollout_buffer_kwargs must be None or a dict of the rollout buffer's"),
         ("ddpg", dict(verbose="x"), r"verbose must be a whole number >= 0 \(0: quiet, 1: info, 2: debug\), got 'x'"),
         ("ddpg", dict(tensorboard_log=3), "tensorboard_log must be None or a folder path, got 3"),
+        # a TypeError from inside the buffer's constructor or issubclass(), naming no setting
+        ("ddpg", dict(replay_buffer_class=dict), "replay_buffer_class must be None, a stable-baselines3 ReplayBuffer class or a name"),
+        ("td3", dict(replay_buffer_class=3), "replay_buffer_class must be None, a stable-baselines3 ReplayBuffer class .*, got 3"),
+        ("ddpg", dict(replay_buffer_class="nope"), r"replay_buffer_class must be None, .* or one of \('default', 'reward_ready'"),
+        ("ppo", dict(rollout_buffer_class=dict), "rollout_buffer_class must be None or a stable-baselines3 RolloutBuffer class"),
         ("reinforce", dict(device="tpu"), "device must be 'auto', 'cpu' or 'cuda\\[:N\\]', got 'tpu'"),
         ("sac", dict(device=0), "device must be 'auto', 'cpu' or 'cuda\\[:N\\]', got int"),
     ],
@@ -859,6 +924,10 @@ def test_algorithm_settings_are_refused_by_name_before_the_agent_is_built(datase
         ("ddpg", dict(activation_fn="relu"), r"activation_fn must be a torch.nn.Module class \(e.g. torch.nn.ReLU\)"),
         ("ddpg", dict(optimizer_kwargs="x"), "optimizer_kwargs must be None or a dict of the optimiser's arguments"),
         ("sac", dict(features_extractor_kwargs=[16]), "features_extractor_kwargs must be None or a dict"),
+        # state-dependent exploration's own settings: ignored without it, or an AssertionError in the constructor
+        ("ppo", dict(squash_output=True), r"squash_output must be False \(stable-baselines3 squashes only with state-dependent"),
+        ("sac", dict(use_expln=True), r"use_expln must be False \(a setting of state-dependent exploration, use_sde"),
+        ("a2c", dict(full_std=False), r"full_std must be True \(a setting of state-dependent exploration, use_sde"),
     ],
 )
 def test_policy_settings_are_refused_by_name(dataset, name, policy_kwargs, message):
@@ -893,6 +962,15 @@ def test_algorithm_settings_in_every_form_the_algorithms_take_are_accepted(datas
     assert len(td3.critic.q_networks) == 1 and isinstance(td3.actor.optimizer, torch.optim.SGD)
     assert make_agent("a2c", env, seed=0, device=torch.device("cpu"), verbose=0).device == torch.device("cpu")
     assert make_agent("reinforce", env, seed=0, device="auto", tensorboard_log=None).device.type in ("cpu", "cuda")
+    from stable_baselines3.common.buffers import ReplayBuffer, RolloutBuffer
+
+    from agents.factory import REPLAY_BUFFERS
+
+    assert type(make_agent("ddpg", env, seed=0, replay_buffer_class=ReplayBuffer).replay_buffer) is ReplayBuffer
+    reward_ready = make_agent("td3", env, seed=0, replay_buffer_class="reward_ready").replay_buffer
+    assert type(reward_ready) is REPLAY_BUFFERS["reward_ready"]
+    assert type(make_agent("a2c", env, seed=0, rollout_buffer_class=RolloutBuffer).rollout_buffer) is RolloutBuffer
+    make_agent("ppo", env, seed=0, policy_kwargs=dict(squash_output=False, use_expln=False, full_std=True))
 
 
 @pytest.mark.parametrize(

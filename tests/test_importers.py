@@ -208,8 +208,11 @@ def test_bad_arguments(tmp_path: Path) -> None:
     write_image(tmp_path / "a.png", grey(1))
     with pytest.raises(ValueError, match="channels must be 1"):
         import_folder(tmp_path, channels=2)
-    with pytest.raises(ValueError, match="size must be a positive int"):
-        import_folder(tmp_path, size=0)
+    for bad in (0, True, 2.5, "8", (8,), (8, True), (8, -1)):  # True is not a size of 1
+        with pytest.raises(ValueError, match=r"size must be a positive int or an \(H, W\) pair of positive ints, got"):
+            import_folder(tmp_path, size=bad)
+    assert import_folder(tmp_path, size=np.int64(6)).images.shape[-2:] == (6, 6)
+    assert import_folder(tmp_path, size=[4, 6]).images.shape[-2:] == (4, 6)
 
 
 # ------------------------------------------------------------------ MedMNIST

@@ -717,14 +717,21 @@ def test_benchmark_algorithms_smoke(tiny_synthetic_path, tmp_path, capsys):
     from experiments.benchmark_algorithms import main as bench_main
 
     out = tmp_path / "bench"
-    code = bench_main(["--algos", "reinforce", "a2c", "--seeds", "1", "--steps", "16", "--workers", "1",
-                       "--device", "cpu", "--dataset", str(tiny_synthetic_path), "--out", str(out)])
+    argv = ["--algos", "reinforce", "a2c", "--seeds", "1", "--steps", "16", "--workers", "1",
+            "--device", "cpu", "--dataset", str(tiny_synthetic_path), "--out", str(out)]
+    # --agent-kwargs goes to every algorithm: a name one of them does not take is refused before any file.
+    assert bench_main([*argv, "--agent-kwargs", '{"n_steps": 4, "class_balance": 1.0}']) == 2
+    assert "cannot build a2c with agent_kwargs" in capsys.readouterr().err and not out.exists()
+    code = bench_main([*argv, "--agent-kwargs", '{"learning_rate": 0.0005}', "--env-kwargs", '{"validation_size": 24}'])
     assert code == 0
     assert "reinforce" in capsys.readouterr().out
     for name in ("results.json", "report.md", "learning_curves_classification.png", "rejection_classification.png"):
         assert (out / name).is_file(), name
     results = json.loads((out / "results.json").read_text())
     assert results["schema"] == "iqa-benchmark-algorithms/1"
+    config = results["settings"]["config"]
+    assert config["agent_kwargs"] == {"learning_rate": 0.0005} and config["env_kwargs"]["validation_size"] == 24
+    assert """--agent-kwargs '{"learning_rate": 0.0005}'""" in results["command"]
     t = results["tasks"]["classification"]
     check_task_result(t, ["reinforce", "a2c"], [0])
     assert [r["algorithm"] for r in t["table"]] == ["reinforce", "a2c"]
@@ -900,6 +907,22 @@ def test_reproduce_names_a_reward_it_does_not_know(tmp_path, rewards, message):
 
     with pytest.raises(ValueError, match=re.escape(message)):
         reproduce(tmp_path / "rep", rewards=rewards)
+    assert not (tmp_path / "rep").exists()
+
+
+@pytest.mark.parametrize(
+    "given, message",
+    [({"seeds": True}, "seeds must be a positive integer, got True"),
+     ({"seeds": 0}, "seeds must be a positive integer, got 0"),
+     ({"workers": True}, "workers must be a positive integer, got True"),
+     ({"workers": 1.0}, "workers must be a positive integer, got 1.0")],
+)
+def test_reproduce_refuses_a_number_of_seeds_or_workers_that_is_not_a_count(tiny_synthetic_path, tmp_path, given, message):
+    """``True`` is not one seed or one worker: refused, naming it, before the folder is made."""
+    from experiments.reproduce import reproduce
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        reproduce(tmp_path / "rep", dataset=tiny_synthetic_path, device="cpu", **given)
     assert not (tmp_path / "rep").exists()
 
 

@@ -198,6 +198,9 @@ def test_class_mix_correction_removes_a_class_term_and_keeps_the_rest():
     assert correction.weights is None and correction.fitted == 0
     with pytest.raises(ValueError, match="decay must be in"):
         ClassMixCorrection(2, decay=0.0)
+    for bad in (0, True, 2.0):
+        with pytest.raises(ValueError, match=f"num_classes must be a positive integer, got {bad!r}"):
+            ClassMixCorrection(bad)
 
 
 def test_class_mix_correction_per_step_follows_a_class_term_that_changes_every_step():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from experiments.commands import HelpFormatter
-from experiments.commands.reproduce import add_budget_arguments
+from experiments.commands.reproduce import add_budget_arguments, add_kwargs_arguments
 
 DESCRIPTION = (
     "Train a controller with each RL algorithm on the same env, reward, step budget and seeds (with "
@@ -19,7 +19,8 @@ DESCRIPTION = (
     "command resumes an interrupted benchmark. Also runs as `python -m experiments.benchmark_algorithms`.\n\n"
     "Examples:\n\n"
     "  iqa benchmark-algorithms --quick --out runs/algos\n"
-    "  iqa benchmark-algorithms --algos ddpg reinforce ppo --seeds 4 --steps 2000 --out runs/algos"
+    "  iqa benchmark-algorithms --algos ddpg reinforce ppo --seeds 4 --steps 2000 --out runs/algos\n"
+    "  iqa benchmark-algorithms --algos ppo a2c --agent-kwargs '{\"learning_rate\": 3e-4}' --out runs/algos-lr"
 )
 
 
@@ -36,6 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--reward", choices=REWARD_NAMES, default=None, help="reward of every run (default: TrainConfig's, weighted)")
     add_budget_arguments(p)
+    add_kwargs_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -64,6 +66,8 @@ def run(args: argparse.Namespace) -> int:
         steps=args.steps,
         workers=args.workers,
         device=args.device,
+        env_kwargs=args.env_kwargs,
+        agent_kwargs=args.agent_kwargs,
     )
     for task, t in results["tasks"].items():
         print(f"{task}: {t['metric']} at {t['paper_rejection_ratio']:.0%} rejection, holdout AUROC initial -> final")

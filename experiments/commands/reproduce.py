@@ -26,6 +26,22 @@ def add_budget_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder (created; rerun with the same folder to resume)")
 
 
+def add_kwargs_arguments(p: argparse.ArgumentParser) -> None:
+    """``--env-kwargs`` and ``--agent-kwargs``, of ``iqa reproduce`` and ``iqa benchmark-algorithms``."""
+    p.add_argument(
+        "--env-kwargs",
+        type=json_object,
+        default=None,
+        help='JSON object of TaskAmenabilityEnv arguments over the recommended ones, e.g. \'{"validation_size": 300}\'',
+    )
+    p.add_argument(
+        "--agent-kwargs",
+        type=json_object,
+        default=None,
+        help='JSON object of algorithm arguments over its defaults (every trained run), e.g. \'{"learning_rate": 3e-4}\'',
+    )
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "reproduce",
@@ -70,18 +86,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--algo", choices=ALGORITHMS, default=None, help="RL algorithm (default: TrainConfig's, reinforce)")
     add_budget_arguments(p)
-    p.add_argument(
-        "--env-kwargs",
-        type=json_object,
-        default=None,
-        help='JSON object of TaskAmenabilityEnv arguments over the recommended ones, e.g. \'{"validation_size": 300}\'',
-    )
-    p.add_argument(
-        "--agent-kwargs",
-        type=json_object,
-        default=None,
-        help='JSON object of algorithm arguments over its defaults (every trained run), e.g. \'{"learning_rate": 3e-4}\'',
-    )
+    add_kwargs_arguments(p)
     p.set_defaults(func=run)
 
 

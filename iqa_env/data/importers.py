@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from iqa_env.checks import is_count
 from iqa_env.data.dataset import TASKS, ImageDataset
 
 logger = logging.getLogger(__name__)
@@ -55,8 +56,8 @@ def _plural(items: list[str], limit: int = 3) -> str:
 def _as_hw(size: int | tuple[int, int] | None) -> tuple[int, int] | None:
     if size is None:
         return None
-    hw = (size, size) if isinstance(size, int) else tuple(size)
-    if len(hw) != 2 or not all(isinstance(s, (int, np.integer)) and s > 0 for s in hw):
+    hw = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+    if len(hw) != 2 or not all(is_count(s) for s in hw):
         raise ValueError(
             f"size must be a positive int or an (H, W) pair of positive ints, got {size!r}"
         )

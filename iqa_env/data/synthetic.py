@@ -50,6 +50,7 @@ import numpy.typing as npt
 from scipy.fft import next_fast_len
 from scipy.special import ndtr
 
+from iqa_env.checks import is_finite_number, is_flag, is_integer
 from iqa_env.data.dataset import ImageDataset
 
 __all__ = [
@@ -227,34 +228,24 @@ def _validate(cfg: SyntheticConfig) -> None:
         if not ok:
             raise ValueError(f"SyntheticConfig.{name} must be {expected}, got {getattr(cfg, name)!r}")
 
-    def is_int(v: Any) -> bool:
-        return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-    def is_num(v: Any) -> bool:
-        return (
-            isinstance(v, (int, float, np.integer, np.floating))
-            and not isinstance(v, bool)
-            and math.isfinite(v)
-        )
-
-    need(is_int(cfg.n_patients) and cfg.n_patients >= 1, "n_patients", "an integer >= 1")
+    need(is_integer(cfg.n_patients) and cfg.n_patients >= 1, "n_patients", "an integer >= 1")
     need(
-        is_int(cfg.frames_per_patient) and cfg.frames_per_patient >= 1,
+        is_integer(cfg.frames_per_patient) and cfg.frames_per_patient >= 1,
         "frames_per_patient",
         "an integer >= 1",
     )
-    need(is_int(cfg.size) and 16 <= cfg.size <= 1024, "size", "an integer in [16, 1024] (pixels)")
-    need(is_int(cfg.seed) and cfg.seed >= 0, "seed", "a non-negative integer")
+    need(is_integer(cfg.size) and 16 <= cfg.size <= 1024, "size", "an integer in [16, 1024] (pixels)")
+    need(is_integer(cfg.seed) and cfg.seed >= 0, "seed", "a non-negative integer")
     need(
-        is_num(cfg.negative_fraction) and 0 <= cfg.negative_fraction <= 0.9,
+        is_finite_number(cfg.negative_fraction) and 0 <= cfg.negative_fraction <= 0.9,
         "negative_fraction",
         "in [0, 0.9]",
     )
-    need(is_num(cfg.strong_fraction) and 0 <= cfg.strong_fraction <= 1, "strong_fraction", "in [0, 1]")
-    need(is_num(cfg.graded_fraction) and 0 <= cfg.graded_fraction <= 1, "graded_fraction", "in [0, 1]")
+    need(is_finite_number(cfg.strong_fraction) and 0 <= cfg.strong_fraction <= 1, "strong_fraction", "in [0, 1]")
+    need(is_finite_number(cfg.graded_fraction) and 0 <= cfg.graded_fraction <= 1, "graded_fraction", "in [0, 1]")
     need(
         cfg.strong_present_fraction is None
-        or (is_num(cfg.strong_present_fraction) and 0 < cfg.strong_present_fraction < 1),
+        or (is_finite_number(cfg.strong_present_fraction) and 0 < cfg.strong_present_fraction < 1),
         "strong_present_fraction",
         "None or in (0, 1)",
     )
@@ -264,58 +255,58 @@ def _validate(cfg: SyntheticConfig) -> None:
             "SyntheticConfig.strong_fraction + graded_fraction must be at most 1, got "
             f"{cfg.strong_fraction} + {cfg.graded_fraction}"
         )
-    need(is_num(cfg.max_depth_cm) and 3 <= cfg.max_depth_cm <= 30, "max_depth_cm", "in [3, 30] cm")
-    need(is_num(cfg.probe_radius_cm) and 0 <= cfg.probe_radius_cm <= 10, "probe_radius_cm", "in [0, 10] cm")
+    need(is_finite_number(cfg.max_depth_cm) and 3 <= cfg.max_depth_cm <= 30, "max_depth_cm", "in [3, 30] cm")
+    need(is_finite_number(cfg.probe_radius_cm) and 0 <= cfg.probe_radius_cm <= 10, "probe_radius_cm", "in [0, 10] cm")
     need(
-        is_num(cfg.fan_half_angle_deg) and 20 <= cfg.fan_half_angle_deg <= 60,
+        is_finite_number(cfg.fan_half_angle_deg) and 20 <= cfg.fan_half_angle_deg <= 60,
         "fan_half_angle_deg",
         "in [20, 60] degrees",
     )
     need(
-        is_num(cfg.attenuation_db_per_cm) and 0 <= cfg.attenuation_db_per_cm <= 20,
+        is_finite_number(cfg.attenuation_db_per_cm) and 0 <= cfg.attenuation_db_per_cm <= 20,
         "attenuation_db_per_cm",
         "in [0, 20] dB/cm",
     )
-    need(isinstance(cfg.tgc, (bool, np.bool_)), "tgc", "True or False")
+    need(is_flag(cfg.tgc), "tgc", "True or False")
     need(
-        is_num(cfg.psf_axial_samples) and 0.3 <= cfg.psf_axial_samples <= 5,
+        is_finite_number(cfg.psf_axial_samples) and 0.3 <= cfg.psf_axial_samples <= 5,
         "psf_axial_samples",
         "in [0.3, 5]",
     )
     need(
-        is_num(cfg.psf_lateral_lines) and 0.3 <= cfg.psf_lateral_lines <= 5,
+        is_finite_number(cfg.psf_lateral_lines) and 0.3 <= cfg.psf_lateral_lines <= 5,
         "psf_lateral_lines",
         "in [0.3, 5]",
     )
-    need(is_num(cfg.gain_spread_db) and 0 <= cfg.gain_spread_db <= 20, "gain_spread_db", "in [0, 20] dB")
+    need(is_finite_number(cfg.gain_spread_db) and 0 <= cfg.gain_spread_db <= 20, "gain_spread_db", "in [0, 20] dB")
     need(
-        is_num(cfg.dynamic_range_min_db) and 20 <= cfg.dynamic_range_min_db <= 100,
+        is_finite_number(cfg.dynamic_range_min_db) and 20 <= cfg.dynamic_range_min_db <= 100,
         "dynamic_range_min_db",
         "in [20, 100] dB",
     )
     need(
-        is_num(cfg.dynamic_range_max_db) and cfg.dynamic_range_min_db <= cfg.dynamic_range_max_db <= 100,
+        is_finite_number(cfg.dynamic_range_max_db) and cfg.dynamic_range_min_db <= cfg.dynamic_range_max_db <= 100,
         "dynamic_range_max_db",
         f"in [dynamic_range_min_db={cfg.dynamic_range_min_db}, 100] dB",
     )
     need(
-        is_num(cfg.gland_contrast_min_db) and -40 <= cfg.gland_contrast_min_db <= 0,
+        is_finite_number(cfg.gland_contrast_min_db) and -40 <= cfg.gland_contrast_min_db <= 0,
         "gland_contrast_min_db",
         "in [-40, 0] dB",
     )
     need(
-        is_num(cfg.gland_contrast_max_db) and cfg.gland_contrast_min_db <= cfg.gland_contrast_max_db <= 0,
+        is_finite_number(cfg.gland_contrast_max_db) and cfg.gland_contrast_min_db <= cfg.gland_contrast_max_db <= 0,
         "gland_contrast_max_db",
         f"in [gland_contrast_min_db={cfg.gland_contrast_min_db}, 0] dB",
     )
     need(
-        is_int(cfg.n_raters) and cfg.n_raters >= 1 and cfg.n_raters % 2 == 1,
+        is_integer(cfg.n_raters) and cfg.n_raters >= 1 and cfg.n_raters % 2 == 1,
         "n_raters",
         "an odd integer >= 1",
     )
-    need(is_num(cfg.rater_noise) and 0 <= cfg.rater_noise <= 1, "rater_noise", "in [0, 1]")
+    need(is_finite_number(cfg.rater_noise) and 0 <= cfg.rater_noise <= 1, "rater_noise", "in [0, 1]")
     need(
-        is_num(cfg.rater_severity_weight) and 0 <= cfg.rater_severity_weight <= 1,
+        is_finite_number(cfg.rater_severity_weight) and 0 <= cfg.rater_severity_weight <= 1,
         "rater_severity_weight",
         "in [0, 1]",
     )
