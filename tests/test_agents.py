@@ -694,7 +694,7 @@ def test_reinforce_class_balance_needs_the_classes(dataset):
     make_agent("reinforce", NoClasses(_env(dataset)), seed=0, class_balance=0.0).learn(40)  # not needed then
 
 
-def test_reinforce_credited_classes_reinforce_those_classes_images_alone(dataset):
+def test_reinforce_credited_classes_reinforce_those_classes_images_alone(dataset, tmp_path):
     """``credited_classes``: the other classes' images get no share of a step's credit (their
     log-probabilities are left out of the policy gradient); naming every class is the default."""
     env = _env(dataset, reward="fixed", reward_baseline="paired", paired_draws=3, validation_size=8, reward_metric="loss")
@@ -725,6 +725,9 @@ def test_reinforce_credited_classes_reinforce_those_classes_images_alone(dataset
     assert not all(torch.equal(a, b) for a, b in zip(start, mixed))
     assert not all(torch.equal(a, b) for a, b in zip(everything, mixed))
     assert agent_with((1,)).credited_classes == (1,)
+    trained_agent = agent_with([1])
+    trained_agent.save(tmp_path / "agent.zip")
+    assert type(trained_agent).load(tmp_path / "agent.zip", env=env).credited_classes == (1,)  # kept by save and load
 
 
 @pytest.mark.parametrize(
