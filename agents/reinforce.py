@@ -16,7 +16,7 @@ from stable_baselines3.common.utils import safe_mean
 
 from agents.policies import BernoulliSelectionPolicy
 from agents.settings import check_setting
-from iqa_env.checks import is_count, is_flag, is_non_negative_number, is_whole_number
+from iqa_env.checks import is_count, is_flag, is_non_negative_number, is_positive_number, is_whole_number
 from iqa_env.env import extra_draws
 from iqa_env.networks import (
     check_average_decay,
@@ -237,7 +237,13 @@ class REINFORCE(LoadsOnTheEnvsDevice, BaseAlgorithm):
         controller gets many small updates per episode rather than one.
     :param gamma: discount of the reward-to-go
     :param credit: ``"causal"``, ``"validation"`` or ``"return"``, see above
-    :param normalize_returns: divide the returns by their running standard deviation
+    :param normalize_returns: divide the returns by their running root mean square (a decay of
+        0.99 per gradient step, starting from ``return_scale_prior``)
+    :param return_scale_prior: the running mean square's starting value: 1.0 (default), the
+        returns are barely scaled until about a hundred gradient steps have moved it (a quick run
+        takes 63-188); None: no starting value, the mean of the steps so far with Adam's bias
+        correction, so the returns are divided by their own scale from the first step
+        (``docs/learning-status.md``, section 72)
     :param ent_coef: weight of the Bernoulli entropy bonus
     :param max_grad_norm: gradient clipping norm
     :param class_balance: weight of a penalty on the *class* separation of the scores: the
@@ -319,6 +325,7 @@ class REINFORCE(LoadsOnTheEnvsDevice, BaseAlgorithm):
         gamma: float = 1.0,
         credit: str = "causal",
         normalize_returns: bool = True,
+        return_scale_prior: float | None = 1.0,
         ent_coef: float = 0.0,
         max_grad_norm: float = 1.0,
         class_balance: float = 0.0,
@@ -356,6 +363,8 @@ class REINFORCE(LoadsOnTheEnvsDevice, BaseAlgorithm):
             raise ValueError(
                 f"normalize_returns must be True or False, got {type(normalize_returns).__name__} {normalize_returns!r}"
             )
+        if return_scale_prior is not None and not is_positive_number(return_scale_prior):
+            raise ValueError(f"return_scale_prior must be None or a positive finite number, got {return_scale_prior!r}")
         check_setting("ent_coef", ent_coef)
         check_setting("max_grad_norm", max_grad_norm)
         controller_average = check_average_decay("controller_average", controller_average)
@@ -411,7 +420,11 @@ class REINFORCE(LoadsOnTheEnvsDevice, BaseAlgorithm):
         self.reward_model_memory = int(reward_model_memory)
         self.reward_model: SelectionRewardModel | None = None
         self._reward_memory: list[tuple[torch.Tensor, ...]] = []
-        self._return_sq = 1.0  # running second moment of the returns
+        self.return_scale_prior = None if return_scale_prior is None else float(return_scale_prior)
+        # running second moment of the returns (from the prior, or from 0 with a bias correction)
+        self._return_sq = 1.0 if self.return_scale_prior is None else self.return_scale_prior
+        self._return_sq_sum = 0.0
+        self._return_updates = 0
         if _init_setup_model:
             self._setup_model()
 
@@ -587,7 +600,7 @@ class REINFORCE(LoadsOnTheEnvsDevice, BaseAlgorithm):
         if extra_returns is not None:
             extra_returns = extra_returns.reshape(returns.shape[0], -1)
         if self.normalize_returns:
-            self._return_sq = 0.99 * self._return_sq + 0.01 * float(np.mean(returns**2))
+            self._return_sq = self._next_return_sq(float(np.mean(returns**2)))
             scale = np.sqrt(self._return_sq + 1e-8)
             returns = returns / scale
             if image_baselines is not None:  # in the returns' units
@@ -674,6 +687,14 @@ class REINFORCE(LoadsOnTheEnvsDevice, BaseAlgorithm):
             self.logger.record("train/class_variance", class_term)
         self.logger.record("train/return_std", float(np.sqrt(self._return_sq)))
         self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
+
+    def _next_return_sq(self, mean_square: float) -> float:
+        """The running second moment of the returns after a rollout whose returns' mean square is ``mean_square``."""
+        if self.return_scale_prior is not None:
+            return 0.99 * self._return_sq + 0.01 * mean_square
+        self._return_updates += 1
+        self._return_sq_sum = 0.99 * self._return_sq_sum + 0.01 * mean_square
+        return self._return_sq_sum / (1.0 - 0.99**self._return_updates)
 
     @staticmethod
     def _leave_one_out_draws(returns: np.ndarray, extra_returns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

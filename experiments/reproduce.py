@@ -239,7 +239,7 @@ class Stage:
             episode = env["train_steps"] + validation_steps_of(env["reward"], size, per_step)
             agent = default_settings(
                 config.algo, env["reward"], env["batch_size"], episode, env.get("reward_baseline"),
-                env.get("stochastic_validation", True), env.get("training_selection_rate"),
+                env.get("stochastic_validation", True), env.get("training_selection_rate"), config.task,
             )
             identity["agent_settings"] = _plain(agent)
         return identity
@@ -276,6 +276,27 @@ def plan_stages(
     return stages
 
 
+def with_settings_added_since(recorded: dict[str, Any], current: dict[str, Any], algo: str) -> dict[str, Any]:
+    """``recorded`` (a stage's identity) with each algorithm setting it lacks and ``current`` has at its class
+    default filled in: a setting added to the algorithm after the stage was run, at the value that keeps the
+    behaviour of before, does not make the stage another one.  Any other difference still does."""
+    from agents.factory import class_defaults
+
+    old, new = recorded.get("agent_settings"), current.get("agent_settings")
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return recorded
+    defaults = _plain(class_defaults(algo))
+
+    def fill(old_part: dict[str, Any], new_part: dict[str, Any], defaults_part: dict[str, Any]) -> dict[str, Any]:
+        added = {k: v for k, v in new_part.items() if k not in old_part and k in defaults_part and defaults_part[k] == v}
+        return {**old_part, **added}
+
+    filled = fill(old, new, defaults)
+    if isinstance(old.get("policy_kwargs"), dict) and isinstance(new.get("policy_kwargs"), dict):
+        filled["policy_kwargs"] = fill(old["policy_kwargs"], new["policy_kwargs"], defaults["policy_kwargs"])
+    return {**recorded, "agent_settings": filled}
+
+
 def stage_marker(stage: Stage) -> dict[str, Any] | None:
     """The stage's ``stage.done`` record if it finished with all its outputs, else None.
 
@@ -288,7 +309,8 @@ def stage_marker(stage: Stage) -> dict[str, Any] | None:
         marker = json.loads(path.read_text())
     except json.JSONDecodeError:
         return None
-    diffs = _differences(marker.get("identity", {}), stage.identity())
+    current = stage.identity()
+    diffs = _differences(with_settings_added_since(marker.get("identity", {}), current, stage.config.algo), current)
     if diffs:
         raise ValueError(
             f"stage {stage.folder} was finished with other settings ({'; '.join(diffs)}); use a new --out"

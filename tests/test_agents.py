@@ -694,6 +694,35 @@ def test_reinforce_class_balance_needs_the_classes(dataset):
     make_agent("reinforce", NoClasses(_env(dataset)), seed=0, class_balance=0.0).learn(40)  # not needed then
 
 
+def test_reinforce_return_scale_starts_from_its_prior_or_from_the_returns_themselves(dataset, tmp_path):
+    """``return_scale_prior=1.0`` (the default): the running mean square of the returns moves from 1 by 1 % per
+    rollout; None: it is the bias-corrected mean of the rollouts' mean squares, the returns' own scale at once."""
+    env = _env(dataset, reward="fixed", reward_baseline="paired", paired_draws=3, validation_size=8, reward_metric="loss")
+    reference = make_agent("reinforce", env, seed=0)
+    _, callback = reference._setup_learn(env.episode_length, None)
+    rollouts = [reference.collect_rollout(callback) for _ in range(2)]
+    squares = [float(np.mean(r["returns"] ** 2)) for r in rollouts]
+    assert squares[0] > 0 and abs(squares[0] - 1) > 0.01 and squares[0] != squares[1]
+
+    def moments(prior):
+        agent = make_agent("reinforce", env, seed=0, return_scale_prior=prior)
+        agent.set_logger(reference.logger)
+        seen = []
+        for rollout in rollouts:
+            agent.train(rollout)
+            seen.append(agent._return_sq)
+        return agent, seen
+
+    _, default = moments(1.0)
+    assert default == pytest.approx([0.99 + 0.01 * squares[0], 0.99 * (0.99 + 0.01 * squares[0]) + 0.01 * squares[1]])
+    agent, unbiased = moments(None)
+    assert unbiased[0] == pytest.approx(squares[0])
+    assert unbiased[1] == pytest.approx((0.99 * 0.01 * squares[0] + 0.01 * squares[1]) / (1 - 0.99**2))
+    agent.save(tmp_path / "agent.zip")  # a saved agent goes on from the same scale
+    loaded = type(agent).load(tmp_path / "agent.zip", env=env)
+    assert loaded.return_scale_prior is None and loaded._return_updates == 2 and loaded._return_sq == unbiased[1]
+
+
 def test_reinforce_credited_classes_reinforce_those_classes_images_alone(dataset, tmp_path):
     """``credited_classes``: the other classes' images get no share of a step's credit (their
     log-probabilities are left out of the policy gradient); naming every class is the default."""
@@ -833,6 +862,9 @@ def test_reinforce_refuses_an_impossible_images_per_pass(dataset, images):
         (dict(n_steps=True), "n_steps must be a whole number >= 1"),
         (dict(minibatch_steps=0), "minibatch_steps must be a whole number >= 1 or None"),
         (dict(minibatch_steps="4"), "minibatch_steps must be a whole number >= 1 or None"),
+        (dict(return_scale_prior=0.0), "return_scale_prior must be None or a positive finite number, got 0.0"),
+        (dict(return_scale_prior=True), "return_scale_prior must be None or a positive finite number, got True"),
+        (dict(return_scale_prior="1"), "return_scale_prior must be None or a positive finite number, got '1'"),
     ],
 )
 def test_reinforce_refuses_bad_settings_by_name(dataset, kwargs, message):
@@ -1406,6 +1438,26 @@ def test_leave_one_out_credit_over_draws_keeps_the_policy_gradient_and_cuts_its_
     assert np.all(error < 4), error
     plain = rewards[:, 0, None] * (draws[:, 0] - h)
     assert np.all(estimates.std(axis=0) < 0.5 * plain.std(axis=0))
+
+
+def test_reinforce_with_the_paired_fixed_reward_takes_smaller_steady_steps_in_segmentation_alone(dataset):
+    """agents.factory.PAIRED_TASK_DEFAULTS (learning-status section 72), as built and as recorded; the caller's own wins."""
+    from agents.factory import PAIRED_TASK_DEFAULTS, default_settings
+
+    expected = {"classification": (1e-3, 1.0), "segmentation": (2.5e-4, None)}
+    assert PAIRED_TASK_DEFAULTS == {"segmentation": {"reinforce": {"learning_rate": 2.5e-4, "return_scale_prior": None}}}
+    for task, (rate, prior) in expected.items():
+        env = _env(dataset, task=task, reward="fixed", reward_baseline="paired", predictor_warmup_steps=0)
+        agent = make_agent("reinforce", env, seed=0)
+        assert (agent.learning_rate, agent.return_scale_prior) == (rate, prior), task
+        recorded = default_settings("reinforce", "fixed", env.batch_size, env.episode_length, "paired", task=task)
+        assert (recorded["learning_rate"], recorded["return_scale_prior"]) == (rate, prior), task
+        assert make_agent("reinforce", env, seed=0, learning_rate=5e-4).learning_rate == 5e-4
+    # Not without the paired baseline (the paper's form), nor for another algorithm or reward.
+    plain = make_agent("reinforce", _env(dataset, task="segmentation", reward="fixed", predictor_warmup_steps=0), seed=0)
+    assert (plain.learning_rate, plain.return_scale_prior) == (1e-3, 1.0)
+    weighted = default_settings("reinforce", "weighted", 8, 10, task="segmentation")
+    assert (weighted["learning_rate"], weighted["return_scale_prior"]) == (1e-3, 1.0)
 
 
 @pytest.mark.parametrize("name", ["ddpg", "td3"])

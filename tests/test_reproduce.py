@@ -620,6 +620,21 @@ def test_reproduce_end_to_end_then_resume(tiny_synthetic_path, tmp_path, caplog,
     monkeypatch.undo()
     assert main(argv) == 0  # the checkout's own defaults: every stage is reused again
     assert markers(out) == after
+    # A stage recorded by a checkout before an algorithm setting existed: reused while the setting is at its
+    # class default (the behaviour of before), refused when the defaults now give it another value.
+    done = out / "classification/fixed/seed0/stage.done"  # the first trained stage checked
+    record = json.loads(done.read_text())
+    del record["identity"]["agent_settings"]["return_scale_prior"]
+    del record["identity"]["agent_settings"]["policy_kwargs"]["centre_logits"]
+    done.write_text(json.dumps(record))
+    unchanged = markers(out)
+    assert main(argv) == 0 and capsys.readouterr()
+    assert markers(out) == unchanged  # reused, not run again
+    monkeypatch.setattr(factory, "default_kwargs", lambda *a, **k: {**default_kwargs(*a, **k), "return_scale_prior": None})
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "finished with other settings (agent_settings.return_scale_prior: '<unset>' there, None now)" in err
+    monkeypatch.undo()
 
     # A checkout that builds the untrained controller otherwise than the run did: said, and its scores left out.
     from experiments.reproduce import evaluate_stage
