@@ -335,8 +335,9 @@ def default_settings(
         task=SimpleNamespace(name=task),
     )
     options = default_kwargs(name, shape)  # type: ignore[arg-type]
-    settings = {**class_defaults(name), **options}
-    settings["policy_kwargs"] = {**class_defaults(name)["policy_kwargs"], **(options.get("policy_kwargs") or {})}
+    defaults = class_defaults(name)
+    settings = {**defaults, **options}
+    settings["policy_kwargs"] = {**defaults["policy_kwargs"], **(options.get("policy_kwargs") or {})}
     return settings
 
 

@@ -371,7 +371,6 @@ class REINFORCE(LoadsOnTheEnvsDevice, BaseAlgorithm):
         if not is_non_negative_number(class_balance):
             raise ValueError(f"class_balance must be a finite number >= 0, got {class_balance!r}")
         class_balance = float(class_balance)
-        credited_classes = check_credited_classes(credited_classes)
         if image_baseline not in IMAGE_BASELINES:
             raise ValueError(f"image_baseline must be one of {IMAGE_BASELINES}, got {image_baseline!r}")
         if draws not in DRAWS:
@@ -438,7 +437,8 @@ class REINFORCE(LoadsOnTheEnvsDevice, BaseAlgorithm):
                 f"(training_selection_rate={training_rate!r}), so they are not the policy's draws and cannot be "
                 f"credited: use credit='validation', got credit={self.credit!r}"
             )
-        self.credited_classes = check_credited_classes(self.credited_classes)  # a loaded agent's is a JSON list
+        # Checked here, not in __init__: a loaded agent sets its saved value (a JSON list) before this runs.
+        self.credited_classes = check_credited_classes(self.credited_classes)
         class_names = getattr(env_attr(self.env, "train_set", None), "class_names", None)
         if self.credited_classes is not None and class_names is not None:
             unknown = [c for c in self.credited_classes if c >= len(class_names)]

@@ -1766,13 +1766,10 @@ def earlier_invocations(path: Path) -> list[dict[str, Any]]:
     if not isinstance(previous, dict):
         return []
 
-    def wall(value: Any) -> bool:
-        return is_non_negative_number(value)
-
     recorded = previous.get("invocations")
-    if isinstance(recorded, list) and all(isinstance(i, dict) and wall(i.get("wall_s")) for i in recorded):
+    if isinstance(recorded, list) and all(isinstance(i, dict) and is_non_negative_number(i.get("wall_s")) for i in recorded):
         return recorded
-    if wall(previous.get("wall_s")):
+    if is_non_negative_number(previous.get("wall_s")):
         return [{"wall_s": previous["wall_s"], "stages_run": None, "stages": None, "workers": previous.get("workers")}]
     return []
 

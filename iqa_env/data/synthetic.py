@@ -50,7 +50,7 @@ import numpy.typing as npt
 from scipy.fft import next_fast_len
 from scipy.special import ndtr
 
-from iqa_env.checks import is_finite_number, is_flag, is_integer
+from iqa_env.checks import is_count, is_finite_number, is_flag, is_integer, is_whole_number
 from iqa_env.data.dataset import ImageDataset
 
 __all__ = [
@@ -228,14 +228,10 @@ def _validate(cfg: SyntheticConfig) -> None:
         if not ok:
             raise ValueError(f"SyntheticConfig.{name} must be {expected}, got {getattr(cfg, name)!r}")
 
-    need(is_integer(cfg.n_patients) and cfg.n_patients >= 1, "n_patients", "an integer >= 1")
-    need(
-        is_integer(cfg.frames_per_patient) and cfg.frames_per_patient >= 1,
-        "frames_per_patient",
-        "an integer >= 1",
-    )
+    need(is_count(cfg.n_patients), "n_patients", "an integer >= 1")
+    need(is_count(cfg.frames_per_patient), "frames_per_patient", "an integer >= 1")
     need(is_integer(cfg.size) and 16 <= cfg.size <= 1024, "size", "an integer in [16, 1024] (pixels)")
-    need(is_integer(cfg.seed) and cfg.seed >= 0, "seed", "a non-negative integer")
+    need(is_whole_number(cfg.seed), "seed", "a non-negative integer")
     need(
         is_finite_number(cfg.negative_fraction) and 0 <= cfg.negative_fraction <= 0.9,
         "negative_fraction",
@@ -300,7 +296,7 @@ def _validate(cfg: SyntheticConfig) -> None:
         f"in [gland_contrast_min_db={cfg.gland_contrast_min_db}, 0] dB",
     )
     need(
-        is_integer(cfg.n_raters) and cfg.n_raters >= 1 and cfg.n_raters % 2 == 1,
+        is_count(cfg.n_raters) and cfg.n_raters % 2 == 1,
         "n_raters",
         "an odd integer >= 1",
     )
