@@ -51,9 +51,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from experiments.commands import json_object
+from experiments.commands import json_object, non_negative_int, positive_int
 from experiments.training import TrainConfig
 from experiments.workers import completed, worker_pool
+from iqa_env.checks import is_count
 
 
 def _run(config: TrainConfig, out: str | None = None) -> dict[str, Any]:
@@ -109,7 +110,9 @@ def seed_study(
     summaries), and the same call again resumes each run from its checkpoint
     and returns finished runs as they are (:func:`experiments.training.train`).
     """
-    configs = study_configs(algos, rewards, seeds, base)
+    if not is_count(workers):
+        raise ValueError(f"workers must be a positive integer, got {workers!r}")
+    configs = [config.validate() for config in study_configs(algos, rewards, seeds, base)]
     results: list[dict[str, Any] | None] = [None] * len(configs)
     finished: list[dict[str, Any]] = []
     with worker_pool(workers) as pool:  # spawned workers, which end if the study is stopped
@@ -342,18 +345,18 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--algos", nargs="+", default=["reinforce", "ddpg"])
     p.add_argument("--rewards", nargs="+", default=["weighted", "fixed", "selective"])
-    p.add_argument("--seeds", type=int, default=8, help="number of seeds (default: 8)")
-    p.add_argument("--first-seed", type=int, default=0,
+    p.add_argument("--seeds", type=positive_int, default=8, help="number of seeds (default: 8)")
+    p.add_argument("--first-seed", type=non_negative_int, default=0,
                    help="seeds FIRST .. FIRST+N-1 (default: 0), to split a study across machines")
-    p.add_argument("--steps", type=int, default=4000)
+    p.add_argument("--steps", type=positive_int, default=4000)
     p.add_argument("--dataset", default=None, help="HDF5 dataset (default: the built-in synthetic set)")
     p.add_argument("--task", default="classification")
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=positive_int, default=2, help="runs at once, one process each (default: 2)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
     p.add_argument("--env-kwargs", type=json_object, default={},
                    help="JSON object of extra TaskAmenabilityEnv arguments")
     p.add_argument("--agent-kwargs", type=json_object, default={}, help="JSON object of extra algorithm arguments")
-    p.add_argument("--eval-every", type=int, default=500, help="env steps between holdout AUROCs (default: 500)")
+    p.add_argument("--eval-every", type=positive_int, default=500, help="env steps between holdout AUROCs (default: 500)")
     p.add_argument("--time-limit", type=float, default=None, metavar="S",
                    help="stop each run after S seconds of training; with --out, pause it there "
                         "(default: none)")
@@ -390,8 +393,6 @@ def main(argv: list[str] | None = None) -> int:
         time_limit_s=args.time_limit,
     )
     try:
-        if args.seeds < 1 or args.first_seed < 0:
-            raise ValueError(f"--seeds must be >= 1 and --first-seed >= 0, got {args.seeds} and {args.first_seed}")
         base.validate()
     except (ValueError, FileNotFoundError) as error:
         p.error(str(error))

@@ -138,8 +138,12 @@ def test_seed_study_with_out_pauses_at_the_time_limit_and_goes_on(tiny_synthetic
     "argv, message",
     [
         (["--time-limit", "0"], "time_limit_s must be a positive number of seconds"),
-        (["--first-seed", "-1"], "--first-seed >= 0, got 8 and -1"),
-        (["--seeds", "0"], "--seeds must be >= 1"),
+        (["--first-seed", "-1"], "argument --first-seed: expected a whole number >= 0, got '-1'"),
+        (["--seeds", "0"], "argument --seeds: expected a positive integer, got '0'"),
+        # --workers 0 had ended in concurrent.futures' traceback after the data was loaded
+        (["--workers", "0"], "argument --workers: expected a positive integer, got '0'"),
+        (["--steps", "1.5"], "argument --steps: expected a positive integer, got '1.5'"),
+        (["--eval-every", "-5"], "argument --eval-every: expected a positive integer, got '-5'"),
         (["--env-kwargs", "{batch_size: 8}"], "argument --env-kwargs: not valid JSON"),
         (["--agent-kwargs", "[1]"], "argument --agent-kwargs: must be a JSON object"),
     ],
@@ -204,6 +208,25 @@ def test_seed_study_workers_are_spawned_not_forked(monkeypatch):
     assert out == [{"seed": 0}, {"seed": 1}, {"seed": 2}]  # in the order asked, whatever the order they end
     assert sorted(seed for seed, _ in ended) == [0, 1, 2] and [n for _, n in ended] == [1, 2, 3]
     assert seen["context"] is not None and seen["context"].get_start_method() == "spawn"
+
+
+@pytest.mark.parametrize("workers", [0, True, 1.5])
+def test_seed_study_refuses_a_worker_count_before_any_process(workers, monkeypatch):
+    import experiments.seed_study as study
+    import experiments.workers as pools
+
+    monkeypatch.setattr(pools, "ProcessPoolExecutor", None)  # any pool would fail with a TypeError instead
+    with pytest.raises(ValueError, match=f"workers must be a positive integer, got {workers!r}"):
+        study.seed_study(["reinforce"], ["weighted"], [0], study.TrainConfig(steps=1), workers=workers)
+
+
+def test_seed_study_refuses_a_config_before_any_process(monkeypatch):
+    import experiments.seed_study as study
+    import experiments.workers as pools
+
+    monkeypatch.setattr(pools, "ProcessPoolExecutor", None)
+    with pytest.raises(ValueError, match="seed must be an integer >= 0, got -1"):
+        study.seed_study(["reinforce"], ["weighted"], [-1], study.TrainConfig(steps=1), workers=1)
 
 
 def test_seed_study_shows_each_evaluation_as_it_happens(tiny_synthetic_path, capfd):
