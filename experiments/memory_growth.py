@@ -27,6 +27,9 @@ from typing import Any
 
 import numpy as np
 
+from experiments.commands import non_negative_int, positive_int
+from iqa_env.checks import is_integer
+
 
 def resident_bytes() -> tuple[int, str]:
     """``(bytes, source)``: the current resident set size, or the peak one where that is all there is."""
@@ -39,6 +42,44 @@ def resident_bytes() -> tuple[int, str]:
 
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return peak * (1 if sys.platform == "darwin" else 1024), "getrusage-peak"
+
+
+def measurement_config(
+    steps: int,
+    warmup: int,
+    every: int,
+    algo: str,
+    dataset: str | None,
+    task: str,
+    reward: str,
+    batch_size: int,
+    train_steps: int,
+    validation_size: int | None,
+    seed: int,
+    device: str,
+) -> Any:
+    """The :class:`~experiments.training.TrainConfig` a measurement steps, checked; ``ValueError`` names what is wrong."""
+    from experiments.training import TrainConfig
+
+    if algo not in ("random", "reinforce"):
+        raise ValueError(f"algo must be 'random' or 'reinforce', got {algo!r}")
+    if not all(is_integer(v) for v in (steps, warmup, every)) or not (0 <= warmup < steps) or every < 1:
+        raise ValueError(
+            f"need whole numbers 0 <= warmup < steps and every >= 1, got warmup={warmup!r}, steps={steps!r}, "
+            f"every={every!r}"
+        )
+    return TrainConfig(
+        algo="reinforce",
+        task=task,
+        reward=reward,
+        dataset=dataset,
+        steps=steps,
+        seed=seed,
+        batch_size=batch_size,
+        train_steps=train_steps,
+        validation_size=validation_size,
+        device=device,
+    ).validate()
 
 
 def measure(
@@ -62,24 +103,11 @@ def measure(
     ``steps``; ``growth_pct`` compares the last sample with the first (at the
     end of the warm-up), ``max_growth_pct`` the largest with the first.
     """
-    from experiments.training import TrainConfig, load_splits, make_env
+    from experiments.training import load_splits, make_env
 
-    if algo not in ("random", "reinforce"):
-        raise ValueError(f"algo must be 'random' or 'reinforce', got {algo!r}")
-    if not (0 <= warmup < steps) or every < 1:
-        raise ValueError(f"need 0 <= warmup < steps and every >= 1, got warmup={warmup}, steps={steps}, every={every}")
-    config = TrainConfig(
-        algo="reinforce",
-        task=task,
-        reward=reward,
-        dataset=dataset,
-        steps=steps,
-        seed=seed,
-        batch_size=batch_size,
-        train_steps=train_steps,
-        validation_size=validation_size,
-        device=device,
-    ).validate()
+    config = measurement_config(
+        steps, warmup, every, algo, dataset, task, reward, batch_size, train_steps, validation_size, seed, device
+    )
     _, (train_set, validation_set, _holdout) = load_splits(config.dataset, config.split_seed)
     env = make_env(config, train_set, validation_set)
     marks = list(range(warmup, steps, every)) + [steps]
@@ -154,21 +182,28 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m experiments.memory_growth",
         description="Resident memory of one process stepping TaskAmenability-v0 for a long run.",
     )
-    p.add_argument("--steps", type=int, default=10_000, help="env steps in all")
-    p.add_argument("--warmup", type=int, default=1_000, help="steps before the first (baseline) sample")
-    p.add_argument("--every", type=int, default=500, help="steps between samples after the warm-up")
+    p.add_argument("--steps", type=positive_int, default=10_000, help="env steps in all")
+    p.add_argument("--warmup", type=non_negative_int, default=1_000, help="steps before the first (baseline) sample")
+    p.add_argument("--every", type=positive_int, default=500, help="steps between samples after the warm-up")
     p.add_argument("--algo", choices=("random", "reinforce"), default="random",
                    help="random actions, or the steps inside REINFORCE.learn")
     p.add_argument("--dataset", default=None, help="HDF5 dataset (default: the built-in synthetic set)")
     p.add_argument("--task", default="classification", help="classification or segmentation")
     p.add_argument("--reward", default="weighted", help="fixed, weighted or selective")
-    p.add_argument("--batch-size", type=int, default=32, help="images per env step")
-    p.add_argument("--train-steps", type=int, default=8, help="predictor training steps per episode")
-    p.add_argument("--validation-size", type=int, default=256, help="validation images per reward (0: all)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=positive_int, default=32, help="images per env step")
+    p.add_argument("--train-steps", type=positive_int, default=8, help="predictor training steps per episode")
+    p.add_argument("--validation-size", type=non_negative_int, default=256, help="validation images per reward (0: all)")
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     p.add_argument("--json", default=None, help="also write the result to this JSON file")
     args = p.parse_args(argv)
+    try:  # before the data is loaded and the minutes of stepping
+        measurement_config(
+            args.steps, args.warmup, args.every, args.algo, args.dataset, args.task, args.reward, args.batch_size,
+            args.train_steps, args.validation_size or None, args.seed, args.device,
+        )
+    except (ValueError, FileNotFoundError) as error:
+        p.error(str(error))
     result = measure(
         steps=args.steps,
         warmup=args.warmup,

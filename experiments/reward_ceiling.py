@@ -91,7 +91,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from experiments.commands import json_object
+from experiments.commands import json_object, positive_int
 from iqa_env.checks import is_count, is_open_probability
 from iqa_env.metrics import auroc_or_none
 from iqa_env.rewards import class_log_losses
@@ -580,11 +580,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default=None, help="HDF5 dataset (default: the built-in synthetic set)")
     p.add_argument("--task", default="classification")
-    p.add_argument("--seeds", type=int, default=1, help="seeds 0 .. N-1")
-    p.add_argument("--steps", type=int, default=1600, help="predictor updates (default: 1600)")
-    p.add_argument("--eval-every", type=int, default=200, help="updates between evaluations (default: 200)")
+    p.add_argument("--seeds", type=positive_int, default=1, help="seeds 0 .. N-1")
+    p.add_argument("--steps", type=positive_int, default=1600, help="predictor updates (default: 1600)")
+    p.add_argument("--eval-every", type=positive_int, default=200, help="updates between evaluations (default: 200)")
     p.add_argument("--fit-controller", action="store_true", help="also fit a controller to the losses")
-    p.add_argument("--fit-steps", type=int, default=700)
+    p.add_argument("--fit-steps", type=positive_int, default=700,
+                   help="with --fit-controller: Adam steps of each fit (default: 700)")
     p.add_argument("--controllers", nargs="+", default=list(CONTROLLERS), choices=CONTROLLERS,
                    help="the fixed controllers to train under (default: all oracle)")
     p.add_argument("--env-kwargs", type=json_object, default={},
@@ -605,19 +606,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rules", nargs="+", default=list(SELECTION_RULES), choices=SELECTION_RULES,
                    help="with --fixed-objective: the selection rules (default: oracle random inverse all)")
     p.add_argument("--rate", type=float, default=0.5, help="with --selection-signal: selection probability")
-    p.add_argument("--batch-size", type=int, default=32, help="with --selection-signal or --fixed-objective: images per step")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="with --selection-signal or --fixed-objective: images per step")
     p.add_argument("--class-ceiling", action="store_true",
                    help="train nothing: the overall holdout AUROC of a ranking of one class's images alone")
-    p.add_argument("--reps", type=int, default=50, help="with --class-ceiling: random draws per figure (default: 50)")
+    p.add_argument("--reps", type=positive_int, default=50, help="with --class-ceiling: random draws per figure (default: 50)")
     args = p.parse_args(argv)
     if args.class_ceiling:
         if args.selection_signal or args.fixed_objective:
             p.error("--class-ceiling is a measurement of its own: give it without --selection-signal or --fixed-objective")
-        if args.reps < 1:
-            p.error(f"--reps must be a positive integer, got {args.reps}")
         return _class_ceiling_main(args)
-    if args.seeds < 1:
-        p.error(f"--seeds must be a positive integer, got {args.seeds}")
     env_kwargs = args.env_kwargs
     try:
         _check_steps(args.steps, args.eval_every)

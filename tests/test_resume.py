@@ -443,6 +443,29 @@ def test_memory_growth_smoke(tiny_synthetic_path):
     assert result["rss_source"] in ("statm", "getrusage-peak")
 
 
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        # each of these had ended in a ValueError's traceback (or, --every 0 alone, after the data was loaded)
+        (["--steps", "0"], "argument --steps: expected a positive integer, got '0'"),
+        (["--every", "0"], "argument --every: expected a positive integer, got '0'"),
+        (["--seed", "-1"], "argument --seed: expected a whole number >= 0, got '-1'"),
+        (["--steps", "500", "--warmup", "600"], "need whole numbers 0 <= warmup < steps and every >= 1, got warmup=600"),
+        (["--reward", "best"], "reward must be one of"),
+        (["--dataset", "missing.h5"], "missing.h5"),
+    ],
+)
+def test_memory_growth_refuses_impossible_settings_before_any_step(argv, message, capsys, monkeypatch):
+    import experiments.memory_growth as growth
+
+    monkeypatch.setattr(growth, "measure", None)  # reached, the command would fail with a TypeError instead
+    with pytest.raises(SystemExit) as stopped:
+        growth.main(argv)
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
 @pytest.mark.parametrize("algo", ["reinforce", "ddpg"])
 def test_a_fresh_run_builds_and_warms_up_its_predictor_once(tiny_synthetic_path, monkeypatch, algo):
     """train() leaves the seeded reset to learn(): an extra env.reset(seed) rebuilt and re-warmed the predictor."""

@@ -88,14 +88,17 @@ def test_reward_ceiling_cli_passes_env_settings_and_picks_controllers(tiny_synth
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--steps", "0"], "must be a positive integer"),
-        (["--eval-every", "-1"], "must be a positive integer"),
-        (["--seeds", "0"], "must be a positive integer"),
+        (["--steps", "0"], "argument --steps: expected a positive integer, got '0'"),
+        (["--eval-every", "-1"], "argument --eval-every: expected a positive integer, got '-1'"),
+        (["--seeds", "0"], "argument --seeds: expected a positive integer, got '0'"),
         (["--env-kwargs", "{predictor_augment: 1}"], "argument --env-kwargs: not valid JSON"),
         (["--env-kwargs", "[1]"], "argument --env-kwargs: must be a JSON object"),
         (["--selection-signal", "--rate", "1.0"], "--rate must be a selection probability in (0, 1)"),
         (["--selection-signal", "--forms", "none"], "invalid choice: 'none'"),
-        (["--class-ceiling", "--reps", "0"], "--reps must be a positive integer, got 0"),
+        (["--class-ceiling", "--reps", "0"], "argument --reps: expected a positive integer, got '0'"),
+        # these two had been taken and the measurement run (the ones a mode does not use were never read)
+        (["--fit-controller", "--fit-steps", "0"], "argument --fit-steps: expected a positive integer, got '0'"),
+        (["--selection-signal", "--batch-size", "0"], "argument --batch-size: expected a positive integer, got '0'"),
     ],
 )
 def test_reward_ceiling_cli_refuses_impossible_settings(argv, message, capsys):
