@@ -119,9 +119,9 @@ PAIRED_DEFAULTS: dict[str, dict[str, Any]] = {
 #: normaliser starts from (1.0), so with the default its steps grew 2.4 times over a quick run, and its
 #: controllers rose to about 0.7 by 900 env steps and fell back.  8 seeds of the quick segmentation run:
 #: holdout AUROC 0.687 +- 0.057 against 0.611 +- 0.076, higher on 7 of 8 (paired p 0.012), 5 of 8 above every
-#: heuristic against 3; the smaller rate alone 0.652 +- 0.047.  In classification the same pair was level on 4 seeds
-#: (0.771 against 0.758, the co-trained classifiers 0.005 lower on each): not there (``docs/learning-status.md``,
-#: section 72).
+#: heuristic against 3; the smaller rate alone 0.652 +- 0.047.  In classification the same pair was level on 8 seeds
+#: (0.751 against 0.734, higher on 5 of 8, p 0.40; the co-trained classifiers 0.003 lower on 7 of 8): not there
+#: (``docs/learning-status.md``, sections 72 and 74).
 PAIRED_TASK_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
     "segmentation": {"reinforce": {"learning_rate": 2.5e-4, "return_scale_prior": None}},
 }
