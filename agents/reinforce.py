@@ -431,7 +431,8 @@ class REINFORCE(LoadsOnTheEnvsDevice, BaseAlgorithm):
         # Here rather than in __init__: ``load`` builds the algorithm with the constructor's defaults and
         # sets the saved credit before it calls this.
         training_rate = env_attr(self.env, "training_selection_rate", None)
-        if self.credit != "validation" and training_rate is not None:
+        action_draws = env_attr(self.env, "selection_reports_action_draws", training_rate is None)
+        if self.credit != "validation" and not action_draws:
             raise ValueError(
                 "this env draws the training steps' selections from the action shifted to another rate "
                 f"(training_selection_rate={training_rate!r}), so they are not the policy's draws and cannot be "

@@ -231,6 +231,10 @@ class TaskAmenabilityEnv(gym.Env):
     reward itself, and both columns of an image marked False in ``valid``
     are.  An agent may use it for a per-image baseline that leaves its
     policy gradient unbiased (REINFORCE's ``image_baseline="leave_one_out"``).
+    Training steps of the ``paired`` fixed reward with
+    ``training_selection_rate`` also report ``training_selection``: the
+    images the predictor's real step took (``selection`` and more, drawn at
+    the shifted rate), which no reward measures.
 
     ## Action Space
 
@@ -372,7 +376,7 @@ class TaskAmenabilityEnv(gym.Env):
     | ``validation_refresh`` | ``False`` | draw a new validation subset (of ``validation_size``) for every episode |
     | ``mean_selection_bounds`` | ``(0.0, 1.0)`` | allowed range of the mean selection probability |
     | ``mean_selection_penalty`` | ``1.0`` | penalty per unit outside those bounds |
-    | ``training_selection_rate`` | ``None`` | weighted and selective rewards: on training steps, draw the selections from the action's logits shifted by one constant so that their mean is this rate (the same ranking, another share of each batch trained on; ``info["selection"]`` reports these draws, which are then not the action's); ``None``: from the action |
+    | ``training_selection_rate`` | ``None`` | on training steps, the predictor trains on selections drawn from the action's logits shifted by one constant so that their mean is this rate (the same ranking, another share of each batch trained on). Weighted and selective rewards: ``info["selection"]`` reports these draws, which are then not the action's. Fixed reward with ``reward_baseline="paired"``: the probes and ``info["selection"]`` keep the action's draws, and the same uniforms at the shifted probabilities give the real step's images (``info["training_selection"]``); other fixed-reward baselines refuse it. ``None``: from the action |
     | ``predictor_lr`` | ``1e-3`` | Adam learning rate of the task predictor |
     | ``predictor_max_grad_norm`` | ``None`` | clip the norm of each predictor update's gradient to this (``torch.nn.utils.clip_grad_norm_``): a guard against the rare huge gradient of a step on a few images, which can wreck a co-trained U-Net (``docs/learning-status.md`` section 63); ``None``: no clipping |
     | ``predictor_warmup_steps`` | ``0`` | non-selective pre-training steps after a seeded reset |
@@ -537,11 +541,12 @@ class TaskAmenabilityEnv(gym.Env):
                 raise ValueError(
                     f"training_selection_rate must be None or a probability in (0, 1), got {training_selection_rate!r}"
                 )
-            if self.reward_name == "fixed":
+            if self.reward_name == "fixed" and reward_baseline != "paired":
                 raise ValueError(
                     "training_selection_rate draws the predictor's training selections from the action shifted to "
-                    "another rate, and the fixed reward rewards those selections themselves: use it with the "
-                    "weighted or selective reward, or training_selection_rate=None"
+                    f"another rate, and the fixed reward with reward_baseline={reward_baseline!r} rewards those "
+                    "selections themselves: use it with reward_baseline='paired' (the probes credit the action's "
+                    "draws), the weighted or selective reward, or training_selection_rate=None"
                 )
             training_selection_rate = float(training_selection_rate)
         if not is_positive_number(predictor_lr):
@@ -668,6 +673,18 @@ class TaskAmenabilityEnv(gym.Env):
         return has_validation_phase(self.reward_name)
 
     @property
+    def selection_reports_action_draws(self) -> bool:
+        """Whether ``info["selection"]`` on training steps holds draws from the action itself.
+
+        False only with ``training_selection_rate`` and the weighted or
+        selective reward, whose training steps report the draws at the shifted
+        rate that the predictor trains on.  With the paired fixed reward the
+        probes credit the action's draws, so those are reported, and the
+        images the predictor's real step takes are ``info["training_selection"]``.
+        """
+        return self.training_selection_rate is None or self.reward_baseline == "paired"
+
+    @property
     def validation_steps(self) -> int:
         """Validation steps per episode (0 for the ``fixed`` reward)."""
         return validation_steps_of(self.reward_name, self._validation_size, self.validation_batch_size)
@@ -769,7 +786,7 @@ class TaskAmenabilityEnv(gym.Env):
             values = self.task.per_sample_loss(outputs, targets)
         return values.double().cpu().numpy()
 
-    def _paired_training_step(self, draws: np.ndarray) -> tuple[float, np.ndarray]:
+    def _paired_training_step(self, draws: np.ndarray, trained: np.ndarray) -> tuple[float, np.ndarray]:
         """The training step of ``reward_baseline="paired"``; returns ``(raw, rewards)``, a reward per draw.
 
         ``draws`` ``(K, B)``: the step's selection first, then the further
@@ -780,8 +797,11 @@ class TaskAmenabilityEnv(gym.Env):
         selected; its reward is the difference: what a step on this
         selection, rather than on the rest of the batch, does to the clean
         validation loss.  A side with no image takes no step.  Then the
-        predictor takes its real (Adam) step on the first draw's selected
-        images; it does not train on the further draws.
+        predictor takes its real (Adam) step on the images ``trained`` (the
+        first draw's selected images; with ``training_selection_rate``, the
+        same uniforms at the action shifted to that rate); it does not train
+        on the further draws.  The probes are taken from the weights before
+        that step, so the rewards credit the draws whatever it trains on.
 
         The probes are plain gradient steps, not the optimiser's: an Adam
         step is mostly its momentum, scaled by a second moment that the
@@ -793,8 +813,8 @@ class TaskAmenabilityEnv(gym.Env):
         assert self.predictor is not None and self.optimizer is not None
         if self.paired_probe != "step":
             values = (self._linear_probe_values if self.paired_probe == "linear" else self._linearised_probe_values)(draws)
-            if draws[0].any():
-                self._train_predictor(self._batch_indices[draws[0]])
+            if trained.any():
+                self._train_predictor(self._batch_indices[trained])
             return float(values[0, 0]), values[:, 0] - values[:, 1]
         weights = {k: v.detach().clone() for k, v in self.predictor.state_dict().items()}
         values = np.empty((len(draws), 2))
@@ -804,8 +824,8 @@ class TaskAmenabilityEnv(gym.Env):
                     self._probe_step(self._batch_indices[side])
                 values[d, j] = fixed_reward(self._compute_validation_losses())
                 self.predictor.load_state_dict(weights)
-        if draws[0].any():
-            self._train_predictor(self._batch_indices[draws[0]])
+        if trained.any():
+            self._train_predictor(self._batch_indices[trained])
         return float(values[0, 0]), values[:, 0] - values[:, 1]
 
     def _linear_probe_values(self, draws: np.ndarray) -> np.ndarray:
@@ -1125,7 +1145,11 @@ class TaskAmenabilityEnv(gym.Env):
         drawn = p
         if self._phase == "train" and self.training_selection_rate is not None:
             drawn = shift_to_mean(p, self.training_selection_rate)
-        selection = self.np_random.random(self.batch_size) < drawn
+        uniform = self.np_random.random(self.batch_size)
+        selection = uniform < (p if self.selection_reports_action_draws else drawn)
+        # The images the predictor's real step takes.  With the paired fixed reward and a training rate, the
+        # same uniforms at the shifted probabilities: the action's draw and more (a rate above the action's mean).
+        trained = uniform < drawn
         self._last_action, self._last_selection = p, selection
         valid = self._batch_valid
         action_phase = self._phase
@@ -1140,7 +1164,7 @@ class TaskAmenabilityEnv(gym.Env):
                 if self.paired_draws > 1:
                     extra_selections = self.np_random.random((self.paired_draws - 1, self.batch_size)) < p
                     draws = np.concatenate([draws, extra_selections])
-                raw, paired = self._paired_training_step(draws)
+                raw, paired = self._paired_training_step(draws, trained)
                 if self.paired_class_correction:
                     contrasts = [class_mix_contrast(d, classes, self.class_correction.num_classes) for d in draws]
                     if self.paired_class_correction == "step":
@@ -1221,6 +1245,8 @@ class TaskAmenabilityEnv(gym.Env):
             num_selected=int(selection[valid].sum()),
             mean_selection_probability=mean_p,
         )
+        if action_phase == "train" and self.training_selection_rate is not None and self.reward_baseline == "paired":
+            info.update(training_selection=trained)
         if extra_selections is not None:
             info.update(extra_selections=extra_selections, extra_rewards=extra_rewards - penalty)
         if image_rewards is not None:

@@ -161,6 +161,58 @@ def test_training_selection_rate_draws_training_selections_at_that_rate_in_the_a
         make_agent("reinforce", env, seed=0, credit="causal")
 
 
+@pytest.mark.parametrize("probe", ["linearised", "step"])
+def test_paired_fixed_reward_with_a_training_rate_credits_the_actions_draws_and_trains_on_more(tiny_synthetic, probe):
+    """The paired fixed reward with ``training_selection_rate``: ``info["selection"]`` and the probes keep
+    the action's draws, the predictor's real step takes the same uniforms at the shifted probabilities
+    (the action's draw and more, in the action's order), and each step's reward is what it is without the
+    rate (the probes are taken before the real step); REINFORCE may credit those draws."""
+    from agents import make_agent
+
+    kwargs = dict(reward="fixed", reward_baseline="paired", reward_metric="loss", paired_probe=probe, train_steps=4)
+    with_rate = make(tiny_synthetic, **kwargs, training_selection_rate=0.8)
+    plain = make(tiny_synthetic, **kwargs)
+    trained_on = []
+    original = TaskAmenabilityEnv._train_predictor
+
+    def recording(self, indices):
+        if self is with_rate:
+            trained_on.append(np.asarray(indices).copy())
+        return original(self, indices)
+
+    action = np.linspace(0.05, 0.55, with_rate.batch_size).astype(np.float32)  # mean 0.3, rising
+    selected, trained, first_rewards = [], [], []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(TaskAmenabilityEnv, "_train_predictor", recording)
+        batch = with_rate.reset(seed=0)[1]["batch_indices"]
+        plain.reset(seed=0)
+        for step in range(40):
+            _, reward, terminated, _, info = with_rate.step(action)
+            _, plain_reward, plain_terminated, _, plain_info = plain.step(action)
+            np.testing.assert_array_equal(info["selection"], plain_info["selection"])  # the same draws
+            assert "training_selection" not in plain_info
+            chosen, drawn = info["selection"], info["training_selection"]
+            assert not np.any(chosen & ~drawn)  # every image of the action's draw is trained on
+            np.testing.assert_array_equal(trained_on[-1], np.asarray(batch)[drawn])
+            batch = info["batch_indices"]
+            selected.append(chosen)
+            trained.append(drawn)
+            if step == 0:
+                first_rewards.append((reward, plain_reward))  # same weights at the first probe
+            assert terminated == plain_terminated
+            if terminated:
+                batch = with_rate.reset()[1]["batch_indices"]
+                plain.reset()
+    assert np.isclose(*first_rewards[0])
+    assert abs(np.mean(selected) - action.mean()) < 0.06
+    assert abs(np.mean(trained) - 0.8) < 0.05
+    per_image = np.mean(trained, axis=0)
+    assert per_image[-1] > per_image[0] + 0.3, per_image  # in the action's order
+    make_agent("reinforce", with_rate, seed=0, credit="causal")  # the training steps' draws are the policy's
+    assert with_rate.selection_reports_action_draws
+    assert not make(tiny_synthetic, reward="weighted", training_selection_rate=0.8).selection_reports_action_draws
+
+
 def test_validation_batch_size_rewards_part_of_each_validation_observation(tiny_synthetic):
     from iqa_env.rewards import weighted_reward
 
@@ -282,7 +334,8 @@ def test_out_of_range_actions_are_clipped(tiny_synthetic):
         (dict(training_selection_rate=1.0), r"training_selection_rate must be None or a probability in \(0, 1\)"),
         (dict(training_selection_rate=True), r"training_selection_rate must be None or a probability in \(0, 1\)"),
         (dict(training_selection_rate="0.8"), r"training_selection_rate must be None or a probability in \(0, 1\)"),
-        (dict(training_selection_rate=0.8, reward="fixed"), "the fixed reward rewards those selections themselves"),
+        (dict(training_selection_rate=0.8, reward="fixed"),
+         "the fixed reward with reward_baseline='moving_average' rewards those selections themselves"),
         (dict(predictor_max_grad_norm=0.0), "predictor_max_grad_norm must be None or a positive number"),
         (dict(predictor_max_grad_norm=float("inf")), "predictor_max_grad_norm must be None or a positive number"),
         (dict(predictor_max_grad_norm="1"), "predictor_max_grad_norm must be None or a positive number"),
