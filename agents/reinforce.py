@@ -243,7 +243,9 @@ class REINFORCE(LoadsOnTheEnvsDevice, BaseAlgorithm):
         returns are barely scaled until about a hundred gradient steps have moved it (a quick run
         takes 63-188); None: no starting value, the mean of the steps so far with Adam's bias
         correction, so the returns are divided by their own scale from the first step
-        (``docs/learning-status.md``, section 72)
+        (``docs/learning-status.md``, section 72; measured with the weighted and selective rewards
+        too, where it was level in classification and cost the co-trained U-Nets in segmentation:
+        sections 73 and 76)
     :param ent_coef: weight of the Bernoulli entropy bonus
     :param max_grad_norm: gradient clipping norm
     :param class_balance: weight of a penalty on the *class* separation of the scores: the
