@@ -413,11 +413,19 @@ def run_stage(stage: Stage, threads: int | None = None) -> dict[str, Any]:
     """Run one stage to completion and write its ``stage.done`` record last; returns the record."""
     import torch
 
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _run_stage(stage)
+    finally:
+        torch.set_num_threads(previous)  # a stage run in the caller's process leaves its thread count as it was
+
+
+def _run_stage(stage: Stage) -> dict[str, Any]:
     from experiments.training import load_splits, show_evaluations, train
     from iqa_env.files import atomic_write_text
 
-    if threads is not None:
-        torch.set_num_threads(threads)
     show_evaluations()  # a stage's holdout evaluations (or predictor updates) as they happen
     start = time.perf_counter()
     config = stage.config
@@ -463,7 +471,10 @@ def run_stages(stages: Sequence[Stage], workers: int = 1) -> int:
     """Run every unfinished stage (finished ones are skipped), one log line per stage; returns how many ran.
 
     With ``workers > 1`` stages run in that many processes (spawned, one
-    torch thread each), longest first.
+    torch thread each), longest first; a single stage left runs here, with
+    one torch thread too, so that its figures do not depend on how many
+    stages a resumed run had left (the thread count changes the order of
+    torch's sums, and so the last digits of a run and where it goes).
     """
     start = time.perf_counter()
     total = len(stages)
@@ -485,9 +496,10 @@ def run_stages(stages: Sequence[Stage], workers: int = 1) -> int:
         )
 
     if workers <= 1 or len(todo) == 1:
+        threads = 1 if workers > 1 else None
         for stage in todo:
             logger.info("stage %d/%d %s: running (%d steps)", index[stage.name], total, stage.name, stage.config.steps)
-            done(stage, run_stage(stage))
+            done(stage, run_stage(stage, threads))
         return len(todo)
     todo = spread_out(todo)
     logger.info("running %d stages in %d processes", len(todo), workers)

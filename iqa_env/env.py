@@ -382,7 +382,7 @@ class TaskAmenabilityEnv(gym.Env):
     | ``predictor_warmup_steps`` | ``0`` | non-selective pre-training steps after a seeded reset |
     | ``warmup_cache`` | ``None`` | a folder where the predictor's state after a warm-up is kept; an env whose warm-up would start from the same state (seed, data, predictor and warm-up settings) loads it instead of training again, with the same result |
     | ``predictor_augment`` | ``False`` | train the predictor on images shifted at random by up to 1/16 of their size (masks with them) |
-    | ``predictor_average`` | ``0.0`` | decay of an exponential moving average of the predictor's weights that the rewards and ``evaluate()`` use (``0``: the weights themselves) |
+    | ``predictor_average`` | ``0.0`` | decay of an exponential moving average of the predictor's weights that the rewards and ``evaluate()`` use (``0``: the weights themselves); with the ``paired`` fixed reward's ``linear`` or ``linearised`` probes, which read the weights themselves, ``evaluate()`` alone (refused with its ``step`` probes) |
     | ``reinitialise_predictor_on_seed`` | ``True`` | fresh predictor on ``reset(seed=...)`` |
     | ``split_seed`` | ``0`` | seed of the patient-level split |
     | ``device`` | ``"auto"`` | ``"auto"``, ``"cpu"`` or ``"cuda[:N]"``; data, predictor and optimiser live there; ``agents.make_agent(name, env)`` puts the agent there too (``device=`` to put it elsewhere) |
@@ -486,12 +486,16 @@ class TaskAmenabilityEnv(gym.Env):
                 "defined) and the weighted or selective reward (it compares images with each other; the fixed "
                 f"reward has no per-image credit), got reward_metric={reward_metric!r}, reward={self.reward_name!r}"
             )
-        if reward_baseline == "paired" and (self.reward_name != "fixed" or float(predictor_average) > 0):
+        if reward_baseline == "paired" and (
+            self.reward_name != "fixed" or (float(predictor_average) > 0 and paired_probe == "step")
+        ):
             raise ValueError(
                 "reward_baseline='paired' compares a gradient step on each training selection with one on "
                 "the images not selected, so it needs reward='fixed' (the other rewards score validation "
-                "images) and predictor_average=0 (the rewards would come from a weight average that the "
-                f"probe steps do not move), got reward={self.reward_name!r}, predictor_average={predictor_average!r}"
+                "images) and, with paired_probe='step', predictor_average=0 (the rewards would come from a "
+                "weight average that the probe steps do not move; the 'linear' and 'linearised' probes read "
+                f"the weights themselves), got reward={self.reward_name!r}, predictor_average={predictor_average!r}, "
+                f"paired_probe={paired_probe!r}"
             )
         if paired_probe not in PAIRED_PROBES:
             raise ValueError(f"paired_probe must be one of {PAIRED_PROBES}, got {paired_probe!r}")

@@ -213,6 +213,32 @@ def test_paired_fixed_reward_with_a_training_rate_credits_the_actions_draws_and_
     assert not make(tiny_synthetic, reward="weighted", training_selection_rate=0.8).selection_reports_action_draws
 
 
+def test_paired_fixed_reward_with_linearised_probes_keeps_a_weight_average_for_evaluate_alone(tiny_synthetic):
+    """With the ``linearised`` probes (which read the weights themselves) ``predictor_average`` changes what
+    ``evaluate()`` reports and nothing of the run: the same draws, rewards and trained weights step for step."""
+    import torch
+
+    kwargs = dict(reward="fixed", reward_baseline="paired", reward_metric="loss", paired_probe="linearised",
+                  train_steps=4, predictor_warmup_steps=5)
+    averaged, plain = make(tiny_synthetic, **kwargs, predictor_average=0.9), make(tiny_synthetic, **kwargs)
+    for env in (averaged, plain):
+        env.reset(seed=0)
+    action = np.linspace(0.1, 0.9, averaged.batch_size).astype(np.float32)
+    for _ in range(12):
+        _, reward, terminated, _, info = averaged.step(action)
+        _, plain_reward, _, _, plain_info = plain.step(action)
+        assert reward == plain_reward
+        np.testing.assert_array_equal(info["selection"], plain_info["selection"])
+        if terminated:
+            averaged.reset()
+            plain.reset()
+    for a, b in zip(averaged.predictor.parameters(), plain.predictor.parameters()):
+        assert torch.equal(a, b)  # the trained weights are the same
+    assert averaged.evaluated_predictor is averaged.averaged_predictor and plain.evaluated_predictor is plain.predictor
+    holdout = tiny_synthetic.subset(np.arange(20))
+    assert not np.allclose(averaged.evaluate(holdout)["loss"], plain.evaluate(holdout)["loss"])
+
+
 def test_validation_batch_size_rewards_part_of_each_validation_observation(tiny_synthetic):
     from iqa_env.rewards import weighted_reward
 
@@ -328,7 +354,8 @@ def test_out_of_range_actions_are_clipped(tiny_synthetic):
         (dict(reward_normalisation="class_log"), "needs reward_metric='loss'"),
         (dict(reward_normalisation="class_log", reward_metric="loss", reward="fixed"), "the weighted or selective"),
         (dict(reward_baseline="paired"), "needs reward='fixed'"),
-        (dict(reward="fixed", reward_baseline="paired", predictor_average=0.9), "predictor_average=0"),
+        (dict(reward="fixed", reward_baseline="paired", predictor_average=0.9),
+         "with paired_probe='step', predictor_average=0"),
         (dict(probe_lr=0.0), "probe_lr must be a positive finite number"),
         (dict(probe_lr=float("nan")), "probe_lr must be a positive finite number"),
         (dict(training_selection_rate=1.0), r"training_selection_rate must be None or a probability in \(0, 1\)"),

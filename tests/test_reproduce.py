@@ -962,3 +962,22 @@ def test_the_baseline_trains_on_every_image_whatever_training_selection_rate_the
         weights.append(torch.load(folder / "predictor.pt", weights_only=True))
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+@pytest.mark.parametrize("workers, expected", [(2, 1), (1, None)])
+def test_a_single_stage_left_runs_with_the_thread_count_of_the_pools_stages(tmp_path, monkeypatch, workers, expected):
+    """With ``workers > 1`` every stage runs on one torch thread, the last one left of a resumed run too:
+    before, a single stage left ran on the default threads, whose sums in another order gave other figures
+    than the same stage run in the pool.  A stage run in this process leaves its thread count as it was."""
+    import torch
+
+    import experiments.reproduce as rp
+    from experiments.training import TrainConfig
+
+    seen = []
+    monkeypatch.setattr(rp, "_run_stage", lambda stage: seen.append(torch.get_num_threads()) or {"predictor_updates": 1, "elapsed_s": 0.0})
+    before = torch.get_num_threads()
+    stage = rp.make_stage(tmp_path, "baseline", TrainConfig(steps=1), "baseline", 16)
+    assert rp.run_stages([stage], workers) == 1
+    assert seen == [1 if expected == 1 else before]
+    assert torch.get_num_threads() == before
