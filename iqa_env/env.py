@@ -790,8 +790,8 @@ class TaskAmenabilityEnv(gym.Env):
             values = self.task.per_sample_loss(outputs, targets)
         return values.double().cpu().numpy()
 
-    def _paired_training_step(self, draws: np.ndarray, trained: np.ndarray) -> tuple[float, np.ndarray]:
-        """The training step of ``reward_baseline="paired"``; returns ``(raw, rewards)``, a reward per draw.
+    def _paired_probes(self, draws: np.ndarray) -> tuple[float, np.ndarray]:
+        """The rewards of ``reward_baseline="paired"``; returns ``(raw, rewards)``, a reward per draw.
 
         ``draws`` ``(K, B)``: the step's selection first, then the further
         ones of ``paired_draws``.  For each, from the current weights, one
@@ -800,12 +800,12 @@ class TaskAmenabilityEnv(gym.Env):
         weights are put back, and the same is done with the images *not*
         selected; its reward is the difference: what a step on this
         selection, rather than on the rest of the batch, does to the clean
-        validation loss.  A side with no image takes no step.  Then the
-        predictor takes its real (Adam) step on the images ``trained`` (the
-        first draw's selected images; with ``training_selection_rate``, the
-        same uniforms at the action shifted to that rate); it does not train
-        on the further draws.  The probes are taken from the weights before
-        that step, so the rewards credit the draws whatever it trains on.
+        validation loss.  A side with no image takes no step.  The
+        predictor's real (Adam) step comes after, in :meth:`step` (on the
+        first draw's images, or with ``training_selection_rate`` on the same
+        uniforms at the shifted rate; never on the further draws): the
+        probes are taken from the weights before it, so the rewards credit
+        the draws whatever it trains on.
 
         The probes are plain gradient steps, not the optimiser's: an Adam
         step is mostly its momentum, scaled by a second moment that the
@@ -814,11 +814,9 @@ class TaskAmenabilityEnv(gym.Env):
         happened to hurt (on the data of ``tests/test_learning.py`` it drove
         the controller to the inverted ranking, holdout AUROC 0.27 -> 0.01).
         """
-        assert self.predictor is not None and self.optimizer is not None
+        assert self.predictor is not None
         if self.paired_probe != "step":
             values = (self._linear_probe_values if self.paired_probe == "linear" else self._linearised_probe_values)(draws)
-            if trained.any():
-                self._train_predictor(self._batch_indices[trained])
             return float(values[0, 0]), values[:, 0] - values[:, 1]
         weights = {k: v.detach().clone() for k, v in self.predictor.state_dict().items()}
         values = np.empty((len(draws), 2))
@@ -828,12 +826,10 @@ class TaskAmenabilityEnv(gym.Env):
                     self._probe_step(self._batch_indices[side])
                 values[d, j] = fixed_reward(self._compute_validation_losses())
                 self.predictor.load_state_dict(weights)
-        if trained.any():
-            self._train_predictor(self._batch_indices[trained])
         return float(values[0, 0]), values[:, 0] - values[:, 1]
 
     def _linear_probe_values(self, draws: np.ndarray) -> np.ndarray:
-        """``paired_probe="linear"``: the fixed reward after each probe of :meth:`_paired_training_step`, to
+        """``paired_probe="linear"``: the fixed reward after each probe of :meth:`_paired_probes`, to
         first order in ``probe_lr``; ``(K, 2)``, the selection's probe then the rest's.
 
         A plain step of ``probe_lr`` on images ``S`` moves the weights by
@@ -885,7 +881,7 @@ class TaskAmenabilityEnv(gym.Env):
         return values
 
     def _linearised_probe_values(self, draws: np.ndarray) -> np.ndarray:
-        """``paired_probe="linearised"``: the fixed reward after each probe of :meth:`_paired_training_step`,
+        """``paired_probe="linearised"``: the fixed reward after each probe of :meth:`_paired_probes`,
         with the predictor's outputs on the validation images to first order in the probe's step and the
         loss on them exact; ``(K, 2)``, the selection's probe then the rest's.
 
@@ -1168,7 +1164,7 @@ class TaskAmenabilityEnv(gym.Env):
                 if self.paired_draws > 1:
                     extra_selections = self.np_random.random((self.paired_draws - 1, self.batch_size)) < p
                     draws = np.concatenate([draws, extra_selections])
-                raw, paired = self._paired_training_step(draws, trained)
+                raw, paired = self._paired_probes(draws)
                 if self.paired_class_correction:
                     contrasts = [class_mix_contrast(d, classes, self.class_correction.num_classes) for d in draws]
                     if self.paired_class_correction == "step":
@@ -1178,8 +1174,8 @@ class TaskAmenabilityEnv(gym.Env):
                             paired[d] = self.class_correction.correct(float(paired[d]), contrast)
                 reward, extra_rewards = float(paired[0]), paired[1:]
                 reward_ready = True
-            elif selection.any():
-                self._train_predictor(self._batch_indices[selection])
+            if trained.any():  # the predictor's real step (after the paired probes, which start from its weights)
+                self._train_predictor(self._batch_indices[trained])
             self._episode_step += 1
             if self._episode_step < self.train_steps:
                 self._draw_train_batch()
