@@ -1362,6 +1362,33 @@ def test_every_recommended_env_clips_the_predictors_gradient():
     assert limits == {PREDICTOR_MAX_GRAD_NORM} and PREDICTOR_MAX_GRAD_NORM > 0
 
 
+def test_recommended_envs_keep_a_predictor_weight_average_where_it_is_measured_to_help(dataset):
+    """The weighted and selective rewards (every algorithm) come from a weight average of the co-trained
+    predictor; REINFORCE's paired fixed reward keeps one for ``evaluate()`` alone, its probes reading the
+    weights themselves (section 78); DDPG's probe steps would read the average, so its fixed reward has none.
+    Every recommended env builds, and so does REINFORCE's with the paper's fixed-reward form on top, which
+    takes the weights themselves again (an average would delay the moving-average reward)."""
+    from agents import ALGORITHMS, recommended_env_kwargs
+    from agents.factory import PAPER_FIXED_ENV_KWARGS, PREDICTOR_AVERAGE
+
+    averaged = set()
+    for a in ALGORITHMS:
+        for r in ("fixed", "weighted", "selective"):
+            for t in ("classification", "segmentation"):
+                kwargs = recommended_env_kwargs(a, r, t)
+                if kwargs.get("predictor_average", 0.0) > 0:
+                    assert kwargs["predictor_average"] == PREDICTOR_AVERAGE
+                    averaged.add((a, r, t))
+                env = _env(dataset, reward=r, task=t, **{**kwargs, **TINY})
+                assert env.predictor_average == kwargs.get("predictor_average", 0.0)
+    assert averaged == {
+        *((a, r, t) for a in ALGORITHMS for r in ("weighted", "selective") for t in ("classification", "segmentation")),
+        ("reinforce", "fixed", "classification"), ("reinforce", "fixed", "segmentation"),
+    }
+    paper = _env(dataset, reward="fixed", **{**recommended_env_kwargs("reinforce", "fixed"), **PAPER_FIXED_ENV_KWARGS, **TINY})
+    assert (paper.reward_baseline, paper.paired_probe, paper.predictor_average) == ("moving_average", "step", 0.0)
+
+
 def test_reinforce_credits_each_of_a_steps_draws_against_the_others(dataset):
     """With the env's ``paired_draws=K`` a step's K draws are K samples of the policy: the rollout keeps
     the further ones with their rewards, each draw's credit is its reward less the mean of the others'

@@ -105,7 +105,7 @@ def test_reinforce_learns_the_ranking_with_the_fixed_reward_and_each_draw_credit
     # credits each draw with its reward less the mean of the other seven (draws="leave_one_out").
     # Measured: seed 0 0.273 -> 0.855 in 200 steps; crediting only the trained draw, 0.607.
     paired = dict(reward_baseline="paired", validation_size=32, paired_draws=8, paired_class_correction="step",
-                  paired_probe="step")
+                  paired_probe="step", predictor_average=0.0)
     initial, final = _learn(occluded_splits, "reinforce", "fixed", 0, steps=200, agent_kwargs=dict(class_balance=0.0), **paired)
     assert initial < 0.5, f"seed 0 should start inverted, started at {initial:.3f}"
     assert final >= 0.8, f"REINFORCE (fixed, 8 draws credited against each other): {initial:.3f} -> {final:.3f}"
