@@ -1308,11 +1308,13 @@ def test_reinforce_with_leave_one_out_baselines_takes_each_images_own_draw_and_r
 
 def test_reinforce_trains_the_predictor_on_more_of_each_batch_and_credits_validation_steps(dataset, tmp_path):
     """REINFORCE's recommended env (weighted and selective rewards) draws the predictor's training selections
-    at its task's ``training_selection_rate`` (sections 60 and 64); not with the fixed reward or for the
-    other algorithms.  On such an env REINFORCE credits its validation steps only (the one credit it allows
-    there), elsewhere every step (``"causal"``); default_settings records the same."""
+    at its task's ``training_selection_rate`` (sections 60 and 64), and so does its paired fixed reward in
+    classification (section 79); not the other algorithms.  On a weighted or selective env with the rate
+    REINFORCE credits its validation steps only (the one credit it allows there), elsewhere every step
+    (``"causal"``: the paired fixed reward's draws and rewards are the action's own); default_settings records
+    the same."""
     from agents import recommended_env_kwargs
-    from agents.factory import REINFORCE_TRAINING_SELECTION_RATES, default_settings
+    from agents.factory import REINFORCE_FIXED_TRAINING_SELECTION_RATES, REINFORCE_TRAINING_SELECTION_RATES, default_settings
     from iqa_env.tasks import TASK_NAMES
 
     rates = {
@@ -1322,9 +1324,11 @@ def test_reinforce_trains_the_predictor_on_more_of_each_batch_and_credits_valida
     }
     chosen = {key: rate for key, rate in rates.items() if rate is not None}
     assert chosen == {
-        ("reinforce", r, t): REINFORCE_TRAINING_SELECTION_RATES[t]
-        for r in ("weighted", "selective") for t in ("classification", "segmentation")
+        **{("reinforce", r, t): REINFORCE_TRAINING_SELECTION_RATES[t]
+           for r in ("weighted", "selective") for t in ("classification", "segmentation")},
+        ("reinforce", "fixed", "classification"): REINFORCE_FIXED_TRAINING_SELECTION_RATES["classification"],
     }
+    assert REINFORCE_FIXED_TRAINING_SELECTION_RATES["segmentation"] is None  # not measured there
     # One rate per task, above the controller's own selection rate (its scores keep 0.3), below every image.
     assert set(REINFORCE_TRAINING_SELECTION_RATES) == set(TASK_NAMES)
     assert all(0.3 < rate < 1.0 for rate in REINFORCE_TRAINING_SELECTION_RATES.values())
@@ -1334,6 +1338,8 @@ def test_reinforce_trains_the_predictor_on_more_of_each_batch_and_credits_valida
     assert drawn.credit == "validation"
     assert make_agent("reinforce", _env(dataset, reward="weighted"), seed=0).credit == "causal"
     assert make_agent("reinforce", _env(dataset, reward="fixed"), seed=0).credit == "causal"
+    paired = _env(dataset, reward="fixed", **{**recommended_env_kwargs("reinforce", "fixed"), **TINY})
+    assert paired.training_selection_rate == 0.8 and make_agent("reinforce", paired, seed=0).credit == "causal"
     assert default_settings("reinforce", "selective", 8, 10, training_selection_rate=0.8)["credit"] == "validation"
     assert default_settings("reinforce", "selective", 8, 10)["credit"] == "causal"
 
@@ -1387,6 +1393,7 @@ def test_recommended_envs_keep_a_predictor_weight_average_where_it_is_measured_t
     }
     paper = _env(dataset, reward="fixed", **{**recommended_env_kwargs("reinforce", "fixed"), **PAPER_FIXED_ENV_KWARGS, **TINY})
     assert (paper.reward_baseline, paper.paired_probe, paper.predictor_average) == ("moving_average", "step", 0.0)
+    assert paper.training_selection_rate is None
 
 
 def test_reinforce_credits_each_of_a_steps_draws_against_the_others(dataset):
