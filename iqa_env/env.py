@@ -325,7 +325,8 @@ class TaskAmenabilityEnv(gym.Env):
     curvature that penalises steps on images with large gradients, where
     the first-order rewards lose the ranking once the predictor fits; a
     step costs one vectorised backward pass of its batch for the per-image
-    gradients.
+    gradients, whose mean over the images it trains on is then the
+    gradient of the predictor's real step (without ``predictor_augment``).
     ``reward_baseline="none"`` returns the raw validation rewards, for agents
     with a learnt critic (the critic is their baseline).
     The other training steps (all but the ``fixed`` reward's last, unless
@@ -662,6 +663,9 @@ class TaskAmenabilityEnv(gym.Env):
         # validation outputs and their Jacobian there (derived from them, not saved).
         self._probe_anchor: dict[str, torch.Tensor] | None = None
         self._probe_model: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None
+        # paired_probe="linearised": the current batch's per-image gradients and losses at the current
+        # weights, for the step's real predictor update; None once it is taken (or the weights moved).
+        self._batch_gradients: tuple[dict[str, torch.Tensor], torch.Tensor] | None = None
         self._batch_indices = np.zeros(self.batch_size, dtype=np.int64)
         self._batch_valid = np.ones(self.batch_size, dtype=bool)
         self._validation_order = np.arange(self._validation_size)
@@ -721,18 +725,34 @@ class TaskAmenabilityEnv(gym.Env):
         """
         return self.averaged_predictor if self.averaged_predictor is not None else self.predictor
 
-    def _train_predictor(self, indices: np.ndarray) -> float:
-        """One optimiser step on the training images ``indices``; returns the mean loss."""
+    def _train_predictor(self, indices: np.ndarray, batch_positions: np.ndarray | None = None) -> float:
+        """One optimiser step on the training images ``indices``; returns the mean loss.
+
+        ``batch_positions`` (a mask over the current batch, whose images ``indices`` are): where the
+        ``"linearised"`` probes of this step already took each batch image's gradient at the current
+        weights, the step's gradient is their mean over those images, with no forward or backward pass
+        of its own (the same gradient to float rounding; ``docs/performance.md`` has what it saves).
+        """
         assert self.predictor is not None and self.optimizer is not None
-        idx = torch.as_tensor(indices, device=self.device)
-        images, targets = to_float(self._train_images_t[idx]), self._train_targets_t[idx]
-        if self.predictor_augment:
-            images, targets = random_shift(images, targets, self._torch_generator, max(1, min(images.shape[-2:]) // 16))
         self.predictor.train()
-        outputs = self.predictor(images)
-        loss = self.task.per_sample_loss(outputs, targets).mean()
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        kept = self._batch_gradients
+        self._batch_gradients = None
+        if kept is not None and batch_positions is not None and not self.predictor_augment:
+            gradients, losses = kept
+            chosen = torch.as_tensor(batch_positions, device=self.device)
+            for name, parameter in self.predictor.named_parameters():
+                if name in gradients:
+                    parameter.grad = torch.empty_like(parameter).copy_(gradients[name][chosen].mean(0))
+            loss = losses[chosen].mean()
+        else:
+            idx = torch.as_tensor(indices, device=self.device)
+            images, targets = to_float(self._train_images_t[idx]), self._train_targets_t[idx]
+            if self.predictor_augment:
+                images, targets = random_shift(images, targets, self._torch_generator, max(1, min(images.shape[-2:]) // 16))
+            outputs = self.predictor(images)
+            loss = self.task.per_sample_loss(outputs, targets).mean()
+            loss.backward()
         if self.predictor_max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.predictor.parameters(), self.predictor_max_grad_norm)
         self.optimizer.step()
@@ -903,7 +923,7 @@ class TaskAmenabilityEnv(gym.Env):
         - 1) x weights numbers (5.2 M, 21 MB, on the built-in set): the option
         is for a classifier, whose outputs per image are few.
         """
-        from torch.func import functional_call, grad, jacrev, vmap
+        from torch.func import functional_call, grad_and_value, jacrev, vmap
 
         assert self.predictor is not None
         predictor = self.predictor
@@ -940,7 +960,10 @@ class TaskAmenabilityEnv(gym.Env):
         def image_loss(weights: dict[str, torch.Tensor], image: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
             return self.task.per_sample_loss(outputs(weights, image).unsqueeze(0), target.unsqueeze(0))[0]
 
-        gradients = vmap(grad(image_loss), in_dims=(None, 0, 0))(parameters, images, batch_targets)
+        gradients, losses = vmap(grad_and_value(image_loss), in_dims=(None, 0, 0))(parameters, images, batch_targets)
+        # Each batch image's gradient at the current weights: the predictor's real step of this env step
+        # takes its gradient from them (_train_predictor), when it comes next and nothing moved the weights.
+        self._batch_gradients = (gradients, losses.detach())
         with torch.no_grad():
             # moved[v, o, i] = J_v g_i: how validation image v's output o changes along image i's loss gradient.
             moved = sum(torch.einsum("vop,ip->voi", jacobian[name], g.flatten(1)) for name, g in gradients.items())
@@ -1087,6 +1110,7 @@ class TaskAmenabilityEnv(gym.Env):
         if unknown:
             raise ValueError(f"unknown reset options {sorted(unknown)}; expected 'reinitialise_predictor'")
         seeded = seed is not None
+        self._batch_gradients = None
         if seeded:
             self._torch_generator.manual_seed(int(self.np_random.integers(2**63 - 1)))
             self.baseline.reset()
@@ -1175,7 +1199,8 @@ class TaskAmenabilityEnv(gym.Env):
                 reward, extra_rewards = float(paired[0]), paired[1:]
                 reward_ready = True
             if trained.any():  # the predictor's real step (after the paired probes, which start from its weights)
-                self._train_predictor(self._batch_indices[trained])
+                self._train_predictor(self._batch_indices[trained], batch_positions=trained)
+            self._batch_gradients = None
             self._episode_step += 1
             if self._episode_step < self.train_steps:
                 self._draw_train_batch()
@@ -1397,6 +1422,7 @@ class TaskAmenabilityEnv(gym.Env):
         anchor = state.get("probe_anchor")  # paired_probe="linearised"; its model is derived from it again
         self._probe_anchor = None if anchor is None else {k: v.to(self.device) for k, v in anchor.items()}
         self._probe_model = None
+        self._batch_gradients = None
 
     def _load_predictor_and_generators(self, state: dict[str, Any]) -> None:
         """The :data:`PREDICTOR_STATE` part of a :meth:`state_dict`: what :meth:`load_state_dict` and a kept

@@ -175,10 +175,10 @@ def test_paired_fixed_reward_with_a_training_rate_credits_the_actions_draws_and_
     trained_on = []
     original = TaskAmenabilityEnv._train_predictor
 
-    def recording(self, indices):
+    def recording(self, indices, batch_positions=None):
         if self is with_rate:
             trained_on.append(np.asarray(indices).copy())
-        return original(self, indices)
+        return original(self, indices, batch_positions)
 
     action = np.linspace(0.05, 0.55, with_rate.batch_size).astype(np.float32)  # mean 0.3, rising
     selected, trained, first_rewards = [], [], []
@@ -766,7 +766,10 @@ def test_first_order_probes_are_the_probe_steps_to_first_order(tiny_synthetic, p
         assert np.abs(theirs).max() > 0
         assert np.abs(mine - theirs).max() <= tolerance * np.abs(theirs).max(), (probe_lr, mine, theirs)
         for a, b in zip(first_order.predictor.state_dict().values(), stepped.predictor.state_dict().values()):
-            assert torch.equal(a, b)  # the real step is the same; the probes leave no trace
+            if probe == "linear":
+                assert torch.equal(a, b)  # the real step is the same; the probes leave no trace
+            else:  # the same, its gradient from the probes' per-image ones (to float rounding; see below)
+                torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
     # A resumed env keeps what it took at the episode's start: the same rewards as the env that went on.
     env = TaskAmenabilityEnv(tiny_synthetic, **kwargs, paired_probe=probe)
     env.reset(seed=0)
@@ -780,6 +783,56 @@ def test_first_order_probes_are_the_probe_steps_to_first_order(tiny_synthetic, p
         assert reward == resumed_reward and np.array_equal(info["extra_rewards"], resumed_info["extra_rewards"])
     with pytest.raises(ValueError, match=f"paired_probe={probe!r} .* needs reward_baseline='paired' and reward_metric"):
         TaskAmenabilityEnv(tiny_synthetic, **{**kwargs, "reward_metric": "metric"}, paired_probe=probe)
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_linearised_probes_give_the_real_step_its_gradient(tiny_synthetic, augment):
+    """With the ``"linearised"`` probes, which take each batch image's gradient at the current weights, the
+    predictor's real step takes the mean of those over the images it trains on, with no forward pass of its
+    own; the weights after it are those of a step on the images themselves, to float rounding.  With
+    ``predictor_augment`` the real step trains on shifted images, which the probes did not see: it takes
+    them itself, and the weights are the same to the last digit."""
+    import torch
+
+    kwargs = {**TINY, "reward": "fixed", "reward_metric": "loss", "reward_baseline": "paired", "train_steps": 4,
+              "paired_probe": "linearised", "training_selection_rate": 0.8, "predictor_augment": augment}
+    original = TaskAmenabilityEnv._train_predictor
+    forwards = {}
+
+    def counting(self, indices, batch_positions=None):
+        if self is plain:
+            batch_positions = None  # the step on the images themselves
+        calls = []
+        handle = self.predictor.register_forward_pre_hook(lambda *_: calls.append(1))
+        try:
+            return original(self, indices, batch_positions)
+        finally:
+            handle.remove()
+            forwards.setdefault(self is plain, []).append(len(calls))
+
+    reusing, plain = make(tiny_synthetic, **kwargs), make(tiny_synthetic, **kwargs)
+    action = np.linspace(0.2, 0.8, reusing.batch_size).astype(np.float32)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(TaskAmenabilityEnv, "_train_predictor", counting)
+        for env in (reusing, plain):
+            env.reset(seed=0)
+            env.step(action)
+    assert forwards[True] == [1]
+    assert forwards[False] == ([1] if augment else [0])
+    assert reusing._batch_gradients is None  # taken once, by the step it was made for
+    start = make(tiny_synthetic, **kwargs)
+    start.reset(seed=0)
+    for a, b, before in zip(reusing.predictor.parameters(), plain.predictor.parameters(), start.predictor.parameters()):
+        assert float((a - before).detach().abs().max()) > 1e-4  # the step moved every tensor (Adam: about predictor_lr)
+        if augment:
+            assert torch.equal(a, b)
+        else:
+            # Float rounding.  Adam's first step divides each gradient by its own size, so a weight whose
+            # gradient is near zero moves by rounding too (measured: 2.4e-6 at most, a 400th of the step).
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    for a, b in zip(reusing.optimizer.state_dict()["state"].values(), plain.optimizer.state_dict()["state"].values()):
+        # The first moment is a tenth of the gradient: the same to float rounding (1e-4 of its largest value).
+        torch.testing.assert_close(a["exp_avg"], b["exp_avg"], rtol=0, atol=1e-4 * float(b["exp_avg"].abs().max()))
 
 
 def test_linearised_probes_keep_what_the_probe_steps_measure_at_the_default_step(tiny_synthetic):
