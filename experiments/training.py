@@ -157,8 +157,17 @@ class TrainConfig:
                 f"time_limit_s must be a positive number of seconds or None (no limit), got {self.time_limit_s!r}"
             )
         self._check_agent_kwargs()
-        if self.warmup_cache is not None and not isinstance(self.warmup_cache, (str, os.PathLike)):
-            raise ValueError(f"warmup_cache must be None or a folder path, got {self.warmup_cache!r}")
+        if self.warmup_cache is not None:
+            if not isinstance(self.warmup_cache, (str, os.PathLike)):
+                raise ValueError(f"warmup_cache must be None or a folder path, got {self.warmup_cache!r}")
+            from iqa_env.files import blocking_file
+
+            blocking = blocking_file(self.warmup_cache)
+            if blocking is not None:  # before any file of the run is written, not after its warm-up
+                raise ValueError(
+                    f"warmup_cache must be a folder (made if missing) to keep predictor warm-ups in, got "
+                    f"{str(self.warmup_cache)!r}: {blocking} is a file, not a folder"
+                )
         if self.dataset is not None and not Path(self.dataset).exists():
             raise FileNotFoundError(f"dataset file {self.dataset} does not exist")
         return self

@@ -381,7 +381,7 @@ class TaskAmenabilityEnv(gym.Env):
     | ``predictor_lr`` | ``1e-3`` | Adam learning rate of the task predictor |
     | ``predictor_max_grad_norm`` | ``None`` | clip the norm of each predictor update's gradient to this (``torch.nn.utils.clip_grad_norm_``): a guard against the rare huge gradient of a step on a few images, which can wreck a co-trained U-Net (``docs/learning-status.md`` section 63); ``None``: no clipping |
     | ``predictor_warmup_steps`` | ``0`` | non-selective pre-training steps after a seeded reset |
-    | ``warmup_cache`` | ``None`` | a folder where the predictor's state after a warm-up is kept; an env whose warm-up would start from the same state (seed, data, predictor and warm-up settings) loads it instead of training again, with the same result |
+    | ``warmup_cache`` | ``None`` | a folder where the predictor's state after a warm-up is kept; an env whose warm-up would start from the same state (seed, data, predictor and warm-up settings) loads it instead of training again, with the same result (a file where the folder would be is refused when the env is made) |
     | ``predictor_augment`` | ``False`` | train the predictor on images shifted at random by up to 1/16 of their size (masks with them) |
     | ``predictor_average`` | ``0.0`` | decay of an exponential moving average of the predictor's weights that the rewards and ``evaluate()`` use (``0``: the weights themselves); with the ``paired`` fixed reward's ``linear`` or ``linearised`` probes, which read the weights themselves, ``evaluate()`` alone (refused with its ``step`` probes) |
     | ``reinitialise_predictor_on_seed`` | ``True`` | fresh predictor on ``reset(seed=...)`` |
@@ -590,6 +590,15 @@ class TaskAmenabilityEnv(gym.Env):
         if warmup_cache is not None and not isinstance(warmup_cache, (str, os.PathLike)):
             raise ValueError(f"warmup_cache must be None or a folder path, got {type(warmup_cache).__name__}")
         self.warmup_cache = None if warmup_cache is None else Path(warmup_cache)
+        if self.warmup_cache is not None:
+            from iqa_env.files import blocking_file
+
+            blocking = blocking_file(self.warmup_cache)
+            if blocking is not None:  # said now, not after a warm-up whose result could not be kept
+                raise ValueError(
+                    f"warmup_cache must be a folder (made if missing) to keep predictor warm-ups in, got "
+                    f"{str(warmup_cache)!r}: {blocking} is a file, not a folder"
+                )
         self._training_digest: bytes | None = None
         self.predictor_augment = bool(predictor_augment)
         self.predictor_average = predictor_average

@@ -124,7 +124,7 @@ def test_train_passes_env_and_agent_arguments(tiny_synthetic_path, tmp_path, cap
     assert "argument --agent-kwargs: must be a JSON object" in capsys.readouterr().err
 
 
-def test_train_with_a_warmup_cache_loads_what_another_reward_kept(tiny_synthetic_path, tmp_path, caplog):
+def test_train_with_a_warmup_cache_loads_what_another_reward_kept(tiny_synthetic_path, tmp_path, caplog, capsys):
     """``--warmup-cache``: the selective run loads the weighted run's warm-up and ends where it would
     have ended warming up itself; the folder is where, not what (config.json's settings are unchanged)."""
     base = ["train", "--dataset", str(tiny_synthetic_path), "--steps", "12", "--batch-size", "8", "--train-steps", "2",
@@ -144,6 +144,11 @@ def test_train_with_a_warmup_cache_loads_what_another_reward_kept(tiny_synthetic
     assert all(torch.equal(shared[k], plain[k]) for k in plain)
     config = json.loads((tmp_path / "s" / "config.json").read_text())
     assert config["warmup_cache"] == str(cache) and config["env_kwargs"] == {"predictor_warmup_steps": 25}
+    # A file given as the folder: refused before the run writes anything.
+    kept = next(cache.iterdir())
+    assert main([*base, "--reward", "fixed", "--warmup-cache", str(kept), "--out", str(tmp_path / "bad")]) == 2
+    assert f"{kept} is a file, not a folder" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
 
 
 def test_score_a_folder_of_images(tiny_synthetic, tmp_path, capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import pickle
+import re
 import subprocess
 import sys
 import warnings
@@ -1126,3 +1127,7 @@ def test_an_unreadable_kept_warm_up_is_computed_again_with_the_same_result(tiny_
 
     with pytest.raises(ValueError, match="warmup_cache must be None or a folder path, got int"):
         make(tiny_synthetic, warmup_cache=3)
+    # A file where the folder (or one above it) would be: refused when the env is made, not after a warm-up.
+    for where in (kept, kept / "sub"):
+        with pytest.raises(ValueError, match=f"warmup_cache must be a folder .*: {re.escape(str(kept))} is a file, not a folder"):
+            make(tiny_synthetic, warmup_cache=where, **warm)

@@ -37,9 +37,9 @@ def test_the_oracle_controller_trains_on_amenable_images_only(monkeypatch):
     trained = []
     original = TaskAmenabilityEnv._train_predictor
 
-    def record(self, indices):
+    def record(self, indices, batch_positions=None):
         trained.append(self.train_set.amenable("classification")[indices])
-        return original(self, indices)
+        return original(self, indices, batch_positions)
 
     monkeypatch.setattr(TaskAmenabilityEnv, "_train_predictor", record)
     result = predictor_ceiling(occluded_dataset(), controller="oracle", steps=20, eval_every=10, seed=0)
