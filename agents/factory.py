@@ -162,8 +162,9 @@ REINFORCE_TRAINING_SELECTION_RATES = {"classification": 0.8, "segmentation": 0.5
 #: the fixed reward learns (section 55), the co-trained classifiers gain too (0.846 against 0.833, 4 of 4) and
 #: the controllers end further below chance (0.322 against 0.475, 4 of 4).  In segmentation REINFORCE's fixed-reward
 #: action already selects half of each batch (its 50 % with this reward), the weighted and selective rewards' rate
-#: there: ``training_selection_rate=0.5`` changed nothing (4 seeds, every figure to the last digit); more was not
-#: measured.
+#: there: ``training_selection_rate=0.5`` changed nothing (4 seeds, every figure to the last digit), and 0.8 ranks
+#: worse on every one of 8 seeds (0.603 +- 0.078 against 0.687 +- 0.057, paired p 0.010) with the co-trained U-Nets
+#: level (0.779 against 0.773, p 0.40; docs/learning-status.md, section 81).
 REINFORCE_FIXED_TRAINING_SELECTION_RATES: dict[str, float | None] = {"classification": 0.8, "segmentation": None}
 
 #: The largest gradient norm of a predictor update in every recommended env
