@@ -160,14 +160,9 @@ class TrainConfig:
         if self.warmup_cache is not None:
             if not isinstance(self.warmup_cache, (str, os.PathLike)):
                 raise ValueError(f"warmup_cache must be None or a folder path, got {self.warmup_cache!r}")
-            from iqa_env.files import blocking_file
+            from iqa_env.files import check_warmup_cache
 
-            blocking = blocking_file(self.warmup_cache)
-            if blocking is not None:  # before any file of the run is written, not after its warm-up
-                raise ValueError(
-                    f"warmup_cache must be a folder (made if missing) to keep predictor warm-ups in, got "
-                    f"{str(self.warmup_cache)!r}: {blocking} is a file, not a folder"
-                )
+            check_warmup_cache(self.warmup_cache)  # before any file of the run is written
         if self.dataset is not None and not Path(self.dataset).exists():
             raise FileNotFoundError(f"dataset file {self.dataset} does not exist")
         return self

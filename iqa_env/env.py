@@ -590,15 +590,10 @@ class TaskAmenabilityEnv(gym.Env):
         if warmup_cache is not None and not isinstance(warmup_cache, (str, os.PathLike)):
             raise ValueError(f"warmup_cache must be None or a folder path, got {type(warmup_cache).__name__}")
         self.warmup_cache = None if warmup_cache is None else Path(warmup_cache)
-        if self.warmup_cache is not None:
-            from iqa_env.files import blocking_file
+        if warmup_cache is not None:
+            from iqa_env.files import check_warmup_cache
 
-            blocking = blocking_file(self.warmup_cache)
-            if blocking is not None:  # said now, not after a warm-up whose result could not be kept
-                raise ValueError(
-                    f"warmup_cache must be a folder (made if missing) to keep predictor warm-ups in, got "
-                    f"{str(warmup_cache)!r}: {blocking} is a file, not a folder"
-                )
+            check_warmup_cache(warmup_cache)
         self._training_digest: bytes | None = None
         self.predictor_augment = bool(predictor_augment)
         self.predictor_average = predictor_average
@@ -745,10 +740,8 @@ class TaskAmenabilityEnv(gym.Env):
         assert self.predictor is not None and self.optimizer is not None
         self.predictor.train()
         self.optimizer.zero_grad(set_to_none=True)
-        kept = self._batch_gradients
-        self._batch_gradients = None
-        if kept is not None and batch_positions is not None and not self.predictor_augment:
-            gradients, losses = kept
+        if self._batch_gradients is not None and batch_positions is not None and not self.predictor_augment:
+            gradients, losses = self._batch_gradients  # step() drops them after this step
             chosen = torch.as_tensor(batch_positions, device=self.device)
             for name, parameter in self.predictor.named_parameters():
                 if name in gradients:

@@ -44,6 +44,17 @@ def not_a_folder_hint(path: str | os.PathLike[str]) -> str:
     return "" if p is None else f"{p} is a file, not a folder"
 
 
+def check_warmup_cache(folder: str | os.PathLike[str]) -> None:
+    """Refuse a ``warmup_cache`` folder where a file stands at it or at one of its parents: said when the
+    setting is given (the env, ``TrainConfig``), not after a warm-up whose result could not be kept."""
+    blocking = blocking_file(folder)
+    if blocking is not None:
+        raise ValueError(
+            f"warmup_cache must be a folder (made if missing) to keep predictor warm-ups in, got {str(folder)!r}: "
+            f"{blocking} is a file, not a folder"
+        )
+
+
 def atomic_write(path: str | os.PathLike[str], write: Callable[[str], object]) -> Path:
     """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it over ``path``.
 

@@ -115,8 +115,9 @@ def test_reinforce_learns_the_ranking_with_the_fixed_reward_and_its_defaults(occ
     # REINFORCE's fixed-reward default: the paired set-up of the test above with the probes' rewards computed
     # from the predictor linearised at each episode's start (paired_probe="linearised"), the class penalty and
     # the exported weight average of the policy (agents.PAIRED_DEFAULTS), the predictor's real step on 80 % of
-    # each batch (section 79).  Measured: this test's run 0.441 -> 0.995, seeds 0, 2, 3 0.995 0.996 0.984.
-    # Without the 80 %: 0.984 (0.986 for the last policy), seeds 0, 2, 3 0.998 1.000 0.988, and seeds 0-3 in
+    # each batch (section 79), whose gradient comes from the probes' per-image ones (section 80).  Measured (one
+    # torch thread, as the tests run): this test's run 0.441 -> 0.995, seeds 0, 2, 3 0.997 0.997 0.985; before
+    # section 80 (the real step's own pass) 0.995 and 0.995 0.996 0.984.  Without the 80 %: 0.984 (0.986 for the last policy), seeds 0, 2, 3 0.998 1.000 0.988, and seeds 0-3 in
     # runs evaluated every 100 env steps 0.993 0.984 0.998 0.984 at 400 and 0.996 0.985 0.984 0.982 at 800
     # (the last policy: 0.997 0.973 0.986 0.982).  Seed 1 is where the
     # first-order probes (paired_probe="linear") had lost the ranking by then: 0.898 at 100 env steps, 0.393
