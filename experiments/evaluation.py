@@ -294,6 +294,64 @@ def ranking_agreement(scores: np.ndarray, amenability: np.ndarray) -> dict[str, 
     return {"auroc": value, "spearman": rho}
 
 
+def averaged_ranks(*scores: np.ndarray) -> np.ndarray:
+    """The mean of each score's ranks (ties averaged), scaled to (0, 1]: one score that ranks as the
+    scores do on average, whatever their scales."""
+    from scipy import stats
+
+    arrays = [np.asarray(s, dtype=np.float64) for s in scores]
+    if not arrays:
+        raise ValueError("averaged_ranks needs at least one score array")
+    n = _check_lengths(**{f"scores_{k}": a for k, a in enumerate(arrays)})
+    return np.mean([stats.rankdata(a) for a in arrays], axis=0) / max(n, 1)
+
+
+def with_confidence(
+    scores: np.ndarray,
+    confidence: np.ndarray,
+    amenability: np.ndarray,
+    initial_scores: np.ndarray | None = None,
+) -> dict[str, float | None]:
+    """A controller's scores beside the baseline predictor's confidence: what the controller knows that the
+    confidence does not.
+
+    The confidence is the heuristic a controller has the hardest time
+    beating (``docs/learning-status.md``, section 82: the weighted and
+    selective rewards teach the controller the predictor's validation
+    losses, and a predictor is least confident where its losses are
+    high). Two scores can rank as well as each other and still differ;
+    this measures how.  Returns ``spearman``: their rank correlation;
+    ``auroc``: the AUROC against the ground truth (amenability >= 0.5) of
+    their ranks averaged (:func:`averaged_ranks`); ``confidence_auroc``:
+    the confidence's alone; ``untrained_auroc``: ``initial_scores`` (the
+    run's untrained controller) averaged with the confidence, the
+    reference that says whether the training put it there (an untrained
+    network's ranks only add noise).  Where ``auroc`` is above both, the
+    trained controller knows of the truth something the confidence does
+    not.
+    """
+    from scipy import stats
+
+    from iqa_env.metrics import auroc_or_none
+
+    scores = np.asarray(scores, dtype=np.float64)
+    confidence = np.asarray(confidence, dtype=np.float64)
+    amenable = np.asarray(amenability, dtype=np.float64) >= 0.5
+    _check_lengths(scores=scores, confidence=confidence, amenability=amenable)
+    rho = None
+    if len(scores) > 1 and np.ptp(scores) > 0 and np.ptp(confidence) > 0:
+        rho = _float_or_none(stats.spearmanr(scores, confidence).statistic)
+    untrained = None
+    if initial_scores is not None:
+        untrained = auroc_or_none(averaged_ranks(initial_scores, confidence), amenable)
+    return {
+        "spearman": rho,
+        "auroc": auroc_or_none(averaged_ranks(scores, confidence), amenable),
+        "confidence_auroc": auroc_or_none(confidence, amenable),
+        "untrained_auroc": untrained,
+    }
+
+
 def heuristic_scores(images: np.ndarray, confidence: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Simple per-image quality heuristics that the controller should beat.
 

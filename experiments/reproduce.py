@@ -57,6 +57,7 @@ from experiments.evaluation import (
     ranking_agreement,
     rejection_curve,
     seeds_higher_text,
+    with_confidence,
 )
 from experiments.training import TrainConfig, dataset_fingerprint
 from experiments.workers import completed, worker_pool
@@ -785,6 +786,11 @@ def summarise_run(
         if final is not None and best:
             run["margin_over_heuristics"] = float(final - max(best))
             run["beats_heuristics"] = run["margin_over_heuristics"] > 0
+        if "confidence" in baseline:
+            # What the controller knows that the same seed's baseline predictor's confidence does not.
+            run["with_confidence"] = with_confidence(
+                scores, baseline["confidence"], holdout.amenability[task], arrays.get("initial_scores")
+            )
     return run
 
 
@@ -792,6 +798,21 @@ def with_median(stats: dict[str, Any]) -> dict[str, Any]:
     """A "stats" of p-values (:func:`mean_and_std`) with the ``median`` of its defined values added."""
     defined = [v for v in stats["values"] if v is not None]
     return {**stats, "median": float(np.median(defined)) if defined else None}
+
+
+def summarise_with_confidence(runs: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """Each seed's :func:`~experiments.evaluation.with_confidence` across seeds (None where no run has it):
+    means +- st.d. of its figures, and every seed's averaged ranks against the confidence alone
+    (``against_confidence``: :func:`~experiments.evaluation.against_initial`, the confidence as the start)."""
+    seeds = [r.get("with_confidence") or {} for r in runs]
+    if not any(seeds):
+        return None
+    keys = ("spearman", "auroc", "confidence_auroc", "untrained_auroc")
+    moved = against_initial([s.get("confidence_auroc") for s in seeds], [s.get("auroc") for s in seeds])
+    return {
+        **{key: mean_and_std([s.get(key) for s in seeds]) for key in keys},
+        "against_confidence": {k: v for k, v in moved.items() if k not in ("initial", "final")},
+    }
 
 
 def summarise_seeds(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -818,6 +839,7 @@ def summarise_seeds(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "spearman": mean_and_std([(r["controller"] or {}).get("spearman") for r in runs]),
         "seeds_beating_heuristics": sum(bool(r["beats_heuristics"]) for r in runs),
         "margin_over_heuristics": mean_and_std([r.get("margin_over_heuristics") for r in runs]),
+        "with_confidence": summarise_with_confidence(runs),
         "wall_time_s": mean_and_std([r.get("wall_time_s") for r in runs]),
         "curve": [
             {"ratio": float(ratio), **mean_and_std([r["curve"][i]["mean"] for r in runs])}
@@ -1410,6 +1432,43 @@ def _auroc_markdown(task_result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def with_confidence_text(stats: dict[str, Any]) -> str:
+    """A controller's ``summary["with_confidence"]`` in a line: its ranks averaged with the baseline
+    predictor's confidence, against the confidence alone and the untrained controller's average."""
+    return (
+        f"{format_stats(stats['auroc'])} (the confidence alone {format_stats(stats['confidence_auroc'])}, "
+        f"higher on {seeds_higher_text(stats['against_confidence'])}; the untrained controller's ranks averaged "
+        f"with it {format_stats(stats['untrained_auroc'])}); Spearman with the confidence {format_stats(stats['spearman'])}"
+    )
+
+
+def _with_confidence_markdown(task_result: dict[str, Any]) -> list[str]:
+    """The report's table of what each controller knows that the baseline predictor's confidence does not."""
+    rows = [(label, entry["summary"].get("with_confidence")) for label, entry in task_result["runs"].items()]
+    rows = [(label, stats) for label, stats in rows if stats]
+    if not rows:
+        return []
+    lines = [
+        "### What the controller knows that the predictor's confidence does not",
+        "",
+        "Each seed's controller scores and the same seed's baseline predictor's confidence, their ranks averaged "
+        "into one score: where it ranks the ground truth better than the confidence alone, and the untrained "
+        "controller's ranks averaged with the confidence do not, the training taught the controller something "
+        "the confidence does not carry (`with_confidence` in results.json).",
+        "",
+        "| scorer | Spearman with the confidence | ranks averaged with the confidence: AUROC | the confidence alone "
+        "| seeds where the average is higher (sign test p) | the untrained controller averaged with the confidence |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, stats in rows:
+        lines.append(
+            f"| controller, {label} | {format_stats(stats['spearman'])} | {format_stats(stats['auroc'])} "
+            f"| {format_stats(stats['confidence_auroc'])} | {seeds_higher_text(stats['against_confidence'])} "
+            f"| {format_stats(stats['untrained_auroc'])} |"
+        )
+    return [*lines, ""]
+
+
 def per_seed_markdown(task_result: dict[str, Any]) -> list[str]:
     metric = task_result["metric"]
     ratio = f"{task_result['paper_rejection_ratio']:.0%}"
@@ -1527,6 +1586,7 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
             "",
             f"![AUROC]({names['auroc']})",
             "",
+            *_with_confidence_markdown(t),
             "### Every seed",
             "",
             *per_seed_markdown(t),

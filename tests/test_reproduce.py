@@ -316,6 +316,42 @@ def test_ranking_agreement_and_heuristics():
     assert h["predictor_confidence"].tolist() == [0.6, 0.9]
 
 
+def test_averaged_ranks_ranks_each_score_then_averages():
+    assert ev.averaged_ranks(np.array([3.0, 1.0, 2.0]), np.array([10.0, 30.0, 20.0])).tolist() == [2 / 3] * 3
+    # Ties share their ranks; the scale of a score does not matter, only its order.
+    assert ev.averaged_ranks(np.array([0.5, 0.5, 0.9, 0.1])).tolist() == [0.625, 0.625, 1.0, 0.25]
+    assert ev.averaged_ranks(np.array([1e6, 2e6])).tolist() == ev.averaged_ranks(np.array([0.1, 0.2])).tolist()
+    with pytest.raises(ValueError, match="one length"):
+        ev.averaged_ranks(np.zeros(3), np.zeros(4))
+
+
+def test_with_confidence_tells_a_controller_that_knows_what_the_confidence_misses_from_a_copy_of_it():
+    # Two independent causes make an image not amenable; the confidence sees one, the trained controller the
+    # other, the untrained one neither.  Averaging ranks then beats each alone, and only for the trained one.
+    rng = np.random.default_rng(0)
+    n = 2000
+    a, b = rng.random(n) < 0.2, rng.random(n) < 0.2
+    amenability = np.where(a | b, 0.1, 0.9)
+    confidence = 0.9 - 0.3 * a + 0.1 * rng.standard_normal(n)
+    trained = 0.9 - 0.3 * b + 0.1 * rng.standard_normal(n)
+    untrained = rng.standard_normal(n)
+    out = ev.with_confidence(trained, confidence, amenability, initial_scores=untrained)
+    assert set(out) == {"spearman", "auroc", "confidence_auroc", "untrained_auroc"}
+    assert out["confidence_auroc"] == pytest.approx(ev.ranking_agreement(confidence, amenability)["auroc"])
+    alone = ev.ranking_agreement(trained, amenability)["auroc"]
+    assert out["auroc"] > max(alone, out["confidence_auroc"]) + 0.05
+    assert out["untrained_auroc"] < out["confidence_auroc"]
+    assert abs(out["spearman"]) < 0.1  # they rank unalike
+    # A controller that copies the confidence ranks as it does, and adds nothing.
+    copy = ev.with_confidence(2.0 * confidence + 1.0, confidence, amenability)
+    assert copy["spearman"] == pytest.approx(1.0)
+    assert copy["auroc"] == pytest.approx(copy["confidence_auroc"])
+    assert copy["untrained_auroc"] is None  # no untrained scores given
+    assert ev.with_confidence(np.ones(4), np.array([0.1, 0.2, 0.3, 0.4]), np.full(4, 0.9))["auroc"] is None
+    with pytest.raises(ValueError, match="one length"):
+        ev.with_confidence(np.zeros(3), np.zeros(4), np.zeros(3))
+
+
 def test_mean_and_std_skips_undefined_values():
     out = ev.mean_and_std([0.2, None, 0.4, float("nan")])
     assert out["mean"] == pytest.approx(0.3) and out["n"] == 2 and out["values"] == [0.2, None, 0.4, None]
@@ -350,12 +386,12 @@ SUMMARY_KEYS = {
     "initial_auroc", "final_auroc", "spearman", "seeds_beating_heuristics", "wall_time_s", "curve", "kappa",
     "contingency_summed", "baseline_predictor_at_paper_ratio", "baseline_predictor_p_value",
     "baseline_predictor_seeds_better_with_p_below_0.05", "auroc_against_initial", "by_ratio", "margin_over_heuristics",
-    "untrained", "baseline_predictor_against_untrained",
+    "untrained", "baseline_predictor_against_untrained", "with_confidence",
 }
 RUN_KEYS = {
     "seed", "folder", "algo", "reward", "steps", "wall_time_s", "initial_auroc", "final_auroc", "auroc_curve",
     "initial_auroc_by_class", "final_auroc_by_class", "mean_score", "curve", "ttest", "at_paper_ratio", "baseline_predictor", "random_band", "contingency", "controller",
-    "beats_heuristics", "margin_over_heuristics", "untrained_baseline_predictor",
+    "beats_heuristics", "margin_over_heuristics", "untrained_baseline_predictor", "with_confidence",
 }
 TASK_KEYS = {"metric", "paper_rejection_ratio", "holdout", "human_labels", "heuristics", "baseline", "runs", "figures"}
 
@@ -437,6 +473,17 @@ def check_task_result(t, labels, seeds):
             }
         margins = [r["margin_over_heuristics"] for r in entry["runs"]]
         assert entry["summary"]["margin_over_heuristics"]["mean"] == pytest.approx(np.mean(margins))
+        # The controller beside the same seed's baseline predictor's confidence, seed by seed and across seeds.
+        with_confidence = entry["summary"]["with_confidence"]
+        assert set(with_confidence) == {"spearman", "auroc", "confidence_auroc", "untrained_auroc", "against_confidence"}
+        for key in ("auroc", "confidence_auroc", "untrained_auroc"):
+            assert with_confidence[key]["values"] == [r["with_confidence"][key] for r in entry["runs"]]
+        confidence = [next(b for b in baseline["runs"] if b["seed"] == r["seed"])["heuristics"]["predictor_confidence"]["auroc"]
+                      for r in entry["runs"]]
+        assert with_confidence["confidence_auroc"]["values"] == pytest.approx(confidence)
+        assert with_confidence["against_confidence"]["higher"] == sum(
+            r["with_confidence"]["auroc"] > r["with_confidence"]["confidence_auroc"] for r in entry["runs"]
+        )
 
 
 def check_rejected(summary, seeds):

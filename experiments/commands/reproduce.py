@@ -100,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
         margin_text,
         reproduce,
         tie_break_text,
+        with_confidence_text,
     )
 
     results = reproduce(
@@ -149,6 +150,8 @@ def run(args: argparse.Namespace) -> int:
                       f"seeds higher than at initialisation: {against_initial_text(s)}; "
                       f"beating every heuristic: {s['seeds_beating_heuristics']} of {s['final_auroc']['n']} "
                       f"(AUROC minus the best heuristic's, same seed: {margin_text(s)})")
+                if s.get("with_confidence"):
+                    print(f"      its ranks averaged with the baseline predictor's confidence: {with_confidence_text(s['with_confidence'])}")
             print("    heuristics: " + ", ".join(f"{name} {format_stats(h['auroc'])}" for name, h in t["heuristics"].items()))
     print(f"report: {args.out}/report.md, figures and results.json in {args.out}")
     return 0
