@@ -468,14 +468,20 @@ def spread_out(stages: Sequence[Stage]) -> list[Stage]:
     return sorted(stages, key=lambda s: (s.kind == "baseline", rank[s.name]))
 
 
+#: The torch threads of every stage, whatever ``workers`` is: one, as the seed study's runs (:func:`run_stages`).
+STAGE_THREADS = 1
+
+
 def run_stages(stages: Sequence[Stage], workers: int = 1) -> int:
     """Run every unfinished stage (finished ones are skipped), one log line per stage; returns how many ran.
 
-    With ``workers > 1`` stages run in that many processes (spawned, one
-    torch thread each), longest first; a single stage left runs here, with
-    one torch thread too, so that its figures do not depend on how many
-    stages a resumed run had left (the thread count changes the order of
-    torch's sums, and so the last digits of a run and where it goes).
+    With ``workers > 1`` stages run in that many processes (spawned),
+    longest first; with ``workers=1``, or a single stage left, they run
+    here.  Every stage runs on one torch thread wherever it runs, so that
+    its figures depend neither on ``workers`` nor on how many stages a
+    resumed run had left: the thread count changes the order of torch's
+    sums on a CPU, and so the last digits of a run and where it goes
+    (``docs/learning-status.md``, section 77).
     """
     start = time.perf_counter()
     total = len(stages)
@@ -497,17 +503,16 @@ def run_stages(stages: Sequence[Stage], workers: int = 1) -> int:
         )
 
     if workers <= 1 or len(todo) == 1:
-        threads = 1 if workers > 1 else None
         for stage in todo:
             logger.info("stage %d/%d %s: running (%d steps)", index[stage.name], total, stage.name, stage.config.steps)
-            done(stage, run_stage(stage, threads))
+            done(stage, run_stage(stage, STAGE_THREADS))
         return len(todo)
     todo = spread_out(todo)
     logger.info("running %d stages in %d processes", len(todo), workers)
     # An interruption ends the workers with this process; finished stages keep their stage.done, and the
     # next run resumes after them.
     with worker_pool(workers) as pool:
-        futures = {pool.submit(run_stage, stage, 1): stage for stage in todo}
+        futures = {pool.submit(run_stage, stage, STAGE_THREADS): stage for stage in todo}
         for future in completed(futures):
             done(futures[future], future.result())
     return len(todo)
@@ -1723,7 +1728,7 @@ def reproduce(
     :param seeds: seeds ``0 .. seeds-1`` (default: the budget's)
     :param algo: RL algorithm (default: TrainConfig's)
     :param steps: env steps per run (default: the budget's)
-    :param workers: stages run in this many processes at once
+    :param workers: stages run in this many processes at once (each on one torch thread, whatever this is)
     :param device: ``auto``, ``cpu`` or ``cuda[:N]``
     :param overrides: further TrainConfig fields (or ``seeds``) over the budget (tests use it for tiny runs)
     :param random_draws: random rejections per ratio behind the random band

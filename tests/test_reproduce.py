@@ -1011,11 +1011,12 @@ def test_the_baseline_trains_on_every_image_whatever_training_selection_rate_the
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
-@pytest.mark.parametrize("workers, expected", [(2, 1), (1, None)])
-def test_a_single_stage_left_runs_with_the_thread_count_of_the_pools_stages(tmp_path, monkeypatch, workers, expected):
-    """With ``workers > 1`` every stage runs on one torch thread, the last one left of a resumed run too:
-    before, a single stage left ran on the default threads, whose sums in another order gave other figures
-    than the same stage run in the pool.  A stage run in this process leaves its thread count as it was."""
+@pytest.mark.parametrize("workers", [2, 1])
+def test_a_stage_run_here_has_the_thread_count_of_the_pools_stages(tmp_path, monkeypatch, workers):
+    """Every stage runs on one torch thread: the last one left of a resumed run, and every stage of
+    ``workers=1``, which run in this process, too.  Before, those ran on the default threads, whose sums in
+    another order gave other figures than the same stage run in the pool.  A stage run in this process
+    leaves its thread count as it was."""
     import torch
 
     import experiments.reproduce as rp
@@ -1024,7 +1025,12 @@ def test_a_single_stage_left_runs_with_the_thread_count_of_the_pools_stages(tmp_
     seen = []
     monkeypatch.setattr(rp, "_run_stage", lambda stage: seen.append(torch.get_num_threads()) or {"predictor_updates": 1, "elapsed_s": 0.0})
     before = torch.get_num_threads()
-    stage = rp.make_stage(tmp_path, "baseline", TrainConfig(steps=1), "baseline", 16)
-    assert rp.run_stages([stage], workers) == 1
-    assert seen == [1 if expected == 1 else before]
-    assert torch.get_num_threads() == before
+    torch.set_num_threads(2)  # what the stages must not inherit
+    try:
+        # With workers=1 both stages run here; with 2, the pool's processes are not this one: one stage left.
+        stages = [rp.make_stage(tmp_path, "baseline", TrainConfig(steps=1, seed=s), "baseline", 16) for s in range(3 - workers)]
+        assert rp.run_stages(stages, workers) == len(stages)
+        assert seen == [rp.STAGE_THREADS] * len(stages) == [1] * len(stages)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -20,7 +20,11 @@ def add_budget_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=positive_int, default=None, help="seeds 0 .. N-1 (default: the budget's)")
     p.add_argument("--steps", type=positive_int, default=None, help="env steps per training run (default: the budget's)")
     p.add_argument(
-        "--workers", type=positive_int, default=default_workers(), help="stages run in this many processes at once"
+        "--workers",
+        type=positive_int,
+        default=default_workers(),
+        help="stages run in this many processes at once, each stage on one torch thread whatever this is, "
+        "so that a seed's figures do not depend on it",
     )
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.add_argument("--out", required=True, help="output folder (created; rerun with the same folder to resume)")
