@@ -280,18 +280,24 @@ def contingency(scores: np.ndarray, human_amenable: np.ndarray, rejection_ratio:
 
 def ranking_agreement(scores: np.ndarray, amenability: np.ndarray) -> dict[str, float | None]:
     """AUROC of ``scores`` against the binary ground truth (amenability >= 0.5) and Spearman's rho against it."""
-    from scipy import stats
-
     from iqa_env.metrics import auroc_or_none
 
     scores = np.asarray(scores, dtype=np.float64)
     amenability = np.asarray(amenability, dtype=np.float64)
     _check_lengths(scores=scores, amenability=amenability)
     value = auroc_or_none(scores, amenability >= 0.5)
-    rho = None
-    if len(scores) > 1 and np.ptp(scores) > 0 and np.ptp(amenability) > 0:
-        rho = _float_or_none(stats.spearmanr(scores, amenability).statistic)
-    return {"auroc": value, "spearman": rho}
+    return {"auroc": value, "spearman": spearman_or_none(scores, amenability)}
+
+
+def spearman_or_none(a: np.ndarray, b: np.ndarray) -> float | None:
+    """Spearman's rho between two per-image arrays of one length; None where it is undefined (fewer
+    than two images, or either array constant)."""
+    from scipy import stats
+
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if len(a) > 1 and np.ptp(a) > 0 and np.ptp(b) > 0:
+        return _float_or_none(stats.spearmanr(a, b).statistic)
+    return None
 
 
 def averaged_ranks(*scores: np.ndarray) -> np.ndarray:
@@ -330,22 +336,17 @@ def with_confidence(
     trained controller knows of the truth something the confidence does
     not.
     """
-    from scipy import stats
-
     from iqa_env.metrics import auroc_or_none
 
     scores = np.asarray(scores, dtype=np.float64)
     confidence = np.asarray(confidence, dtype=np.float64)
     amenable = np.asarray(amenability, dtype=np.float64) >= 0.5
     _check_lengths(scores=scores, confidence=confidence, amenability=amenable)
-    rho = None
-    if len(scores) > 1 and np.ptp(scores) > 0 and np.ptp(confidence) > 0:
-        rho = _float_or_none(stats.spearmanr(scores, confidence).statistic)
     untrained = None
     if initial_scores is not None:
         untrained = auroc_or_none(averaged_ranks(initial_scores, confidence), amenable)
     return {
-        "spearman": rho,
+        "spearman": spearman_or_none(scores, confidence),
         "auroc": auroc_or_none(averaged_ranks(scores, confidence), amenable),
         "confidence_auroc": auroc_or_none(confidence, amenable),
         "untrained_auroc": untrained,
