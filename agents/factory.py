@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import copy
 import inspect
+import sys
 from types import SimpleNamespace
 from typing import Any
 
 from stable_baselines3 import A2C, PPO, SAC
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.buffers import ReplayBuffer
+from stable_baselines3.common.logger import HumanOutputFormat, Logger
 from stable_baselines3.common.type_aliases import GymEnv
 from stable_baselines3.common.utils import LinearSchedule
 
@@ -601,7 +603,25 @@ def make_agent(name: str, env: GymEnv, seed: int | None = None, **kwargs: Any) -
         if "index" in buffer and "replay_buffer_kwargs" not in options:
             options["replay_buffer_kwargs"] = index_buffer_kwargs(env)
     algorithm, policy = _CLASSES[name]
-    return algorithm(policy, env, seed=seed, **options)
+    return without_log_folder(algorithm(policy, env, seed=seed, **options))
+
+
+def without_log_folder(agent: BaseAlgorithm) -> BaseAlgorithm:
+    """Give an agent without ``tensorboard_log`` a logger that writes no files; returns the agent.
+
+    Without it, stable-baselines3's ``learn()`` configures a logger whose folder
+    defaults to a new, empty ``SB3-<date-time>`` folder in the system's
+    temporary folder, one per call, where nothing is ever written
+    (``stable_baselines3.common.logger.configure``). This logger prints what
+    stable-baselines3's would (its table on stdout with ``verbose >= 1``,
+    nothing otherwise). An agent with ``tensorboard_log`` keeps
+    stable-baselines3's own logger, which writes there; so does one given a
+    logger with ``set_logger`` afterwards.
+    """
+    if getattr(agent, "tensorboard_log", None) is None:
+        formats = [HumanOutputFormat(sys.stdout)] if getattr(agent, "verbose", 0) >= 1 else []
+        agent.set_logger(Logger(folder=None, output_formats=formats))
+    return agent
 
 
 #: make_agent's own arguments, or the algorithm's that make_agent fills in: not settings of ``kwargs``.

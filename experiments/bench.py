@@ -44,13 +44,14 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+
+from experiments.workers import torch_threads
 
 logger = logging.getLogger(__name__)
 
@@ -144,17 +145,6 @@ def _synchronize(device: torch.device) -> None:
     """Wait for queued GPU work, so that wall-clock timings include it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-@contextmanager
-def _torch_threads(threads: int) -> Iterator[None]:
-    """Run with ``threads`` intra-op threads, then restore the caller's setting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def peak_rss_bytes() -> int:
@@ -615,7 +605,7 @@ def run_bench(
     started = time.perf_counter()
     load_start = _load_average()
 
-    with _torch_threads(n_threads):
+    with torch_threads(n_threads):
         from agents import recommended_env_kwargs
         from iqa_env.env import as_dataset
 

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from agents.factory import without_log_folder
 from agents.index_buffer import TRANSITION_ARRAYS
 
 FORMAT = "iqa-train-checkpoint"
@@ -361,7 +362,9 @@ def restore(
     continue the noise where it was.
     """
     folder = Path(folder)
-    agent = agent_class.load(folder / AGENT_NAME, env=env, device=device, force_reset=False, **load_kwargs)
+    agent = without_log_folder(
+        agent_class.load(folder / AGENT_NAME, env=env, device=device, force_reset=False, **load_kwargs)
+    )
     buffer = getattr(agent, "replay_buffer", None)
     if buffer is not None:
         if not (folder / BUFFER_NAME).is_file():

@@ -411,16 +411,14 @@ def evaluate_stage(
 
 
 def run_stage(stage: Stage, threads: int | None = None) -> dict[str, Any]:
-    """Run one stage to completion and write its ``stage.done`` record last; returns the record."""
-    import torch
+    """Run one stage to completion and write its ``stage.done`` record last; returns the record.
 
-    previous = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
+    On ``threads`` torch threads (None: the caller's); a stage run in the caller's process gives it its
+    thread count back."""
+    from experiments.workers import torch_threads
+
+    with torch_threads(threads):
         return _run_stage(stage)
-    finally:
-        torch.set_num_threads(previous)  # a stage run in the caller's process leaves its thread count as it was
 
 
 def _run_stage(stage: Stage) -> dict[str, Any]:

@@ -827,6 +827,8 @@ def train(
         "steps": steps,
         "wall_time_s": wall,
         "steps_per_s": steps / max(wall, 1e-9),
+        # The torch threads it ran on: they change the order of torch's sums, so the last digits of its figures.
+        "torch_threads": torch.get_num_threads(),
         "initial_auroc": curve[0][1],
         "final_auroc": final,
         # The same AUROCs within each class (classification labels; None where undefined).

@@ -36,7 +36,7 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from typing import Any
 
-__all__ = ["completed", "worker_pool"]
+__all__ = ["completed", "torch_threads", "worker_pool"]
 
 #: Seconds a worker gets to end after SIGTERM before it is sent SIGKILL.
 TERMINATE_GRACE_S = 10.0
@@ -89,3 +89,23 @@ def completed(futures: Iterable[Future], poll_s: float = 0.5) -> Iterator[Future
     while pending:
         done, pending = wait(pending, timeout=poll_s, return_when=FIRST_COMPLETED)
         yield from done
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run the block on ``threads`` torch intra-op threads (None: as they are), then give the caller its count back.
+
+    The count changes the order of torch's sums on a CPU, and so a run's
+    figures from their last digits on: a reproduce stage runs on one
+    (``experiments.reproduce.STAGE_THREADS``), and ``iqa train --threads 1``
+    runs as it does.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -235,3 +235,38 @@ def test_ddpg_with_the_fixed_reward_gets_its_measured_settings(tiny_synthetic_pa
             assert (agent.gamma, agent.store_selections) == (gamma, store)
         finally:
             env.close()
+
+
+def test_train_threads_is_the_runs_torch_thread_count_and_one_gives_a_reproduce_stages_figures(
+    tiny_synthetic_path, tmp_path, capsys
+):
+    """``--threads``: the run trains on that many torch threads (summary.json says how many), the caller's
+    count is left as it was, and ``--threads 1`` ends where the same settings end run as a stage of
+    ``iqa reproduce`` (one thread, ``experiments.reproduce.run_stage``) to the last digit."""
+    from experiments.reproduce import STAGE_THREADS
+    from experiments.training import TrainConfig, train
+
+    args = ["--dataset", str(tiny_synthetic_path), "--steps", "16", "--batch-size", "8", "--train-steps", "2",
+            "--device", "cpu", "--no-progress"]
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # not the stages' count, so that a --threads left unused shows
+    try:
+        assert main(["train", *args, "--threads", str(STAGE_THREADS), "--out", str(tmp_path / "one")]) == 0
+        assert torch.get_num_threads() == 2
+        capsys.readouterr()
+        cli = json.loads((tmp_path / "one" / "summary.json").read_text())
+        assert cli["torch_threads"] == STAGE_THREADS == 1
+        config = TrainConfig(dataset=str(tiny_synthetic_path), steps=16, batch_size=8, train_steps=2, device="cpu")
+        torch.set_num_threads(STAGE_THREADS)
+        stage = train(config, tmp_path / "stage", progress=False)
+        assert stage["torch_threads"] == 1
+        assert stage["final_auroc"] == cli["final_auroc"] and stage["auroc_curve"] == cli["auroc_curve"]
+        torch.set_num_threads(2)
+        assert main(["train", *args, "--out", str(tmp_path / "default")]) == 0
+        assert json.loads((tmp_path / "default" / "summary.json").read_text())["torch_threads"] == 2
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(SystemExit):
+        main(["train", *args, "--threads", "0", "--out", str(tmp_path / "bad")])
+    assert "argument --threads: expected a positive integer, got '0'" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from experiments.commands import HelpFormatter, json_object, non_negative_int
+from experiments.commands import HelpFormatter, json_object, non_negative_int, positive_int
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -89,6 +89,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "predictor settings (e.g. the other rewards) load it instead of computing it again; results do not change",
     )
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument(
+        "--threads",
+        type=positive_int,
+        default=None,
+        help="torch threads of the run (default: torch's own choice, one per core). The count changes the "
+        "order of torch's sums, so a run's figures in their last digits: 1 gives the figures of the "
+        "`iqa reproduce` stage with the same settings, which runs on one thread; summary.json records it",
+    )
     p.add_argument("--out", required=True, help="run folder (created)")
     p.add_argument(
         "--no-progress",
@@ -100,6 +108,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from experiments.training import TrainConfig, show_evaluations, train
+    from experiments.workers import torch_threads
 
     config = TrainConfig(
         algo=args.algo,
@@ -120,7 +129,8 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.no_progress:
         show_evaluations()  # the bar shows the holdout AUROC; without it, a line per evaluation
-    summary = train(config, args.out, progress=not args.no_progress, overwrite=args.overwrite)
+    with torch_threads(args.threads):  # a run called in-process gives the caller its thread count back
+        summary = train(config, args.out, progress=not args.no_progress, overwrite=args.overwrite)
     finished = bool(summary.get("already_finished"))
     if finished:
         print(
