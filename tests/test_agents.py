@@ -207,7 +207,7 @@ def test_ddpg_actions_do_not_saturate(dataset):
 def test_ddpg_and_td3_skip_the_target_networks_only_when_the_target_ignores_them(dataset, monkeypatch, name, gamma):
     """With gamma = 0 the target networks are not run, and the update is stable-baselines3's, bit for bit."""
     import stable_baselines3
-    from stable_baselines3.common.logger import configure
+    from stable_baselines3.common.logger import Logger
 
     from agents import factory
 
@@ -232,7 +232,7 @@ def test_ddpg_and_td3_skip_the_target_networks_only_when_the_target_ignores_them
         for agent in (ours, sb3):
             agent.replay_buffer.add(obs, next_obs, action, reward, done, [{"reward_ready": True}])
     for agent in (ours, sb3):
-        agent.set_logger(configure(None, []))
+        agent.set_logger(Logger(None, []))  # no SB3-<time> folder in the temporary folder
         np.random.seed(1)  # the replay buffer's draws
         torch.manual_seed(1)  # the target-policy noise
         agent.train(gradient_steps=3, batch_size=4)
@@ -305,7 +305,7 @@ def _class_separation(agent, obs: torch.Tensor, classes: torch.Tensor) -> float:
 @pytest.mark.parametrize("name", ["ddpg", "td3"])
 def test_ddpg_class_balance_pulls_the_classes_scores_together_and_leaves_the_critic_alone(dataset, tmp_path, name):
     """``class_balance``: the actor's loss penalises the class separation of its logits, and nothing else changes."""
-    from stable_baselines3.common.logger import configure
+    from stable_baselines3.common.logger import Logger
 
     from agents.deterministic import _ClassBalancedCritic
 
@@ -328,7 +328,7 @@ def test_ddpg_class_balance_pulls_the_classes_scores_together_and_leaves_the_cri
             info = {"reward_ready": True, "classes": labels[i], "valid": np.ones(8, bool)}
             agent.replay_buffer.add(images[i : i + 1], images[i : i + 1], action, np.zeros(1, np.float32),
                                     np.zeros(1, np.float32), [info])
-        agent.set_logger(configure(None, []))
+        agent.set_logger(Logger(None, []))  # no SB3-<time> folder in the temporary folder
         np.random.seed(1)
         torch.manual_seed(1)
         agent.train(gradient_steps=30, batch_size=4)
