@@ -55,9 +55,8 @@ def test_every_algorithm_runs_learn_for_a_few_hundred_steps_and_updates_its_cont
 
 def test_learn_without_tensorboard_leaves_no_folder_in_the_temporary_folder(dataset, tmp_path, monkeypatch, capsys):
     """stable-baselines3's ``learn()`` without ``tensorboard_log`` makes an empty ``SB3-<date-time>`` folder
-    in the system's temporary folder on every call; an agent of ``make_agent`` (or loaded from a
-    checkpoint) logs without one, printing SB3's table with ``verbose=1`` as before.  With
-    ``tensorboard_log`` the logs still go there."""
+    in the system's temporary folder on every call; an agent of ``make_agent`` logs without one,
+    printing SB3's table with ``verbose=1`` as before.  With ``tensorboard_log`` the logs still go there."""
     import tempfile
 
     from stable_baselines3 import PPO
@@ -71,6 +70,7 @@ def test_learn_without_tensorboard_leaves_no_folder_in_the_temporary_folder(data
     capsys.readouterr()
     make_agent("ppo", env, seed=0, verbose=1).learn(10)
     assert "total_timesteps" in capsys.readouterr().out
+
     def sb3_folders() -> list[str]:
         return [p.name for p in temporary.iterdir() if p.name.startswith("SB3-")]  # torch may keep its own there
 
