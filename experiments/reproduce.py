@@ -60,7 +60,7 @@ from experiments.evaluation import (
     with_confidence,
 )
 from experiments.training import TrainConfig, dataset_fingerprint
-from experiments.workers import completed, worker_pool
+from experiments.workers import completed, torch_threads, worker_pool
 from iqa_env.checks import is_count, is_non_negative_number
 
 logger = logging.getLogger(__name__)
@@ -415,8 +415,6 @@ def run_stage(stage: Stage, threads: int | None = None) -> dict[str, Any]:
 
     On ``threads`` torch threads (None: the caller's); a stage run in the caller's process gives it its
     thread count back."""
-    from experiments.workers import torch_threads
-
     with torch_threads(threads):
         return _run_stage(stage)
 
