@@ -49,6 +49,7 @@ def benchmark_algorithms(
     random_draws: int = rp.RANDOM_DRAWS,
     env_kwargs: dict[str, Any] | None = None,
     agent_kwargs: dict[str, Any] | None = None,
+    mirror_average: bool = True,
 ) -> dict[str, Any]:
     """Train and evaluate every algorithm of ``algos`` for every seed; returns what ``results.json`` holds.
 
@@ -69,7 +70,7 @@ def benchmark_algorithms(
         if algo not in ALGORITHMS:
             raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algo!r}")
     task_names = rp.check_tasks(tasks)
-    fields = rp.with_kwargs(overrides, env_kwargs, agent_kwargs)
+    fields = rp.with_kwargs(overrides, env_kwargs, agent_kwargs, mirror_average)
     if reward is not None:
         fields["reward"] = reward
     # The base is checked against the first algorithm (each run's algorithm replaces it, and is checked
@@ -86,6 +87,7 @@ def benchmark_algorithms(
         "steps": steps,
         "env_kwargs": env_kwargs or None,
         "agent_kwargs": agent_kwargs or None,
+        "mirror_average": mirror_average,
     }
     runs = [{"label": a, "algo": a} for a in algo_names]
     folder, results = rp.run_experiment(

@@ -390,7 +390,9 @@ def evaluate_stage(
     arrays = env.evaluate(holdout)
     if controller:
         arrays["scores"] = Controller.load(folder / "controller", device=env.device).score(holdout.images)
-        untrained = Controller.from_agent(make_agent(config.algo, env, seed=config.seed, **config.agent_kwargs))
+        untrained = Controller.from_agent(
+            make_agent(config.algo, env, seed=config.seed, **config.agent_kwargs), mirror_average=config.mirror_average
+        )
         initial = untrained.score(holdout.images)
         rebuilt = scores_auroc(initial, holdout, config.task)
         if initial_auroc is not None and rebuilt is not None and not math.isclose(rebuilt, initial_auroc, abs_tol=1e-6):
@@ -1714,6 +1716,7 @@ def reproduce(
     env_kwargs: dict[str, Any] | None = None,
     agent_kwargs: dict[str, Any] | None = None,
     rewards: str | Sequence[str] | None = None,
+    mirror_average: bool = True,
 ) -> dict[str, Any]:
     """Run (or resume) the paper's experiment into ``out``; returns what it writes to ``out/results.json``.
 
@@ -1732,10 +1735,12 @@ def reproduce(
     :param agent_kwargs: arguments of the algorithm over its defaults, for every trained run
     :param rewards: the rewards to train (default: all of ``REWARDS``, Table 1's rows); the stages of a
         reward are the same whichever others run, so a folder made with some rewards resumes with more
+    :param mirror_average: the controllers score each image with its mirror image
+        (``TrainConfig.mirror_average``); False for images whose mirror is another kind of image
     """
     task_names = check_tasks(tasks)
     reward_names = check_rewards(rewards)
-    fields = with_kwargs(overrides, env_kwargs, agent_kwargs)
+    fields = with_kwargs(overrides, env_kwargs, agent_kwargs, mirror_average)
     base, default_seeds = budget_config(quick, dataset, algo, steps, device, fields)
     seed_list = check_seeds(default_seeds if seeds is None else seeds)
     options = {
@@ -1748,6 +1753,7 @@ def reproduce(
         "steps": steps,
         "env_kwargs": env_kwargs or None,
         "agent_kwargs": agent_kwargs or None,
+        "mirror_average": mirror_average,
     }
     runs = [{"label": r, "reward": r} for r in reward_names]
     folder, results = run_experiment(
@@ -1764,10 +1770,16 @@ def reproduce(
 
 
 def with_kwargs(
-    overrides: dict[str, Any] | None, env_kwargs: dict[str, Any] | None, agent_kwargs: dict[str, Any] | None
+    overrides: dict[str, Any] | None,
+    env_kwargs: dict[str, Any] | None,
+    agent_kwargs: dict[str, Any] | None,
+    mirror_average: bool = True,
 ) -> dict[str, Any]:
-    """``overrides`` (TrainConfig fields) with ``env_kwargs`` and ``agent_kwargs`` over their own of those fields."""
+    """``overrides`` (TrainConfig fields) with ``env_kwargs`` and ``agent_kwargs`` over their own of those fields,
+    and ``mirror_average`` where it is off."""
     fields = dict(overrides or {})
+    if not mirror_average:
+        fields["mirror_average"] = False
     for name, extra in (("env_kwargs", env_kwargs), ("agent_kwargs", agent_kwargs)):
         if extra:
             fields[name] = {**fields.get(name, {}), **extra}

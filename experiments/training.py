@@ -95,6 +95,10 @@ class TrainConfig:
     """auto, cpu or cuda."""
     eval_every: int = 500
     """Env steps between holdout evaluations of the controller (logged to TensorBoard)."""
+    mirror_average: bool = True
+    """Score each image as the mean of the controller's scores of it and of its mirror image (left-right):
+    the exported controller's ``mirror_average``, used for every score of the run (``docs/learning-status.md``,
+    section 86). False for images whose mirror is another kind of image."""
     checkpoint_every: int = 500
     """Env steps between checkpoints of the run folder (0: none); see docs/reliability.md."""
     time_limit_s: float | None = None
@@ -152,6 +156,10 @@ class TrainConfig:
             )
         if not is_count(self.eval_every):
             raise ValueError(f"eval_every must be a positive integer, got {self.eval_every!r}")
+        if not isinstance(self.mirror_average, bool):
+            raise ValueError(
+                f"mirror_average must be True or False, got {type(self.mirror_average).__name__} {self.mirror_average!r}"
+            )
         if self.time_limit_s is not None and not is_positive_number(self.time_limit_s):
             raise ValueError(
                 f"time_limit_s must be a positive number of seconds or None (no limit), got {self.time_limit_s!r}"
@@ -662,10 +670,10 @@ def train(
         _atomic_json(out / "config.json", dataclasses.asdict(config))
 
     def current_auroc() -> float | None:
-        return controller_auroc(Controller.from_agent(agent), holdout, config.task)
+        return controller_auroc(Controller.from_agent(agent, mirror_average=config.mirror_average), holdout, config.task)
 
     if mode != "resume":
-        initial_scores = Controller.from_agent(agent).score(holdout.images)
+        initial_scores = Controller.from_agent(agent, mirror_average=config.mirror_average).score(holdout.images)
         curve = [(0, scores_auroc(initial_scores, holdout, config.task))]
         initial_by_class = scores_auroc_by_class(initial_scores, holdout, config.task)
     start = time.perf_counter()
@@ -814,7 +822,9 @@ def train(
     wall = wall_time() if paused_at is None else time_limit.paused_wall  # type: ignore[union-attr]
     curve = [(s, a) for s, a in curve if s <= steps]
     controller = Controller.from_agent(
-        agent, metadata={"task": config.task, "reward": config.reward, "seed": config.seed}
+        agent,
+        metadata={"task": config.task, "reward": config.reward, "seed": config.seed},
+        mirror_average=config.mirror_average,
     )
     final_scores = controller.score(holdout.images)  # once, for the AUROC and the spread
     final = scores_auroc(final_scores, holdout, config.task)

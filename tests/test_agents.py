@@ -1092,6 +1092,40 @@ def test_controller_save_load_round_trip(dataset, tmp_path):
     assert loaded.score(dataset.images[:0]).shape == (0,)
 
 
+def test_controller_mirror_average_scores_an_image_and_its_mirror_alike_and_is_saved(dataset, tmp_path):
+    """``mirror_average``: each score is the mean of the network's scores of the image and of its mirror image,
+    so an image and its mirror score the same; saved and loaded with the controller; off by default and for a
+    controller saved before the field existed."""
+    import json
+
+    agent = make_agent("reinforce", _env(dataset), seed=0)
+    agent.learn(60)
+    plain = Controller.from_agent(agent)
+    both = Controller.from_agent(agent, mirror_average=True)
+    assert not plain.mirror_average and both.mirror_average
+    images = dataset.images[:40]
+    mirrored = np.ascontiguousarray(images[..., ::-1])
+    one, other = plain.score(images), plain.score(mirrored)  # float32 network: equal to about 1e-7
+    assert not np.allclose(one, other, atol=1e-4)  # the network alone scores a mirror image otherwise
+    np.testing.assert_allclose(both.score(images), (one + other) / 2, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(both.score(mirrored), both.score(images), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(both.score(images, batch_size=7), both.score(images), rtol=0, atol=1e-6)
+
+    both.save(tmp_path / "both")
+    assert json.loads((tmp_path / "both" / "controller.json").read_text())["mirror_average"] is True
+    np.testing.assert_array_equal(Controller.load(tmp_path / "both").score(images), both.score(images))
+    plain.save(tmp_path / "plain")
+    config = json.loads((tmp_path / "plain" / "controller.json").read_text())
+    del config["mirror_average"]  # as a controller saved before the field
+    (tmp_path / "plain" / "controller.json").write_text(json.dumps(config))
+    assert not Controller.load(tmp_path / "plain").mirror_average
+    (tmp_path / "plain" / "controller.json").write_text(json.dumps({**config, "mirror_average": "yes"}))
+    with pytest.raises(ValueError, match="field 'mirror_average' must be true or false, got 'yes'"):
+        Controller.load(tmp_path / "plain")
+    with pytest.raises(ValueError, match="mirror_average must be True or False"):
+        Controller(plain.backbone, mirror_average=1)
+
+
 @pytest.mark.parametrize("name", ["reinforce", "ddpg"])
 def test_the_agent_lives_on_the_envs_device(dataset, tmp_path, name):
     """The controller is made where the env's data and predictor are, not on stable-baselines3's "auto".

@@ -82,7 +82,9 @@ def test_train_then_score(tiny_synthetic, tiny_synthetic_path, tmp_path, capsys)
     config = TrainConfig(**json.loads((run / "config.json").read_text()))
     train_set, validation_set, _ = load_splits(str(tiny_synthetic_path))[1]
     env = make_env(config, train_set, validation_set)
-    untrained = Controller.from_agent(make_agent(config.algo, env, seed=config.seed, **config.agent_kwargs))
+    untrained = Controller.from_agent(
+        make_agent(config.algo, env, seed=config.seed, **config.agent_kwargs), mirror_average=config.mirror_average
+    )
     env.close()
     assert summary["initial_auroc"] == pytest.approx(auroc(untrained.score(holdout.images), truth), abs=1e-9)
     assert summary["initial_auroc"] != pytest.approx(summary["final_auroc"], abs=1e-6)  # 48 steps moved it
@@ -113,6 +115,27 @@ def test_train_passes_env_and_agent_arguments(tiny_synthetic_path, tmp_path, cap
     lines = [(int(step), float(value)) for step, value in re.findall(pattern, capsys.readouterr().err)]
     assert [step for step, _ in lines] == [8, 16]
     assert lines == [(step, pytest.approx(value, abs=5e-4)) for step, value in curve if step in (8, 16)]
+    # --no-mirror-average: the same training, its controller scores each image alone.
+    from agents import Controller
+    from experiments.training import load_splits
+    from iqa_env.metrics import auroc
+
+    alone = tmp_path / "alone"
+    assert main([*base, "--out", str(alone), "--env-kwargs", '{"reward_normalisation": "none"}',
+                 "--agent-kwargs", '{"controller_average": 0.5}', "--eval-every", "8", "--no-mirror-average"]) == 0
+    capsys.readouterr()
+    assert config["mirror_average"] is True
+    assert json.loads((alone / "config.json").read_text())["mirror_average"] is False
+    mirrored, single = Controller.load(run / "controller"), Controller.load(alone / "controller")
+    assert mirrored.mirror_average and not single.mirror_average
+    for key, value in mirrored.backbone.state_dict().items():
+        assert torch.equal(single.backbone.state_dict()[key], value), key
+    images = load_splits(str(tiny_synthetic_path))[1][2].images
+    expected = (single.score(images) + single.score(np.ascontiguousarray(images[..., ::-1]))) / 2
+    np.testing.assert_allclose(mirrored.score(images), expected, rtol=0, atol=1e-6)
+    assert json.loads((run / "summary.json").read_text())["final_auroc"] == pytest.approx(
+        auroc(mirrored.score(images), load_splits(str(tiny_synthetic_path))[1][2].amenable("classification")), abs=1e-9
+    )
     # A setting the env does not know is the env's own one-line error.
     assert main([*base, "--out", str(tmp_path / "bad"), "--env-kwargs", '{"reward_normalisation": "z"}']) == 2
     err = capsys.readouterr().err.strip()

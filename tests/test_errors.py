@@ -558,6 +558,21 @@ def test_batch_size_not_positive(tiny_synthetic_path: Path, tmp_path: Path, caps
     assert not (tmp_path / "run").exists()
 
 
+def test_mirror_average_not_a_flag() -> None:
+    """A string is truthy and 1 is not a flag: ``TrainConfig.mirror_average`` refuses both, as the controller does."""
+    from agents import Controller
+    from experiments.training import TrainConfig
+    from iqa_env.networks import ControllerBackbone
+
+    for value, shown in ((1, "int 1"), ("no", "str 'no'"), (None, "NoneType None")):
+        assert api_error(ValueError, lambda v=value: TrainConfig(mirror_average=v).validate()) == (
+            f"mirror_average must be True or False, got {shown}"
+        )
+        assert api_error(ValueError, lambda v=value: Controller(ControllerBackbone((1, 16, 16)), mirror_average=v)) == (
+            f"mirror_average must be True or False, got {shown}"
+        )
+
+
 @pytest.mark.parametrize("ratio", [1.0, 1.5, -0.1, math.nan])
 def test_rejection_ratio_outside_0_1(
     ratio: float,

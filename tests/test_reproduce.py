@@ -7,6 +7,8 @@ The statistics are checked on hand-made inputs whose answers are known.
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 import logging
 import re
@@ -582,6 +584,10 @@ def test_reproduce_end_to_end_then_resume(tiny_synthetic_path, tmp_path, caplog,
     assert settings["seeds"] == [0] and settings["tasks"] == ["classification", "segmentation"]
     assert settings["config"]["steps"] == 16 and settings["config"]["algo"] == "reinforce"
     assert {"dataset_fingerprint", "rejection_ratios", "random_draws", "versions", "quick"} <= set(settings)
+    # Every controller scores an image with its mirror image unless told --no-mirror-average.
+    assert settings["config"]["mirror_average"] is True
+    for stage in out.glob("*/*/seed0/controller"):
+        assert json.loads((stage / "controller.json").read_text())["mirror_average"] is True, stage
     for task, t in results["tasks"].items():
         check_task_result(t, ["fixed", "weighted", "selective"], [0])
         assert [r["method"] for r in t["table1"]] == ["baseline", "fixed", "weighted", "selective"]
@@ -1034,3 +1040,20 @@ def test_a_stage_run_here_has_the_thread_count_of_the_pools_stages(tmp_path, mon
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_no_mirror_average_reaches_every_stages_config_and_the_recorded_options():
+    """``--no-mirror-average`` (``mirror_average=False``): a TrainConfig field of every stage, off; on by default."""
+    from experiments.commands import add_mirror_argument
+    from experiments.reproduce import budget_config, with_kwargs
+
+    parser = argparse.ArgumentParser()
+    add_mirror_argument(parser)
+    assert parser.parse_args([]).mirror_average is True
+    assert parser.parse_args(["--no-mirror-average"]).mirror_average is False
+    assert with_kwargs(None, None, None) == {}
+    assert with_kwargs({"steps": 3}, None, None, mirror_average=False) == {"steps": 3, "mirror_average": False}
+    on, _ = budget_config(True, None, None, None, "cpu", with_kwargs(None, None, None))
+    off, _ = budget_config(True, None, None, None, "cpu", with_kwargs(None, None, None, mirror_average=False))
+    assert on.mirror_average is True and off.mirror_average is False
+    assert dataclasses.replace(off, mirror_average=True) == on

@@ -32,11 +32,10 @@ class HelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        # Only defaults that tell something: not None (computed later) or off-switches.
+        # Only defaults that tell something: not None (computed later) or on- and off-switches.
         default = action.default
-        if "%(default)" not in text and not any(
-            default is v for v in (None, False, argparse.SUPPRESS)
-        ):
+        switch = isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))
+        if "%(default)" not in text and not switch and not any(default is v for v in (None, argparse.SUPPRESS)):
             text += " (default: %(default)s)"
         return text
 
@@ -88,3 +87,15 @@ def json_object(text: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(f"must be a JSON object of keyword arguments, got {text!r}")
     return value
+
+
+def add_mirror_argument(p: argparse.ArgumentParser) -> None:
+    """``--no-mirror-average``, of ``iqa train``, ``iqa reproduce`` and ``iqa benchmark-algorithms``."""
+    p.add_argument(
+        "--no-mirror-average",
+        dest="mirror_average",
+        action="store_false",
+        help="controllers score each image alone. By default a score is the mean of the controller's scores "
+        "of the image and of its mirror image (TrainConfig.mirror_average, docs/learning-status.md section 86); "
+        "use this for images whose mirror is another kind of image (text, a known side)",
+    )

@@ -68,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         env_kwargs=args.env_kwargs,
         agent_kwargs=args.agent_kwargs,
+        mirror_average=args.mirror_average,
     )
     for task, t in results["tasks"].items():
         print(f"{task}: {t['metric']} at {t['paper_rejection_ratio']:.0%} rejection, holdout AUROC initial -> final")

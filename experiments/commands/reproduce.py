@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from experiments.commands import HelpFormatter, json_object, positive_int
+from experiments.commands import HelpFormatter, add_mirror_argument, json_object, positive_int
 
 
 def default_workers() -> int:
@@ -44,6 +44,7 @@ def add_kwargs_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help='JSON object of algorithm arguments over its defaults (every trained run), e.g. \'{"learning_rate": 3e-4}\'',
     )
+    add_mirror_argument(p)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -120,6 +121,7 @@ def run(args: argparse.Namespace) -> int:
         env_kwargs=args.env_kwargs,
         agent_kwargs=args.agent_kwargs,
         rewards=args.rewards,
+        mirror_average=args.mirror_average,
     )
     for task, t in results["tasks"].items():
         print(f"{task} ({t['metric']} at {t['paper_rejection_ratio']:.0%} rejection, mean ± st.d. across seeds):")

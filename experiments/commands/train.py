@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from experiments.commands import HelpFormatter, json_object, non_negative_int, positive_int
+from experiments.commands import HelpFormatter, add_mirror_argument, json_object, non_negative_int, positive_int
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -88,6 +88,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="folder where the predictor's warm-up is kept, so that runs with the same seed, data and "
         "predictor settings (e.g. the other rewards) load it instead of computing it again; results do not change",
     )
+    add_mirror_argument(p)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument(
         "--threads",
@@ -126,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
         warmup_cache=args.warmup_cache,
         env_kwargs=args.env_kwargs,
         agent_kwargs=args.agent_kwargs,
+        mirror_average=args.mirror_average,
     )
     if args.no_progress:
         show_evaluations()  # the bar shows the holdout AUROC; without it, a line per evaluation
