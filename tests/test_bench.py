@@ -25,7 +25,8 @@ ENV = {
 CONTROLLER = {
     "single_frame_ms_median", "single_frame_ms_p99", "single_frame_ms_p99_quietest_round", "single_frame_ms_max",
     "single_frame_calls", "batch_images_per_s", "batch_images_per_s_median", "batch_size", "batch_repeats",
-    "score_chunk_default", "batch_images_per_s_by_chunk",
+    "score_chunk_default", "batch_images_per_s_by_chunk", "mirror_average_single_frame_ms_median",
+    "mirror_average_batch_images_per_s",
 }
 RL = {
     "algorithm", "steps_per_s", "steps_per_s_median", "steps_per_s_overall", "timed_steps", "block_steps",
@@ -79,6 +80,8 @@ def test_iqa_bench_quick_reports_every_field(
     assert 0 < median <= p99 <= most
     assert 0 < controller["single_frame_ms_p99_quietest_round"] <= controller["single_frame_ms_max"]
     assert _positive(controller["batch_images_per_s"])
+    assert _positive(controller["mirror_average_batch_images_per_s"])
+    assert _positive(controller["mirror_average_single_frame_ms_median"])
     assert str(controller["score_chunk_default"]) in controller["batch_images_per_s_by_chunk"]
 
     buffer = record["replay_buffer"]
