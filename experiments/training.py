@@ -363,15 +363,20 @@ def _json_config(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(data, default=float))
 
 
+#: What a run recorded before these fields existed did: its controller scored each image alone.
+SETTINGS_BEFORE_THEY_EXISTED: dict[str, Any] = {"mirror_average": False}
+
+
 def config_differences(saved: dict[str, Any], config: TrainConfig) -> list[str]:
     """``"field: saved X, now Y"`` for every training setting of ``config`` that differs from ``saved``.
 
     Fields missing from ``saved`` (written by an older version) count as their
-    defaults; :data:`RUN_MANAGEMENT_FIELDS` are not compared.
+    defaults, or as :data:`SETTINGS_BEFORE_THEY_EXISTED` where the run did
+    otherwise before the field existed; :data:`RUN_MANAGEMENT_FIELDS` are not compared.
     """
     defaults = _json_config(TrainConfig().resolved())
     now = _json_config(config.resolved())
-    before = {**defaults, **saved}
+    before = {**defaults, **SETTINGS_BEFORE_THEY_EXISTED, **saved}
     return [
         f"{name}: saved {before.get(name)!r}, now {value!r}"
         for name, value in now.items()

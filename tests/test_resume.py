@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
 import json
@@ -206,6 +207,22 @@ def test_other_settings_need_overwrite_even_before_a_checkpoint(tiny_synthetic_p
     summary = train(_config("reinforce", tiny_synthetic_path, 6, 3), run, overwrite=True)
     assert summary["steps"] == 6 and summary["resumed_from"] == []
     assert json.loads((run / "config.json").read_text())["algo"] == "reinforce"
+
+
+def test_a_run_saved_before_mirror_average_is_not_taken_for_one_with_it(tiny_synthetic_path, tmp_path):
+    """A run folder written before ``mirror_average`` existed scored each image alone: it is not resumed or
+    reused under the default (which scores with the mirror image), and is under ``mirror_average=False``."""
+    from experiments.training import train
+
+    run = tmp_path / "run"
+    config = dataclasses.replace(_config("reinforce", tiny_synthetic_path, 6, 3), mirror_average=False)
+    train(config, run)
+    saved = json.loads((run / "config.json").read_text())
+    del saved["mirror_average"]  # as an older version wrote it
+    (run / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="mirror_average: saved False, now True"):
+        train(_config("reinforce", tiny_synthetic_path, 6, 3), run)
+    assert train(config, run)["already_finished"]
 
 
 def test_a_run_made_under_other_env_defaults_is_not_resumed_or_reused(tiny_synthetic_path, tmp_path, monkeypatch, caplog):
