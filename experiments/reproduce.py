@@ -191,6 +191,8 @@ def check_settings(out: Path, settings: dict[str, Any]) -> None:
             old = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"{path} is not valid JSON ({e}); use a new --out") from e
+        if isinstance(old, dict) and isinstance(old.get("config"), dict) and isinstance(settings.get("config"), dict):
+            old = {**old, "config": with_fields_before_they_existed(old["config"], settings["config"])}
         diffs = _differences(old, settings)
         if diffs:
             raise ValueError(
@@ -277,12 +279,25 @@ def plan_stages(
     return stages
 
 
+def with_fields_before_they_existed(recorded: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
+    """``recorded`` (a stage's identity, or a folder's ``settings.json`` config) with each TrainConfig field it
+    lacks and ``current`` has filled in at what runs did before the field existed
+    (:data:`experiments.training.SETTINGS_BEFORE_THEY_EXISTED`): a folder made before ``mirror_average``
+    scored each image alone, which ``--no-mirror-average`` resumes and the default does not."""
+    from experiments.training import SETTINGS_BEFORE_THEY_EXISTED
+
+    added = {k: v for k, v in SETTINGS_BEFORE_THEY_EXISTED.items() if k in current and k not in recorded}
+    return {**recorded, **added}
+
+
 def with_settings_added_since(recorded: dict[str, Any], current: dict[str, Any], algo: str) -> dict[str, Any]:
     """``recorded`` (a stage's identity) with each algorithm setting it lacks and ``current`` has at its class
     default filled in: a setting added to the algorithm after the stage was run, at the value that keeps the
-    behaviour of before, does not make the stage another one.  Any other difference still does."""
+    behaviour of before, does not make the stage another one.  Any other difference still does.  TrainConfig
+    fields it lacks: :func:`with_fields_before_they_existed`."""
     from agents.factory import class_defaults
 
+    recorded = with_fields_before_they_existed(recorded, current)
     old, new = recorded.get("agent_settings"), current.get("agent_settings")
     if not isinstance(old, dict) or not isinstance(new, dict):
         return recorded

@@ -1057,3 +1057,22 @@ def test_no_mirror_average_reaches_every_stages_config_and_the_recorded_options(
     off, _ = budget_config(True, None, None, None, "cpu", with_kwargs(None, None, None, mirror_average=False))
     assert on.mirror_average is True and off.mirror_average is False
     assert dataclasses.replace(off, mirror_average=True) == on
+
+
+def test_a_folder_made_before_mirror_average_resumes_only_without_it(tmp_path):
+    """A folder whose settings and stages lack ``mirror_average`` scored each image alone: the default is other
+    settings, named; ``--no-mirror-average`` is the same settings, and its stages are the same stages."""
+    from experiments.reproduce import SETTINGS_FILE, check_settings, with_settings_added_since
+
+    now = {"kind": "reproduce", "config": {"steps": 3, "mirror_average": True}}
+    (tmp_path / SETTINGS_FILE).write_text(json.dumps({"kind": "reproduce", "config": {"steps": 3}}))
+    with pytest.raises(ValueError, match=r"config\.mirror_average: False there, True now"):
+        check_settings(tmp_path, now)
+    check_settings(tmp_path, {"kind": "reproduce", "config": {"steps": 3, "mirror_average": False}})
+    identity = {"kind": "train", "steps": 3}
+    assert with_settings_added_since(identity, {**identity, "mirror_average": False}, "reinforce") == {
+        **identity, "mirror_average": False
+    }
+    assert with_settings_added_since({**identity, "mirror_average": True}, identity, "reinforce") == {
+        **identity, "mirror_average": True
+    }  # a field the current identity lacks is not filled in, and one recorded is kept
