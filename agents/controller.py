@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from iqa_env.checks import is_flag
 from iqa_env.files import atomic_write, atomic_write_text
 from iqa_env.networks import ControllerBackbone
 
@@ -81,7 +82,7 @@ class Controller:
     ) -> None:
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
-        if not isinstance(mirror_average, (bool, np.bool_)):
+        if not is_flag(mirror_average):
             raise ValueError(f"mirror_average must be True or False, got {type(mirror_average).__name__} {mirror_average!r}")
         self.mirror_average = bool(mirror_average)
         self.backbone = backbone.eval()

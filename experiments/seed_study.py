@@ -53,20 +53,18 @@ from typing import Any
 
 from experiments.commands import json_object, non_negative_int, positive_int
 from experiments.training import TrainConfig
-from experiments.workers import completed, worker_pool
+from experiments.workers import completed, torch_threads, worker_pool
 from iqa_env.checks import is_count
 
 
 def _run(config: TrainConfig, out: str | None = None) -> dict[str, Any]:
-    import torch
-
-    torch.set_num_threads(1)
     from experiments.training import show_evaluations, train
 
     show_evaluations()  # each holdout evaluation as it happens: a DDPG run on a CPU takes half an hour
-    if out is None:
-        return train(config)
-    return train(config, Path(out) / config.run_name, pause_at_time_limit=True)
+    with torch_threads(1):
+        if out is None:
+            return train(config)
+        return train(config, Path(out) / config.run_name, pause_at_time_limit=True)
 
 
 def _within_classes(summary: dict[str, Any]) -> str:

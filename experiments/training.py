@@ -156,7 +156,7 @@ class TrainConfig:
             )
         if not is_count(self.eval_every):
             raise ValueError(f"eval_every must be a positive integer, got {self.eval_every!r}")
-        if not isinstance(self.mirror_average, bool):
+        if not isinstance(self.mirror_average, bool):  # a numpy bool would be written to config.json as 1.0
             raise ValueError(
                 f"mirror_average must be True or False, got {type(self.mirror_average).__name__} {self.mirror_average!r}"
             )
