@@ -1,0 +1,66 @@
+"""The README and docs/ match the code: their links resolve, their commands parse, their Python compiles."""
+
+from __future__ import annotations
+
+import ast
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")  # [text](target) and ![alt](target), an anchor dropped
+
+
+def _readme() -> str:
+    return (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_every_relative_link_points_to_a_file(page: Path) -> None:
+    targets = [m.group(1) for m in LINK.finditer(page.read_text(encoding="utf-8"))]
+    local = [t for t in targets if not re.match(r"[a-z]+:", t)]
+    missing = [t for t in local if not (page.parent / t).exists()]
+    assert not missing, f"{page.relative_to(ROOT)} links to files that do not exist: {missing}"
+
+
+def _iqa_commands(text: str) -> list[str]:
+    """Each ``iqa ...`` command of the README: in its shell blocks, and the first column of its command table."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        for line in block.splitlines():
+            for part in line.split("&&"):
+                if part.strip().startswith("iqa "):
+                    commands.append(part.strip())
+    table = re.search(r"^\| command \| does \|\n(.*?)\n\n", text, flags=re.M | re.S)
+    assert table, "the README has no command table (| command | does |)"
+    commands += [m.group(1) for m in re.finditer(r"^\| `(iqa [^`]+)` \|", table.group(1), flags=re.M)]
+    return commands
+
+
+def test_the_readme_shows_its_commands() -> None:
+    commands = _iqa_commands(_readme())
+    # The main job and every subcommand of the command table: a README that lost them would pass the next test.
+    assert "iqa reproduce --quick --task classification --out runs/quick" in commands
+    assert {c.split()[1] for c in commands} >= {"data", "train", "score", "reproduce", "benchmark-algorithms"}
+
+
+@pytest.mark.parametrize("command", _iqa_commands(_readme()))
+def test_every_iqa_command_of_the_readme_parses(command: str) -> None:
+    from experiments.cli import build_parser
+
+    # "[--opt X]" marks an optional part: parse it too.
+    argv = shlex.split(command.replace("[", " ").replace("]", " "))[1:]
+    try:
+        build_parser().parse_args(argv)
+    except SystemExit as e:  # argparse refuses by exiting
+        pytest.fail(f"the README's command {command!r} is refused by the command line (exit {e.code})")
+
+
+def test_the_readme_python_compiles() -> None:
+    blocks = re.findall(r"```python\n(.*?)```", _readme(), flags=re.S)
+    assert blocks, "the README shows no Python"
+    for block in blocks:
+        ast.parse(block)  # a SyntaxError names the line
