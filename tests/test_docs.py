@@ -64,3 +64,39 @@ def test_the_readme_python_compiles() -> None:
     assert blocks, "the README shows no Python"
     for block in blocks:
         ast.parse(block)  # a SyntaxError names the line
+
+
+def test_the_readme_python_runs_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's Python, run block after block in one namespace, does what its comments say.
+
+    Only its budget is cut: ``agent.learn(4000)`` runs 16 env steps. ``images`` and
+    ``reference_images`` are the user's own images there; here, random ones.
+    """
+    import numpy as np
+
+    import agents
+
+    build = agents.make_agent
+
+    def make_agent_with_a_short_budget(*args, **kwargs):
+        agent = build(*args, **kwargs)
+        learn = agent.learn
+        agent.learn = lambda steps, *a, **k: learn(min(steps, 16), *a, **k)
+        return agent
+
+    monkeypatch.setattr(agents, "make_agent", make_agent_with_a_short_budget)
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(0)
+    namespace = {
+        "images": rng.integers(0, 256, (20, 1, 64, 64), dtype=np.uint8),
+        "reference_images": rng.integers(0, 256, (40, 1, 64, 64), dtype=np.uint8),
+    }
+    blocks = re.findall(r"```python\n(.*?)```", _readme(), flags=re.S)
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), namespace)
+    assert namespace["obs"].shape == (32, 1, 64, 64) and namespace["obs"].dtype == np.uint8
+    scores = namespace["scores"]
+    assert scores.shape == (20,) and np.all((scores >= 0) & (scores <= 1))
+    assert namespace["keep"].shape == (20,) and namespace["keep"].dtype == bool
+    assert namespace["controller"].mirror_average is True
+    assert {p.name for p in (tmp_path / "my-controller").iterdir()} >= {"controller.json", "controller.pt"}
