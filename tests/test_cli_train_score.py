@@ -33,8 +33,10 @@ def test_train_then_score(tiny_synthetic, tiny_synthetic_path, tmp_path, capsys)
     assert any((run / "tensorboard").iterdir())
 
     out = tmp_path / "scores.csv"
+    preview = tmp_path / "pictures" / "scores.png"
+    capsys.readouterr()
     code = main(["score", "--controller", str(run / "controller"), str(tiny_synthetic_path),
-                 "--out", str(out), "--rejection-ratio", "0.1"])
+                 "--out", str(out), "--rejection-ratio", "0.1", "--preview", str(preview), "--n-preview", "5"])
     assert code == 0
     rows = list(csv.DictReader(out.open()))
     assert len(rows) == 192 and set(rows[0]) == {"index", "score", "percentile", "rejected"}
@@ -42,6 +44,10 @@ def test_train_then_score(tiny_synthetic, tiny_synthetic_path, tmp_path, capsys)
     rejected = np.array([r["rejected"] == "1" for r in rows])
     assert rejected.sum() == 20  # the paper keeps floor((1 - 0.1) * 192) = 172
     assert scores[rejected].max() <= scores[~rejected].min()
+    assert f"wrote preview {preview} (the 5 lowest- and highest-scored)" in capsys.readouterr().out
+    import matplotlib.image
+
+    assert matplotlib.image.imread(preview).ndim == 3  # a PNG picture, in a folder made for it
 
     # The saved controller carries its run's validation images' scores: percentiles against them,
     # and a rejection of one image at a time below the lowest tenth of them.
@@ -293,3 +299,18 @@ def test_train_threads_is_the_runs_torch_thread_count_and_one_gives_a_reproduce_
         main(["train", *args, "--threads", "0", "--out", str(tmp_path / "bad")])
     assert "argument --threads: expected a positive integer, got '0'" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_score_preview_rows_hold_the_lowest_and_highest_once_each(tmp_path):
+    from experiments.commands.score import preview_rows, write_score_preview
+
+    scores = np.array([0.5, 0.1, 0.9, 0.3, 0.7])
+    lowest, highest = preview_rows(scores, 2)
+    assert lowest.tolist() == [1, 3] and highest.tolist() == [2, 4]
+    lowest, highest = preview_rows(scores, 8)  # fewer images than two rows: each shown once
+    assert lowest.tolist() == [1, 3, 0] and highest.tolist() == [2, 4]
+    lowest, highest = preview_rows(scores[:1], 8)
+    assert lowest.tolist() == [0] and highest.tolist() == []
+    images = np.zeros((1, 1, 8, 8), np.uint8)
+    path = write_score_preview(images, ["only.png"], scores[:1], None, np.array([True]), tmp_path / "one.png")
+    assert path.is_file()

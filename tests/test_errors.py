@@ -916,6 +916,13 @@ def test_output_path_is_a_folder(
     assert_mentions(score, f"--out {folder}: is a folder", "expected the path of the CSV file to write")
     preview = cli_error(["data", "inspect", tiny_synthetic_path, "--preview", folder], capsys)
     assert_mentions(preview, f"--preview {folder}: is a folder")
+    # Refused before any scoring: the CSV is not written either.
+    csv_path = tmp_path / "scores.csv"
+    score_preview = cli_error(
+        ["score", "--controller", controller_dir, tiny_synthetic_path, "--out", csv_path, "--preview", folder], capsys
+    )
+    assert_mentions(score_preview, f"--preview {folder}: is a folder", "expected the path of the PNG picture to write")
+    assert not csv_path.exists()
     assert list(folder.iterdir()) == []
 
 

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import textwrap
+from pathlib import Path
 from typing import Any
 
 
@@ -59,6 +60,22 @@ def positive_int(text: str) -> int:
 def non_negative_int(text: str) -> int:
     """``type=`` of options that take a whole number >= 0 (where 0 has a meaning the help states)."""
     return _whole_number(text, 0, "a whole number >= 0")
+
+
+def check_target(path: Path | None, option: str, example: str, what: str = "file") -> None:
+    """Refuse an output path that is a folder before any work is done (not after minutes of it)."""
+    if path is not None and Path(path).is_dir():
+        raise IsADirectoryError(
+            f"{option} {path}: is a folder; expected the path of the {what} to write (e.g. {Path(path) / example})"
+        )
+
+
+def draw_image(ax: Any, image: Any) -> None:
+    """One ``(C, H, W)`` ``uint8`` image on a matplotlib axis: grey as grey, colour as RGB, at its true levels."""
+    if image.shape[0] == 1:
+        ax.imshow(image[0], cmap="gray", vmin=0, vmax=255)
+    else:
+        ax.imshow(image[:3].transpose(1, 2, 0))
 
 
 def report_write_error(command: str, path: str | os.PathLike[str], error: OSError) -> int:

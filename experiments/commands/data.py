@@ -20,7 +20,14 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from experiments.commands import HelpFormatter, non_negative_int, positive_int, report_write_error
+from experiments.commands import (
+    HelpFormatter,
+    check_target,
+    draw_image,
+    non_negative_int,
+    positive_int,
+    report_write_error,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -78,15 +85,6 @@ def _add_output(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _check_target(path: Path | None, option: str, example: str) -> None:
-    """Refuse an output path that is a folder before any work is done (not after minutes of it)."""
-    if path is not None and path.is_dir():
-        raise IsADirectoryError(
-            f"{option} {path}: is a folder; expected the path of the file to write "
-            f"(e.g. {path / example})"
-        )
-
-
 def _save_and_report(ds: ImageDataset, args: argparse.Namespace, what: str, seconds: float) -> int:
     from iqa_env.data.io import save_dataset
 
@@ -107,7 +105,7 @@ def _save_and_report(ds: ImageDataset, args: argparse.Namespace, what: str, seco
 
 # ---------------------------------------------------------------- handlers
 def _synth(args: argparse.Namespace) -> int:
-    _check_target(args.out, "--out", "data.h5")
+    check_target(args.out, "--out", "data.h5")
     from iqa_env.data.synthetic import generate_synthetic
 
     overrides = {
@@ -128,7 +126,7 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _fashion_mnist(args: argparse.Namespace) -> int:
-    _check_target(args.out, "--out", "data.h5")
+    check_target(args.out, "--out", "data.h5")
     from iqa_env.data.fashion_mnist import DEFAULT_ROOT, load_fashion_mnist
 
     start = time.perf_counter()
@@ -149,7 +147,7 @@ def _fashion_mnist(args: argparse.Namespace) -> int:
 
 
 def _import_folder(args: argparse.Namespace) -> int:
-    _check_target(args.out, "--out", "data.h5")
+    check_target(args.out, "--out", "data.h5")
     from iqa_env.data.importers import import_folder
 
     start = time.perf_counter()
@@ -165,7 +163,7 @@ def _import_folder(args: argparse.Namespace) -> int:
 
 
 def _import_medmnist(args: argparse.Namespace) -> int:
-    _check_target(args.out, "--out", "data.h5")
+    check_target(args.out, "--out", "data.h5")
     from iqa_env.data.importers import import_medmnist
 
     start = time.perf_counter()
@@ -270,11 +268,7 @@ def write_preview(ds: ImageDataset, path: Path, n_images: int = PREVIEW_IMAGES) 
     for ax in axes.ravel():
         ax.axis("off")
     for ax, i in zip(axes.ravel(), indices.tolist()):
-        image = ds.images[i]
-        if image.shape[0] == 1:
-            ax.imshow(image[0], cmap="gray", vmin=0, vmax=255)
-        else:
-            ax.imshow(image.transpose(1, 2, 0))
+        draw_image(ax, ds.images[i])
         if ds.masks is not None and ds.masks[i].any():
             ax.contour(ds.masks[i], levels=[0.5], colors="lime", linewidths=0.8)
         lines = [f"#{i} {ds.class_names[int(ds.labels[i])]} (group {int(ds.groups[i])})"]
@@ -315,7 +309,7 @@ def write_preview(ds: ImageDataset, path: Path, n_images: int = PREVIEW_IMAGES) 
 def _inspect(args: argparse.Namespace) -> int:
     from iqa_env.data.io import load_dataset, read_header
 
-    _check_target(args.preview, "--preview", "preview.png")
+    check_target(args.preview, "--preview", "preview.png")
 
     header = read_header(args.path)
     ds = load_dataset(args.path)

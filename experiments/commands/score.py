@@ -6,8 +6,12 @@ import argparse
 import csv
 import io
 from pathlib import Path
+from typing import Any
 
-from experiments.commands import HelpFormatter, report_write_error
+from experiments.commands import HelpFormatter, check_target, draw_image, positive_int, report_write_error
+
+#: Images in each of the two rows of ``--preview``: the lowest-scored and the highest-scored.
+PREVIEW_PER_ROW = 8
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -30,8 +34,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "controller's (C, H, W).  Files that are not images (by extension) are ignored; an "
             "unreadable image, or a folder without images, is an error.  On any error the CSV "
             "--out is left as it was.\n\n"
+            "--preview writes a picture of what the controller rejects: the lowest-scored images in the "
+            "top row and the highest-scored in the bottom one, each with its score, percentile and "
+            "name, the rejected framed in red (and, for a dataset that knows it, the ground-truth "
+            "amenability for the controller's task).\n\n"
             "Example:\n\n"
-            "  iqa score --controller runs/r1/controller data.h5 --out scores.csv"
+            "  iqa score --controller runs/r1/controller data.h5 --out scores.csv --preview scores.png"
         ),
     )
     p.add_argument("input", help="HDF5 dataset (.h5) or a folder of images")
@@ -45,7 +53,85 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="rank the scored images among themselves (the paper), or against the controller's reference images",
     )
     p.add_argument("--device", default="cpu", help="cpu, cuda[:N] or auto")
+    p.add_argument(
+        "--preview",
+        type=Path,
+        metavar="PNG",
+        help="also write a picture of the lowest- and the highest-scored images here",
+    )
+    p.add_argument(
+        "--n-preview",
+        type=positive_int,
+        default=PREVIEW_PER_ROW,
+        metavar="N",
+        help="images in each of the preview's two rows",
+    )
     p.set_defaults(func=run)
+
+
+def preview_rows(scores: Any, per_row: int) -> tuple[Any, Any]:
+    """Indices of the preview's rows: up to ``per_row`` lowest-scored images, lowest first, and up to
+    ``per_row`` highest-scored, highest first; no image in both (with few images the top row has the extra one)."""
+    import numpy as np
+
+    order = np.argsort(np.asarray(scores), kind="stable")
+    n = min(per_row, (len(order) + 1) // 2)
+    return order[:n], order[::-1][: min(n, len(order) - n)]
+
+
+def write_score_preview(
+    images: Any,
+    names: list[str],
+    scores: Any,
+    percentiles: Any,
+    rejected: Any,
+    path: Path,
+    per_row: int = PREVIEW_PER_ROW,
+    truth: Any = None,
+    title: str = "",
+) -> Path:
+    """A picture of the ``per_row`` lowest-scored images (top row) and the ``per_row`` highest (bottom).
+
+    Each tile is titled with the image's name, score and percentile (where
+    the controller has a reference) and the ground-truth amenability where
+    given (``truth``); the rejected are framed in red, the kept in green.
+    With fewer than ``2 * per_row`` images each is shown once.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from iqa_env.files import atomic_write
+
+    lowest, highest = preview_rows(scores, per_row)
+    rows = [("lowest", lowest), ("highest", highest)]
+    n = len(lowest)
+    fig, axes = plt.subplots(2, n, figsize=(1.9 * n + 1.0, 4.9), squeeze=False, layout="constrained")
+    for r, (which, indices) in enumerate(rows):
+        for ax in axes[r]:
+            ax.axis("off")
+        for ax, i in zip(axes[r], indices.tolist()):
+            draw_image(ax, images[i])
+            ax.axis("on")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            colour = "tab:red" if rejected[i] else "tab:green"
+            for spine in ax.spines.values():
+                spine.set_edgecolor(colour)
+                spine.set_linewidth(3)
+            name = names[i] if len(names[i]) <= 22 else names[i][:12] + "..." + names[i][-7:]  # the start tells them apart
+            lines = [name, f"score {scores[i]:.3f}" + ("" if percentiles is None else f", pct {percentiles[i]:.2f}")]
+            if truth is not None:
+                lines.append(f"truth {float(truth[i]):.2f}")
+            ax.set_title("\n".join(lines), fontsize=6.5)
+        axes[r][0].set_ylabel(f"{which} {len(indices)}", fontsize=8)
+    fig.suptitle(f"{title}{len(scores):,} images; red frame: rejected, green: kept", fontsize=8)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    finally:
+        plt.close(fig)
+    return path
 
 
 def run(args: argparse.Namespace) -> int:
@@ -58,10 +144,8 @@ def run(args: argparse.Namespace) -> int:
 
     ratio = check_rejection_ratio(args.rejection_ratio)
     out = Path(args.out)
-    if out.is_dir():
-        raise IsADirectoryError(
-            f"--out {out}: is a folder; expected the path of the CSV file to write (e.g. {out / 'scores.csv'})"
-        )
+    check_target(out, "--out", "scores.csv", what="CSV file")
+    check_target(args.preview, "--preview", "scores.png", what="PNG picture")
     controller = Controller.load(args.controller, device=resolve_device(args.device))
     source = Path(args.input)
     if source.is_dir():
@@ -107,4 +191,15 @@ def run(args: argparse.Namespace) -> int:
     else:
         how = f"the lowest {ratio:g} of these images, keeping floor((1 - {ratio:g}) x {len(scores)}) as the paper does"
     print(f"scored {len(scores)} images -> {out} ({int(rejected.sum())} rejected: {how})")
+    if args.preview is not None:
+        task = controller.metadata.get("task")
+        truth = dataset.amenability.get(task) if isinstance(task, str) else None
+        try:
+            write_score_preview(
+                dataset.images, names, scores, percentiles, rejected, args.preview, args.n_preview, truth,
+                title=f"{source.name} scored by {'/'.join(Path(args.controller).resolve().parts[-2:])}: ",
+            )
+        except OSError as e:
+            return report_write_error(args.command, args.preview, e)
+        print(f"wrote preview {args.preview} (the {len(preview_rows(scores, args.n_preview)[0])} lowest- and highest-scored)")
     return 0
